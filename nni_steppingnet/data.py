@@ -1,0 +1,454 @@
+"""Datasets for SteppingNet experiments, read from local files only.
+
+``load_dataset`` returns ``(train, test, info)`` where each dataset yields
+``(image, label)`` with ``image`` a float ``C x H x W`` tensor. Nothing here
+touches the network unless the caller passes ``download=True``; a missing dataset
+is a ``FileNotFoundError`` naming the files or folder expected under ``root``.
+``digits`` ships with scikit-learn and ``synthetic`` is generated, so both run
+anywhere without a root.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "TensorImageDataset",
+    "AugmentedImageDataset",
+    "load_dataset",
+    "make_loaders",
+    "to_device",
+]
+
+logger = logging.getLogger(__name__)
+
+DATASETS: Final[tuple[str, ...]] = ("digits", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+
+_MNIST_MEAN: Final[float] = 0.1307
+_MNIST_STD: Final[float] = 0.3081
+_MNIST_FILES: Final[dict[str, str]] = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_CIFAR_STATS: Final[dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+_CIFAR_FOLDERS: Final[dict[str, str]] = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset."""
+
+    name: str
+    num_classes: int
+    in_chans: int
+    img_size: int
+
+
+class TensorImageDataset(Dataset):
+    """Images and labels held as in-memory tensors (already normalised)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        if images.ndim != 4 or targets.ndim != 1 or images.shape[0] != targets.shape[0]:
+            raise ValueError(
+                f"expected images N x C x H x W and targets N, got {tuple(images.shape)} "
+                f"and {tuple(targets.shape)}"
+            )
+        self.images = images.float().contiguous()
+        self.targets = targets.long().contiguous()
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+class AugmentedImageDataset(Dataset):
+    """uint8 ``N x C x H x W`` images, normalised per sample, with optional CIFAR augmentation.
+
+    Augmentation (zero-pad by ``pad`` then random crop back, random horizontal flip)
+    uses torch ops and the torch RNG: DataLoader workers are seeded from the loader's
+    generator; with ``num_workers=0`` it follows ``torch.manual_seed``.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        augment: bool,
+        pad: int = 4,
+        img_size: int | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError("AugmentedImageDataset expects uint8 images of shape N x C x H x W")
+        self.images = images.contiguous()
+        self.targets = targets.long().contiguous()
+        chans = images.shape[1]
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(chans, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(chans, 1, 1)
+        self.augment = augment
+        self.pad = pad
+        self.img_size = img_size
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = self.images[index]
+        if self.augment:
+            h, w = img.shape[-2:]
+            # Pad before normalising so the border is black, as torchvision's RandomCrop does.
+            padded = F.pad(img, (self.pad, self.pad, self.pad, self.pad))
+            top = int(torch.randint(0, 2 * self.pad + 1, ()))
+            left = int(torch.randint(0, 2 * self.pad + 1, ()))
+            img = padded[:, top : top + h, left : left + w]
+            if bool(torch.rand(()) < 0.5):
+                img = img.flip(-1)
+        x = (img.float() / 255.0 - self.mean) / self.std
+        if self.img_size is not None and x.shape[-1] != self.img_size:
+            x = _resize(x.unsqueeze(0), self.img_size).squeeze(0)
+        return x, int(self.targets[index])
+
+
+def _resize(images: torch.Tensor, img_size: int) -> torch.Tensor:
+    return F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
+
+
+def _check_img_size(img_size: int | None) -> None:
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
+        raise ValueError(f"img_size must be a positive int or None, got {img_size!r}")
+
+
+def _require_root(name: str, root: str | os.PathLike[str] | None) -> Path:
+    if root is None:
+        raise ValueError(
+            f"dataset {name!r} is read from local files: pass its folder with "
+            f"`--set data.root=...` on the command line or `root=` in Python"
+        )
+    return Path(root).expanduser()
+
+
+def _val_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified, seeded split of indices into (train, val)."""
+    gen = torch.Generator().manual_seed(seed)
+    train_idx: list[torch.Tensor] = []
+    val_idx: list[torch.Tensor] = []
+    for cls in torch.unique(targets).tolist():
+        idx = torch.nonzero(targets == cls).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        n_val = int(np.floor(idx.numel() * fraction + 0.5))
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    train = torch.sort(torch.cat(train_idx)).values
+    val = torch.sort(torch.cat(val_idx)).values
+    if val.numel() == 0 or train.numel() == 0:
+        raise ValueError(f"val_fraction={fraction} leaves an empty train or validation split")
+    return train, val
+
+
+def _load_digits(seed: int, val_fraction: float, img_size: int | None) -> tuple[Dataset, Dataset, DatasetInfo]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = np.asarray(bunch.images, dtype=np.float32) / 16.0  # pixel values are 0..16
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    idx_train, idx_test = train_test_split(
+        np.arange(labels.shape[0]), test_size=0.2, stratify=labels, random_state=seed
+    )
+    x_all = torch.from_numpy(images).unsqueeze(1)
+    y_all = torch.from_numpy(labels)
+    x_train, y_train = x_all[np.sort(idx_train)], y_all[np.sort(idx_train)]
+    x_test, y_test = x_all[np.sort(idx_test)], y_all[np.sort(idx_test)]
+    if val_fraction > 0:
+        tr, va = _val_split(y_train, val_fraction, seed)
+        x_test, y_test = x_train[va], y_train[va]
+        x_train, y_train = x_train[tr], y_train[tr]
+    # Statistics from the training images only, so the held-out split stays unseen.
+    mean, std = x_train.mean(), x_train.std()
+    x_train = (x_train - mean) / std
+    x_test = (x_test - mean) / std
+    size = 8
+    if img_size is not None and img_size != 8:
+        x_train, x_test, size = _resize(x_train, img_size), _resize(x_test, img_size), img_size
+    info = DatasetInfo("digits", 10, 1, size)
+    return TensorImageDataset(x_train, y_train), TensorImageDataset(x_test, y_test), info
+
+
+def _read_idx(path: Path, expected_ndim: int) -> torch.Tensor:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4:
+        raise ValueError(f"{path}: not an IDX file (too short)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim != expected_ndim:
+        raise ValueError(
+            f"{path}: expected an unsigned-byte IDX file with {expected_ndim} dims, "
+            f"got header type=0x{dtype_code:02x} ndim={ndim}"
+        )
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    count = int(np.prod(dims))
+    payload = np.frombuffer(data, dtype=np.uint8, count=count, offset=4 + 4 * ndim)
+    return torch.from_numpy(payload.reshape(dims).copy())
+
+
+def _mnist_paths(raw: Path) -> dict[str, Path] | None:
+    """Existing file per MNIST part, preferring the .gz torchvision downloads; None if any is missing."""
+    found: dict[str, Path] = {}
+    for key, stem in _MNIST_FILES.items():
+        for candidate in (raw / f"{stem}.gz", raw / stem):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def _load_mnist(
+    root: Path, download: bool, seed: int, val_fraction: float, img_size: int | None
+) -> tuple[Dataset, Dataset, DatasetInfo]:
+    raw = root / "MNIST" / "raw"
+    paths = _mnist_paths(raw)
+    if paths is None and download:
+        # torchvision's MNIST does the download (and its md5 checks) into ROOT/MNIST/raw.
+        from torchvision.datasets import MNIST
+
+        logger.info("downloading MNIST into %s", raw)
+        MNIST(str(root), train=True, download=True)
+        paths = _mnist_paths(raw)
+    if paths is None:
+        expected = "\n  ".join(str(raw / f"{stem}.gz") for stem in _MNIST_FILES.values())
+        raise FileNotFoundError(
+            f"MNIST files not found. Expected (torchvision layout):\n  {expected}\n"
+            "Pass download=True (needs network access) or copy the files there."
+        )
+    splits: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for part in ("train", "test"):
+        images = _read_idx(paths[f"{part}_images"], 3)
+        labels = _read_idx(paths[f"{part}_labels"], 1)
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"MNIST {part}: {images.shape[0]} images but {labels.shape[0]} labels "
+                f"({paths[f'{part}_images']}, {paths[f'{part}_labels']})"
+            )
+        x = (images.float().div_(255.0).sub_(_MNIST_MEAN).div_(_MNIST_STD)).unsqueeze(1)
+        splits.append((x, labels.long()))
+    (x_train, y_train), (x_test, y_test) = splits
+    if val_fraction > 0:
+        tr, va = _val_split(y_train, val_fraction, seed)
+        x_test, y_test = x_train[va], y_train[va]
+        x_train, y_train = x_train[tr], y_train[tr]
+    size = int(x_train.shape[-1])
+    if img_size is not None and img_size != size:
+        x_train, x_test, size = _resize(x_train, img_size), _resize(x_test, img_size), img_size
+    logger.info("MNIST: %d train / %d eval images from %s", len(y_train), len(y_test), raw)
+    info = DatasetInfo("mnist", 10, 1, size)
+    return TensorImageDataset(x_train, y_train), TensorImageDataset(x_test, y_test), info
+
+
+def _load_cifar(
+    name: str, root: Path, download: bool, seed: int, val_fraction: float, img_size: int | None
+) -> tuple[Dataset, Dataset, DatasetInfo]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    folder = root / _CIFAR_FOLDERS[name]
+    if not folder.is_dir() and not download:
+        raise FileNotFoundError(
+            f"{name} not found: expected the extracted python version of the dataset in "
+            f"{folder}/ (torchvision layout). Pass download=True (needs network access) "
+            "or extract the archive there."
+        )
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    try:
+        train_raw = cls(str(root), train=True, download=download)
+        test_raw = cls(str(root), train=False, download=False)
+    except RuntimeError as exc:  # torchvision's "not found or corrupted" integrity failure
+        raise FileNotFoundError(f"{name}: files in {folder}/ are missing or corrupted ({exc})") from exc
+
+    def as_tensors(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        return images, torch.as_tensor(ds.targets, dtype=torch.long)
+
+    x_train, y_train = as_tensors(train_raw)
+    x_test, y_test = as_tensors(test_raw)
+    if val_fraction > 0:
+        tr, va = _val_split(y_train, val_fraction, seed)
+        x_test, y_test = x_train[va], y_train[va]
+        x_train, y_train = x_train[tr], y_train[tr]
+    mean, std = _CIFAR_STATS[name]
+    size = img_size if img_size is not None else 32
+    resize_to = None if size == 32 else size
+    train = AugmentedImageDataset(x_train, y_train, mean, std, augment=True, img_size=resize_to)
+    test = AugmentedImageDataset(x_test, y_test, mean, std, augment=False, img_size=resize_to)
+    num_classes = 10 if name == "cifar10" else 100
+    logger.info("%s: %d train / %d eval images from %s", name, len(train), len(test), folder)
+    return train, test, DatasetInfo(name, num_classes, 3, size)
+
+
+def _load_imagefolder(
+    root: Path, seed: int, val_fraction: float, img_size: int | None
+) -> tuple[Dataset, Dataset, DatasetInfo]:
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    train_dir, val_dir = root / "train", root / "val"
+    missing = [str(d) for d in (train_dir, val_dir) if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            "imagefolder expects ROOT/train/<class>/<image> and ROOT/val/<class>/<image>; "
+            f"missing: {', '.join(missing)}"
+        )
+    size = img_size if img_size is not None else 32
+    tf = transforms.Compose([
+        transforms.Resize((size, size)),
+        transforms.ToTensor(),
+        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ])
+    train = ImageFolder(str(train_dir), transform=tf)
+    test = ImageFolder(str(val_dir), transform=tf)
+    if train.classes != test.classes:
+        raise ValueError(
+            f"class folders differ between {train_dir} ({train.classes}) and {val_dir} ({test.classes})"
+        )
+    num_classes = len(train.classes)
+    train_ds: Dataset = train
+    test_ds: Dataset = test
+    if val_fraction > 0:
+        tr, va = _val_split(torch.as_tensor(train.targets, dtype=torch.long), val_fraction, seed)
+        train_ds, test_ds = Subset(train, tr.tolist()), Subset(train, va.tolist())
+    return train_ds, test_ds, DatasetInfo("imagefolder", num_classes, 3, size)
+
+
+def _load_synthetic(
+    seed: int, synthetic_size: int, val_fraction: float, img_size: int | None
+) -> tuple[Dataset, Dataset, DatasetInfo]:
+    if synthetic_size < 4:
+        raise ValueError(f"synthetic_size must be >= 4, got {synthetic_size}")
+    num_classes, chans = 4, 3
+    size = img_size if img_size is not None else 16
+    gen = torch.Generator().manual_seed(seed)
+    # Smooth (upsampled) prototypes so the class signal survives conv + pooling.
+    coarse = max(2, size // 4)
+    protos = _resize(torch.randn(num_classes, chans, coarse, coarse, generator=gen), size)
+    protos = protos / protos.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
+        noise = torch.randn(n, chans, size, size, generator=gen)
+        return protos[labels] + 0.5 * noise, labels
+
+    x_train, y_train = sample(synthetic_size)
+    x_test, y_test = sample(synthetic_size // 4)
+    if val_fraction > 0:
+        tr, va = _val_split(y_train, val_fraction, seed)
+        x_test, y_test = x_train[va], y_train[va]
+        x_train, y_train = x_train[tr], y_train[tr]
+    info = DatasetInfo("synthetic", num_classes, chans, size)
+    return TensorImageDataset(x_train, y_train), TensorImageDataset(x_test, y_test), info
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = False,
+    seed: int = 0,
+    synthetic_size: int = 512,
+    val_fraction: float = 0.0,
+    img_size: int | None = None,
+) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """Load ``name`` and return ``(train, test, info)``.
+
+    With ``val_fraction > 0`` the second dataset is a seeded, stratified hold-out
+    of the training split (the test set is left untouched), for hyper-parameter
+    search. ``img_size`` resizes images when it differs from the native size.
+    """
+    key = name.lower()
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    _check_img_size(img_size)
+    if key == "digits":
+        return _load_digits(seed, val_fraction, img_size)
+    if key == "synthetic":
+        return _load_synthetic(seed, synthetic_size, val_fraction, img_size)
+    path = _require_root(key, root)
+    if key == "mnist":
+        return _load_mnist(path, download, seed, val_fraction, img_size)
+    if key in _CIFAR_FOLDERS:
+        return _load_cifar(key, path, download, seed, val_fraction, img_size)
+    return _load_imagefolder(path, seed, val_fraction, img_size)
+
+
+def make_loaders(
+    train: Dataset,
+    test: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    num_workers: int | None = None,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> tuple[DataLoader, DataLoader]:
+    """Return ``(train_loader, test_loader)``; train is shuffled by a generator seeded with ``seed``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    on_cuda = torch.device(device).type == "cuda"
+    if num_workers is None:
+        # Workers only pay off when the host must keep a GPU busy; on CPU they compete with training.
+        num_workers = min(8, os.cpu_count() or 1) if on_cuda else 0
+    common: dict[str, Any] = {
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "pin_memory": on_cuda,
+        "persistent_workers": num_workers > 0,
+    }
+    train_loader = DataLoader(
+        train,
+        shuffle=True,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        **common,
+    )
+    test_loader = DataLoader(test, shuffle=False, drop_last=False, **common)
+    return train_loader, test_loader
+
+
+def to_device(batch: T, device: torch.device | str, non_blocking: bool = True) -> T:
+    """Move every tensor in a (nested) tuple/list/dict batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)  # type: ignore[return-value]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: to_device(v, device, non_blocking) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(to_device(v, device, non_blocking) for v in batch))  # type: ignore[return-value]
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device, non_blocking) for v in batch)  # type: ignore[return-value]
+    return batch

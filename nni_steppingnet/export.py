@@ -1,0 +1,98 @@
+"""Standalone subnets: physically remove inactive channels with torch-pruning."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .macs import macs as count_macs
+
+if TYPE_CHECKING:
+    from .stepping import SteppingNet
+
+__all__ = ["export_subnet", "export_with_report", "ExportReport"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    subnet: int
+    #: nonzero Conv/Linear weight entries x positions: equals ``net.macs(subnet)``
+    nonzero_macs: int
+    #: what a dense kernel spends (torch-pruning's counter), zeros of masked synapses included
+    dense_macs: int
+    params: int
+
+
+def _densify_grouped(conv: nn.Conv2d) -> nn.Conv2d:
+    """A groups=1 conv holding the block-diagonal weight of a grouped (not depthwise) conv.
+
+    torch-pruning cannot drop an arbitrary subset of a grouped conv's channels (each conv group
+    must keep equal sizes), so export rebuilds the layer; the zero blocks cost only dense MACs.
+    """
+    dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, dilation=conv.dilation, groups=1,
+                      bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    dense = dense.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    weight = torch.zeros_like(dense.weight)
+    out_per, in_per = conv.out_channels // conv.groups, conv.in_channels // conv.groups
+    for g in range(conv.groups):
+        weight[g * out_per:(g + 1) * out_per, g * in_per:(g + 1) * in_per] = conv.weight[g * out_per:(g + 1) * out_per]
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if conv.bias is not None:
+            dense.bias.copy_(conv.bias)
+    return dense
+
+
+def export_subnet(net: "SteppingNet", s: int) -> nn.Module:
+    """Copy of ``net.model`` computing subnet ``s`` with the inactive channels removed.
+
+    Masked synapses are stored as zeros, so the copy computes exactly ``with net.subnet(s)``.
+    """
+    model = net.plain_copy(s)
+    for layer in net.layers:
+        module = model.get_submodule(layer.name)
+        if isinstance(module, nn.Conv2d) and 1 < module.groups != module.in_channels:
+            parent_name, _, child = layer.name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _densify_grouped(module))
+
+    flat = net.flat_assignment()
+    out_assignment = {layer.name: flat[pos] for layer, pos in zip(net.layers, net._out_pos)}
+    names = {m: n for n, m in model.named_modules()}
+    fixed = [model.get_submodule(layer.name) for layer in net.layers if layer.is_logits]
+    was_training = model.training
+    model.eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=net.example_inputs)
+    for group in graph.get_all_groups(ignored_layers=fixed, root_module_types=[nn.Conv2d, nn.Linear]):
+        root = group.items[0].dep.target.module
+        assignment = out_assignment[names[root]]
+        drop = (assignment > s).nonzero().flatten()
+        if drop.numel() == assignment.numel():
+            # Keep one channel: a layer cannot have zero channels. Its weights are all masked and
+            # no active weight reads it, so it changes nothing but costs dense MACs.
+            drop = drop[drop != int(torch.argmin(assignment))]
+        if drop.numel() == 0:
+            continue
+        handler = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
+        graph.get_pruning_group(root, handler, idxs=drop.tolist()).prune()
+    model.train(was_training)
+    return model
+
+
+def export_with_report(net: "SteppingNet", s: int) -> tuple[nn.Module, ExportReport]:
+    """:func:`export_subnet` plus its nonzero and dense MAC counts and parameter count."""
+    model = export_subnet(net, s)
+    dense_macs, params = tp.utils.count_ops_and_params(model, net.example_inputs)
+    batch = net.example_inputs.shape[0] if isinstance(net.example_inputs, torch.Tensor) else 1
+    report = ExportReport(subnet=s, nonzero_macs=count_macs(model, net.example_inputs, nonzero=True),
+                          dense_macs=int(dense_macs) // max(batch, 1), params=int(params))
+    logger.info("exported subnet %d: %s nonzero MACs, %s dense MACs, %s params", s,
+                f"{report.nonzero_macs:,}", f"{report.dense_macs:,}", f"{report.params:,}")
+    return model, report

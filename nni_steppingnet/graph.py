@@ -1,0 +1,305 @@
+"""Neuron groups from torch-pruning's dependency graph.
+
+A *neuron group* is a set of channels that must share one subnet index because the network couples
+them (a residual add, a depthwise conv, an SE multiply, BN). This module turns torch-pruning's
+``DependencyGraph`` groups into plain index maps: for every Conv/Linear layer, which group neuron
+each output channel and each input channel belongs to. Everything downstream (masks, MACs, the
+runtime, export) reads only these maps.
+
+The functional core is :func:`discover_layers`; it knows nothing about subnets.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .errors import UnsupportedModelError
+from .macs import layer_positions
+
+__all__ = [
+    "INPUT_SLOT",
+    "GroupSpec",
+    "LayerSpec",
+    "GraphSpec",
+    "discover_layers",
+    "find_classifier",
+    "unsupported_modules",
+    "WEIGHTED_TYPES",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Layers whose weights SteppingNet masks (every neuron is a channel of one of these).
+WEIGHTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+#: Flat-position marker for channels read straight from the model input (subnet index 1).
+INPUT_SLOT = -1
+
+
+@dataclass
+class GroupSpec:
+    """One neuron group: ``size`` neurons; ``members`` maps module channels to neurons."""
+
+    name: str
+    size: int
+    #: (module name, side "out"/"in", channel indices, neuron indices) for every coupled module.
+    members: list[tuple[str, str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class LayerSpec:
+    """A Conv2d/Linear layer and where its channels live in the flat neuron vector."""
+
+    name: str
+    module: nn.Module
+    is_logits: bool
+    #: flat neuron position of every output channel (length out_channels); unused for logits.
+    out_pos: torch.Tensor
+    #: flat neuron position of every input channel/feature, or INPUT_SLOT (model input).
+    in_pos: torch.Tensor
+    #: output positions per sample (conv: H_out*W_out; linear: tokens), filled by a trace.
+    positions: int = 0
+
+    @property
+    def groups(self) -> int:
+        return int(getattr(self.module, "groups", 1))
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.module.weight.shape[0])
+
+    @property
+    def in_channels(self) -> int:
+        m = self.module
+        return int(m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
+
+
+@dataclass
+class GraphSpec:
+    groups: list[GroupSpec]
+    layers: list[LayerSpec]
+    #: group offsets into the flat neuron vector
+    offsets: list[int]
+    #: per-channel modules other than Conv/Linear (BN, ...): name -> flat positions of channels
+    channel_modules: dict[str, torch.Tensor]
+
+    @property
+    def num_neurons(self) -> int:
+        return self.offsets[-1] if self.offsets else 0
+
+
+# Modules whose computation mixes channels in ways a per-channel subnet index cannot respect.
+_MIXING_REASONS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.LayerNorm, "LayerNorm normalises over channels, so a larger subnet's channels would change "
+     "a smaller subnet's statistics"),
+    (nn.LocalResponseNorm, "LocalResponseNorm mixes neighbouring channels"),
+    (nn.MultiheadAttention, "attention mixes all channels of every token"),
+    (nn.ChannelShuffle, "channel shuffle permutes channels across groups"),
+    (nn.PixelShuffle, "pixel shuffle folds channels into space"),
+    (nn.PixelUnshuffle, "pixel unshuffle folds space into channels"),
+    (nn.Conv1d, "Conv1d layers are not supported (only Conv2d and Linear); in CNNs they usually "
+     "convolve across channels (ECA attention)"),
+    (nn.Conv3d, "Conv3d layers are not supported (only Conv2d and Linear)"),
+    (nn.ConvTranspose2d, "transposed convolutions are not supported (only Conv2d and Linear)"),
+)
+
+
+def unsupported_modules(model: nn.Module) -> list[tuple[str, str]]:
+    """(module name, reason) for every module that mixes channels the constraint cannot hold."""
+    found: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        reason = None
+        if isinstance(module, nn.GroupNorm) and module.num_groups != module.num_channels:
+            reason = (f"GroupNorm with {module.num_groups} groups over {module.num_channels} "
+                      "channels normalises across channels")
+        else:
+            for kind, why in _MIXING_REASONS:
+                if isinstance(module, kind):
+                    reason = why
+                    break
+        if reason is None and "attention" in type(module).__name__.lower() and any(
+            isinstance(child, nn.Linear) for child in module.children()
+        ):
+            reason = f"{type(module).__name__} is attention: it mixes all channels of every token"
+        if reason is not None:
+            found.append((name or type(model).__name__, reason))
+    return found
+
+
+def find_classifier(model: nn.Module, classifier: nn.Module | str | None = None) -> tuple[str, nn.Module]:
+    """The final logits layer: given, from timm's ``get_classifier()``, or the last Linear."""
+    names = {module: name for name, module in model.named_modules()}
+    if isinstance(classifier, str):
+        modules = dict(model.named_modules())
+        if classifier not in modules:
+            raise ValueError(f"classifier {classifier!r} is not a module of the model; "
+                             f"pass one of the names from model.named_modules()")
+        return classifier, modules[classifier]
+    if classifier is None and hasattr(model, "get_classifier"):
+        candidate = model.get_classifier()
+        if isinstance(candidate, WEIGHTED_TYPES):
+            classifier = candidate
+    if classifier is None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("could not find the final classifier (no nn.Linear in the model); "
+                             "pass classifier=<module or module name>")
+        classifier = linears[-1]
+    if classifier not in names or not isinstance(classifier, WEIGHTED_TYPES):
+        raise ValueError("classifier must be an nn.Linear or nn.Conv2d inside the model")
+    return names[classifier], classifier
+
+
+def _side(handler: Any) -> str | None:
+    name = getattr(handler, "__name__", "") or type(handler).__name__
+    if "out_channels" in name:
+        return "out"
+    if "in_channels" in name:
+        return "in"
+    return None
+
+
+def _to_tensor(values: Iterable[Any]) -> torch.Tensor:
+    return torch.as_tensor([int(v) for v in values], dtype=torch.long)
+
+
+def discover_layers(
+    model: nn.Module,
+    example_inputs: Any,
+    classifier: nn.Module | str | None = None,
+    exclude: Sequence[nn.Module] = (),
+) -> GraphSpec:
+    """Build neuron groups and per-layer channel maps for ``model``.
+
+    ``exclude`` layers keep their outputs in every subnet (like the classifier) and never move.
+    Raises :class:`UnsupportedModelError` when a module mixes channels or torch-pruning cannot
+    trace a channel mapping (so no silently wrong mask is ever produced).
+    """
+    problems = unsupported_modules(model)
+    if problems:
+        raise UnsupportedModelError(problems)
+
+    clf_name, clf = find_classifier(model, classifier)
+    module_names = {module: name for name, module in model.named_modules()}
+    order = {name: k for k, name in enumerate(module_names.values())}
+    weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHTED_TYPES)]
+    fixed = {clf, *exclude}
+    was_training = model.training
+    model.eval()
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        tp_groups = list(graph.get_all_groups(ignored_layers=list(fixed), root_module_types=list(WEIGHTED_TYPES)))
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:  # torch-pruning's tracer raises many types; name the cause
+        raise UnsupportedModelError(
+            [(type(model).__name__, f"torch-pruning could not trace the model: {type(exc).__name__}: {exc}")]
+        ) from exc
+    finally:
+        model.train(was_training)
+
+    groups: list[GroupSpec] = []
+    for tp_group in tp_groups:
+        items = list(tp_group.items)
+        root = items[0]
+        root_name = module_names.get(root.dep.target.module)
+        if root_name is None:
+            continue
+        size = int(root.dep.target.module.weight.shape[0])
+        spec = GroupSpec(name=root_name, size=size)
+        for item in items:
+            module = item.dep.target.module
+            name = module_names.get(module)
+            side = _side(item.dep.handler)
+            if name is None or side is None:
+                continue  # torch-pruning's internal ops (add, concat, reshape) carry no parameters
+            if module in fixed and side == "out":
+                continue
+            idxs, roots = _to_tensor(item.idxs), _to_tensor(item.root_idxs)
+            spec.members.append((name, side, idxs, roots))
+        groups.append(spec)
+    groups.sort(key=lambda g: order[g.name])
+    offsets = [0]
+    for g in groups:
+        offsets.append(offsets[-1] + g.size)
+
+    # Map every Conv/Linear channel to its flat neuron position, checking torch-pruning's work.
+    out_pos: dict[str, torch.Tensor] = {}
+    in_pos: dict[str, torch.Tensor] = {}
+    channel_modules: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    errors: list[tuple[str, str]] = []
+    for gi, g in enumerate(groups):
+        for name, side, idxs, roots in g.members:
+            module = modules[name]
+            if isinstance(module, WEIGHTED_TYPES):
+                width = _width(module, side)
+                table = (out_pos if side == "out" else in_pos).setdefault(
+                    name, torch.full((width,), -2, dtype=torch.long))
+            else:
+                if side != "out":
+                    continue
+                weight = getattr(module, "weight", None)
+                width = int(getattr(module, "num_features", 0) or (weight.shape[0] if weight is not None else 0))
+                if width == 0:
+                    continue
+                table = channel_modules.setdefault(name, torch.full((width,), -2, dtype=torch.long))
+            if idxs.numel() and (int(idxs.max()) >= width or int(roots.max()) >= g.size):
+                errors.append((name, f"torch-pruning mapped channel {int(idxs.max())} of a layer with "
+                                     f"{width} {side}put channels (untraceable concat/reshape before it)"))
+                continue
+            flat = roots + offsets[gi]
+            previous = table[idxs]
+            clash = (previous != -2) & (previous != flat)
+            if bool(clash.any()):
+                errors.append((name, f"{side}put channels are claimed by two neuron groups "
+                                     "(torch-pruning traced an ambiguous concat/reshape)"))
+                continue
+            table[idxs] = flat
+
+    layers: list[LayerSpec] = []
+    for name, module in weighted:
+        is_logits = module in fixed
+        outs = out_pos.get(name)
+        if is_logits:
+            outs = torch.full((int(module.weight.shape[0]),), INPUT_SLOT, dtype=torch.long)
+        elif outs is None or bool((outs == -2).any()):
+            errors.append((name, "its output channels are not in any neuron group (is it used in "
+                                 "forward? pass it in exclude=[...] if it is a second head)"))
+            continue
+        ins = in_pos.get(name)
+        if ins is None:
+            ins = torch.full((_width(module, "in"),), -2, dtype=torch.long)
+        # Unmapped inputs are read from the model input, which belongs to subnet 1; the wrap-time
+        # isolation probe catches any input torch-pruning failed to trace.
+        ins = torch.where(ins == -2, torch.full_like(ins, INPUT_SLOT), ins)
+        layers.append(LayerSpec(name=name, module=module, is_logits=is_logits, out_pos=outs, in_pos=ins))
+    if errors:
+        raise UnsupportedModelError(errors)
+    if not any(layer.is_logits for layer in layers):
+        raise UnsupportedModelError([(clf_name, "the classifier is never called in forward")])
+    for name, table in channel_modules.items():
+        channel_modules[name] = torch.where(table == -2, torch.full_like(table, INPUT_SLOT), table)
+    _record_positions(model, layers, example_inputs)
+    return GraphSpec(groups=groups, layers=layers, offsets=offsets, channel_modules=channel_modules)
+
+
+def _width(module: nn.Module, side: str) -> int:
+    if isinstance(module, nn.Conv2d):
+        return int(module.out_channels if side == "out" else module.in_channels)
+    assert isinstance(module, nn.Linear)
+    return int(module.out_features if side == "out" else module.in_features)
+
+
+def _record_positions(model: nn.Module, layers: list[LayerSpec], example_inputs: Any) -> None:
+    """Per-sample output positions of every layer, from one traced forward."""
+    seen = layer_positions(model, example_inputs)
+    for layer in layers:
+        if layer.name not in seen:
+            raise UnsupportedModelError([(layer.name, "layer is never called in forward")])
+        layer.positions = seen[layer.name]

@@ -1,0 +1,50 @@
+"""Exact multiply-accumulate counts for Conv2d/Linear layers."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ._inputs import batch_size, call_model
+
+__all__ = ["macs", "layer_positions"]
+
+
+def layer_positions(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """Per-sample output positions (conv: H*W, linear: tokens) of every Conv2d/Linear, by name."""
+    batch = batch_size(example_inputs)
+    seen: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            def hook(mod: nn.Module, args: Any, output: torch.Tensor, name: str = name) -> None:
+                channels = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
+                seen[name] = seen.get(name, 0) + output.numel() // (batch * int(channels))
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def macs(model: nn.Module, example_inputs: Any, *, nonzero: bool = False) -> int:
+    """MACs per sample of ``model``'s Conv2d/Linear layers.
+
+    With ``nonzero=True`` only nonzero weight entries count (the work of a sparse kernel);
+    otherwise every weight entry counts (the work of a dense kernel).
+    """
+    positions = layer_positions(model, example_inputs)
+    modules = dict(model.named_modules())
+    total = 0
+    for name, count in positions.items():
+        weight = modules[name].weight
+        entries = int(torch.count_nonzero(weight)) if nonzero else weight.numel()
+        total += entries * count
+    return int(total)

@@ -1,0 +1,483 @@
+"""SteppingNet: N nested subnets inside one model, held as a neuron assignment plus masks.
+
+Every neuron (an output channel of a Conv2d/Linear, shared by its coupled channels) has a subnet
+index ``a`` in 1..N, or N+1 for "unused". Weight ``W[o, i]`` is active in subnet ``s`` iff
+``a(o) <= s and a(i) <= a(o)`` (times an optional unstructured pruning mask); the classifier's
+outputs belong to every subnet, so its weight is active iff ``a(i) <= s``. Masks multiply the
+weights inside the forward through a parametrization, so weights are never overwritten.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import weakref
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from ._inputs import call_model
+from .errors import CheckpointError, UnsupportedModelError
+from .graph import INPUT_SLOT, GraphSpec, LayerSpec, discover_layers
+
+__all__ = ["SteppingNet", "NeuronGroup", "STATE_FORMAT"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "nni_steppingnet.state/1"
+_PARAM_KEY = ".parametrizations.weight.original"
+
+
+class NeuronGroup:
+    """Coupled channels sharing one subnet index per neuron.
+
+    ``assignment`` is a LongTensor of length ``size`` with values in 1..N+1; assign a new tensor
+    or modify it in place (the masks follow either way).
+    """
+
+    def __init__(self, name: str, size: int, num_subnets: int) -> None:
+        self.name = name
+        self.size = size
+        self._num_subnets = num_subnets
+        self._assignment = torch.ones(size, dtype=torch.long)
+
+    @property
+    def assignment(self) -> torch.Tensor:
+        return self._assignment
+
+    @assignment.setter
+    def assignment(self, value: torch.Tensor | Sequence[int]) -> None:
+        tensor = torch.as_tensor(value)
+        _check_assignment(self.name, self.size, self._num_subnets, tensor)
+        self._assignment = tensor.to(dtype=torch.long, device="cpu").clone()
+
+    def __repr__(self) -> str:
+        counts = torch.bincount(self._assignment, minlength=self._num_subnets + 2)[1:].tolist()
+        return f"NeuronGroup({self.name!r}, size={self.size}, per_subnet={counts})"
+
+
+def _check_assignment(name: str, size: int, num_subnets: int, tensor: torch.Tensor) -> None:
+    if tensor.dim() != 1 or tensor.numel() != size:
+        raise ValueError(f"assignment of group {name!r} must be a 1-D tensor of length {size}, "
+                         f"got shape {tuple(tensor.shape)}")
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+        raise ValueError(f"assignment of group {name!r} must hold integers, got {tensor.dtype}")
+    if tensor.numel() and (int(tensor.min()) < 1 or int(tensor.max()) > num_subnets + 1):
+        raise ValueError(f"assignment of group {name!r} has values in [{int(tensor.min())}, "
+                         f"{int(tensor.max())}]; allowed are 1..{num_subnets} (subnets) and "
+                         f"{num_subnets + 1} (unused)")
+
+
+class _SubnetMask(nn.Module):
+    """Parametrization ``W -> W * mask`` for the active subnet of its SteppingNet."""
+
+    def __init__(self, net: "SteppingNet", index: int) -> None:
+        super().__init__()
+        # A weak reference: the model must not own its wrapper (deepcopy/pickle of the model).
+        self._net_ref = weakref.ref(net)
+        self.index = index
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        net = self._net_ref()
+        if net is None:
+            return weight
+        return weight * net._weight_mask(self.index, weight)
+
+
+class SteppingNet:
+    """Wrap ``model`` in place so that it holds ``num_subnets`` nested subnets.
+
+    Args:
+        model: any CNN whose channels torch-pruning can trace (timm CNNs with BatchNorm).
+        example_inputs: a small batch used to trace the graph and count MACs.
+        num_subnets: N, the number of nested subnets.
+        classifier: the final logits layer (default: ``model.get_classifier()`` or the last Linear).
+        exclude: further layers whose outputs stay in every subnet (e.g. auxiliary heads).
+        verify: run the isolation probe at wrap time and raise :class:`UnsupportedModelError` if a
+            smaller subnet's activations change when a larger one is active.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        num_subnets: int,
+        *,
+        classifier: nn.Module | str | None = None,
+        exclude: Sequence[nn.Module] = (),
+        verify: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(num_subnets, bool) or not isinstance(num_subnets, int) or num_subnets < 1:
+            raise ValueError(f"num_subnets must be a positive int, got {num_subnets!r}")
+        if any(parametrize.is_parametrized(m) for m in model.modules()):
+            raise ValueError("model already has parametrizations (is it wrapped by another "
+                             "SteppingNet?); call net.remove() on the old wrapper first")
+        self.model = model
+        self.num_subnets = num_subnets
+        self.example_inputs = example_inputs
+        spec: GraphSpec = discover_layers(model, example_inputs, classifier=classifier, exclude=exclude)
+        self.layers: list[LayerSpec] = spec.layers
+        self.groups: list[NeuronGroup] = [NeuronGroup(g.name, g.size, num_subnets) for g in spec.groups]
+        self.group_specs = spec.groups
+        self._num_neurons = spec.num_neurons
+        self._offsets = spec.offsets
+        # INPUT_SLOT indexes one extra entry of the flat vector, fixed to subnet 1.
+        fix = lambda pos: torch.where(pos == INPUT_SLOT, torch.full_like(pos, spec.num_neurons), pos)  # noqa: E731
+        self._out_pos = [fix(layer.out_pos) for layer in self.layers]
+        self._in_pos = [fix(_grouped_in_positions(layer)) for layer in self.layers]
+        self.channel_modules = {name: fix(pos) for name, pos in spec.channel_modules.items()}
+        self._layer_index = {layer.name: k for k, layer in enumerate(self.layers)}
+        #: Unstructured pruning masks (bool, weight-shaped), by layer name; absent means dense.
+        self.prune_masks: dict[str, torch.Tensor] = {}
+        self._active: int | None = None
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._device_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._signature: tuple[Any, ...] = ()
+        self.full_macs = int(sum(layer.module.weight.numel() * layer.positions for layer in self.layers))
+        for k, layer in enumerate(self.layers):
+            parametrize.register_parametrization(layer.module, "weight", _SubnetMask(self, k), unsafe=True)
+        self._root_hook = model.register_forward_pre_hook(_refresh_hook(self))
+        if verify:
+            self._verify_isolation()
+
+    # ----------------------------------------------------------------- assignment
+    @property
+    def active_subnet(self) -> int:
+        """The subnet the model computes now (N outside any ``subnet()`` context)."""
+        return self._active if self._active is not None else self.num_subnets
+
+    @contextlib.contextmanager
+    def subnet(self, s: int) -> Iterator["SteppingNet"]:
+        """Within this context, calling the model computes subnet ``s`` (1-based)."""
+        self._check_subnet(s)
+        previous = self._active
+        self._active = int(s)
+        try:
+            yield self
+        finally:
+            self._active = previous
+
+    def _check_subnet(self, s: int) -> None:
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= self.num_subnets:
+            raise ValueError(f"subnet index must be an int in 1..{self.num_subnets}, got {s!r}")
+
+    def flat_assignment(self) -> torch.Tensor:
+        """All neurons' indices in group order, plus a trailing 1 for the model input."""
+        parts = [g.assignment for g in self.groups]
+        for g in self.groups:
+            _check_assignment(g.name, g.size, self.num_subnets, g.assignment)
+        return torch.cat(parts + [torch.ones(1, dtype=torch.long)])
+
+    def set_flat_assignment(self, flat: torch.Tensor) -> None:
+        """Inverse of :meth:`flat_assignment` (the trailing input entry is ignored)."""
+        for g, start in zip(self.groups, self._offsets):
+            g.assignment = flat[start:start + g.size]
+
+    def layer_assignment(self, layer: int | str, flat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_out, a_in) of a layer: a_out per output channel (N+1... for logits: 0),
+        a_in per weight column ``[out, in/groups]``."""
+        k = self._layer_index[layer] if isinstance(layer, str) else layer
+        flat = self.flat_assignment() if flat is None else flat
+        a_out = flat[self._out_pos[k]]
+        if self.layers[k].is_logits:
+            a_out = torch.zeros_like(a_out)
+        return a_out, flat[self._in_pos[k]]
+
+    def _signature_now(self) -> tuple[Any, ...]:
+        return tuple((id(g._assignment), g._assignment._version) for g in self.groups)
+
+    def refresh(self) -> None:
+        """Drop cached masks if any assignment changed (called before every model forward)."""
+        signature = self._signature_now()
+        if signature != self._signature:
+            self.flat_assignment()  # validates in-place edits too
+            self._signature = signature
+            self._cache.clear()
+            self._device_cache.clear()
+
+    def invalidate(self) -> None:
+        """Drop cached masks (after changing ``prune_masks``)."""
+        self._signature = ()
+        self._cache.clear()
+        self._device_cache.clear()
+
+    # ---------------------------------------------------------------------- masks
+    def structural_mask(self, layer: int | str, s: int, flat: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool ``[out, in/groups]`` mask of the no-backward-synapse rule for subnet ``s``."""
+        k = self._layer_index[layer] if isinstance(layer, str) else layer
+        a_out, a_in = self.layer_assignment(k, flat)
+        if self.layers[k].is_logits:
+            allowed = a_in <= s
+            return allowed.expand(a_out.numel(), allowed.shape[1])
+        a_out = a_out.unsqueeze(1)
+        return (a_out <= s) & (a_in <= a_out)
+
+    def weight_mask(self, layer: int | str, s: int) -> torch.Tensor:
+        """Float weight-shaped mask of subnet ``s``: structure times unstructured pruning."""
+        k = self._layer_index[layer] if isinstance(layer, str) else layer
+        key = (k, s)
+        mask = self._cache.get(key)
+        if mask is None:
+            layer_spec = self.layers[k]
+            weight = layer_spec.module.parametrizations.weight.original
+            mask = self.structural_mask(k, s).to(torch.float32)
+            mask = mask.reshape(mask.shape + (1,) * (weight.dim() - 2)).expand(weight.shape)
+            prune = self.prune_masks.get(layer_spec.name)
+            if prune is not None:
+                mask = mask * prune.to(device="cpu", dtype=torch.float32)
+            mask = mask.contiguous()
+            self._cache[key] = mask
+        return mask
+
+    def _weight_mask(self, k: int, weight: torch.Tensor) -> torch.Tensor:
+        s = self.active_subnet
+        key = (k, s, weight.device, weight.dtype)
+        mask = self._device_cache.get(key)
+        if mask is None:
+            mask = self.weight_mask(k, s).to(device=weight.device, dtype=weight.dtype)
+            self._device_cache[key] = mask
+        return mask
+
+    def original_weight(self, layer: int | str) -> nn.Parameter:
+        """The trainable (unmasked) weight of a layer."""
+        k = self._layer_index[layer] if isinstance(layer, str) else layer
+        return self.layers[k].module.parametrizations.weight.original
+
+    # ----------------------------------------------------------------------- MACs
+    def layer_macs(self, s: int) -> dict[str, int]:
+        """Active MACs per sample of every layer in subnet ``s``."""
+        self._check_subnet(s)
+        self.refresh()
+        return {layer.name: int(self.weight_mask(k, s).sum().item()) * layer.positions
+                for k, layer in enumerate(self.layers)}
+
+    def macs(self, s: int) -> int:
+        """Exact MACs per sample of subnet ``s`` (active Conv/Linear weight entries x positions)."""
+        return int(sum(self.layer_macs(s).values()))
+
+    # ----------------------------------------------------------------- validation
+    def validate(self, probe: bool = False) -> None:
+        """Check the no-backward-synapse rule on the masks (and, with ``probe``, functionally).
+
+        Raises ``ValueError`` naming the first layer with an active weight from a neuron of a
+        larger subnet into a neuron of a smaller one.
+        """
+        flat = self.flat_assignment()
+        for k, layer in enumerate(self.layers):
+            a_out, a_in = self.layer_assignment(k, flat)
+            for s in range(1, self.num_subnets + 1):
+                mask = self.weight_mask(k, s)
+                active = mask.reshape(mask.shape[0], mask.shape[1], -1).amax(-1) > 0
+                if layer.is_logits:
+                    bad = active & (a_in > s)
+                else:
+                    a_o = a_out.unsqueeze(1)
+                    bad = active & ((a_in > a_o) | (a_o > s))
+                if bool(bad.any()):
+                    o, i = (int(v) for v in bad.nonzero()[0])
+                    raise ValueError(f"layer {layer.name!r}: weight [{o}, {i}] is active in subnet {s} "
+                                     "but connects a larger subnet's neuron into a smaller one")
+        if probe:
+            self._verify_isolation(self.flat_assignment())
+
+    def check_isolation(
+        self,
+        inputs: Any = None,
+        *,
+        train: bool = False,
+        rtol: float = 1e-4,
+    ) -> list[tuple[str, int, float]]:
+        """Run every subnet and list ``(layer, subnet, max relative error)`` for each layer whose
+        outputs in subnet ``s`` change when a larger subnet is active. Empty means isolated.
+
+        ``train=True`` runs in training mode (batch-statistics BN) and restores BN buffers after.
+        """
+        inputs = self.example_inputs if inputs is None else inputs
+        outputs: dict[int, dict[str, torch.Tensor]] = {}
+        handles = []
+        current: dict[str, torch.Tensor] = {}
+        for layer in self.layers:
+            if layer.is_logits:
+                continue
+            def hook(module: nn.Module, args: Any, output: torch.Tensor, name: str = layer.name) -> None:
+                current[name] = output.detach().clone()
+            handles.append(layer.module.register_forward_hook(hook))
+        was_training = self.model.training
+        buffers = {k: v.clone() for k, v in self.model.state_dict().items() if "running" in k or "num_batches" in k}
+        self.model.train(train)
+        try:
+            with torch.no_grad():
+                for s in range(1, self.num_subnets + 1):
+                    current = {}
+                    with self.subnet(s):
+                        call_model(self.model, inputs)
+                    outputs[s] = current
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.train(was_training)
+            if buffers:
+                self.model.load_state_dict(buffers, strict=False)
+        flat = self.flat_assignment()
+        problems: list[tuple[str, int, float]] = []
+        for k, layer in enumerate(self.layers):
+            if layer.is_logits:
+                continue
+            a_out = flat[self._out_pos[k]]
+            for s in range(1, self.num_subnets):
+                keep = (a_out <= s).nonzero().flatten()
+                if keep.numel() == 0:
+                    continue
+                small = outputs[s][layer.name].index_select(1, keep.to(outputs[s][layer.name].device))
+                for t in range(s + 1, self.num_subnets + 1):
+                    large = outputs[t][layer.name].index_select(1, keep.to(small.device))
+                    scale = large.abs().max().clamp_min(1e-12)
+                    err = float(((small - large).abs() / scale).max())
+                    if err > rtol:
+                        problems.append((layer.name, s, err))
+                        break
+        return problems
+
+    def _verify_isolation(self, assignment: torch.Tensor | None = None) -> None:
+        saved = [g.assignment.clone() for g in self.groups]
+        if assignment is None:
+            generator = torch.Generator().manual_seed(0)
+            for g in self.groups:
+                g.assignment = torch.randint(1, self.num_subnets + 2, (g.size,), generator=generator)
+        else:
+            self.set_flat_assignment(assignment)
+        try:
+            problems = self.check_isolation()
+        finally:
+            for g, a in zip(self.groups, saved):
+                g.assignment = a
+        if problems:
+            self.remove()
+            raise UnsupportedModelError(
+                [(name, f"outputs of subnet {s} change by {err:.2e} (relative) when a larger subnet "
+                        "is active: a module before it mixes channels in a way torch-pruning did "
+                        "not trace") for name, s, err in problems[:8]])
+
+    # -------------------------------------------------------------------- export
+    def plain_copy(self, s: int | None = None) -> nn.Module:
+        """A deep copy of the model without masks: weights of subnet ``s`` baked in (masked
+        synapses as zeros), or the raw trainable weights when ``s`` is None."""
+        if s is not None:
+            self._check_subnet(s)
+        self.refresh()
+        model = copy.deepcopy(self.model)
+        model._forward_pre_hooks.pop(self._root_hook.id, None)
+        for k, layer in enumerate(self.layers):
+            module = model.get_submodule(layer.name)
+            trainable = module.parametrizations.weight.original
+            original = trainable.detach().clone()
+            if s is not None:
+                original = original * self.weight_mask(k, s).to(original)
+            # Not parametrize.remove_parametrizations: the copy shares its generated class with
+            # the original module, and removing the property there would break the original.
+            del module._modules["parametrizations"]
+            module.__class__ = module.__class__.__bases__[0]
+            module.weight = nn.Parameter(original, requires_grad=trainable.requires_grad)
+        return model
+
+    def export_subnet(self, s: int) -> nn.Module:
+        """A standalone, physically smaller copy of the model computing subnet ``s``."""
+        from .export import export_subnet
+
+        return export_subnet(self, s)
+
+    # ----------------------------------------------------------------- state I/O
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict under its original (unparametrized) key names."""
+        return {k.replace(_PARAM_KEY, ".weight"): v for k, v in self.model.state_dict().items()}
+
+    def load_model_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load weights saved with :meth:`model_state_dict` (or from the plain model)."""
+        renamed = {}
+        parametrized = {layer.name + ".weight" for layer in self.layers}
+        for k, v in state.items():
+            renamed[k[: -len(".weight")] + _PARAM_KEY if k in parametrized else k] = v
+        self.model.load_state_dict(renamed, strict=strict)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Assignment, pruning masks and model weights; loads back with :meth:`load_state_dict`."""
+        return {
+            "format": STATE_FORMAT,
+            "num_subnets": self.num_subnets,
+            "groups": [{"name": g.name, "size": g.size, "assignment": g.assignment.clone()} for g in self.groups],
+            "prune_masks": {k: v.clone() for k, v in self.prune_masks.items()},
+            "model": self.model_state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], *, weights: bool = True) -> None:
+        """Restore a :meth:`state_dict`; raises :class:`CheckpointError` on a different model."""
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"not a SteppingNet state (format {state.get('format')!r}, "
+                                  f"expected {STATE_FORMAT!r})")
+        if state["num_subnets"] != self.num_subnets:
+            raise CheckpointError(f"state has {state['num_subnets']} subnets, this net {self.num_subnets}")
+        saved = [(g["name"], g["size"]) for g in state["groups"]]
+        mine = [(g.name, g.size) for g in self.groups]
+        if saved != mine:
+            diff = next(((a, b) for a, b in zip(saved, mine) if a != b), (saved[len(mine):][:1], mine[len(saved):][:1]))
+            raise CheckpointError("the state was saved from a different model: neuron groups differ "
+                                  f"(saved {diff[0]} vs this model {diff[1]}); build the same "
+                                  "architecture (and width) before loading")
+        for g, saved_group in zip(self.groups, state["groups"]):
+            g.assignment = saved_group["assignment"]
+        names = {layer.name for layer in self.layers}
+        unknown = set(state["prune_masks"]) - names
+        if unknown:
+            raise CheckpointError(f"pruning masks for unknown layers: {sorted(unknown)[:5]}")
+        self.prune_masks = {k: v.clone().bool() for k, v in state["prune_masks"].items()}
+        if weights:
+            self.load_model_state_dict(state["model"])
+        self.invalidate()
+
+    def remove(self) -> nn.Module:
+        """Remove the masks (the model keeps its unmasked weights) and return the model."""
+        for layer in self.layers:
+            if parametrize.is_parametrized(layer.module, "weight"):
+                parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=False)
+        self._root_hook.remove()
+        return self.model
+
+    def summary(self) -> str:
+        lines = [f"SteppingNet: {self.num_subnets} subnets, {len(self.groups)} neuron groups, "
+                 f"{self._num_neurons} neurons, {len(self.layers)} layers, full MACs {self.full_macs:,}"]
+        for s in range(1, self.num_subnets + 1):
+            m = self.macs(s)
+            lines.append(f"  subnet {s}: {m:,} MACs ({100.0 * m / self.full_macs:.2f}% of full)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"SteppingNet(num_subnets={self.num_subnets}, groups={len(self.groups)}, layers={len(self.layers)})"
+
+
+def _refresh_hook(net: SteppingNet) -> Any:
+    # A closure over a weak reference: deepcopy shares functions, so copying the model does not
+    # copy its wrapper (a bound method would drag the whole SteppingNet into the copy).
+    ref = weakref.ref(net)
+
+    def hook(module: nn.Module, args: Any) -> None:
+        target = ref()
+        if target is not None:
+            target.refresh()
+
+    return hook
+
+
+def _grouped_in_positions(layer: LayerSpec) -> torch.Tensor:
+    """Input neuron position of every weight column: ``[out, in/groups]`` (or ``[1, in]``)."""
+    groups = layer.groups
+    in_pos = layer.in_pos
+    if groups == 1:
+        return in_pos.unsqueeze(0)
+    out, width = layer.out_channels, layer.in_channels // groups
+    conv_group = torch.arange(out) // (out // groups)
+    columns = conv_group.unsqueeze(1) * width + torch.arange(width).unsqueeze(0)
+    return in_pos[columns]
