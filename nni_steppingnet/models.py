@@ -25,6 +25,7 @@ __all__ = [
     "VGG16CIFAR",
     "VGG16_CFG",
     "scale_width",
+    "init_weights",
     "lenet3c1l",
     "lenet5",
     "vgg16_cifar",
@@ -65,6 +66,26 @@ def _conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int, padding: int) -> li
         nn.BatchNorm2d(out_ch),
         nn.ReLU(inplace=True),
     ]
+
+
+def init_weights(model: nn.Module) -> None:
+    """torchvision-style init: Kaiming-normal convs (fan_out, ReLU), unit BN, small classifier.
+
+    PyTorch's default conv init shrinks activations layer by layer; in a randomly initialised
+    13-conv VGG the logits would be little more than the classifier bias.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Linear):
+        nn.init.normal_(classifier.weight, 0.0, 0.01)
+        nn.init.zeros_(classifier.bias)
 
 
 class _ClassifierMixin:
@@ -113,6 +134,7 @@ class LeNet3C1L(_ClassifierMixin, nn.Module):
         spatial = img_size // 4
         self.num_features = c3 * spatial * spatial
         self.classifier = nn.Linear(self.num_features, num_classes)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
@@ -152,6 +174,7 @@ class LeNet5(_ClassifierMixin, nn.Module):
         )
         self.num_features = f2
         self.classifier = nn.Linear(f2, num_classes)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
@@ -187,6 +210,7 @@ class VGG16CIFAR(_ClassifierMixin, nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = in_ch
         self.classifier = nn.Linear(in_ch, num_classes)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -137,6 +137,7 @@ class SteppingNet:
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
         self._device_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
         self._signature: tuple[Any, ...] = ()
+        self._flat = torch.ones(self._num_neurons + 1, dtype=torch.long)
         self.full_macs = int(sum(layer.module.weight.numel() * layer.positions for layer in self.layers))
         for k, layer in enumerate(self.layers):
             parametrize.register_parametrization(layer.module, "weight", _SubnetMask(self, k), unsafe=True)
@@ -173,15 +174,30 @@ class SteppingNet:
         return torch.cat(parts + [torch.ones(1, dtype=torch.long)])
 
     def set_flat_assignment(self, flat: torch.Tensor) -> None:
-        """Inverse of :meth:`flat_assignment` (the trailing input entry is ignored)."""
-        for g, start in zip(self.groups, self._offsets):
-            g.assignment = flat[start:start + g.size]
+        """Inverse of :meth:`flat_assignment` (the trailing input entry is optional and ignored).
+
+        All or nothing: a wrong length or an invalid value raises ``ValueError`` before any
+        group changes.
+        """
+        flat = torch.as_tensor(flat)
+        total = self._num_neurons
+        if flat.dim() != 1 or flat.numel() not in (total, total + 1):
+            raise ValueError(f"flat assignment must be a 1-D tensor of length {total} (one entry per "
+                             f"neuron, in group order) or {total + 1} (with the trailing input slot "
+                             f"of flat_assignment()), got shape {tuple(flat.shape)}")
+        parts = [flat[start:start + g.size] for g, start in zip(self.groups, self._offsets)]
+        for g, part in zip(self.groups, parts):
+            _check_assignment(g.name, g.size, self.num_subnets, part)
+        for g, part in zip(self.groups, parts):
+            g.assignment = part
 
     def layer_assignment(self, layer: int | str, flat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(a_out, a_in) of a layer: a_out per output channel (N+1... for logits: 0),
         a_in per weight column ``[out, in/groups]``."""
         k = self._layer_index[layer] if isinstance(layer, str) else layer
-        flat = self.flat_assignment() if flat is None else flat
+        if flat is None:
+            self.refresh()
+            flat = self._flat
         a_out = flat[self._out_pos[k]]
         if self.layers[k].is_logits:
             a_out = torch.zeros_like(a_out)
@@ -194,7 +210,7 @@ class SteppingNet:
         """Drop cached masks if any assignment changed (called before every model forward)."""
         signature = self._signature_now()
         if signature != self._signature:
-            self.flat_assignment()  # validates in-place edits too
+            self._flat = self.flat_assignment()  # validates in-place edits too
             self._signature = signature
             self._cache.clear()
             self._device_cache.clear()
@@ -294,6 +310,11 @@ class SteppingNet:
         """Run every subnet and list ``(layer, subnet, max relative error)`` for each layer whose
         outputs in subnet ``s`` change when a larger subnet is active. Empty means isolated.
 
+        The logits change with ``s`` by design, so for the classifier its *inputs* are checked
+        instead: every input feature mapped to a neuron of subnet <= ``s`` (or to the model input)
+        must be the same in every larger subnet; a feature torch-pruning failed to map (read as
+        model input) is reported as ``"<layer> (input)"``.
+
         ``train=True`` runs in training mode (batch-statistics BN) and restores BN buffers after.
         """
         inputs = self.example_inputs if inputs is None else inputs
@@ -302,6 +323,9 @@ class SteppingNet:
         current: dict[str, torch.Tensor] = {}
         for layer in self.layers:
             if layer.is_logits:
+                def in_hook(module: nn.Module, args: Any, output: torch.Tensor, name: str = layer.name) -> None:
+                    current[name] = args[0].detach().clone()
+                handles.append(layer.module.register_forward_hook(in_hook))
                 continue
             def hook(module: nn.Module, args: Any, output: torch.Tensor, name: str = layer.name) -> None:
                 current[name] = output.detach().clone()
@@ -309,11 +333,14 @@ class SteppingNet:
         was_training = self.model.training
         buffers = {k: v.clone() for k, v in self.model.state_dict().items() if "running" in k or "num_batches" in k}
         self.model.train(train)
+        # Every subnet's forward starts from the same RNG state, so dropout in training mode
+        # draws the same masks and cannot pass for a leak.
+        cuda = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
         try:
             with torch.no_grad():
                 for s in range(1, self.num_subnets + 1):
                     current = {}
-                    with self.subnet(s):
+                    with self.subnet(s), torch.random.fork_rng(devices=cuda):
                         call_model(self.model, inputs)
                     outputs[s] = current
         finally:
@@ -325,20 +352,26 @@ class SteppingNet:
         flat = self.flat_assignment()
         problems: list[tuple[str, int, float]] = []
         for k, layer in enumerate(self.layers):
+            name, dim = layer.name, 1
             if layer.is_logits:
-                continue
-            a_out = flat[self._out_pos[k]]
+                # Per input feature (not per weight column, which repeats for grouped convs).
+                in_pos = torch.where(layer.in_pos == INPUT_SLOT, self._num_neurons, layer.in_pos)
+                a_out = flat[in_pos]
+                name = f"{layer.name} (input)"
+                dim = 1 if isinstance(layer.module, nn.Conv2d) else -1
+            else:
+                a_out = flat[self._out_pos[k]]
             for s in range(1, self.num_subnets):
                 keep = (a_out <= s).nonzero().flatten()
                 if keep.numel() == 0:
                     continue
-                small = outputs[s][layer.name].index_select(1, keep.to(outputs[s][layer.name].device))
+                small = outputs[s][layer.name].index_select(dim, keep.to(outputs[s][layer.name].device))
                 for t in range(s + 1, self.num_subnets + 1):
-                    large = outputs[t][layer.name].index_select(1, keep.to(small.device))
+                    large = outputs[t][layer.name].index_select(dim, keep.to(small.device))
                     scale = large.abs().max().clamp_min(1e-12)
                     err = float(((small - large).abs() / scale).max())
                     if err > rtol:
-                        problems.append((layer.name, s, err))
+                        problems.append((name, s, err))
                         break
         return problems
 
