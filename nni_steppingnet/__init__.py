@@ -5,10 +5,12 @@ import logging
 
 from .errors import CheckpointError, UnsupportedModelError
 from .macs import macs
+from .runtime import IncrementalRunner
 from .stepping import NeuronGroup, SteppingNet
 
 __all__ = [
     "SteppingNet",
+    "IncrementalRunner",
     "NeuronGroup",
     "UnsupportedModelError",
     "CheckpointError",

@@ -24,7 +24,7 @@ class ExportReport:
     subnet: int
     #: nonzero Conv/Linear weight entries x positions: equals ``net.macs(subnet)``
     nonzero_macs: int
-    #: what a dense kernel spends (torch-pruning's counter), zeros of masked synapses included
+    #: what a dense kernel spends on the Conv/Linear layers, zeros of masked synapses included
     dense_macs: int
     params: int
 
@@ -89,10 +89,11 @@ def export_subnet(net: "SteppingNet", s: int) -> nn.Module:
 def export_with_report(net: "SteppingNet", s: int) -> tuple[nn.Module, ExportReport]:
     """:func:`export_subnet` plus its nonzero and dense MAC counts and parameter count."""
     model = export_subnet(net, s)
-    dense_macs, params = tp.utils.count_ops_and_params(model, net.example_inputs)
-    batch = net.example_inputs.shape[0] if isinstance(net.example_inputs, torch.Tensor) else 1
+    # Our own per-sample counter for both numbers (torch-pruning's count_ops_and_params is
+    # already per sample and also counts BN/pooling ops, so it is not comparable).
     report = ExportReport(subnet=s, nonzero_macs=count_macs(model, net.example_inputs, nonzero=True),
-                          dense_macs=int(dense_macs) // max(batch, 1), params=int(params))
+                          dense_macs=count_macs(model, net.example_inputs),
+                          params=sum(p.numel() for p in model.parameters()))
     logger.info("exported subnet %d: %s nonzero MACs, %s dense MACs, %s params", s,
                 f"{report.nonzero_macs:,}", f"{report.dense_macs:,}", f"{report.params:,}")
     return model, report

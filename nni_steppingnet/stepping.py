@@ -476,6 +476,12 @@ class SteppingNet:
         for layer in self.layers:
             if parametrize.is_parametrized(layer.module, "weight"):
                 parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=False)
+                # remove_parametrizations re-adds ``weight`` after ``bias``: put it back first so
+                # the state_dict keys come out in the plain model's order.
+                params = layer.module._parameters
+                params["weight"] = params.pop("weight")
+                for key in [k for k in params if k != "weight"]:
+                    params[key] = params.pop(key)
         self._root_hook.remove()
         return self.model
 

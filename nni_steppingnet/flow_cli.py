@@ -1,0 +1,179 @@
+"""The ``run``, ``eval``, ``export`` and ``recipes`` subcommands of ``nni-steppingnet``.
+
+``cli.py`` builds one sub-parser per command with :func:`add_arguments` and calls :func:`main`,
+which dispatches on ``args.command``. Only this module prints and shows progress bars; the flow
+itself (:mod:`nni_steppingnet.flow`) only logs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "main", "CliReporter"]
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """Add the arguments of subcommand ``name`` (run, eval, export or recipes) to ``parser``."""
+    if name == "run":
+        parser.add_argument("recipe", help="bundled recipe name (see `nni-steppingnet recipes`) or a YAML file")
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a recipe value, e.g. --set construction.beta=0.8 (repeatable; "
+                                 "values are YAML: --set steppingnet.budgets=[0.2,0.4,0.6,0.8])")
+        parser.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>)")
+        parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+        _device_argument(parser)
+        parser.add_argument("--amp", choices=["bf16"], default=None, help="bfloat16 autocast")
+        parser.add_argument("--download", action="store_true",
+                            help="allow downloading the dataset into data.root (network access)")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    elif name == "eval":
+        parser.add_argument("checkpoint", help="a run's checkpoint.pt (or its folder)")
+        _device_argument(parser)
+        parser.add_argument("--data-root", default=None, help="dataset folder, if it moved since the run")
+    elif name == "export":
+        parser.add_argument("checkpoint", help="a run's checkpoint.pt (or its folder)")
+        parser.add_argument("--subnet", type=int, required=True, help="subnet index s (1-based)")
+        parser.add_argument("--out", default=None,
+                            help="file (.pt/.pth) for the whole module (default: subnet<s>.pt beside the "
+                                 "checkpoint); its state_dict goes to <stem>.state_dict.pt beside it")
+    elif name == "recipes":
+        parser.add_argument("--keys", action="store_true", help="list every recipe key with its default")
+    else:
+        raise ValueError(f"flow_cli has no subcommand {name!r}")
+
+
+def _device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:K]",
+                        help="where to run (default auto: CUDA when present)")
+
+
+class CliReporter:
+    """Progress bars for the flow's stages, driven by :data:`nni_steppingnet.flow.Reporter` events."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+
+    def __call__(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "stage":
+            self.close()
+            if self.enabled and payload.get("stage") in ("construction", "retraining"):
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=payload.get("total"), initial=payload.get("done", 0),
+                                 desc=str(payload["stage"]), unit="it" if payload["stage"] == "construction"
+                                 else "epoch", dynamic_ncols=True, file=sys.stderr)
+        elif kind == "iteration" and self._bar is not None:
+            ratios = " ".join(f"{r:.3f}" for r in payload.get("mac_ratios", []))
+            accs = payload.get("accuracies")
+            acc_text = (" acc " + " ".join(f"{a:.3f}" for a in accs)) if accs else ""
+            self._bar.set_postfix_str(f"MACs {ratios}{acc_text}")
+            self._bar.update(1)
+        elif kind == "epoch" and self._bar is not None:
+            self._bar.set_postfix_str(f"loss {payload.get('loss', float('nan')):.4f}")
+            self._bar.update(1)
+        elif kind == "final":
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .flow import run_recipe
+    from .report import RESULTS_MD, RESULTS_PNG, results_markdown
+
+    overrides = list(args.overrides or [])
+    if args.download:
+        overrides.append("data.download=true")
+    recipe = load_recipe(args.recipe, overrides)
+    out = Path(args.out) if args.out else Path("runs") / recipe.name
+    reporter = CliReporter(enabled=not args.no_progress)
+    try:
+        results = run_recipe(recipe, out, resume=args.resume, device=args.device, amp=args.amp,
+                             progress=not args.no_progress, reporter=reporter)
+    finally:
+        reporter.close()
+    print(results_markdown(results))
+    print(f"results: {out / 'results.json'}, {out / RESULTS_MD}, {out / RESULTS_PNG}; checkpoint: "
+          f"{out / 'checkpoint.pt'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .flow import evaluate_checkpoint
+    from .report import subnet_table_markdown, table_markdown
+
+    results = evaluate_checkpoint(args.checkpoint, device=args.device, data_root=args.data_root)
+    if results.get("stage") != "done":
+        print(f"note: the run stopped in stage {results.get('stage')!r}; these are its current subnets",
+              file=sys.stderr)
+    print(table_markdown(results))
+    print()
+    print(subnet_table_markdown(results))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import save_atomic, save_checkpoint
+    from .export import export_with_report
+    from .flow import load_checkpoint
+
+    loaded = load_checkpoint(args.checkpoint)
+    net = loaded.net
+    net._check_subnet(args.subnet)
+    out = Path(args.out) if args.out else loaded.path.parent / f"subnet{args.subnet}.pt"
+    if out.suffix not in (".pt", ".pth"):
+        raise ValueError(f"--out must be a file name ending in .pt or .pth, got {out}")
+    state_path = out.with_name(f"{out.stem}.state_dict{out.suffix}")
+    net.model.eval()
+    module, report = export_with_report(net, args.subnet)
+    module.eval()
+    with torch.no_grad(), net.subnet(args.subnet):
+        expected = net.model(net.example_inputs)
+    with torch.no_grad():
+        got = module(net.example_inputs)
+    max_diff = float((expected - got).abs().max())
+    save_atomic(module, out)
+    save_checkpoint({k: v for k, v in module.state_dict().items()}, state_path)
+    ratio = report.nonzero_macs / loaded.reference_macs
+    print(f"subnet {args.subnet} of {loaded.recipe.name}: {report.nonzero_macs:,} nonzero MACs "
+          f"({100 * ratio:.2f}% of the original), {report.dense_macs:,} dense MACs, {report.params:,} params")
+    print(f"max |exported - subnet| on the example inputs: {max_diff:.3g}")
+    print(f"module: {out} (torch.load(path, weights_only=False)); state_dict: {state_path}")
+    return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from .config import describe_keys, recipe_descriptions, recipes_dir
+
+    if getattr(args, "keys", False):
+        rows = describe_keys()
+        width = max(len(key) for key, _, _ in rows)
+        for key, default, doc in rows:
+            print(f"{key:<{width}}  {default!r:<14} {doc}")
+        return 0
+    descriptions = recipe_descriptions()
+    if not descriptions:
+        print(f"no recipes found in {recipes_dir()}")
+        return 1
+    width = max(len(name) for name in descriptions)
+    for name, text in descriptions.items():
+        print(f"{name:<{width}}  {text}")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the subcommand named by ``args.command``."""
+    handlers = {"run": _run, "eval": _eval, "export": _export, "recipes": _recipes}
+    handler = handlers.get(getattr(args, "command", None))
+    if handler is None:
+        raise ValueError(f"flow_cli handles {', '.join(handlers)}, not {getattr(args, 'command', None)!r}")
+    return handler(args)

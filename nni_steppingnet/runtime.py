@@ -1,0 +1,913 @@
+"""Incremental (anytime) inference: compute subnet 1, then extend it subnet by subnet.
+
+:class:`IncrementalRunner` holds a plain copy of the model in which only the Conv2d/Linear layers
+are replaced by stage-aware layers; the model's own ``forward`` runs unchanged. Tensors stay
+*full width* in the original channel coordinates. At stage ``s`` a layer computes only its new
+output channels ``O_s = {o : a_out[o] == s}`` from the inputs ``I_s = {i : a_in(i) <= s}``
+(exactly the synapses the subnet mask activates at ``s``), writes them into its cached full-width
+output and returns it; channels of later stages stay zero, and no active weight ever reads them.
+Channel-local operations (BN, activations, pooling, add, multiply, concat, flatten) rerun on the
+full tensors, which costs no multiply-accumulates. The logits layer (and any layer whose outputs
+belong to every subnet) is linear, so it accumulates: stage ``s`` adds the contribution of the
+inputs with ``a_in == s``.
+
+Each stage therefore spends exactly ``net.macs(s) - net.macs(s - 1)`` MACs per sample. The weight
+slices, index tensors and the MAC count of every stage are computed once when the runner is built.
+
+A runner is saved to one file (:meth:`IncrementalRunner.save`) holding an architecture
+fingerprint, the per-layer plans and the weights; :meth:`IncrementalRunner.load` rebuilds it from
+a freshly constructed model of the same definition, without SteppingNet or torch-pruning.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._inputs import batch_size, call_model
+from .checkpoint import atomic_write
+from .errors import CheckpointError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from .stepping import SteppingNet
+
+__all__ = ["IncrementalRunner", "LayerPlan", "RUNTIME_FORMAT", "architecture_fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+#: Format tag of files written by :meth:`IncrementalRunner.save`.
+RUNTIME_FORMAT = "nni_steppingnet.runtime/1"
+
+#: One fingerprint entry: (module name, module class, [[tensor name, shape], ...]).
+FingerprintEntry = tuple[str, str, list[list[Any]]]
+_ShapeKey = tuple[tuple[int, ...], ...]
+
+
+@dataclass
+class LayerPlan:
+    """What the runtime needs to know about one Conv2d/Linear layer.
+
+    ``a_out`` holds the subnet index of every output channel (ignored when ``is_logits``);
+    ``a_in`` the index of the input read by every weight column: shape ``[1, in]`` for an
+    ungrouped layer, ``[out, in/groups]`` for a grouped conv (as ``SteppingNet.layer_assignment``
+    returns). ``is_logits`` layers have outputs in every subnet and accumulate over stages.
+    ``prune_mask`` is an optional bool weight-shaped unstructured pruning mask; ``positions`` the
+    per-sample output positions at the reference input size (0 when unknown).
+    """
+
+    name: str
+    is_logits: bool
+    a_out: torch.Tensor
+    a_in: torch.Tensor
+    prune_mask: torch.Tensor | None = None
+    positions: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "is_logits": self.is_logits, "a_out": self.a_out.clone(),
+                "a_in": self.a_in.clone(), "positions": int(self.positions),
+                "prune_mask": None if self.prune_mask is None else self.prune_mask.clone()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerPlan":
+        return cls(name=str(data["name"]), is_logits=bool(data["is_logits"]), a_out=data["a_out"],
+                   a_in=data["a_in"], prune_mask=data.get("prune_mask"),
+                   positions=int(data.get("positions", 0)))
+
+
+def architecture_fingerprint(model: nn.Module) -> list[FingerprintEntry]:
+    """Module names, classes and parameter/buffer shapes of ``model``, in definition order."""
+    entries: list[FingerprintEntry] = []
+    for name, module in model.named_modules():
+        kind = type(module)
+        tensors: list[list[Any]] = [[p_name, list(p.shape)] for p_name, p in module.named_parameters(recurse=False)]
+        tensors += [[f"buffer:{b_name}", list(b.shape)] for b_name, b in module.named_buffers(recurse=False)
+                    if b is not None]
+        # Sorted: parameter order inside a module is not part of the definition.
+        entries.append((name, f"{kind.__module__}.{kind.__qualname__}", sorted(tensors)))
+    return entries
+
+
+def _describe(entry: FingerprintEntry) -> str:
+    name, kind, tensors = entry
+    shapes = ", ".join(f"{t[0]} {tuple(t[1])}" for t in tensors)
+    return f"{kind}" + (f" with {shapes}" if shapes else "")
+
+
+def _compare_fingerprints(saved: Sequence[Any], mine: Sequence[FingerprintEntry]) -> None:
+    hint = ("build the model with the same definition (architecture, width, num_classes, in_chans) "
+            "as the model the file was saved from")
+    for old, new in zip(saved, mine):
+        old_entry: FingerprintEntry = (str(old[0]), str(old[1]), [[t[0], list(t[1])] for t in old[2]])
+        if old_entry != new:
+            label = old_entry[0] or "<root>"
+            if old_entry[0] != new[0]:
+                raise CheckpointError(f"the runtime file was saved from a different model: module "
+                                      f"{label!r} in the file, {new[0] or '<root>'!r} in this model "
+                                      f"at the same place; {hint}")
+            raise CheckpointError(f"the runtime file was saved from a different model: module {label!r} "
+                                  f"is {_describe(old_entry)} in the file but {_describe(new)} in this "
+                                  f"model; {hint}")
+    if len(saved) != len(mine):
+        if len(saved) > len(mine):
+            raise CheckpointError(f"the runtime file was saved from a different model: module "
+                                  f"{saved[len(mine)][0]!r} is missing from this model; {hint}")
+        raise CheckpointError(f"the runtime file was saved from a different model: this model has an "
+                              f"extra module {mine[len(saved)][0]!r}; {hint}")
+
+
+def _tensors_of(inputs: Any) -> list[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    if isinstance(inputs, (list, tuple)):
+        return [t for item in inputs for t in _tensors_of(item)]
+    if isinstance(inputs, dict):
+        return [t for item in inputs.values() for t in _tensors_of(item)]
+    return []
+
+
+def _shape_key(inputs: Any) -> _ShapeKey:
+    """Input shapes without the batch dimension: what the output positions depend on."""
+    return tuple(tuple(int(d) for d in t.shape[1:]) for t in _tensors_of(inputs))
+
+
+class _RunState:
+    """State shared by the runner and all its stage layers during one model forward."""
+
+    __slots__ = ("stage", "probe", "watch", "macs", "positions")
+
+    def __init__(self) -> None:
+        self.stage = 0
+        self.probe = True
+        #: (layer, returned tensor, its version after the layer's writes, from the probe)
+        self.watch: list[tuple["_StageLayer", torch.Tensor, int, bool]] = []
+        self.macs = 0
+        self.positions: dict[str, int] = {}
+
+
+class _Bucket:
+    """One kernel call of a stage: ``k`` conv groups with equal numbers of new rows and inputs."""
+
+    __slots__ = ("in_idx", "out_idx", "weight", "bias", "groups", "rows", "cols")
+
+    def __init__(self, in_idx: torch.Tensor | None, out_idx: torch.Tensor | None, weight: torch.Tensor,
+                 bias: torch.Tensor | None, groups: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        self.in_idx = in_idx      # input channels to gather (None: all, in order)
+        self.out_idx = out_idx    # output channels written (None: all, in order)
+        self.weight = weight      # contiguous slice [groups * R, C, *kernel]
+        self.bias = bias          # bias slice (None for logits layers or no bias)
+        self.groups = groups      # conv groups of the kernel call
+        self.rows = rows          # [groups, R] global output rows (to rebuild the dense weight)
+        self.cols = cols          # [groups, C] weight columns inside each conv group
+
+
+class _Stage:
+    __slots__ = ("buckets", "bias_rows", "bias_values", "entries")
+
+    def __init__(self, buckets: list[_Bucket], bias_rows: torch.Tensor | None,
+                 bias_values: torch.Tensor | None, entries: int) -> None:
+        self.buckets = buckets
+        self.bias_rows = bias_rows        # new rows without any active input: output = bias
+        self.bias_values = bias_values
+        self.entries = entries            # active weight entries computed (MACs per position)
+
+
+def _layer_kind(name: str, module: nn.Module) -> tuple[str, bool]:
+    """("conv" | "linear", dynamic same-padding) for a layer the runtime can slice."""
+    kind = type(module)
+    from_timm = kind.__module__.startswith("timm.")
+    if isinstance(module, nn.Conv2d):
+        if kind.forward is nn.Conv2d.forward:
+            return "conv", False
+        if from_timm and kind.__name__ == "Conv2dSame":
+            return "conv", True
+    elif isinstance(module, nn.Linear):
+        if kind.forward is nn.Linear.forward or (from_timm and kind.__name__ == "Linear"):
+            return "linear", False
+    else:
+        raise UnsupportedModelError([(name, f"{kind.__name__} is not an nn.Conv2d or nn.Linear; the "
+                                            "runtime only slices those layers")])
+    raise UnsupportedModelError([(name, f"{kind.__module__}.{kind.__qualname__} overrides forward(); the "
+                                        "runtime replaces the layer by sliced F.conv2d/F.linear calls and "
+                                        "cannot know what the custom forward does")])
+
+
+class _StageLayer(nn.Module):
+    """A Conv2d/Linear that computes, at stage ``s``, only the synapses that stage activates."""
+
+    def __init__(self, plan: LayerPlan, module: nn.Module, num_subnets: int, state: _RunState) -> None:
+        super().__init__()
+        kind, same_dynamic = _layer_kind(plan.name, module)
+        self.layer_name = plan.name
+        self.kind = kind
+        self.is_logits = bool(plan.is_logits)
+        #: return a copy of the cached output: set by the probe when the model modifies this
+        #: layer's output in place; always for accumulating layers (their output is usually the
+        #: model's output, which the caller may modify; copying logits is cheap)
+        self.copy_out = self.is_logits
+        self._state = state
+        weight = module.weight.detach()
+        if plan.prune_mask is not None:
+            if tuple(plan.prune_mask.shape) != tuple(weight.shape):
+                raise ValueError(f"layer {plan.name!r}: prune_mask has shape {tuple(plan.prune_mask.shape)}, "
+                                 f"the weight {tuple(weight.shape)}; pass a weight-shaped bool mask")
+            weight = weight * plan.prune_mask.to(device=weight.device, dtype=weight.dtype)
+        bias = module.bias.detach().clone() if module.bias is not None else None
+        self.register_buffer("bias", bias)
+        self.weight_shape = tuple(int(d) for d in weight.shape)
+        self.out_channels = self.weight_shape[0]
+        self._channel_dim = -3 if kind == "conv" else -1
+        self._same_dynamic = same_dynamic
+        self._pad_mode = "constant"
+        self._static_pads: tuple[int, ...] | None = None
+        if kind == "conv":
+            assert isinstance(module, nn.Conv2d)
+            self.in_channels = int(module.in_channels)
+            self.groups = int(module.groups)
+            self.kernel_size = tuple(int(k) for k in module.kernel_size)
+            self.stride = tuple(int(v) for v in module.stride)
+            self.dilation = tuple(int(v) for v in module.dilation)
+            self.padding: Any = module.padding if isinstance(module.padding, str) else tuple(
+                int(v) for v in module.padding)
+            if module.padding_mode != "zeros":
+                # nn.Conv2d pads explicitly for these modes, then convolves without padding.
+                self._static_pads = tuple(int(v) for v in module._reversed_padding_repeated_twice)
+                self._pad_mode = module.padding_mode
+                self.padding = (0, 0)
+            if same_dynamic:
+                self.padding = (0, 0)
+        else:
+            self.in_channels = self.weight_shape[1]
+            self.groups = 1
+        a_out, col_assign = self._check_plan(plan, weight, num_subnets)
+        prune = plan.prune_mask.to(torch.bool).cpu() if plan.prune_mask is not None else None
+        self._stages: list[_Stage | None] = [None] + [
+            self._build_stage(plan, weight, bias, prune, a_out, col_assign, s) for s in range(1, num_subnets + 1)]
+        self._cache: list[torch.Tensor | None] = []
+        self._call_info: list[tuple[int, tuple[int, ...] | None]] = []
+        #: calls in the current model forward (a list: nn.Module.__setattr__ is slow per call)
+        self._calls = [0]
+
+    # ------------------------------------------------------------------ planning
+    def _check_plan(self, plan: LayerPlan, weight: torch.Tensor, num_subnets: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate a plan; returns a_out and the input assignment per conv group ``[G, in/G]``."""
+        out, width = weight.shape[0], weight.shape[1]
+        groups = self.groups
+        a_out, a_in = plan.a_out.to(torch.long).cpu(), plan.a_in.to(torch.long).cpu()
+        if a_out.dim() != 1 or a_out.numel() != out:
+            raise ValueError(f"layer {plan.name!r}: a_out must have one entry per output channel "
+                             f"({out}), got shape {tuple(a_out.shape)}")
+        if a_in.dim() != 2 or a_in.shape[1] != width or a_in.shape[0] not in (1, out):
+            raise ValueError(f"layer {plan.name!r}: a_in must have shape [1, {width}] or [{out}, {width}] "
+                             f"(one entry per weight column), got {tuple(a_in.shape)}")
+        for label, values in (("a_out", a_out), ("a_in", a_in)):
+            low = 0 if (label == "a_out" and plan.is_logits) else 1
+            if values.numel() and (int(values.min()) < low or int(values.max()) > num_subnets + 1):
+                raise ValueError(f"layer {plan.name!r}: {label} has values in [{int(values.min())}, "
+                                 f"{int(values.max())}], allowed are {low}..{num_subnets + 1}")
+        if a_in.shape[0] == 1:
+            return a_out, a_in.expand(groups, width)
+        grouped = a_in.reshape(groups, out // groups, width)
+        if not bool((grouped == grouped[:, :1]).all()):
+            raise ValueError(f"layer {plan.name!r}: a_in must be the same for all output channels of a "
+                             "conv group (it describes the inputs, not the outputs)")
+        return a_out, grouped[:, 0, :]
+
+    def _build_stage(self, plan: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None,
+                     prune: torch.Tensor | None, a_out: torch.Tensor, col_assign: torch.Tensor,
+                     s: int) -> _Stage:
+        """Kernel calls of stage ``s``: conv groups bucketed by (new rows, active inputs)."""
+        out, width = weight.shape[0], weight.shape[1]
+        groups = self.groups
+        rows_per = out // groups
+        if plan.is_logits:
+            row_new = torch.ones(groups, rows_per, dtype=torch.bool)
+            col_ok = col_assign == s
+        else:
+            row_new = (a_out == s).reshape(groups, rows_per)
+            col_ok = col_assign <= s
+        n_rows = row_new.sum(1)
+        n_cols = col_ok.sum(1)
+        kernel = weight.shape[2:]
+        kernel_numel = int(math.prod(kernel))
+        buckets: list[_Bucket] = []
+        entries = 0
+        signatures = sorted({(r, c) for r, c in zip(n_rows.tolist(), n_cols.tolist()) if r > 0 and c > 0})
+        for r_count, c_count in signatures:
+            member = (n_rows == r_count) & (n_cols == c_count)             # conv groups in the bucket
+            k = int(member.sum())
+            group_ids = member.nonzero().flatten()
+            local_rows = (row_new & member.unsqueeze(1)).nonzero()[:, 1].reshape(k, r_count)
+            rows = group_ids.unsqueeze(1) * rows_per + local_rows           # [k, R] global rows
+            cols = (col_ok & member.unsqueeze(1)).nonzero()[:, 1].reshape(k, c_count)  # [k, C] local
+            flat_rows = rows.flatten()
+            if k == 1:
+                w_slice = weight.index_select(0, flat_rows.to(weight.device))
+                w_slice = w_slice.index_select(1, cols[0].to(weight.device)).contiguous()
+                if prune is not None:
+                    entries += int(prune.index_select(0, flat_rows).index_select(1, cols[0]).sum())
+            else:
+                w_rows = weight.index_select(0, flat_rows.to(weight.device))
+                w_rows = w_rows.reshape(k, r_count, width, kernel_numel)
+                gather = cols.to(weight.device).reshape(k, 1, c_count, 1).expand(k, r_count, c_count, kernel_numel)
+                w_slice = torch.gather(w_rows, 2, gather).reshape(k * r_count, c_count, *kernel).contiguous()
+                if prune is not None:
+                    p_rows = prune.index_select(0, flat_rows).reshape(k, r_count, width, kernel_numel)
+                    entries += int(torch.gather(p_rows, 2, gather.cpu()).sum())
+            if prune is None:
+                entries += k * r_count * c_count * kernel_numel
+            in_idx: torch.Tensor | None = (group_ids.unsqueeze(1) * width + cols).flatten()
+            if groups == 1 and c_count == width:
+                in_idx = None
+            out_idx: torch.Tensor | None = flat_rows
+            if k * r_count == out:
+                out_idx = None
+            b_slice = None
+            if bias is not None and not plan.is_logits:
+                b_slice = bias.index_select(0, flat_rows.to(bias.device)).contiguous()
+            buckets.append(_Bucket(in_idx, out_idx, w_slice, b_slice, k, rows, cols))
+        bias_rows = bias_values = None
+        if not plan.is_logits and bias is not None:
+            empty = (n_rows > 0) & (n_cols == 0)
+            if bool(empty.any()):
+                # New neurons without any active input output their bias (no multiply).
+                found = (row_new & empty.unsqueeze(1)).nonzero()
+                bias_rows = found[:, 0] * rows_per + found[:, 1]
+                bias_values = bias.index_select(0, bias_rows.to(bias.device)).contiguous()
+        return _Stage(buckets, bias_rows, bias_values, entries)
+
+    def stage_is_idle(self, s: int) -> bool:
+        """True when stage ``s`` computes and writes nothing in this layer."""
+        stage = self._stages[s]
+        return stage is None or (not stage.buckets and stage.bias_rows is None)
+
+    def stage_entries(self) -> list[int]:
+        """Active weight entries computed at each stage (index 0 unused)."""
+        return [0] + [stage.entries for stage in self._stages[1:] if stage is not None]
+
+    def dense_weight(self) -> torch.Tensor:
+        """The full weight rebuilt from the stage slices (never-active entries are zero)."""
+        device = self.bias.device if self.bias is not None else None
+        dtype = self.bias.dtype if self.bias is not None else None
+        for stage in self._stages[1:]:
+            if stage is not None and stage.buckets:
+                device, dtype = stage.buckets[0].weight.device, stage.buckets[0].weight.dtype
+                break
+        full = torch.zeros(self.weight_shape, device=device, dtype=dtype or torch.float32)
+        kernel = self.weight_shape[2:]
+        for stage in self._stages[1:]:
+            assert stage is not None
+            for b in stage.buckets:
+                k, r_count = b.rows.shape
+                c_count = b.cols.shape[1]
+                rows = b.rows.to(full.device).reshape(k, r_count, 1)
+                cols = b.cols.to(full.device).reshape(k, 1, c_count)
+                full[rows, cols] = b.weight.reshape(k, r_count, c_count, *kernel)
+        return full
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_StageLayer":
+        super()._apply(fn, recurse)
+        for stage in self._stages[1:]:
+            assert stage is not None
+            if stage.bias_values is not None:
+                stage.bias_values = fn(stage.bias_values)
+                assert stage.bias_rows is not None
+                stage.bias_rows = fn(stage.bias_rows)
+            for b in stage.buckets:
+                b.weight = fn(b.weight)
+                b.bias = fn(b.bias) if b.bias is not None else None
+                b.in_idx = fn(b.in_idx) if b.in_idx is not None else None
+                b.out_idx = fn(b.out_idx) if b.out_idx is not None else None
+        self.reset()
+        return self
+
+    def reset(self) -> None:
+        self._cache = []
+        self._call_info = []
+        self._calls[0] = 0
+
+    # ------------------------------------------------------------------- running
+    def _pads(self, x: torch.Tensor) -> tuple[int, ...] | None:
+        if self._static_pads is not None:
+            return self._static_pads
+        if self._same_dynamic:
+            ih, iw = int(x.shape[-2]), int(x.shape[-1])
+            pads = []
+            for size, k, st, d in zip((ih, iw), self.kernel_size, self.stride, self.dilation):
+                pads.append(max((math.ceil(size / st) - 1) * st + (k - 1) * d + 1 - size, 0))
+            pad_h, pad_w = pads
+            return (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        return None
+
+    def _output_shape(self, x: torch.Tensor, pads: tuple[int, ...] | None) -> list[int]:
+        if self.kind == "linear":
+            if x.shape[-1] != self.in_channels:
+                raise ValueError(f"layer {self.layer_name!r} expects {self.in_channels} input features, "
+                                 f"got input of shape {tuple(x.shape)}")
+            return [*x.shape[:-1], self.out_channels]
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"layer {self.layer_name!r} expects input [batch, {self.in_channels}, H, W], "
+                             f"got shape {tuple(x.shape)}")
+        sizes = [int(x.shape[-2]), int(x.shape[-1])]
+        if pads is not None:
+            sizes = [sizes[0] + pads[2] + pads[3], sizes[1] + pads[0] + pads[1]]
+        if self.padding == "same":
+            spatial = sizes
+        else:
+            padding = (0, 0) if self.padding == "valid" else self.padding
+            spatial = [(size + 2 * p - d * (k - 1) - 1) // st + 1 for size, p, d, k, st in
+                       zip(sizes, padding, self.dilation, self.kernel_size, self.stride)]
+        return [*x.shape[:-3], self.out_channels, *spatial]
+
+    def _allocate(self, x: torch.Tensor) -> torch.Tensor:
+        pads = self._pads(x)
+        shape = self._output_shape(x, pads)
+        positions = shape[-1] * shape[-2] if self.kind == "conv" else int(math.prod(shape[1:-1]))
+        self._call_info.append((positions, pads))
+        # A normal (not inference-mode) tensor: it has a version counter, so in-place changes
+        # by the model's own code after this layer are detected.
+        with torch.inference_mode(False):
+            out = torch.zeros(shape, dtype=x.dtype, device=x.device)
+            if self.is_logits and self.bias is not None:
+                view = [1] * len(shape)
+                view[self._channel_dim] = self.out_channels
+                out += self.bias.to(x.dtype).reshape(view)
+        return out
+
+    def _kernel(self, x: torch.Tensor, b: _Bucket, bias: torch.Tensor | None, pads: tuple[int, ...] | None) -> torch.Tensor:
+        xs = x if b.in_idx is None else x.index_select(self._channel_dim, b.in_idx)
+        if self.kind == "linear":
+            return F.linear(xs, b.weight, bias)
+        if pads is not None:
+            xs = F.pad(xs, pads, mode=self._pad_mode)
+        return F.conv2d(xs, b.weight, bias, self.stride, self.padding, self.dilation, b.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._state
+        s = state.stage
+        calls = self._calls
+        call = calls[0]
+        calls[0] = call + 1
+        if call == len(self._cache):
+            self._cache.append(self._allocate(x))
+        out = self._cache[call]
+        assert out is not None
+        positions, pads = self._call_info[call]
+        state.positions[self.layer_name] = state.positions.get(self.layer_name, 0) + positions
+        plan = self._stages[s] if s > 0 else None
+        if plan is not None:
+            state.macs += plan.entries * positions
+            if self.is_logits:
+                for b in plan.buckets:
+                    y = self._kernel(x, b, None, pads)
+                    out = out + y if b.out_idx is None else out.index_add(self._channel_dim, b.out_idx, y)
+                self._cache[call] = out
+            else:
+                for b in plan.buckets:
+                    y = self._kernel(x, b, b.bias, pads)
+                    if b.out_idx is None:
+                        out.copy_(y)
+                    else:
+                        out.index_copy_(self._channel_dim, b.out_idx, y)
+                if plan.bias_rows is not None:
+                    assert plan.bias_values is not None
+                    shape = list(out.shape)
+                    shape[self._channel_dim] = plan.bias_rows.numel()
+                    view = [1] * len(shape)
+                    view[self._channel_dim] = plan.bias_rows.numel()
+                    values = plan.bias_values.to(out.dtype).reshape(view).expand(shape)
+                    out.index_copy_(self._channel_dim, plan.bias_rows, values)
+        if state.probe:
+            with torch.inference_mode(False):
+                probe = out.clone()
+            state.watch.append((self, probe, probe._version, True))
+            return probe
+        if self.copy_out:
+            return out.clone()
+        if not out.is_inference():
+            state.watch.append((self, out, out._version, False))
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.layer_name!r}, kind={self.kind}, weight={self.weight_shape}, groups={self.groups}, "
+                f"logits={self.is_logits}")
+
+
+def _clone_tensors(obj: Any) -> Any:
+    """Copies of the tensors in a (nested) tuple/list/dict output; other objects as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, (list, tuple)):
+        items = [_clone_tensors(item) for item in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, dict):
+        return type(obj)((key, _clone_tensors(value)) for key, value in obj.items())
+    return obj
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+class IncrementalRunner:
+    """Anytime inference over the nested subnets of a :class:`~nni_steppingnet.SteppingNet`.
+
+    ``runner.start(x)`` computes subnet 1 and returns its logits; every ``runner.step()`` computes
+    only the neurons the next subnet adds, reusing what earlier stages cached, and returns that
+    subnet's logits. The runner works on its own plain copy of the model (eval mode; unstructured
+    pruning masks baked in), so later changes to ``net`` do not affect it.
+
+    Attributes:
+        model: the runner's copy of the model, with Conv2d/Linear layers replaced by stage layers.
+        num_subnets: N.
+    """
+
+    model: nn.Module
+    num_subnets: int
+
+    def __init__(self, net: "SteppingNet") -> None:
+        if not hasattr(net, "plain_copy") or not hasattr(net, "layer_assignment"):
+            raise TypeError(f"IncrementalRunner expects a SteppingNet, got {type(net).__name__}; to load "
+                            "a saved runner use IncrementalRunner.load(path, model)")
+        flat = net.flat_assignment()
+        plans = []
+        for k, layer in enumerate(net.layers):
+            a_out, a_in = net.layer_assignment(k, flat)
+            prune = net.prune_masks.get(layer.name)
+            plans.append(LayerPlan(name=layer.name, is_logits=layer.is_logits, a_out=a_out.clone(),
+                                   a_in=a_in.clone(), prune_mask=None if prune is None else prune.bool().cpu(),
+                                   positions=int(layer.positions)))
+        model = net.plain_copy()
+        self._setup(model, plans, net.num_subnets, _shape_key(net.example_inputs))
+
+    # ------------------------------------------------------------- construction
+    @classmethod
+    def from_plan(
+        cls,
+        model: nn.Module,
+        plans: Sequence[LayerPlan],
+        num_subnets: int,
+        *,
+        reference_shape: _ShapeKey | None = None,
+    ) -> "IncrementalRunner":
+        """Build a runner from a plain ``model`` (taken over and modified in place) and its plans.
+
+        ``reference_shape`` is the input shape (without batch) at which ``plans[*].positions``
+        were counted; it lets :meth:`macs` answer before the first run.
+        """
+        runner = cls.__new__(cls)
+        runner._setup(model, plans, num_subnets, reference_shape)
+        return runner
+
+    def _setup(self, model: nn.Module, plans: Sequence[LayerPlan], num_subnets: int,
+               reference_shape: _ShapeKey | None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(num_subnets, bool) or not isinstance(num_subnets, int) or num_subnets < 1:
+            raise ValueError(f"num_subnets must be a positive int, got {num_subnets!r}")
+        names = [p.name for p in plans]
+        if len(set(names)) != len(names):
+            raise ValueError("plans name a layer twice; give one LayerPlan per Conv2d/Linear layer")
+        if not any(p.is_logits for p in plans):
+            raise ValueError("no plan is marked is_logits; the classifier's plan needs is_logits=True")
+        self.model = model.eval()
+        self.num_subnets = num_subnets
+        self._fingerprint = architecture_fingerprint(model)
+        self._plans = [LayerPlan(p.name, p.is_logits, p.a_out.clone(), p.a_in.clone(),
+                                 None if p.prune_mask is None else p.prune_mask.clone(), int(p.positions))
+                       for p in plans]
+        self._state = _RunState()
+        modules = dict(model.named_modules())
+        layers: list[_StageLayer] = []
+        for plan in self._plans:
+            module = modules.get(plan.name)
+            if module is None:
+                raise ValueError(f"plan for layer {plan.name!r}, but the model has no such module")
+            layers.append(_StageLayer(plan, module, num_subnets, self._state))
+        missing = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in set(names)]
+        if missing:
+            raise ValueError(f"no plan for the Conv2d/Linear layers {missing[:5]}; every weighted layer "
+                             "needs one (they would compute the full layer at every stage)")
+        for plan, layer in zip(self._plans, layers):
+            _replace(model, plan.name, layer)
+        self._layers = layers
+        self._reference_shape = reference_shape
+        self._positions: dict[_ShapeKey, dict[str, int]] = {}
+        if reference_shape is not None and all(p.positions > 0 for p in self._plans):
+            self._positions[reference_shape] = {p.name: int(p.positions) for p in self._plans}
+        self._entries = {layer.layer_name: layer.stage_entries() for layer in layers}
+        #: stages that change no cached value at all (no new synapse, no bias-only neuron)
+        self._idle = [False] + [all(layer.stage_is_idle(s) for layer in layers) for s in range(1, num_subnets + 1)]
+        self._output: Any = None
+        self._inputs: Any = None
+        self._key: _ShapeKey | None = None
+        self._stage = 0
+        self._batch = 0
+        self._macs_spent = 0
+        logger.debug("runner built: %d stage layers, %d subnets", len(layers), num_subnets)
+
+    # ----------------------------------------------------------------- state
+    @property
+    def stage(self) -> int:
+        """The subnet whose logits the last call returned (0 before :meth:`start`)."""
+        return self._stage
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch
+
+    @property
+    def macs_spent(self) -> int:
+        """MACs per sample computed since :meth:`start`: equals ``net.macs(stage)``."""
+        return self._macs_spent
+
+    @property
+    def macs_spent_total(self) -> int:
+        """MACs computed since :meth:`start` for the whole batch."""
+        return self._macs_spent * self._batch
+
+    @property
+    def plans(self) -> list[LayerPlan]:
+        return list(self._plans)
+
+    def _positions_for(self, inputs: Any) -> dict[str, int]:
+        if inputs is not None:
+            key = _shape_key(inputs)
+            if key not in self._positions:
+                self._learn_positions(inputs)
+            return self._positions[key]
+        for key in (self._key, self._reference_shape):
+            if key is not None and key in self._positions:
+                return self._positions[key]
+        raise RuntimeError("MAC counts depend on the input size and none is known yet; pass inputs, "
+                           "run runner.start(x) once, or build the runner with a reference_shape")
+
+    def macs(self, s: int, inputs: Any = None) -> int:
+        """MACs per sample of subnet ``s`` (cumulative over stages 1..s) for the size of ``inputs``
+        (default: the input of the current run, else the reference input)."""
+        self._check_stage(s, "s")
+        positions = self._positions_for(inputs)
+        return int(sum(entries[t] * positions[name] for name, entries in self._entries.items()
+                       for t in range(1, s + 1)))
+
+    def step_macs(self, s: int, inputs: Any = None) -> int:
+        """MACs per sample of the step from subnet ``s - 1`` to ``s`` (``macs(1)`` for ``s == 1``)."""
+        self._check_stage(s, "s")
+        positions = self._positions_for(inputs)
+        return int(sum(entries[s] * positions[name] for name, entries in self._entries.items()))
+
+    def _check_stage(self, s: Any, label: str) -> None:
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= self.num_subnets:
+            raise ValueError(f"{label} must be an int in 1..{self.num_subnets}, got {s!r}")
+
+    def reset(self) -> None:
+        """Forget the current input and every cached activation."""
+        for layer in self._layers:
+            layer.reset()
+        self._inputs = None
+        self._output = None
+        self._stage = 0
+        self._macs_spent = 0
+        self._batch = 0
+
+    def to(self, *args: Any, **kwargs: Any) -> "IncrementalRunner":
+        """Move the runner (weights, slices, index tensors) like ``nn.Module.to``; resets it."""
+        self.model.to(*args, **kwargs)
+        self.reset()
+        return self
+
+    # --------------------------------------------------------------- running
+    def _forward(self, stage: int) -> Any:
+        state = self._state
+        state.stage = stage
+        state.macs = 0
+        state.positions = {}
+        state.watch = []
+        for layer in self._layers:
+            layer._calls[0] = 0
+        ok = False
+        try:
+            with torch.no_grad():
+                output = call_model(self.model, self._inputs)
+            ok = True
+        finally:
+            if not ok:
+                self.reset()
+        corrupted = []
+        for layer, tensor, version, probed in state.watch:
+            if tensor._version != version:
+                if probed:
+                    layer.copy_out = True
+                    logger.debug("layer %s: the model modifies its output in place; returning copies",
+                                 layer.layer_name)
+                else:
+                    corrupted.append(layer.layer_name)
+        state.watch = []
+        if state.probe:
+            state.probe = False
+        if corrupted:
+            for layer in self._layers:
+                if layer.layer_name in corrupted:
+                    layer.copy_out = True
+            self.reset()
+            raise RuntimeError(f"the model modified the cached outputs of {corrupted[:5]} in place at "
+                               f"stage {stage} (not seen when the runner probed the model); these layers "
+                               "now return copies: call runner.start(x) again")
+        assert self._key is not None
+        self._positions[self._key] = dict(state.positions)
+        return output
+
+    def start(self, x: Any) -> Any:
+        """Reset the caches, compute subnet 1 on ``x`` and return its output (logits)."""
+        batch = batch_size(x)
+        self.reset()
+        self._inputs = x
+        self._key = _shape_key(x)
+        self._batch = batch
+        output = self._forward(1)
+        self._stage = 1
+        self._macs_spent = self._state.macs
+        self._output = output
+        return output
+
+    def step(self) -> Any:
+        """Extend the current subnet by one stage and return the new subnet's output (logits)."""
+        if self._stage == 0:
+            raise RuntimeError("runner.step() called before runner.start(x); call start(x) first")
+        if self._stage >= self.num_subnets:
+            raise RuntimeError(f"runner is already at the last subnet ({self.num_subnets}); call "
+                               "runner.start(x) for a new input")
+        if self._idle[self._stage + 1]:
+            # Nothing any layer would compute or write: rerunning the model would reproduce the
+            # previous output exactly, so skip the elementwise work as well.
+            self._stage += 1
+            return _clone_tensors(self._output)
+        output = self._forward(self._stage + 1)
+        self._stage += 1
+        self._macs_spent += self._state.macs
+        self._output = output
+        return output
+
+    def _learn_positions(self, x: Any) -> None:
+        """Record the output sizes for ``x``'s shape with a forward that multiplies nothing
+        (stage 0); the current run (caches, stage, input) is left as it was."""
+        batch_size(x)
+        saved_layers = [(layer._cache, layer._call_info) for layer in self._layers]
+        saved = (self._inputs, self._key, self._stage, self._batch, self._macs_spent)
+        for layer in self._layers:
+            layer.reset()
+        self._inputs, self._key = x, _shape_key(x)
+        try:
+            self._forward(0)
+        finally:
+            for layer, (cache, info) in zip(self._layers, saved_layers):
+                layer._cache, layer._call_info = cache, info
+                layer._calls[0] = 0
+            self._inputs, self._key, self._stage, self._batch, self._macs_spent = saved
+
+    def run(
+        self,
+        x: Any,
+        until: int | None = None,
+        *,
+        deadline_s: float | None = None,
+        max_macs: int | None = None,
+    ) -> Any:
+        """Compute up to subnet ``until`` (default N), or as far as a budget allows.
+
+        ``deadline_s``: wall-clock seconds from the call; after each stage the next step's time
+        is predicted from the measured seconds per MAC of the stages run so far, and the run stops
+        before a step predicted to overrun. Subnet 1 always runs (a warning is logged when it
+        alone exceeds the deadline). ``max_macs``: MACs per sample; stops before a step that would
+        exceed it (``ValueError`` if subnet 1 alone exceeds it). Give at most one of the three.
+        Returns the output of the last subnet reached; ``runner.stage`` says which.
+        """
+        given = [name for name, value in (("until", until), ("deadline_s", deadline_s),
+                                          ("max_macs", max_macs)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of until, deadline_s, max_macs (got {', '.join(given)})")
+        if until is not None:
+            self._check_stage(until, "until")
+            output = self.start(x)
+            while self._stage < until:
+                output = self.step()
+            return output
+        if max_macs is not None:
+            if isinstance(max_macs, bool) or not isinstance(max_macs, int) or max_macs <= 0:
+                raise ValueError(f"max_macs must be a positive int (MACs per sample), got {max_macs!r}")
+            first = self.macs(1, x)
+            if first > max_macs:
+                raise ValueError(f"max_macs={max_macs:,} is below subnet 1's {first:,} MACs per sample; "
+                                 f"allow at least {first:,}")
+            output = self.start(x)
+            while self._stage < self.num_subnets and \
+                    self._macs_spent + self.step_macs(self._stage + 1) <= max_macs:
+                output = self.step()
+            return output
+        if deadline_s is not None:
+            if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or \
+                    not math.isfinite(deadline_s) or deadline_s <= 0:
+                raise ValueError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
+            return self._run_deadline(x, float(deadline_s))
+        output = self.start(x)
+        while self._stage < self.num_subnets:
+            output = self.step()
+        return output
+
+    def _sync(self) -> None:
+        tensors = _tensors_of(self._inputs)
+        if tensors and tensors[0].is_cuda:
+            torch.cuda.synchronize(tensors[0].device)
+
+    def _run_deadline(self, x: Any, deadline_s: float) -> Any:
+        begin = time.perf_counter()
+        end = begin + deadline_s
+        output = self.start(x)
+        self._sync()
+        now = time.perf_counter()
+        if now > end:
+            logger.warning("subnet 1 alone took %.4f s, over the deadline of %.4f s", now - begin, deadline_s)
+        spent_time = now - begin
+        spent_macs = self._macs_spent
+        while self._stage < self.num_subnets:
+            next_macs = self.step_macs(self._stage + 1)
+            rate = spent_time / max(spent_macs, 1)
+            if now + rate * next_macs > end:
+                logger.debug("deadline: stopping at subnet %d (next step predicted %.4f s, %.4f s left)",
+                             self._stage, rate * next_macs, end - now)
+                break
+            step_begin = now
+            output = self.step()
+            self._sync()
+            now = time.perf_counter()
+            spent_time += now - step_begin
+            spent_macs += next_macs
+        return output
+
+    # ------------------------------------------------------------------ I/O
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the runner to one file (atomically; the folder is created if needed): format
+        tag, architecture fingerprint, per-layer plans (subnet indices of every output channel and
+        weight column, pruning masks, reference output positions) and the weights. Entries that
+        no subnet uses are stored as zeros. Load it with :meth:`load` into a freshly built model."""
+        target = Path(path)
+        if target.is_dir():
+            raise ValueError(f"{target} is a directory; pass a file path such as {target / 'runner.pt'}")
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        for layer in self._layers:
+            state[f"{layer.layer_name}.weight"] = layer.dense_weight().detach().cpu()
+        payload = {
+            "format": RUNTIME_FORMAT,
+            "num_subnets": self.num_subnets,
+            "fingerprint": [[name, kind, tensors] for name, kind, tensors in self._fingerprint],
+            "plans": [p.to_dict() for p in self._plans],
+            "reference_shape": None if self._reference_shape is None else [list(s) for s in self._reference_shape],
+            "state_dict": state,
+        }
+        atomic_write(target, lambda handle: torch.save(payload, handle))
+        logger.info("saved runner (%d subnets, %d layers) to %s", self.num_subnets, len(self._layers), target)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: nn.Module, *,
+             map_location: str | torch.device = "cpu") -> "IncrementalRunner":
+        """Rebuild a runner saved with :meth:`save` on ``model``, a freshly built model of the same
+        definition (e.g. ``timm.create_model(...)``), which the runner takes over.
+
+        Raises :class:`~nni_steppingnet.CheckpointError` when the file is not a runner file or was
+        saved from a different model definition.
+        """
+        source = Path(path)
+        if not source.is_file():
+            raise FileNotFoundError(f"runner file {source} does not exist")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a freshly built nn.Module, got {type(model).__name__}")
+        try:
+            payload = torch.load(source, map_location=map_location, weights_only=True)
+        except Exception as exc:  # torch.load raises many types on foreign files; name the cause
+            raise CheckpointError(f"{source} is not a readable runner file: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(payload, dict) or payload.get("format") != RUNTIME_FORMAT:
+            found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise CheckpointError(f"{source} is not a runner file (format {found!r}, expected "
+                                  f"{RUNTIME_FORMAT!r}); write one with IncrementalRunner.save(path)")
+        _compare_fingerprints(payload["fingerprint"], architecture_fingerprint(model))
+        try:
+            model.load_state_dict(payload["state_dict"], strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"weights in {source} do not fit this model: {exc}") from exc
+        plans = [LayerPlan.from_dict(d) for d in payload["plans"]]
+        reference = payload.get("reference_shape")
+        key = None if reference is None else tuple(tuple(int(d) for d in s) for s in reference)
+        return cls.from_plan(model, plans, int(payload["num_subnets"]), reference_shape=key)
+
+    def __repr__(self) -> str:
+        return (f"IncrementalRunner(num_subnets={self.num_subnets}, layers={len(self._layers)}, "
+                f"stage={self._stage})")

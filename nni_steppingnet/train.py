@@ -1,0 +1,582 @@
+"""Training loops: per-subnet training with beta suppression, distillation retraining (eq. 4),
+dense teacher training and evaluation.
+
+Everything here works on any :class:`SubnetModel` (a :class:`SteppingNet` or a baseline that
+offers the same four members); beta suppression needs a SteppingNet's neuron assignment.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import to_device
+from .importance import register_suppression, unregister_suppression
+from .stepping import SteppingNet
+
+__all__ = [
+    "SubnetModel",
+    "beta_suppression",
+    "BetaSuppression",
+    "RunningStatsGuard",
+    "kd_loss",
+    "train_subnets_epoch",
+    "evaluate",
+    "evaluate_model",
+    "train_dense",
+    "make_optimizer",
+    "autocast",
+    "check_amp",
+]
+
+logger = logging.getLogger(__name__)
+
+_AMP_MODES = ("bf16",)
+
+
+@runtime_checkable
+class SubnetModel(Protocol):
+    """What the training loops need: a model holding ``num_subnets`` nested subnets."""
+
+    model: nn.Module
+    num_subnets: int
+
+    def subnet(self, s: int) -> ContextManager[Any]:
+        """Within this context, ``model(x)`` computes subnet ``s`` (1-based)."""
+        ...
+
+    def macs(self, s: int) -> int:
+        """MACs per sample of subnet ``s``."""
+        ...
+
+
+# --------------------------------------------------------------------------- helpers
+def check_amp(amp: str | None) -> str | None:
+    """Validate an ``amp`` argument: ``None`` (full precision) or ``'bf16'``."""
+    if amp is None or amp == "none":
+        return None
+    if amp not in _AMP_MODES:
+        raise ValueError(f"amp must be None or 'bf16', got {amp!r} (fp16 needs a gradient scaler "
+                         "and is not supported; bf16 autocast works on CPU and recent GPUs)")
+    return amp
+
+
+def autocast(device: torch.device | str, amp: str | None) -> ContextManager[Any]:
+    """``torch.autocast`` in bfloat16 when ``amp == 'bf16'``, else a no-op context."""
+    amp = check_amp(amp)
+    if amp is None:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def _check_device(device: torch.device | str) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {device!r}") from exc
+
+
+def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict) and "image" in batch and "label" in batch:
+        return batch["image"], batch["label"]
+    raise ValueError("each batch must be (inputs, targets) or a dict with 'image' and 'label', got "
+                     f"{type(batch).__name__}")
+
+
+def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+def _progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | None = None) -> Iterable[Any]:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def _batches(loader: Iterable[Any], max_batches: int | None) -> Iterator[Any]:
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"max_batches must be None or a positive int, got {max_batches!r}")
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            return
+        yield batch
+
+
+def _loader_len(loader: Any, max_batches: int | None) -> int | None:
+    try:
+        length = len(loader)
+    except TypeError:
+        return max_batches
+    return length if max_batches is None else min(length, max_batches)
+
+
+def make_optimizer(
+    params: Iterable[Any],
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+) -> torch.optim.SGD:
+    """SGD with momentum and weight decay (the paper's optimizer)."""
+    for name, value, low in (("lr", lr, 0.0), ("momentum", momentum, 0.0), ("weight_decay", weight_decay, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+            raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if momentum >= 1:
+        raise ValueError(f"momentum must be < 1, got {momentum!r}")
+    params = list(params)
+    if not params:
+        raise ValueError("make_optimizer got no parameters")
+    return torch.optim.SGD(params, lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay))
+
+
+# ----------------------------------------------------------------- beta suppression
+class BetaSuppression:
+    """Gradient hooks that scale the gradient of every weight row / bias / BN parameter whose
+    output neuron has subnet index ``i < subnet`` by ``beta ** (subnet - i)``.
+
+    The hooks read the neuron assignment when they run, so they follow moves. Set
+    :attr:`subnet` between backward passes to reuse the hooks; :meth:`remove` detaches them.
+    The classifier (logits) layer is never scaled: its outputs belong to every subnet.
+    """
+
+    def __init__(self, net: SteppingNet, subnet: int, beta: float) -> None:
+        if not isinstance(net, SteppingNet):
+            raise TypeError(f"beta suppression needs a SteppingNet, got {type(net).__name__}")
+        _check_beta(beta)
+        net._check_subnet(subnet)
+        self.net = net
+        self.subnet = int(subnet)
+        self.beta = float(beta)
+        self._registered = False
+        self._handles: list[Any] = []
+        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._cache_key: tuple[Any, ...] = ()
+        self._flat = torch.ones(0, dtype=torch.long)
+        modules = dict(net.model.named_modules())
+        register_suppression(net)
+        self._registered = True
+        try:
+            for k, layer in enumerate(net.layers):
+                if layer.is_logits:
+                    continue
+                positions = net._out_pos[k]
+                self._hook(net.original_weight(k), positions)
+                bias = getattr(layer.module, "bias", None)
+                if isinstance(bias, torch.Tensor):
+                    self._hook(bias, positions)
+            for name, positions in net.channel_modules.items():
+                module = modules.get(name)
+                if module is None:
+                    continue
+                for attr in ("weight", "bias"):
+                    param = getattr(module, attr, None)
+                    if (isinstance(param, nn.Parameter) and param.dim() >= 1
+                            and param.shape[0] == positions.numel()):
+                        self._hook(param, positions)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _hook(self, param: torch.Tensor, positions: torch.Tensor) -> None:
+        if not param.requires_grad:
+            return
+
+        def hook(grad: torch.Tensor) -> torch.Tensor | None:
+            if self.subnet == 1:
+                return None  # no smaller subnet to protect
+            scale = self._scale(positions, grad)
+            return grad * scale.reshape(scale.shape + (1,) * (grad.dim() - 1))
+
+        self._handles.append(param.register_hook(hook))
+
+    def _scale(self, positions: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        signature = (net._signature_now(), self.subnet)
+        if signature != self._cache_key:
+            self._cache.clear()
+            self._cache_key = signature
+            self._flat = net.flat_assignment()
+        key = (id(positions), grad.device, grad.dtype)
+        scale = self._cache.get(key)
+        if scale is None:
+            a_out = self._flat[positions].to(torch.float64)
+            exponent = (self.subnet - a_out).clamp_min(0)
+            scale = torch.pow(torch.tensor(self.beta, dtype=torch.float64), exponent)
+            scale = scale.to(device=grad.device, dtype=grad.dtype)
+            self._cache[key] = scale
+        return scale
+
+    def remove(self) -> None:
+        """Detach every hook."""
+        if self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+        if self._registered:
+            self._registered = False
+            unregister_suppression(self.net)
+
+
+class RunningStatsGuard:
+    """Keep a BatchNorm's running statistics of channels outside the active subnet unchanged.
+
+    In subnet ``s`` the channels of neurons with index ``> s`` carry zeros; a BN layer in
+    training mode would still fold those zeros into its running mean and variance, so training
+    the small subnets drags the statistics of the larger subnets' channels toward zero (with
+    momentum 0.1 and subnets trained in turn, a subnet-3 channel of a 4-subnet net ends near 55%
+    of its true statistics). The guard saves those channels' running statistics before every
+    training-mode BN forward and puts them back after it, so every channel's statistics come only
+    from subnets that compute it (whose values are identical by the isolation property).
+
+    The hooks read ``net.active_subnet`` and the assignment at forward time; :meth:`remove`
+    detaches them.
+    """
+
+    def __init__(self, net: SteppingNet) -> None:
+        if not isinstance(net, SteppingNet):
+            raise TypeError(f"RunningStatsGuard needs a SteppingNet, got {type(net).__name__}")
+        self.net = net
+        self._handles: list[Any] = []
+        self._saved: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._cache_key: tuple[Any, ...] = ()
+        modules = dict(net.model.named_modules())
+        for name, positions in net.channel_modules.items():
+            module = modules.get(name)
+            if not isinstance(module, nn.modules.batchnorm._NormBase) or not module.track_running_stats:
+                continue
+            if module.running_mean is None or module.running_mean.numel() != positions.numel():
+                continue
+            self._handles.append(module.register_forward_pre_hook(self._pre(name, positions)))
+            self._handles.append(module.register_forward_hook(self._post(name)))
+
+    def _inactive(self, name: str, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
+        net = self.net
+        s = net.active_subnet
+        signature = (net._signature_now(), s)
+        if signature != self._cache_key:
+            self._cache.clear()
+            self._cache_key = signature
+        index = self._cache.get((name, device))
+        if index is None:
+            index = (net.flat_assignment()[positions] > s).nonzero().flatten().to(device)
+            self._cache[(name, device)] = index
+        return index
+
+    def _pre(self, name: str, positions: torch.Tensor) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            if not module.training:
+                return None
+            mean, var = module.running_mean, module.running_var
+            index = self._inactive(name, positions, mean.device)
+            if index.numel():
+                self._saved[name] = (index, mean.index_select(0, index), var.index_select(0, index))
+            return None
+
+        return hook
+
+    def _post(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            saved = self._saved.pop(name, None)
+            if saved is not None:
+                index, mean, var = saved
+                # Through .data: the BN op saved the running buffers for its backward (which does
+                # not read them in training mode), so a tracked in-place write would fail there.
+                module.running_mean.data.index_copy_(0, index, mean)
+                module.running_var.data.index_copy_(0, index, var)
+            return None
+
+        return hook
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._saved.clear()
+
+
+def _check_beta(beta: float) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) \
+            or not 0.0 < beta <= 1.0:
+        raise ValueError(f"beta must be a number in (0, 1], got {beta!r}")
+
+
+@contextlib.contextmanager
+def beta_suppression(net: SteppingNet, subnet: int, beta: float | None) -> Iterator[None]:
+    """While active, the gradient of every weight row, bias and BN parameter whose output neuron
+    has subnet index ``i < subnet`` is scaled by ``beta ** (subnet - i)`` (paper III-A2).
+
+    Use it around the backward pass of subnet ``subnet``'s loss. ``beta`` of ``1.0`` or ``None``
+    is a no-op. For plain SGD (no momentum, no weight decay) scaling the gradient is exactly
+    scaling those weights' learning rate, as the paper describes; with momentum or weight decay
+    it is the gradient that is scaled (the decay term and the momentum of earlier steps are not).
+    The logits layer is never scaled: its outputs belong to every subnet.
+    """
+    if beta is None or beta == 1.0:
+        if beta is not None:
+            _check_beta(beta)
+        yield None
+        return
+    hooks = BetaSuppression(net, subnet, beta)
+    try:
+        yield None
+    finally:
+        hooks.remove()
+
+
+# --------------------------------------------------------------------------- losses
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    gamma: float,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Distillation loss of eq. (4): ``gamma * CE(student, targets) + (1 - gamma) * KL``.
+
+    ``KL = KL(softmax(teacher / T) || softmax(student / T))`` averaged over the batch
+    (``batchmean``) and multiplied by ``T**2`` (Hinton et al.: keeps the gradient scale
+    independent of ``T``; no effect at the default ``T = 1``). The paper's eq. (4) writes the KL
+    term as ``sum Y_k log(Y_pre_k / Y_k)`` with the student in the numerator; we use the
+    standard ``KL(teacher || student) = sum Y_pre_k log(Y_pre_k / Y_k)`` of Hinton's distillation
+    (the paper's reference [15]), which is non-negative and zero when the student matches.
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    student = student_logits.float()
+    teacher = teacher_logits.detach().float()
+    ce = F.cross_entropy(student, targets)
+    if gamma == 1.0:
+        return ce
+    t = float(temperature)
+    kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+                  reduction="batchmean", log_target=True) * (t * t)
+    return gamma * ce + (1.0 - gamma) * kl
+
+
+# ------------------------------------------------------------------------ training
+def train_subnets_epoch(
+    target: SubnetModel,
+    loader: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    *,
+    beta: float | None = None,
+    teacher: nn.Module | None = None,
+    gamma: float = 1.0,
+    device: torch.device | str = "cpu",
+    amp: str | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+    temperature: float = 1.0,
+    scheduler: Any = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> float:
+    """One epoch of per-subnet training (paper III-A2 / III-B).
+
+    For every batch and for ``s = 1..N`` in ascending order: forward subnet ``s``, loss
+    (cross entropy, or :func:`kd_loss` against ``teacher`` when given), backward (under
+    :func:`beta_suppression` when ``target`` is a SteppingNet and ``beta`` is given), one
+    ``optimizer.step()``. The teacher runs once per batch in eval mode without gradients.
+
+    Args:
+        scheduler: optional LR scheduler stepped once per batch (after all subnets).
+        on_step: optional ``callback(subnet, loss)`` after every optimizer step.
+
+    Returns:
+        the mean loss over all (batch, subnet) steps (``nan`` for an empty loader).
+    """
+    device = _check_device(device)
+    amp = check_amp(amp)
+    num = int(target.num_subnets)
+    if beta is not None:
+        _check_beta(beta)
+    if teacher is not None:
+        teacher.to(device)
+        teacher_was_training = teacher.training
+        teacher.eval()
+    model = target.model
+    model.to(device)
+    model.train()
+    hooks: BetaSuppression | None = None
+    guard = RunningStatsGuard(target) if isinstance(target, SteppingNet) else None
+    if beta is not None and beta != 1.0:
+        if not isinstance(target, SteppingNet):
+            raise ValueError("beta suppression needs a SteppingNet target (it reads the neuron "
+                             f"assignment); got {type(target).__name__}: pass beta=None")
+        hooks = BetaSuppression(target, 1, beta)
+    total, steps = 0.0, 0
+    try:
+        batches = _progress(_batches(loader, max_batches), progress, "train", _loader_len(loader, max_batches))
+        for batch in batches:
+            inputs, targets = _split_batch(to_device(batch, device))
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad(), autocast(device, amp):
+                    teacher_logits = _forward(teacher, inputs).float()
+            for s in range(1, num + 1):
+                optimizer.zero_grad(set_to_none=True)
+                with target.subnet(s), autocast(device, amp):
+                    logits = _forward(model, inputs)
+                if teacher_logits is not None:
+                    loss = kd_loss(logits, teacher_logits, targets, gamma, temperature)
+                else:
+                    loss = F.cross_entropy(logits.float(), targets)
+                if hooks is not None:
+                    hooks.subnet = s
+                loss.backward()
+                optimizer.step()
+                value = float(loss.detach())
+                total += value
+                steps += 1
+                if on_step is not None:
+                    on_step(s, value)
+            if scheduler is not None:
+                scheduler.step()
+    finally:
+        if hooks is not None:
+            hooks.remove()
+        if guard is not None:
+            guard.remove()
+        if teacher is not None and teacher_was_training:
+            teacher.train()
+    return total / steps if steps else float("nan")
+
+
+def train_dense(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    device: torch.device | str = "cpu",
+    amp: str | None = None,
+    progress: bool = False,
+    max_batches: int | None = None,
+) -> list[float]:
+    """Train a plain model (the teacher) with SGD and a per-epoch cosine schedule.
+
+    Returns the mean training loss of every epoch.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    device = _check_device(device)
+    amp = check_amp(amp)
+    model.to(device)
+    optimizer = make_optimizer(model.parameters(), lr, momentum, weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    losses: list[float] = []
+    epoch_iter = _progress(range(epochs), progress, "teacher")
+    for epoch in epoch_iter:
+        model.train()
+        total, steps = 0.0, 0
+        for batch in _batches(loader, max_batches):
+            inputs, targets = _split_batch(to_device(batch, device))
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, amp):
+                logits = _forward(model, inputs)
+            loss = F.cross_entropy(logits.float(), targets)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            steps += 1
+        scheduler.step()
+        losses.append(total / steps if steps else float("nan"))
+        logger.info("teacher epoch %d/%d: loss %.4f", epoch + 1, epochs, losses[-1])
+    return losses
+
+
+# ---------------------------------------------------------------------- evaluation
+def evaluate(
+    target: SubnetModel,
+    loader: Iterable[Any],
+    *,
+    device: torch.device | str = "cpu",
+    subnets: Sequence[int] | None = None,
+    amp: str | None = None,
+    max_batches: int | None = None,
+) -> list[float]:
+    """Top-1 accuracy in [0, 1] of every subnet in ``subnets`` (default ``1..N``).
+
+    Runs in eval mode without gradients and reads the loader once (every subnet sees each batch).
+    The model's training mode is restored afterwards.
+    """
+    device = _check_device(device)
+    num = int(target.num_subnets)
+    chosen = list(range(1, num + 1)) if subnets is None else list(subnets)
+    for s in chosen:
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= num:
+            raise ValueError(f"subnets must hold ints in 1..{num}, got {s!r}")
+    if not chosen:
+        return []
+    model = target.model
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    correct = [0] * len(chosen)
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in _batches(loader, max_batches):
+                inputs, targets = _split_batch(to_device(batch, device))
+                for j, s in enumerate(chosen):
+                    with target.subnet(s), autocast(device, amp):
+                        logits = _forward(model, inputs)
+                    correct[j] += int((logits.argmax(-1) == targets).sum())
+                seen += int(targets.shape[0])
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("evaluate got an empty loader")
+    return [c / seen for c in correct]
+
+
+def evaluate_model(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    device: torch.device | str = "cpu",
+    amp: str | None = None,
+    max_batches: int | None = None,
+) -> float:
+    """Top-1 accuracy in [0, 1] of a plain model (eval mode, no gradients)."""
+    device = _check_device(device)
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    correct, seen = 0, 0
+    try:
+        with torch.no_grad():
+            for batch in _batches(loader, max_batches):
+                inputs, targets = _split_batch(to_device(batch, device))
+                with autocast(device, amp):
+                    logits = _forward(model, inputs)
+                correct += int((logits.argmax(-1) == targets).sum())
+                seen += int(targets.shape[0])
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("evaluate_model got an empty loader")
+    return correct / seen
