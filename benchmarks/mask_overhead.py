@@ -145,6 +145,7 @@ def _write_json(path: Path, payload: Any) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=1)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--assignments", nargs="+", default=["random", "construct"], choices=["random", "construct"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.15, 0.3, 0.45, 0.6],
+                        help="MAC budgets as fractions of the full model (all reachable under the mask rule)")
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats (batch 1); batch >= 16 uses a third")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,

@@ -12,6 +12,8 @@ strictly with s, and ``export_subnet(2)`` matches the masked forward with nonzer
 
 Categories: ``ok``; ``unsupported`` (``UnsupportedModelError``, reason recorded);
 ``cannot-build`` (timm itself cannot create or run the model at that size: not our crash);
+``export-unsupported`` (wrap and isolation pass, ``export_subnet`` raises its clear error naming a
+module torch-pruning cannot shrink);
 ``crash`` (any other exception from our code, traceback head recorded); ``violation`` (a check
 above failed silently: a bug); ``timeout``.
 
@@ -221,7 +223,15 @@ def check_model(family: str, name: str, sizes: Sequence[int], export: bool) -> d
         if export:
             from nni_steppingnet.export import export_subnet
 
-            exported = export_subnet(net, 2)
+            try:
+                exported = export_subnet(net, 2)
+            except RuntimeError as exc:
+                if not str(exc).startswith("export_subnet("):
+                    raise
+                # Masked subnets work; export names the module torch-pruning cannot shrink.
+                record.update(status="export-unsupported" if not problems else "violation",
+                              problems=problems, reason=str(exc)[:300])
+                return record
             exported.eval()
             with torch.no_grad(), net.subnet(2):
                 expected = net.model(x)
@@ -331,6 +341,7 @@ def _write_json(path: Path, payload: Any) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=1)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -391,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "families_total": len(__import__("timm").list_modules())},
         "wall_s": round(time.perf_counter() - start, 1),
         "counts": {k: sum(r["status"] == k for r in results) for k in
-                   ("ok", "unsupported", "cannot-build", "crash", "violation", "timeout")},
+                   ("ok", "export-unsupported", "unsupported", "cannot-build", "crash", "violation",
+                    "timeout")},
         "results": results,
     }
     _write_json(args.output, payload)

@@ -28,14 +28,19 @@ move ``quantum_i = min(max(q, cap_i / iterations_left), cap_i)`` out of subnet `
   a smaller subnet ``l`` cuts its synapses into subnet ``l``'s neurons in *every* larger subnet,
   so ``MAC(i)`` keeps falling after subnet ``i`` has shed down to ``P_i``, while the differences
   ``MAC(i) - MAC(i-1)`` (``i > l + 1``) are untouched. Capping each difference at its share
-  keeps the final ``MAC(i) = MAC(1) + sum of differences`` just under ``P_i``. (Measured on
-  LeNet-3C1L x1.8 / digits, budgets 0.1/0.3/0.5/0.85: with the first cap only the subnets ended at
-  0.077/0.241/0.428/0.747 of the reference MACs, with both at 0.075/0.290/0.481/0.832.)
+  keeps the final ``MAC(i) = MAC(1) + sum of differences`` near ``P_i``.
+
+Measured on LeNet-3C1L x1.8 / digits, budgets 0.1/0.3/0.5/0.85 of the x1.0 MACs, m=20, N_t=30:
+with the paper's selection and only the first cap the subnets ended at 0.077/0.241/0.428/0.747;
+with both caps, marginal costs and the fitting below at 0.099/0.290/0.486/0.847.
 
 Neurons are taken in ascending ``M`` until their MACs reach the quantum (marginal costs: a
-synapse shared by two moved neurons counts once, so the total is the exact MAC reduction). When the quantum is the whole
-cap, the neuron that completes it is the cheapest that does among the next half of the candidates
-in ``M`` order, so a subnet lands just under its target rather than a whole neuron below it.
+synapse shared by two moved neurons counts once, so the total is the exact MAC reduction). A
+neuron that would take the subnet past ``cap_i`` is passed over for the next ones in ``M`` order
+that still fit (within the lower half of the candidates); if none fits, the cheapest of them
+completes the move when ``cap_i`` is the budget (it must be met), or when that lands closer to
+the share than stopping short (the share is only a waypoint while the smaller subnet is still
+over its budget). So a subnet lands near its target rather than a whole neuron below it.
 
 A neuron moved in an iteration is not moved again in the same iteration (it has not been
 trained in its new subnet yet). The last neuron of a neuron group inside subnet ``i`` is never
@@ -509,17 +514,20 @@ class Constructor:
         flat: torch.Tensor,
         scores: torch.Tensor,
         moved: torch.Tensor,
-        best_fit: bool,
+        cap: float,
+        strict: bool = True,
     ) -> list[int]:
         """Neurons of subnet ``i`` in ascending criterion whose MACs first reach ``amount``.
 
         Costs are marginal: after a neuron is taken, the synapses it shares with the other
         candidates no longer count for them, so the total is the exact MAC reduction of subnet
-        ``i``. With ``best_fit`` (``amount`` is the whole remaining excess, the last approach to
-        a target) a neuron that would overshoot is passed over for the next ones in criterion
-        order that still fit (within a window of half the candidates, at least 4), and the amount
-        is completed by the cheapest neuron of the window that does, so the subnet lands just
-        under its target instead of up to a whole expensive neuron below it.
+        ``i``. ``cap >= amount`` is the most the subnet should lose (its remaining excess): a
+        neuron that would take the total past ``cap`` is passed over for the next ones in
+        criterion order that still fit (within a window of half the candidates, at least 4);
+        when none fits, the cheapest neuron of the window completes the amount (``strict``: the
+        cap is a budget that must be reached) or, if stopping short is closer, nothing more is
+        taken (``strict=False``: the cap is a share that later moves still adjust). So a subnet
+        lands near its target instead of up to a whole expensive neuron below it.
         """
         assignment = flat[:-1]
         candidates = ((assignment == i) & ~moved).nonzero().flatten()
@@ -558,17 +566,19 @@ class Constructor:
                 break
             j = order[pos]
             c = table.cost_of(j)
-            if not best_fit or total + c <= amount:
+            if total + c <= cap:
                 take(j)
                 continue
             ahead = [x for x in order[pos + 1:pos + window] if movable(x)]
-            fits = [x for x in ahead if total + table.cost_of(x) <= amount]
+            fits = [x for x in ahead if total + table.cost_of(x) <= cap]
             if fits:
                 take(fits[0])  # the lowest-M neuron that still fits under the target
                 continue
-            completing = [(table.cost_of(x), k, x) for k, x in enumerate(ahead)
-                          if table.cost_of(x) >= amount - total and table.cost_of(x) < c]
-            take(min(completing)[2] if completing else j)
+            # Nothing fits: every neuron overshoots the cap; the cheapest one overshoots least.
+            cheapest = min([(table.cost_of(x), k, x) for k, x in enumerate(ahead)], default=(c, 0, j))
+            best_cost, best = (cheapest[0], cheapest[2]) if cheapest[0] < c else (c, j)
+            if strict or total + best_cost - cap < cap - total:
+                take(best)
             break
         if protected:
             logger.info("subnet %d: kept %d neuron(s) that are the last of their group in the subnet",
@@ -621,7 +631,10 @@ class Constructor:
                 if remaining <= 0:
                     break
                 flat = net.flat_assignment()
-                chosen = self._select(i, remaining, flat, scores, moved, best_fit=amount >= cap)
+                # The budget (absolute excess) must be met; the share (difference excess) is
+                # rounded to the nearest neuron while the smaller subnet is still over budget.
+                chosen = self._select(i, remaining, flat, scores, moved, cap - (start - macs[i - 1]),
+                                      strict=excess <= diff_excess)
                 if not chosen:
                     break
                 index = torch.tensor(chosen, dtype=torch.long)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ._inputs import call_model
 from .macs import macs as count_macs
 
 if TYPE_CHECKING:
@@ -58,7 +59,11 @@ def export_subnet(net: "SteppingNet", s: int) -> nn.Module:
     model = net.plain_copy(s)
     for layer in net.layers:
         module = model.get_submodule(layer.name)
-        if isinstance(module, nn.Conv2d) and 1 < module.groups != module.in_channels:
+        # Only a true depthwise conv (groups == in == out) stays grouped: torch-pruning keeps its
+        # in/out channels in step. A depthwise conv with a channel multiplier (out = k * in,
+        # e.g. timm FastViT) is densified like any grouped conv.
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and not (
+                module.groups == module.in_channels == module.out_channels):
             parent_name, _, child = layer.name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, _densify_grouped(module))
@@ -82,8 +87,36 @@ def export_subnet(net: "SteppingNet", s: int) -> nn.Module:
             continue
         handler = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
         graph.get_pruning_group(root, handler, idxs=drop.tolist()).prune()
+    _check_runs(model, net.example_inputs, s)
     model.train(was_training)
     return model
+
+
+def _check_runs(model: nn.Module, example_inputs: Any, s: int) -> None:
+    """Run the pruned copy once; name the module that still expects the removed channels.
+
+    torch-pruning shrinks the modules it knows; a module with per-channel state it does not
+    know (e.g. the fixed filter buffer of timm's ``BlurPool2d`` in TResNet) would otherwise fail
+    later with a bare shape error.
+    """
+    entered: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: entered.append(name))
+               for name, m in model.named_modules() if name and not list(m.children())]
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs)
+    except RuntimeError as exc:
+        where = entered[-1] if entered else type(model).__name__
+        kind = type(model.get_submodule(where)).__name__ if entered else ""
+        raise RuntimeError(
+            f"export_subnet({s}): after torch-pruning removed the inactive channels, module {where!r} "
+            f"({kind}) still expects the original channel count ({exc}). It holds per-channel "
+            "state torch-pruning does not know how to shrink; run the masked model "
+            "(with net.subnet(s): ...) instead, or register a torch-pruning pruner for that "
+            "module type") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def export_with_report(net: "SteppingNet", s: int) -> tuple[nn.Module, ExportReport]:

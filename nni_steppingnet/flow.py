@@ -53,6 +53,7 @@ __all__ = [
     "TEACHER_FORMAT",
     "CHECKPOINT_NAME",
     "TEACHER_NAME",
+    "RESULTS_FORMAT",
     "Reporter",
     "LoadedCheckpoint",
     "resolve_device",

@@ -456,6 +456,9 @@ class _StageLayer(nn.Module):
         call = calls[0]
         calls[0] = call + 1
         if call == len(self._cache):
+            if s > 1:
+                raise RuntimeError(f"layer {self.layer_name!r} has no cached output of the earlier stages "
+                                   "(was runner.model moved or reset directly?); call runner.start(x) again")
             self._cache.append(self._allocate(x))
         out = self._cache[call]
         assert out is not None
@@ -736,7 +739,7 @@ class IncrementalRunner:
         output = self._forward(1)
         self._stage = 1
         self._macs_spent = self._state.macs
-        self._output = output
+        self._keep_output(output)
         return output
 
     def step(self) -> Any:
@@ -750,12 +753,20 @@ class IncrementalRunner:
             # Nothing any layer would compute or write: rerunning the model would reproduce the
             # previous output exactly, so skip the elementwise work as well.
             self._stage += 1
-            return _clone_tensors(self._output)
+            output = self._output
+            self._keep_output(output)
+            return _clone_tensors(output)
         output = self._forward(self._stage + 1)
         self._stage += 1
         self._macs_spent += self._state.macs
-        self._output = output
+        self._keep_output(output)
         return output
+
+    def _keep_output(self, output: Any) -> None:
+        """Keep a private copy of ``output`` when the next stage is idle (it returns it again)."""
+        following = self._stage + 1
+        idle = following <= self.num_subnets and self._idle[following]
+        self._output = _clone_tensors(output) if idle else None
 
     def _learn_positions(self, x: Any) -> None:
         """Record the output sizes for ``x``'s shape with a forward that multiplies nothing

@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 nni = pytest.importorskip("nni")
 from nni.compression import TorchEvaluator  # noqa: E402
@@ -26,7 +27,7 @@ def _data(batches: int, size: int, classes: int, seed: int) -> list[tuple[torch.
 
 
 def _evaluator(model: nn.Module, data: list[Any], counter: dict[str, int], dummy: torch.Tensor | None,
-               epochs: int = 1000) -> TorchEvaluator:
+               epochs: int = 1000, weight_decay: float = 0.0) -> TorchEvaluator:
     """A tiny user training loop that ignores max_steps (the pruner must stop it itself)."""
 
     def training_step(batch: Any, model: nn.Module) -> torch.Tensor:
@@ -46,7 +47,7 @@ def _evaluator(model: nn.Module, data: list[Any], counter: dict[str, int], dummy
                 optimizers.step()
                 counter["steps"] += 1
 
-    optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=0.01, momentum=0.9, weight_decay=weight_decay)
     return TorchEvaluator(training_func, optimizer, training_step, dummy_input=dummy)
 
 
@@ -137,6 +138,49 @@ def _lenet() -> nn.Module:
     return timm.create_model("lenet3c1l", num_classes=4, img_size=16, width=0.25)
 
 
+def test_pruner_loop_is_exactly_the_constructor() -> None:
+    """Driven through NNI's evaluator with the same batches and SGD settings, the pruner ends with
+    the same assignment, pruning masks, weights and BN statistics as Constructor.run()."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nni_steppingnet.construct import ConstructionConfig, Constructor
+
+    torch.manual_seed(0)
+    base = timm.create_model("lenet3c1l", num_classes=4, img_size=16, width=0.5)
+    example = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    data = _data(5, 16, 4, seed=1)
+    loader = DataLoader(TensorDataset(torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])),
+                        batch_size=2, shuffle=False)
+    settings = {"budgets": [0.4, 0.8], "batches_per_iteration": 2, "iterations": 3}
+
+    reference = copy.deepcopy(base)
+    net = SteppingNet(reference, example, 2)
+    constructor = Constructor(net, ConstructionConfig(reference_macs=net.full_macs, lr=0.01, momentum=0.9,
+                                                      weight_decay=5e-4, **settings), loader)
+    expected = constructor.run()
+    constructor.close()
+
+    model = copy.deepcopy(base)
+    counter = {"steps": 0, "loss_calls": 0}
+    evaluator = _evaluator(model, list(loader), counter, example, weight_decay=5e-4)  # the Constructor's SGD
+    pruner = SteppingNetPruner(model, [{"op_types": ["Conv2d", "Linear"]}], evaluator, settings["budgets"],
+                               batches_per_iteration=2, iterations=3)
+    pruner.compress()
+    assert pruner.result is not None and expected.iterations == pruner.result.iterations == 3
+    assert pruner.result.macs == expected.macs
+    assert [h["loss"] for h in pruner.history] == [h["loss"] for h in constructor.history]
+    state = pruner.stepping_state
+    assert state is not None
+    for mine, theirs in zip(state["groups"], net.state_dict()["groups"]):
+        assert torch.equal(mine["assignment"], theirs["assignment"])
+    assert set(state["prune_masks"]) == set(net.prune_masks)
+    assert all(torch.equal(state["prune_masks"][k], net.prune_masks[k]) for k in net.prune_masks)
+    theirs_model = net.model_state_dict()
+    assert set(state["model"]) == set(theirs_model)
+    for key, value in theirs_model.items():  # weights and BN running statistics, bit for bit
+        assert torch.equal(state["model"][key], value), key
+
+
 def test_training_loop_that_ends_early_leaves_budgets_unmet(caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = _lenet()
@@ -190,5 +234,9 @@ def test_bad_arguments_raise_clear_errors(config_list: list[dict[str, Any]], kwa
     dummy = None if kwargs.pop("no_dummy", False) else torch.randn(2, 3, 16, 16)
     evaluator = kwargs.pop("evaluator", None) or _evaluator(model, _data(1, 16, 4, seed=0), counter, dummy)
     budgets = kwargs.pop("budgets", [0.3, 0.6])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(error, match=match):
         SteppingNetPruner(model, config_list, evaluator, budgets, **kwargs)
+    # A rejected call leaves the model as it was: no masks, no NNI wrappers.
+    assert not any(parametrize.is_parametrized(m) or hasattr(m, "_nni_wrapper") for m in model.modules())
+    assert model.state_dict().keys() == before.keys()

@@ -311,6 +311,11 @@ def test_works_without_inference_mode_and_in_float64(lenet: SteppingNet) -> None
             assert out.dtype == torch.float64
             ref = _masked(lenet, x64, s)
             assert float((out - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+        runner.start(x64)
+        runner.model.double()                      # moving the model directly drops the caches
+        with pytest.raises(RuntimeError, match="no cached output of the earlier stages"):
+            runner.step()
+        assert runner.stage == 0
     finally:
         model64.float()
 

@@ -221,6 +221,8 @@ def _check_options(options: TuneOptions) -> None:
                          "--training-service remote")
     if not isinstance(options.poll_interval, (int, float)) or options.poll_interval <= 0:
         raise ValueError(f"poll_interval must be > 0, got {options.poll_interval!r}")
+    if options.timeout_s is not None and (not isinstance(options.timeout_s, (int, float)) or options.timeout_s <= 0):
+        raise ValueError(f"timeout_s must be None or > 0, got {options.timeout_s!r}")
 
 
 # --------------------------------------------------------------------------- recipe
@@ -274,6 +276,24 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _shielded() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while the manager stops (a second Ctrl-C must not orphan it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        logger.warning("stopping the NNI manager, please wait (signal %d ignored)", signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _manager_process(experiment: Any) -> Any:
     proc = getattr(experiment, "_proc", None)  # NNI keeps the manager's Popen here
     return proc
@@ -281,6 +301,11 @@ def _manager_process(experiment: Any) -> Any:
 
 def _stop_experiment(experiment: Any, timeout_s: float = 60.0) -> None:
     """Stop NNI's manager and make sure it (and every process it started) is gone."""
+    with _shielded():
+        _stop_and_reap(experiment, timeout_s)
+
+
+def _stop_and_reap(experiment: Any, timeout_s: float) -> None:
     import psutil
 
     proc = _manager_process(experiment)
@@ -307,7 +332,7 @@ def _stop_experiment(experiment: Any, timeout_s: float = 60.0) -> None:
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    gone, still = psutil.wait_procs(alive, timeout=10)
+    _, still = psutil.wait_procs(alive, timeout=10)
     for p in still:
         with contextlib.suppress(psutil.Error):
             p.kill()
@@ -463,6 +488,9 @@ def run_tune(
     device = "auto" if options.prepare_only else ("cuda" if gpus else "cpu")
     python = "python3" if remote or options.prepare_only else shlex.quote(sys.executable)
     command = f"{python} -m nni_steppingnet.nni.trial --recipe recipe.yaml --device {device}"
+    if not remote and not gpus and not options.prepare_only:
+        # CPU trials side by side: share the cores instead of each taking all of them.
+        command += f" --threads {max(1, (os.cpu_count() or 1) // options.concurrency)}"
     if options.prepare_only:
         atomic_write_text(code_dir / "trial_command.txt", command + "\n")
         return TuneResult(experiment_id="", status="PREPARED", trials=[], best=None, best_recipe=None,

@@ -55,7 +55,7 @@ from nni.compression.utils import Evaluator
 from ..construct import ConstructionConfig, ConstructionResult, Constructor
 from ..graph import WEIGHTED_TYPES
 from ..stepping import SteppingNet
-from ..train import BetaSuppression
+from ..train import BetaSuppression, RunningStatsGuard
 
 __all__ = ["SteppingNetPruner", "NNIMasks", "selected_layers"]
 
@@ -266,6 +266,19 @@ class SteppingNetPruner(Pruner):
             raise ValueError("the model is already wrapped by an NNI compressor; unwrap it first "
                              "(compressor.unwrap_model())")
 
+        if reference_macs is not None and (isinstance(reference_macs, bool) or not isinstance(reference_macs, int)
+                                           or reference_macs <= 0):
+            raise ValueError(f"reference_macs must be a positive int, got {reference_macs!r}")
+        settings = {
+            "budgets": list(budgets),
+            "batches_per_iteration": batches_per_iteration,
+            "iterations": iterations,
+            "alpha_growth": float(alpha_growth),
+            "beta": None if beta is None else float(beta),
+            "prune_threshold": float(prune_threshold),
+            "seed": seed,
+        }
+        ConstructionConfig(reference_macs=reference_macs or 1, **settings)  # check before touching the model
         chosen = selected_layers(model, config_list)
         all_layers = [name for name, m in model.named_modules() if isinstance(m, WEIGHTED_TYPES)]
         self.user_config_list = copy.deepcopy(list(config_list))
@@ -287,21 +300,8 @@ class SteppingNetPruner(Pruner):
         self.net: SteppingNet | None = SteppingNet(model, example_inputs, num_subnets, classifier=classifier)
         net = self.net
         device = _model_device(model)
-        if reference_macs is not None and (isinstance(reference_macs, bool) or not isinstance(reference_macs, int)
-                                           or reference_macs <= 0):
-            net.remove()
-            raise ValueError(f"reference_macs must be a positive int, got {reference_macs!r}")
         self.reference_macs = int(net.full_macs if reference_macs is None else reference_macs)
-        self.config = ConstructionConfig(
-            budgets=list(budgets),
-            reference_macs=self.reference_macs,
-            batches_per_iteration=batches_per_iteration,
-            iterations=iterations,
-            alpha_growth=float(alpha_growth),
-            beta=None if beta is None else float(beta),
-            prune_threshold=float(prune_threshold),
-            seed=seed,
-        )
+        self.config = ConstructionConfig(reference_macs=self.reference_macs, **settings)
         frozen = torch.zeros(net._num_neurons + 1, dtype=torch.bool)
         selected = set(chosen)
         for k, layer in enumerate(net.layers):
@@ -456,6 +456,9 @@ class _LoopDriver:
         self._kd_output: Any = None
         beta = pruner.beta
         self.suppression = BetaSuppression(self.net, 1, beta) if beta is not None and beta != 1.0 else None
+        # As in Constructor and train_subnets_epoch: BN running statistics of channels outside
+        # the subnet being trained stay untouched.
+        self.guard = RunningStatsGuard(self.net)
 
     # ----------------------------------------------------------------- phases
     def start(self) -> bool:
@@ -554,6 +557,7 @@ class _LoopDriver:
         self._subnet_stack.close()
         if self.suppression is not None:
             self.suppression.remove()
+        self.guard.remove()
         for handle in self._handles:
             handle.remove()
         self._handles = []

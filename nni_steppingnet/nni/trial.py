@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", required=True, help="the resolved recipe YAML written by tune")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default auto)")
     parser.add_argument("--out", default=None, help="run folder (default $NNI_OUTPUT_DIR/run)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (tune sets cores / concurrency for CPU trials)")
     parser.add_argument("--params", default=None,
                         help="JSON parameters for a standalone run (NNI supplies them otherwise)")
     return parser
@@ -107,8 +109,18 @@ def _finite(value: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import nni
+    import nni  # inside an NNI trial this routes the root logger to the trial's log file
+
+    if not logging.getLogger().handlers:  # standalone run
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.threads is not None:
+        if args.threads < 1:
+            print("error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from ..checkpoint import atomic_write_json
     from ..config import load_recipe
