@@ -484,7 +484,10 @@ def recipe_path(name_or_path: str | os.PathLike[str]) -> Path:
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(str(name_or_path)):
         path = Path(name_or_path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"recipe file not found: {path} (resolved against {Path.cwd()})")
+            hint = ""
+            if path.stem in list_recipes():
+                hint = f"; for the bundled recipe write just {path.stem!r}"
+            raise FileNotFoundError(f"recipe file not found: {path} (resolved against {Path.cwd()}){hint}")
         return path
     name = str(name_or_path)
     candidate = recipes_dir() / f"{name}.yaml"

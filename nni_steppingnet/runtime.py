@@ -13,6 +13,16 @@ inputs with ``a_in == s``.
 
 Each stage therefore spends exactly ``net.macs(s) - net.macs(s - 1)`` MACs per sample. The weight
 slices, index tensors and the MAC count of every stage are computed once when the runner is built.
+Conv groups of grouped/depthwise convs with equal numbers of new outputs and active inputs share
+one grouped kernel call. A stage that adds nothing to a layer costs that layer no kernel call; a
+stage that adds nothing anywhere skips the model forward entirely.
+
+Cached outputs are returned without a copy. The model's own code may modify a layer's output in
+place (``nn.Hardswish(inplace=True)`` right after a conv): the first forward returns copies and
+watches their version counters, and the layers whose outputs were modified return copies from
+then on; a modification seen later raises instead of silently corrupting the cache. The elementwise
+work (BN, activations, pooling) runs on full-width tensors at every stage: reaching subnet ``s``
+costs ``s`` such passes (see ``benchmarks/README.md``).
 
 A runner is saved to one file (:meth:`IncrementalRunner.save`) holding an architecture
 fingerprint, the per-layer plans and the weights; :meth:`IncrementalRunner.load` rebuilds it from

@@ -330,6 +330,11 @@ def test_compare_on_synthetic_writes_table_plot_and_json(tmp_path: Path, capsys:
     assert report["runs"]["anywidth"][0]["isolation_ok"] is True
     assert report["runs"]["slimmable"][0]["isolation_ok"] is False
     assert set(report["targets"]["against"]) == {"anywidth", "slimmable"}
+    # the baseline checkpoints load back with their widths and exact MACs
+    net, recipe = compare.load_baseline(out / "seed0" / "slimmable")
+    assert isinstance(net, SlimmableNet) and recipe.seed == 0
+    assert net.widths == report["runs"]["slimmable"][0]["widths"]["counts"]
+    assert [net.macs(s) for s in range(1, 5)] == [s["macs"] for s in report["runs"]["slimmable"][0]["subnets"]]
     # a second run into the same folder needs --resume, and then reuses every finished run
     with pytest.raises(ValueError, match="--resume"):
         compare.main(args)

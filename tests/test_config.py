@@ -223,6 +223,8 @@ def test_path_to_a_yaml_file_works(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert load_recipe(tmp_path / "sub" / "mine.yaml") == recipe
     with pytest.raises(FileNotFoundError, match="recipe file not found"):
         load_recipe("sub/missing.yaml")
+    with pytest.raises(FileNotFoundError, match="for the bundled recipe write just 'quickstart'"):
+        load_recipe("quickstart.yaml")
 
 
 def test_search_space_files_are_not_recipes(tmp_path: Path) -> None:

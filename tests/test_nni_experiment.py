@@ -64,6 +64,18 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
+@pytest.fixture(autouse=True)
+def _forget_test_experiments() -> Iterator[None]:
+    """Drop the experiments a test started from NNI's registry (~/nni-experiments/.experiment)."""
+    from nni.tools.nnictl.config_utils import Experiments
+
+    before = set(Experiments().get_all_experiments())
+    yield
+    registry = Experiments()
+    for experiment_id in set(registry.get_all_experiments()) - before:
+        registry.remove_experiment(experiment_id)
+
+
 @pytest.fixture
 def no_orphans() -> Iterator[dict[int, psutil.Process]]:
     """Watch every process this test starts (NNI manager, trials): none may outlive the test."""
@@ -280,6 +292,7 @@ def test_manager_is_stopped_on_ctrl_c_and_failure(tmp_path: Path, tiny_recipe: R
 
 
 @pytest.mark.nni
+@pytest.mark.slow
 def test_two_trial_local_experiment_pairs_metrics_with_parameters(
         tmp_path: Path, tiny_recipe: Recipe, no_orphans: dict[int, psutil.Process]) -> None:
     out = tmp_path / "tune"

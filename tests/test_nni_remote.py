@@ -50,6 +50,18 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
+@pytest.fixture(autouse=True)
+def _forget_test_experiments() -> Iterator[None]:
+    """Drop the experiments a test started from NNI's registry (~/nni-experiments/.experiment)."""
+    from nni.tools.nnictl.config_utils import Experiments
+
+    before = set(Experiments().get_all_experiments())
+    yield
+    registry = Experiments()
+    for experiment_id in set(registry.get_all_experiments()) - before:
+        registry.remove_experiment(experiment_id)
+
+
 @pytest.fixture
 def no_orphans() -> Iterator[dict[int, psutil.Process]]:
     """Watch every process this test starts (NNI manager, trials): none may outlive the test."""
@@ -186,6 +198,7 @@ def test_python_shim_skips_pip_and_runs_everything_else(tmp_path: Path) -> None:
 
 
 @pytest.mark.nni
+@pytest.mark.slow
 def test_two_trial_experiment_through_ssh(tmp_path: Path, sshd: dict[str, Any],
                                           no_orphans: dict[int, psutil.Process]) -> None:
     recipe_file = tmp_path / "tiny.yaml"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ __all__ = [
     "train_teacher",
     "train_baseline",
     "run_baseline",
+    "load_baseline",
     "run_compare",
     "run_ablate",
     "summarize",
@@ -142,8 +144,6 @@ def _pm(mean: float, std: float, n: int) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     with path.open("r", encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -339,11 +339,34 @@ def run_baseline(
         "wall_time_s": time.perf_counter() - started,
     }
     save_checkpoint({"format": BASELINE_FORMAT, "method": method, "recipe": recipe.to_dict(),
-                     "net": net.state_dict()}, out / "checkpoint.pt")
+                     "info": dict(results["dataset"]), "net": net.state_dict()}, out / "checkpoint.pt")
     atomic_write_json(out / RESULTS_FILE, results)
     logger.info("%s (seed %d): accuracies %s at MAC ratios %s", method, recipe.seed,
                 [round(a, 4) for a in accuracies], [round(s["mac_ratio"], 4) for s in subnets])
     return results
+
+
+def load_baseline(path: str | os.PathLike[str]) -> tuple[SlicedNet, Recipe]:
+    """Rebuild a trained baseline from the ``checkpoint.pt`` (or its folder) that
+    :func:`run_baseline` wrote; returns ``(net, recipe)`` on the CPU."""
+    from ..checkpoint import load_checkpoint_file
+    from ..data import DatasetInfo
+    from ..errors import CheckpointError
+    from ..flow import build_model, example_inputs
+
+    source = Path(path)
+    if source.is_dir():
+        source = source / "checkpoint.pt"
+    state = load_checkpoint_file(source)
+    if state.get("format") != BASELINE_FORMAT or state.get("method") not in BASELINES or "info" not in state:
+        raise CheckpointError(f"{source} is not a baseline checkpoint written by run_baseline (format "
+                              f"{state.get('format')!r}, expected {BASELINE_FORMAT!r} with method and info)")
+    recipe = Recipe.from_dict(state["recipe"], source=str(source))
+    info = DatasetInfo(**state["info"])
+    model = build_model(recipe, info, width=recipe.steppingnet.expansion)
+    net = BASELINES[state["method"]](model, example_inputs(info), recipe.steppingnet.num_subnets, verify=False)
+    net.load_state_dict(state["net"])
+    return net, recipe
 
 
 # ---------------------------------------------------------------------------- aggregation
