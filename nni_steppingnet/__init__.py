@@ -1,12 +1,19 @@
-"""nni_steppingnet: SteppingNet nested subnets with computation reuse for PyTorch, timm and NNI."""
+"""nni_steppingnet: SteppingNet nested subnets with computation reuse for PyTorch, timm and NNI.
+
+Public names load lazily, so ``IncrementalRunner.load`` (inference) does not import the training
+path (torch-pruning, construction) and ``import nni_steppingnet`` stays cheap.
+"""
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError, UnsupportedModelError
-from .macs import macs
-from .runtime import IncrementalRunner
-from .stepping import NeuronGroup, SteppingNet
+if TYPE_CHECKING:
+    from .errors import CheckpointError, UnsupportedModelError
+    from .macs import macs
+    from .runtime import IncrementalRunner
+    from .stepping import NeuronGroup, SteppingNet
 
 __all__ = [
     "SteppingNet",
@@ -20,4 +27,26 @@ __all__ = [
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "SteppingNet": "stepping",
+    "NeuronGroup": "stepping",
+    "IncrementalRunner": "runtime",
+    "UnsupportedModelError": "errors",
+    "CheckpointError": "errors",
+    "macs": "macs",
+}
+
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nni_steppingnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

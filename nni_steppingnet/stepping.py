@@ -415,6 +415,7 @@ class SteppingNet:
             del module._modules["parametrizations"]
             module.__class__ = module.__class__.__bases__[0]
             module.weight = nn.Parameter(original, requires_grad=trainable.requires_grad)
+            _weight_first(module)
         return model
 
     def export_subnet(self, s: int) -> nn.Module:
@@ -478,10 +479,7 @@ class SteppingNet:
                 parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=False)
                 # remove_parametrizations re-adds ``weight`` after ``bias``: put it back first so
                 # the state_dict keys come out in the plain model's order.
-                params = layer.module._parameters
-                params["weight"] = params.pop("weight")
-                for key in [k for k in params if k != "weight"]:
-                    params[key] = params.pop(key)
+                _weight_first(layer.module)
         self._root_hook.remove()
         return self.model
 
@@ -495,6 +493,14 @@ class SteppingNet:
 
     def __repr__(self) -> str:
         return f"SteppingNet(num_subnets={self.num_subnets}, groups={len(self.groups)}, layers={len(self.layers)})"
+
+
+def _weight_first(module: nn.Module) -> None:
+    """Re-registering ``weight`` puts it after ``bias``: restore the plain module's order so
+    state_dict keys and parameter order match a freshly built model."""
+    params = module._parameters
+    for key in ["weight"] + [k for k in params if k != "weight"]:
+        params[key] = params.pop(key)
 
 
 def _refresh_hook(net: SteppingNet) -> Any:
