@@ -9,9 +9,11 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+# Light modules load eagerly; ``macs`` must, or importing the submodule would shadow the function.
+from .errors import CheckpointError, UnsupportedModelError
+from .macs import macs
+
 if TYPE_CHECKING:
-    from .errors import CheckpointError, UnsupportedModelError
-    from .macs import macs
     from .runtime import IncrementalRunner
     from .stepping import NeuronGroup, SteppingNet
 
@@ -31,9 +33,6 @@ _LAZY = {
     "SteppingNet": "stepping",
     "NeuronGroup": "stepping",
     "IncrementalRunner": "runtime",
-    "UnsupportedModelError": "errors",
-    "CheckpointError": "errors",
-    "macs": "macs",
 }
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -63,7 +63,7 @@ from .data import to_device
 from .errors import CheckpointError
 from .importance import ImportanceTracker, criterion
 from .stepping import SteppingNet
-from .train import BetaSuppression, RunningStatsGuard, _forward, _split_batch, autocast, check_amp, make_optimizer
+from .train import BetaSuppression, _forward, _split_batch, autocast, check_amp, make_optimizer
 
 __all__ = ["ConstructionConfig", "ConstructionResult", "Constructor", "CONSTRUCTION_FORMAT"]
 
@@ -473,7 +473,6 @@ class Constructor:
         suppress = None
         if cfg.beta is not None and cfg.beta != 1.0:
             suppress = BetaSuppression(net, 1, cfg.beta)
-        guard = RunningStatsGuard(net)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         steps = 0
         try:
@@ -492,7 +491,6 @@ class Constructor:
                     total += loss.detach()
                     steps += 1
         finally:
-            guard.remove()
             if suppress is not None:
                 suppress.remove()
         return float(total) / max(steps, 1)

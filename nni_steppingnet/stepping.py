@@ -22,7 +22,7 @@ from ._inputs import call_model
 from .errors import CheckpointError, UnsupportedModelError
 from .graph import INPUT_SLOT, GraphSpec, LayerSpec, discover_layers
 
-__all__ = ["SteppingNet", "NeuronGroup", "STATE_FORMAT"]
+__all__ = ["SteppingNet", "NeuronGroup", "RunningStatsGuard", "STATE_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,92 @@ def _check_assignment(name: str, size: int, num_subnets: int, tensor: torch.Tens
         raise ValueError(f"assignment of group {name!r} has values in [{int(tensor.min())}, "
                          f"{int(tensor.max())}]; allowed are 1..{num_subnets} (subnets) and "
                          f"{num_subnets + 1} (unused)")
+
+
+class RunningStatsGuard:
+    """Keep a BatchNorm's running statistics of channels outside the active subnet unchanged.
+
+    In subnet ``s`` the channels of neurons with index ``> s`` carry zeros; a BN layer in
+    training mode would still fold those zeros into its running mean and variance, so training
+    the small subnets drags the statistics of the larger subnets' channels toward zero (with
+    momentum 0.1 and subnets trained in turn, a subnet-3 channel of a 4-subnet net ends near 55%
+    of its true statistics). The guard saves those channels' running statistics before every
+    training-mode BN forward and puts them back after it, so every channel's statistics come only
+    from subnets that compute it (whose values are identical by the isolation property).
+
+    Every :class:`SteppingNet` installs one at wrap time, so any training loop that calls the
+    model under ``net.subnet(s)`` gets it. The hooks read ``net.active_subnet`` and the
+    assignment at forward time; :meth:`remove` detaches them.
+    """
+
+    def __init__(self, net: "SteppingNet") -> None:
+        self.net = net
+        self._handles: list[Any] = []
+        self._saved: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._cache_key: tuple[Any, ...] = ()
+        modules = dict(net.model.named_modules())
+        for name, positions in net.channel_modules.items():
+            module = modules.get(name)
+            if not isinstance(module, nn.modules.batchnorm._NormBase) or not module.track_running_stats:
+                continue
+            if module.running_mean is None or module.running_mean.numel() != positions.numel():
+                continue
+            self._handles.append(module.register_forward_pre_hook(self._pre(name, positions)))
+            self._handles.append(module.register_forward_hook(self._post(name)))
+
+    def _inactive(self, name: str, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
+        net = self.net
+        s = net.active_subnet
+        signature = (net._signature_now(), s)
+        if signature != self._cache_key:
+            self._cache.clear()
+            self._cache_key = signature
+        index = self._cache.get((name, device))
+        if index is None:
+            index = (net.flat_assignment()[positions] > s).nonzero().flatten().to(device)
+            self._cache[(name, device)] = index
+        return index
+
+    def _pre(self, name: str, positions: torch.Tensor) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            if not module.training:
+                return None
+            mean, var = module.running_mean, module.running_var
+            index = self._inactive(name, positions, mean.device)
+            if index.numel():
+                self._saved[name] = (index, mean.index_select(0, index), var.index_select(0, index))
+            return None
+
+        return hook
+
+    def _post(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            saved = self._saved.pop(name, None)
+            if saved is not None:
+                index, mean, var = saved
+                # Through .data: the BN op saved the running buffers for its backward (which does
+                # not read them in training mode), so a tracked in-place write would fail there.
+                module.running_mean.data.index_copy_(0, index, mean)
+                module.running_var.data.index_copy_(0, index, var)
+            return None
+
+        return hook
+
+    def detach_from(self, model: nn.Module) -> None:
+        """Drop this guard's hooks from a deep copy of the guarded model."""
+        ids = {handle.id for handle in self._handles}
+        for module in model.modules():
+            for hook_id in ids:
+                module._forward_pre_hooks.pop(hook_id, None)
+                module._forward_hooks.pop(hook_id, None)
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._saved.clear()
 
 
 class _SubnetMask(nn.Module):
@@ -144,6 +230,7 @@ class SteppingNet:
         self._root_hook = model.register_forward_pre_hook(_refresh_hook(self))
         if verify:
             self._verify_isolation()
+        self.bn_guard = RunningStatsGuard(self)
 
     # ----------------------------------------------------------------- assignment
     @property
@@ -403,7 +490,9 @@ class SteppingNet:
             self._check_subnet(s)
         self.refresh()
         model = copy.deepcopy(self.model)
+        # Hooks are copied by reference and would act on the copy with this net's assignment.
         model._forward_pre_hooks.pop(self._root_hook.id, None)
+        self.bn_guard.detach_from(model)
         for k, layer in enumerate(self.layers):
             module = model.get_submodule(layer.name)
             trainable = module.parametrizations.weight.original
@@ -481,6 +570,8 @@ class SteppingNet:
                 # the state_dict keys come out in the plain model's order.
                 _weight_first(layer.module)
         self._root_hook.remove()
+        if hasattr(self, "bn_guard"):
+            self.bn_guard.remove()
         return self.model
 
     def summary(self) -> str:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .data import to_device
 from .importance import register_suppression, unregister_suppression
-from .stepping import SteppingNet
+from .stepping import RunningStatsGuard, SteppingNet
 
 __all__ = [
     "SubnetModel",
@@ -231,83 +231,6 @@ class BetaSuppression:
             unregister_suppression(self.net)
 
 
-class RunningStatsGuard:
-    """Keep a BatchNorm's running statistics of channels outside the active subnet unchanged.
-
-    In subnet ``s`` the channels of neurons with index ``> s`` carry zeros; a BN layer in
-    training mode would still fold those zeros into its running mean and variance, so training
-    the small subnets drags the statistics of the larger subnets' channels toward zero (with
-    momentum 0.1 and subnets trained in turn, a subnet-3 channel of a 4-subnet net ends near 55%
-    of its true statistics). The guard saves those channels' running statistics before every
-    training-mode BN forward and puts them back after it, so every channel's statistics come only
-    from subnets that compute it (whose values are identical by the isolation property).
-
-    The hooks read ``net.active_subnet`` and the assignment at forward time; :meth:`remove`
-    detaches them.
-    """
-
-    def __init__(self, net: SteppingNet) -> None:
-        if not isinstance(net, SteppingNet):
-            raise TypeError(f"RunningStatsGuard needs a SteppingNet, got {type(net).__name__}")
-        self.net = net
-        self._handles: list[Any] = []
-        self._saved: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._cache_key: tuple[Any, ...] = ()
-        modules = dict(net.model.named_modules())
-        for name, positions in net.channel_modules.items():
-            module = modules.get(name)
-            if not isinstance(module, nn.modules.batchnorm._NormBase) or not module.track_running_stats:
-                continue
-            if module.running_mean is None or module.running_mean.numel() != positions.numel():
-                continue
-            self._handles.append(module.register_forward_pre_hook(self._pre(name, positions)))
-            self._handles.append(module.register_forward_hook(self._post(name)))
-
-    def _inactive(self, name: str, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
-        net = self.net
-        s = net.active_subnet
-        signature = (net._signature_now(), s)
-        if signature != self._cache_key:
-            self._cache.clear()
-            self._cache_key = signature
-        index = self._cache.get((name, device))
-        if index is None:
-            index = (net.flat_assignment()[positions] > s).nonzero().flatten().to(device)
-            self._cache[(name, device)] = index
-        return index
-
-    def _pre(self, name: str, positions: torch.Tensor) -> Any:
-        def hook(module: nn.Module, args: Any) -> None:
-            if not module.training:
-                return None
-            mean, var = module.running_mean, module.running_var
-            index = self._inactive(name, positions, mean.device)
-            if index.numel():
-                self._saved[name] = (index, mean.index_select(0, index), var.index_select(0, index))
-            return None
-
-        return hook
-
-    def _post(self, name: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            saved = self._saved.pop(name, None)
-            if saved is not None:
-                index, mean, var = saved
-                # Through .data: the BN op saved the running buffers for its backward (which does
-                # not read them in training mode), so a tracked in-place write would fail there.
-                module.running_mean.data.index_copy_(0, index, mean)
-                module.running_var.data.index_copy_(0, index, var)
-            return None
-
-        return hook
-
-    def remove(self) -> None:
-        """Detach the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._saved.clear()
 
 
 def _check_beta(beta: float) -> None:
@@ -419,7 +342,6 @@ def train_subnets_epoch(
     model.to(device)
     model.train()
     hooks: BetaSuppression | None = None
-    guard = RunningStatsGuard(target) if isinstance(target, SteppingNet) else None
     if beta is not None and beta != 1.0:
         if not isinstance(target, SteppingNet):
             raise ValueError("beta suppression needs a SteppingNet target (it reads the neuron "
@@ -456,8 +378,6 @@ def train_subnets_epoch(
     finally:
         if hooks is not None:
             hooks.remove()
-        if guard is not None:
-            guard.remove()
         if teacher is not None and teacher_was_training:
             teacher.train()
     return total / steps if steps else float("nan")

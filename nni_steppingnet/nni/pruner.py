@@ -55,7 +55,7 @@ from nni.compression.utils import Evaluator
 from ..construct import ConstructionConfig, ConstructionResult, Constructor
 from ..graph import WEIGHTED_TYPES
 from ..stepping import SteppingNet
-from ..train import BetaSuppression, RunningStatsGuard
+from ..train import BetaSuppression
 
 __all__ = ["SteppingNetPruner", "NNIMasks", "selected_layers"]
 
@@ -456,9 +456,6 @@ class _LoopDriver:
         self._kd_output: Any = None
         beta = pruner.beta
         self.suppression = BetaSuppression(self.net, 1, beta) if beta is not None and beta != 1.0 else None
-        # As in Constructor and train_subnets_epoch: BN running statistics of channels outside
-        # the subnet being trained stay untouched.
-        self.guard = RunningStatsGuard(self.net)
 
     # ----------------------------------------------------------------- phases
     def start(self) -> bool:
@@ -557,7 +554,6 @@ class _LoopDriver:
         self._subnet_stack.close()
         if self.suppression is not None:
             self.suppression.remove()
-        self.guard.remove()
         for handle in self._handles:
             handle.remove()
         self._handles = []
