@@ -320,7 +320,9 @@ def _build_section(cls: type, raw: Any, section: str, source: str) -> Any:
 def _build_recipe(raw: Mapping[str, Any], source: str) -> Recipe:
     if not isinstance(raw, Mapping):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping of sections, got {type(raw).__name__}")
-    allowed = list(_TOP_SCALARS) + list(_SECTIONS)
+    # ``tune:`` belongs to ``nni-steppingnet tune``, which validates it; ``run`` ignores it so
+    # one recipe file serves both commands.
+    allowed = list(_TOP_SCALARS) + list(_SECTIONS) + ["tune"]
     for key in raw:
         if key not in allowed:
             raise RecipeError(f"{source}: unknown key '{key}'{_did_you_mean(str(key), allowed)}")

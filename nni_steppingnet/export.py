@@ -27,6 +27,9 @@ class ExportReport:
     nonzero_macs: int
     #: what a dense kernel spends on the Conv/Linear layers, zeros of masked synapses included
     dense_macs: int
+    #: torch-pruning's ``count_ops_and_params`` on the exported model (per sample; it also counts
+    #: BN, pooling and element-wise ops, so it is a little above ``dense_macs``)
+    torch_pruning_macs: int
     params: int
 
 
@@ -126,7 +129,9 @@ def export_with_report(net: "SteppingNet", s: int) -> tuple[nn.Module, ExportRep
     # already per sample and also counts BN/pooling ops, so it is not comparable).
     report = ExportReport(subnet=s, nonzero_macs=count_macs(model, net.example_inputs, nonzero=True),
                           dense_macs=count_macs(model, net.example_inputs),
+                          torch_pruning_macs=int(tp.utils.count_ops_and_params(model, net.example_inputs)[0]),
                           params=sum(p.numel() for p in model.parameters()))
-    logger.info("exported subnet %d: %s nonzero MACs, %s dense MACs, %s params", s,
-                f"{report.nonzero_macs:,}", f"{report.dense_macs:,}", f"{report.params:,}")
+    logger.info("exported subnet %d: %s nonzero MACs, %s dense MACs (torch-pruning: %s), %s params", s,
+                f"{report.nonzero_macs:,}", f"{report.dense_macs:,}", f"{report.torch_pruning_macs:,}",
+                f"{report.params:,}")
     return model, report

@@ -145,7 +145,8 @@ def _export(args: argparse.Namespace) -> int:
     save_checkpoint({k: v for k, v in module.state_dict().items()}, state_path)
     ratio = report.nonzero_macs / loaded.reference_macs
     print(f"subnet {args.subnet} of {loaded.recipe.name}: {report.nonzero_macs:,} nonzero MACs "
-          f"({100 * ratio:.2f}% of the original), {report.dense_macs:,} dense MACs, {report.params:,} params")
+          f"({100 * ratio:.2f}% of the original), {report.dense_macs:,} dense MACs "
+          f"(torch-pruning counter: {report.torch_pruning_macs:,}), {report.params:,} params")
     print(f"max |exported - subnet| on the example inputs: {max_diff:.3g}")
     print(f"module: {out} (torch.load(path, weights_only=False)); state_dict: {state_path}")
     return 0

@@ -259,3 +259,12 @@ def test_describe_keys_covers_every_key_with_its_default() -> None:
     assert flat | {"name", "description", "seed"} == set(rows)
     assert rows["construction.beta"][0] == 0.9 and rows["construction.iterations"][0] == 300
     assert all(doc for _, doc in rows.values())
+
+
+def test_tune_section_is_accepted_by_run_recipes(tmp_path: Path) -> None:
+    """One recipe file serves `run` and `tune`: `run` ignores the tune section."""
+    raw = load_recipe("quickstart").to_dict()
+    raw["tune"] = {"trials": 4, "concurrency": 2}
+    path = tmp_path / "with_tune.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert load_recipe(path).to_dict() == load_recipe("quickstart").to_dict() | {"name": raw["name"]}

@@ -81,6 +81,7 @@ def test_export_matches_masked_forward_and_macs(wrapped: tuple[SteppingNet, tupl
         # (random weights are never exactly zero).
         assert macs(exported, x, nonzero=True) == net.macs(s) == report.nonzero_macs
         assert report.subnet == s and report.nonzero_macs <= report.dense_macs == macs(exported, x)
+        assert report.torch_pruning_macs >= report.dense_macs  # it also counts BN/pool ops
         assert report.params == sum(p.numel() for p in exported.parameters())
         dense_sizes.append(report.dense_macs)
         # Physically smaller: every layer keeps exactly its channels of subnet <= s, or one

@@ -24,6 +24,7 @@ from nni_steppingnet.config import load_recipe
 from nni_steppingnet.data import DatasetInfo
 from nni_steppingnet.errors import CheckpointError
 from nni_steppingnet.flow import (
+    build_data,
     build_model,
     evaluate_checkpoint,
     load_checkpoint,
@@ -114,8 +115,6 @@ def test_checkpoint_loads_back_with_the_same_accuracy(cli_run: Path) -> None:
     res = _results(cli_run)
     net = loaded.net
     assert [net.macs(s) for s in range(1, 5)] == [s["macs"] for s in res["subnets"]]
-    from nni_steppingnet.flow import build_data
-
     _, test_loader, _ = build_data(loaded.recipe, "cpu")
     assert evaluate(net, test_loader) == [s["accuracy"] for s in res["subnets"]]
 
