@@ -202,6 +202,9 @@ def test_slimmable_has_private_batchnorm_per_width() -> None:
     assert sorted(net.channel_modules) == ["features.1.bns.0", "features.1.bns.1",
                                            "features.5.bns.0", "features.5.bns.1"]
     bn = net.model.features[1]
+    # the running-statistics guard hooks the per-width copies (and nothing else)
+    hooked = [n for n, m in net.model.named_modules() if m._forward_pre_hooks]
+    assert hooked == ["", "features.1.bns.0", "features.1.bns.1", "features.5.bns.0", "features.5.bns.1"]
     stats = [b.running_mean.clone() for b in bn.bns]
     net.model.train()
     with net.subnet(2):

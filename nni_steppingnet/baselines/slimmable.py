@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..stepping import RunningStatsGuard
 from .widths import SlicedNet, WidthPlan, search_widths
 
 __all__ = ["SlimmableNet", "SwitchableBatchNorm", "make_slimmable"]
@@ -87,6 +88,11 @@ class SlimmableNet(SlicedNet):
         names = [name for name, m in self.model.named_modules() if isinstance(m, _BatchNorm) and name]
         if isinstance(self.model, _BatchNorm):
             raise ValueError("the model itself is a BatchNorm module; wrap a network that contains it")
+        # SteppingNet's running-statistics guard hooks the original BN modules: detach it before
+        # copying them (hooks would be copied by reference) and hook the per-width copies instead.
+        guard = getattr(self, "bn_guard", None)
+        if guard is not None:
+            guard.remove()
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
@@ -95,6 +101,8 @@ class SlimmableNet(SlicedNet):
             if positions is not None:
                 for s in range(self.num_subnets):
                     self.channel_modules[f"{name}.bns.{s}"] = positions
+        if guard is not None:
+            self.bn_guard = RunningStatsGuard(self)
         logger.debug("switchable BN for %d modules: %s", len(names), names)
 
     # ---------------------------------------------------------------------- masks
