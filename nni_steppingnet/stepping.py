@@ -311,6 +311,7 @@ class SteppingNet:
     # ---------------------------------------------------------------------- masks
     def structural_mask(self, layer: int | str, s: int, flat: torch.Tensor | None = None) -> torch.Tensor:
         """Bool ``[out, in/groups]`` mask of the no-backward-synapse rule for subnet ``s``."""
+        self._check_subnet(s)
         k = self._layer_index[layer] if isinstance(layer, str) else layer
         a_out, a_in = self.layer_assignment(k, flat)
         if self.layers[k].is_logits:

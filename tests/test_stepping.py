@@ -234,6 +234,10 @@ def test_subnet_index_outside_range_raises(lenet: SteppingNet, s: Any) -> None:
         lenet.layer_macs(s)
     with pytest.raises(ValueError, match=message):
         lenet.export_subnet(s)
+    with pytest.raises(ValueError, match=message):
+        lenet.structural_mask(0, s)
+    with pytest.raises(ValueError, match=message):
+        lenet.weight_mask(0, s)
     assert lenet.active_subnet == N
 
 
