@@ -322,6 +322,7 @@ class SteppingNet:
 
     def weight_mask(self, layer: int | str, s: int) -> torch.Tensor:
         """Float weight-shaped mask of subnet ``s``: structure times unstructured pruning."""
+        self._check_subnet(s)
         k = self._layer_index[layer] if isinstance(layer, str) else layer
         key = (k, s)
         mask = self._cache.get(key)
