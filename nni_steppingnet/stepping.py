@@ -42,6 +42,9 @@ class NeuronGroup:
         self.size = size
         self._num_subnets = num_subnets
         self._assignment = torch.ones(size, dtype=torch.long)
+        # Bumped on every replacement: id() of a freed tensor can be reused, so caches key on this
+        # (with the tensor's _version for in-place edits).
+        self.generation = 0
 
     @property
     def assignment(self) -> torch.Tensor:
@@ -52,6 +55,7 @@ class NeuronGroup:
         tensor = torch.as_tensor(value)
         _check_assignment(self.name, self.size, self._num_subnets, tensor)
         self._assignment = tensor.to(dtype=torch.long, device="cpu").clone()
+        self.generation += 1
 
     def __repr__(self) -> str:
         counts = torch.bincount(self._assignment, minlength=self._num_subnets + 2)[1:].tolist()
@@ -291,7 +295,7 @@ class SteppingNet:
         return a_out, flat[self._in_pos[k]]
 
     def _signature_now(self) -> tuple[Any, ...]:
-        return tuple((id(g._assignment), g._assignment._version) for g in self.groups)
+        return tuple((g.generation, g._assignment._version) for g in self.groups)
 
     def refresh(self) -> None:
         """Drop cached masks if any assignment changed (called before every model forward)."""
@@ -323,6 +327,7 @@ class SteppingNet:
     def weight_mask(self, layer: int | str, s: int) -> torch.Tensor:
         """Float weight-shaped mask of subnet ``s``: structure times unstructured pruning."""
         self._check_subnet(s)
+        self.refresh()
         k = self._layer_index[layer] if isinstance(layer, str) else layer
         key = (k, s)
         mask = self._cache.get(key)

@@ -504,3 +504,14 @@ def test_loading_into_a_different_model_raises_checkpoint_error(tiny_model: Call
     with pytest.raises(CheckpointError, match="not a SteppingNet state"):
         fewer.load_state_dict({"format": "something else"})
     assert torch.equal(other.flat_assignment(), torch.ones_like(other.flat_assignment()))
+
+
+def test_replacing_an_assignment_twice_never_serves_stale_masks(lenet: SteppingNet) -> None:
+    """Caches must not key on id(): a freed assignment tensor's id can be reused at once."""
+    group = lenet.groups[0]
+    for k in range(50):
+        values = torch.full((group.size,), 1 + k % 2, dtype=torch.long)
+        group.assignment = values.clone()
+        group.assignment = values  # replaced again with no forward in between
+        expected = lenet.structural_mask(0, 1, lenet.flat_assignment()).sum()
+        assert lenet.weight_mask(0, 1).sum() == expected * lenet.weight_mask(0, 1)[0, 0].numel()

@@ -508,7 +508,7 @@ def plot_compare(
         ax.set_ylabel("accuracy (%)")
         ax.set_title(panel_title)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
