@@ -4,7 +4,8 @@ The factories are session-scoped (they hold no state), so module-scoped fixtures
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 import pytest
 import timm
@@ -14,7 +15,7 @@ import torch.nn as nn
 import nni_steppingnet.models  # noqa: F401  (registers lenet3c1l, lenet5, vgg16_cifar with timm)
 from nni_steppingnet import SteppingNet
 
-__all__ = ["tiny_model", "random_assignment", "randomize_bn"]
+__all__ = ["tiny_model", "random_assignment", "randomize_bn", "no_orphans", "forget_nni_experiments"]
 
 TinyModelFactory = Callable[..., nn.Module]
 RandomAssignment = Callable[..., torch.Tensor]
@@ -85,3 +86,61 @@ def randomize_bn() -> RandomizeBN:
     """``randomize_bn(model, seed=0)``: random BN running stats and affine parameters, so that a
     channel read from the wrong place changes the output (fresh BN is the identity in eval)."""
     return _randomize_bn
+
+
+# ----------------------------------------------------- NNI experiments (psutil/NNI load lazily)
+def _alive(process: Any) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture
+def forget_nni_experiments() -> Iterator[None]:
+    """Drop the experiments a test started from NNI's registry (~/nni-experiments/.experiment)."""
+    from nni.tools.nnictl.config_utils import Experiments
+
+    before = set(Experiments().get_all_experiments())
+    yield
+    registry = Experiments()
+    for experiment_id in set(registry.get_all_experiments()) - before:
+        registry.remove_experiment(experiment_id)
+
+
+@pytest.fixture
+def no_orphans() -> Iterator[dict[int, Any]]:
+    """Watch every process this test starts (NNI manager, trials): none may outlive the test."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    seen: dict[int, psutil.Process] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                for p in me.children(recursive=True):
+                    if p.pid not in before:
+                        seen.setdefault(p.pid, p)
+            except psutil.Error:
+                pass
+            stop.wait(0.2)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    yield seen
+    stop.set()
+    watcher.join()
+    left = [p for p in seen.values() if _alive(p)]
+    described = []
+    for p in left:
+        try:
+            described.append((p.pid, " ".join(p.cmdline())[:120]))
+            p.kill()
+        except psutil.Error:
+            pass
+    assert not left, f"processes left behind: {described}"

@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,58 +41,8 @@ SPACE = {
     "gamma": {"_type": "uniform", "_value": [0.2, 0.8]},
 }
 
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-@pytest.fixture(autouse=True)
-def _forget_test_experiments() -> Iterator[None]:
-    """Drop the experiments a test started from NNI's registry (~/nni-experiments/.experiment)."""
-    from nni.tools.nnictl.config_utils import Experiments
-
-    before = set(Experiments().get_all_experiments())
-    yield
-    registry = Experiments()
-    for experiment_id in set(registry.get_all_experiments()) - before:
-        registry.remove_experiment(experiment_id)
-
-
-@pytest.fixture
-def no_orphans() -> Iterator[dict[int, psutil.Process]]:
-    """Watch every process this test starts (NNI manager, trials): none may outlive the test."""
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    seen: dict[int, psutil.Process] = {}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            try:
-                for p in me.children(recursive=True):
-                    if p.pid not in before:
-                        seen.setdefault(p.pid, p)
-            except psutil.Error:
-                pass
-            stop.wait(0.2)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
-    yield seen
-    stop.set()
-    watcher.join()
-    left = [p for p in seen.values() if _alive(p)]
-    described = []
-    for p in left:
-        try:
-            described.append((p.pid, " ".join(p.cmdline())[:120]))
-            p.kill()
-        except psutil.Error:
-            pass
-    assert not left, f"processes left behind: {described}"
+# Every test here drops the NNI experiments it started from NNI's registry (conftest).
+pytestmark = pytest.mark.usefixtures("forget_nni_experiments")
 
 
 def _free_port(pair: bool) -> int:

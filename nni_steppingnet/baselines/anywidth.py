@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
-from .widths import SlicedNet, WidthPlan, search_widths
+from .widths import SlicedNet, WidthPlan, wrap_with_widths
 
 __all__ = ["AnyWidthNet", "make_anywidth"]
 
@@ -49,8 +49,5 @@ def make_anywidth(
 ) -> tuple[AnyWidthNet, WidthPlan]:
     """Wrap ``model`` as an any-width network with one subnet per budget, widths searched so that
     every subnet's MACs are within ``tolerance`` of ``budgets[s-1] * reference_macs``."""
-    net = AnyWidthNet(model, example_inputs, len(budgets), classifier=classifier, exclude=exclude,
-                      verify=verify)
-    plan = search_widths(net, budgets, reference_macs, tolerance=tolerance)
-    logger.info("any-width widths %s, MAC ratios %s", plan.counts, [round(r, 4) for r in plan.mac_ratios])
-    return net, plan
+    return wrap_with_widths(AnyWidthNet, model, example_inputs, budgets, reference_macs, tolerance=tolerance,
+                            classifier=classifier, exclude=exclude, verify=verify)

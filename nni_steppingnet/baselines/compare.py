@@ -777,17 +777,17 @@ def main(args: argparse.Namespace) -> int:
     try:
         if command == "compare":
             methods = [m for m in args.methods.split(",") if m.strip()]
-            report = run_compare(recipe, out, methods=methods, seeds=seeds, device=args.device, amp=args.amp,
-                                 progress=progress, resume=args.resume, baseline_beta=args.baseline_beta,
-                                 tolerance=args.tolerance, reporter=report_stage)
+            run_compare(recipe, out, methods=methods, seeds=seeds, device=args.device, amp=args.amp,
+                        progress=progress, resume=args.resume, baseline_beta=args.baseline_beta,
+                        tolerance=args.tolerance, reporter=report_stage)
         else:
             expansions: list[float] = []
             if args.expansions.strip().lower() not in ("", "none"):
                 expansions = parse_list(args.expansions, float, "--expansions")
             variants = None if args.variants is None else [v.strip() for v in args.variants.split(";") if v.strip()]
-            report = run_ablate(recipe, out, seeds=seeds, expansions=expansions, variants=variants,
-                                device=args.device, amp=args.amp, progress=progress, resume=args.resume,
-                                reporter=report_stage)
+            run_ablate(recipe, out, seeds=seeds, expansions=expansions, variants=variants,
+                       device=args.device, amp=args.amp, progress=progress, resume=args.resume,
+                       reporter=report_stage)
     finally:
         reporter.close()
     print((out / f"{command}.md").read_text(encoding="utf-8"))

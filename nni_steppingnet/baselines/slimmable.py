@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stepping import RunningStatsGuard
-from .widths import SlicedNet, WidthPlan, search_widths
+from .widths import SlicedNet, WidthPlan, wrap_with_widths
 
 __all__ = ["SlimmableNet", "SwitchableBatchNorm", "make_slimmable"]
 
@@ -179,11 +179,8 @@ def make_slimmable(
 ) -> tuple[SlimmableNet, WidthPlan]:
     """Wrap ``model`` as a slimmable network with one subnet per budget, widths searched so that
     every subnet's MACs are within ``tolerance`` of ``budgets[s-1] * reference_macs``."""
-    net = SlimmableNet(model, example_inputs, len(budgets), classifier=classifier, exclude=exclude,
-                       verify=verify)
-    plan = search_widths(net, budgets, reference_macs, tolerance=tolerance)
-    logger.info("slimmable widths %s, MAC ratios %s", plan.counts, [round(r, 4) for r in plan.mac_ratios])
-    return net, plan
+    return wrap_with_widths(SlimmableNet, model, example_inputs, budgets, reference_macs, tolerance=tolerance,
+                            classifier=classifier, exclude=exclude, verify=verify)
 
 
 def _unswitch(model: nn.Module, index: int) -> None:

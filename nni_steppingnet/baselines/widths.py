@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,7 @@ __all__ = [
     "check_counts",
     "check_budgets",
     "search_widths",
+    "wrap_with_widths",
     "structural_macs",
 ]
 
@@ -347,3 +348,26 @@ def search_widths(
                            "slices cannot reach it; widen the model or lower the budget)", s, r, b, tolerance)
     return WidthPlan(counts=done, fractions=fractions, macs=macs, mac_ratios=ratios, budgets=budgets,
                      reference_macs=int(reference_macs), tolerance=float(tolerance), budgets_met=met)
+
+
+SlicedNetT = TypeVar("SlicedNetT", bound=SlicedNet)
+
+
+def wrap_with_widths(
+    cls: type[SlicedNetT],
+    model: nn.Module,
+    example_inputs: Any,
+    budgets: Sequence[float],
+    reference_macs: int,
+    *,
+    tolerance: float = 0.02,
+    classifier: nn.Module | str | None = None,
+    exclude: Sequence[nn.Module] = (),
+    verify: bool = True,
+) -> tuple[SlicedNetT, WidthPlan]:
+    """Wrap ``model`` as a ``cls`` network with one subnet per budget, widths searched so that
+    every subnet's MACs are within ``tolerance`` of ``budgets[s-1] * reference_macs``."""
+    net = cls(model, example_inputs, len(budgets), classifier=classifier, exclude=exclude, verify=verify)
+    plan = search_widths(net, budgets, reference_macs, tolerance=tolerance)
+    logger.info("%s widths %s, MAC ratios %s", net.method, plan.counts, [round(r, 4) for r in plan.mac_ratios])
+    return net, plan
