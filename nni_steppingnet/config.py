@@ -2,7 +2,8 @@
 
 A recipe names the dataset, the ORIGINAL network, the subnets (count, MAC budgets as fractions of
 the original network's MACs, expansion ratio of the network being constructed), the teacher, the
-construction loop and the retraining. Bundled recipes live in ``nni_steppingnet/recipes/*.yaml``
+construction loop and the retraining. Bundled recipes live in the repository's top-level
+``recipes/*.yaml`` (installed as the package ``nni_steppingnet.recipes``, see :func:`recipes_dir`)
 and resolve by name from any working directory; a path to a YAML file works as well.
 
 Every key is checked: an unknown key, a value of the wrong type or out of range is a
@@ -447,8 +448,24 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
 
 # --------------------------------------------------------------------------- files and names
 def recipes_dir() -> Path:
-    """The folder of the bundled recipes (inside the installed package)."""
-    return Path(str(resources.files("nni_steppingnet") / "recipes"))
+    """The folder of the bundled recipes: the repository's top-level ``recipes/`` folder.
+
+    There is one copy. Installed (``pip install .`` or ``pip install -e .``), the folder is the
+    package ``nni_steppingnet.recipes`` (pyproject.toml maps that package to ``recipes/``): inside
+    the installed package, or the checkout's ``recipes/`` for an editable install. Imported from a
+    checkout that is not installed (``PYTHONPATH=.``, or a stale editable install), the mapping is
+    not active and the folder is found next to the package directory instead.
+    """
+    try:
+        folder: Path | None = Path(str(resources.files("nni_steppingnet.recipes")))
+    except (ImportError, TypeError):  # TypeError: a namespace package without a location
+        folder = None
+    if folder is not None and folder.is_dir():
+        return folder
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    if (checkout / "__init__.py").is_file() and (checkout.parent / "pyproject.toml").is_file():
+        return checkout
+    return folder if folder is not None else checkout
 
 
 def _is_recipe_file(path: Path) -> bool:

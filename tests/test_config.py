@@ -21,6 +21,8 @@ from nni_steppingnet.config import (
     recipes_dir,
 )
 
+REPO = Path(__file__).resolve().parents[1]
+
 PAPER = {
     # name: (model, dataset, budgets, expansion, m)
     "lenet3c1l_cifar10": ("lenet3c1l", "cifar10", [0.10, 0.30, 0.50, 0.85], 1.8, 250),
@@ -232,6 +234,51 @@ def test_search_space_files_are_not_recipes(tmp_path: Path) -> None:
     for path in recipes_dir().glob("*.yaml"):
         raw = yaml.safe_load(path.read_text())
         assert (path.stem in list_recipes()) == ("steppingnet" in raw and "model" in raw)
+
+
+def test_every_yaml_in_the_top_level_recipes_folder_is_a_recipe_or_search_space() -> None:
+    from nni_steppingnet.nni.search_space import load_search_space, validate_search_space
+
+    folder = REPO / "recipes"
+    files = sorted(folder.glob("*.yaml"))
+    assert files, f"no YAML files in {folder}"
+    assert not (REPO / "nni_steppingnet" / "recipes").exists(), "recipes/ at the top level is the only copy"
+    assert sorted(p.name for p in recipes_dir().glob("*.yaml")) == [p.name for p in files]
+    names = list_recipes()
+    for path in files:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert isinstance(raw, dict), f"{path.name}: not a YAML mapping"
+        if path.stem.startswith("search_space_"):
+            assert path.stem not in names
+            space = load_search_space(path.stem[len("search_space_"):])
+            assert space == raw
+            validate_search_space(space, load_recipe("quickstart"))
+        else:
+            assert path.stem in names, f"{path.name} is neither a listed recipe nor a search space"
+            assert load_recipe(path) == load_recipe(path.stem)
+
+
+def test_recipes_dir_is_found_from_an_uninstalled_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nni_steppingnet.config as config
+
+    if Path(config.__file__).resolve().parent.parent != REPO:
+        pytest.skip("nni_steppingnet is imported from an installed copy, not this checkout")
+
+    def missing(package: str) -> None:
+        raise ModuleNotFoundError(f"No module named {package!r}")
+
+    monkeypatch.setattr(config.resources, "files", missing)
+    assert recipes_dir() == REPO / "recipes"
+    assert "quickstart" in list_recipes()
+
+
+def test_pyproject_lists_every_package_and_maps_the_recipes() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    setuptools_config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "nni_steppingnet").rglob("__init__.py")}
+    assert set(setuptools_config["packages"]) == on_disk | {"nni_steppingnet.recipes"}
+    assert setuptools_config["package-dir"] == {"nni_steppingnet.recipes": "recipes"}
+    assert setuptools_config["package-data"]["nni_steppingnet.recipes"] == ["*.yaml"]
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
