@@ -120,9 +120,15 @@ def _timed(fn: Callable[[], Any]) -> float:
     return CLOCK() - begin
 
 
-def measure(net: SteppingNet, batch: int, repeats: int, warmup: int, seed: int) -> dict[str, Any]:
+def measure(net: SteppingNet, batch: int, repeats: int, warmup: int, seed: int,
+            layouts: tuple[str, ...] = ("auto",)) -> dict[str, Any]:
+    """Time the runner (one per layout; the first is reported in full, the others as ratios)
+    against the exported dense subnets, interleaved in every repeat."""
     n_sub = net.num_subnets
-    runner = IncrementalRunner(net)
+    runners = [IncrementalRunner(net, layout=layout) for layout in layouts]
+    runner = runners[0]
+    others: dict[str, tuple[list[list[float]], list[list[float]]]] = {
+        layout: ([[] for _ in range(n_sub)], [[] for _ in range(n_sub)]) for layout in layouts[1:]}
     exported = [net.export_subnet(s).eval() for s in range(1, n_sub + 1)]
     x = torch.randn(batch, 3, *net.example_inputs.shape[2:], generator=torch.Generator().manual_seed(seed))
     macs = [net.macs(s) for s in range(1, n_sub + 1)]
@@ -139,8 +145,18 @@ def measure(net: SteppingNet, batch: int, repeats: int, warmup: int, seed: int) 
             times = [_timed(lambda: runner.start(x))]
             times += [_timed(runner.step) for _ in range(1, n_sub)]
             export_times = [_timed(lambda m=m: m(x)) for m in exported]
+            other_times = {}
+            for layout, other in zip(layouts[1:], runners[1:]):
+                other_times[layout] = [_timed(lambda o=other: o.start(x))]
+                other_times[layout] += [_timed(other.step) for _ in range(1, n_sub)]
             if r < warmup:
                 continue
+            for layout, (o_steps, o_reach) in others.items():
+                running = 0.0
+                for s in range(n_sub):
+                    running += other_times[layout][s]
+                    o_steps[s].append(other_times[layout][s] / export_times[s])
+                    o_reach[s].append(running / export_times[s])
             total = 0.0
             for s in range(n_sub):
                 total += times[s]
@@ -169,17 +185,24 @@ def measure(net: SteppingNet, batch: int, repeats: int, warmup: int, seed: int) 
             "time_share": step_med / med_reach_n,
             "mac_share": (macs[s] - (macs[s - 1] if s else 0)) / macs[-1],
         })
-    return {"batch": batch, "repeats": repeats, "max_rel_error_vs_export": max_err, "rows": rows}
+        for layout, (o_steps, o_reach) in others.items():
+            rows[-1][f"reach_over_export_{layout}"] = statistics.median(o_reach[s])
+            rows[-1][f"step_over_scratch_{layout}"] = statistics.median(o_steps[s])
+    return {"batch": batch, "repeats": repeats, "max_rel_error_vs_export": max_err, "layout": runner.layout,
+            "compared_layouts": [r.layout for r in runners[1:]], "rows": rows}
 
 
 def _table(title: str, result: dict[str, Any]) -> str:
-    lines = [f"{title}  batch {result['batch']}  (median of {result['repeats']}; max rel. error vs "
-             f"export {result['max_rel_error_vs_export']:.1e})",
-             "  s   MACs/full  step ms  reach ms  export ms  reach/export  step/scratch  time share  MAC share"]
+    extra = [k[len("reach_over_export_"):] for k in result["rows"][0] if k.startswith("reach_over_export_")]
+    lines = [f"{title}  batch {result['batch']}  layout {result['layout']}  (median of {result['repeats']}; "
+             f"max rel. error vs export {result['max_rel_error_vs_export']:.1e})",
+             "  s   MACs/full  step ms  reach ms  export ms  reach/export  step/scratch  time share  MAC share"
+             + "".join(f"  {layout} reach/export" for layout in extra)]
     for row in result["rows"]:
         lines.append(f"  {row['subnet']}   {row['mac_ratio_of_full']:8.3f}  {1e3 * row['step_s']:7.2f}  "
                      f"{1e3 * row['reach_s']:8.2f}  {1e3 * row['export_s']:9.2f}  {row['reach_over_export']:12.2f}  "
-                     f"{row['step_over_scratch']:12.2f}  {row['time_share']:10.3f}  {row['mac_share']:9.3f}")
+                     f"{row['step_over_scratch']:12.2f}  {row['time_share']:10.3f}  {row['mac_share']:9.3f}"
+                     + "".join(f"  {row['reach_over_export_' + layout]:{len(layout) + 13}.2f}" for layout in extra))
     return "\n".join(lines)
 
 
@@ -200,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--construct-iterations", type=int, default=4)
     parser.add_argument("--img", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layouts", nargs="+", default=["auto", "full"], choices=["auto", "delta", "full"],
+                        help="runner layouts, timed side by side; the first is reported in full")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if any(b <= 0 for b in args.batches) or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
@@ -233,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "results": []}
             for batch in args.batches:
                 repeats = args.repeats if batch < 16 else max(3, args.repeats // 3)
-                result = measure(net, batch, repeats, args.warmup, args.seed)
+                result = measure(net, batch, repeats, args.warmup, args.seed, tuple(args.layouts))
                 case["results"].append(result)
                 print(_table(f"{name} ({assignment})", result), flush=True)
             results["cases"].append(case)

@@ -275,6 +275,11 @@ def discover_layers(
         ins = in_pos.get(name)
         if ins is None:
             ins = torch.full((_width(module, "in"),), -2, dtype=torch.long)
+        if (isinstance(module, nn.Conv2d) and module.groups > 1 and not is_logits
+                and module.groups == module.in_channels == module.out_channels and bool((ins == -2).all())):
+            # torch-pruning couples a depthwise conv's inputs with its outputs and does not list the
+            # input side: input channel c is the neuron of output channel c.
+            ins = outs.clone()
         # Unmapped inputs are read from the model input, which belongs to subnet 1; the wrap-time
         # isolation probe catches any input torch-pruning failed to trace.
         ins = torch.where(ins == -2, torch.full_like(ins, INPUT_SLOT), ins)

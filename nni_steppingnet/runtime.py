@@ -1,32 +1,43 @@
 """Incremental (anytime) inference: compute subnet 1, then extend it subnet by subnet.
 
 :class:`IncrementalRunner` holds a plain copy of the model in which only the Conv2d/Linear layers
-are replaced by stage-aware layers; the model's own ``forward`` runs unchanged. Tensors stay
-*full width* in the original channel coordinates. At stage ``s`` a layer computes only its new
-output channels ``O_s = {o : a_out[o] == s}`` from the inputs ``I_s = {i : a_in(i) <= s}``
-(exactly the synapses the subnet mask activates at ``s``), writes them into its cached full-width
-output and returns it; channels of later stages stay zero, and no active weight ever reads them.
-Channel-local operations (BN, activations, pooling, add, multiply, concat, flatten) rerun on the
-full tensors, which costs no multiply-accumulates. The logits layer (and any layer whose outputs
-belong to every subnet) is linear, so it accumulates: stage ``s`` adds the contribution of the
-inputs with ``a_in == s``.
+are replaced by stage-aware layers; the model's own ``forward`` runs unchanged, once per stage.
+At stage ``s`` a layer computes only its new output channels ``O_s = {o : a_out[o] == s}`` from
+the inputs ``I_s = {i : a_in(i) <= s}`` (exactly the synapses the subnet mask activates at ``s``).
+The logits layer (and any layer whose outputs belong to every subnet) is linear, so it
+accumulates: stage ``s`` adds the contribution of the inputs with ``a_in == s``. Each stage
+therefore spends exactly ``net.macs(s) - net.macs(s - 1)`` MACs per sample. The weight slices,
+index tensors and the MAC count of every stage are computed once when the runner is built.
 
-Each stage therefore spends exactly ``net.macs(s) - net.macs(s - 1)`` MACs per sample. The weight
-slices, index tensors and the MAC count of every stage are computed once when the runner is built.
+Two tensor layouts (``layout=``):
+
+* ``"delta"`` (DESIGN.md layout (b)): at stage ``s`` every tensor between layers holds only the
+  channels with index ``== s``, in ascending channel order. A stage layer appends its input delta
+  to the stage-major inputs it keeps from earlier stages, runs its kernel over them (weight
+  columns permuted to that order once) and returns only its new channels. BatchNorm and every
+  other module with per-channel tensors get the stage's slices of those tensors for the duration
+  of the stage, so element-wise work (BN, activations, pooling, adds) runs once per channel over
+  all stages, as in the dense subnet. A stage that adds no channel to a layer yields tensors with
+  zero channels; ops that refuse those (pooling) are answered by :class:`_EmptyChannelsMode`.
+  The model input is fed unchanged at every stage (it belongs to subnet 1; layers that expect no
+  new input at a stage ignore it).
+* ``"full"``: tensors stay full width in the original channel coordinates; a layer writes its new
+  channels into its cached full-width output, and element-wise work reruns on full-width tensors
+  at every stage (``s`` passes to reach subnet ``s``). It works for any forward the wrapper
+  accepts: the model's code may select channels by position or modify outputs in place (the first
+  forward watches version counters and switches such layers to returning copies).
+* ``"auto"`` (default) checks on a random input that the delta layout reproduces the full-width
+  one at every stage, and falls back to ``"full"`` (logged) when it does not: a forward that
+  selects or reorders channels by position, a per-channel tensor the graph does not know, an op
+  that modifies a layer's input in place after the layer read it.
+
 Conv groups of grouped/depthwise convs with equal numbers of new outputs and active inputs share
-one grouped kernel call. A stage that adds nothing to a layer costs that layer no kernel call; a
-stage that adds nothing anywhere skips the model forward entirely.
-
-Cached outputs are returned without a copy. The model's own code may modify a layer's output in
-place (``nn.Hardswish(inplace=True)`` right after a conv): the first forward returns copies and
-watches their version counters, and the layers whose outputs were modified return copies from
-then on; a modification seen later raises instead of silently corrupting the cache. The elementwise
-work (BN, activations, pooling) runs on full-width tensors at every stage: reaching subnet ``s``
-costs ``s`` such passes (see ``benchmarks/README.md``).
+one grouped kernel call. A stage that adds nothing anywhere skips the model forward entirely.
 
 A runner is saved to one file (:meth:`IncrementalRunner.save`) holding an architecture
-fingerprint, the per-layer plans and the weights; :meth:`IncrementalRunner.load` rebuilds it from
-a freshly constructed model of the same definition, without SteppingNet or torch-pruning.
+fingerprint, the per-layer plans, the per-channel assignments of BatchNorm-like modules and the
+weights; :meth:`IncrementalRunner.load` rebuilds it from a freshly constructed model of the same
+definition, without SteppingNet or torch-pruning.
 """
 from __future__ import annotations
 
@@ -36,11 +47,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ._inputs import batch_size, call_model
 from .checkpoint import atomic_write
@@ -49,12 +63,19 @@ from .errors import CheckpointError, UnsupportedModelError
 if TYPE_CHECKING:
     from .stepping import SteppingNet
 
-__all__ = ["IncrementalRunner", "LayerPlan", "RUNTIME_FORMAT", "architecture_fingerprint"]
+__all__ = ["IncrementalRunner", "LayerPlan", "LAYOUTS", "LayoutMismatchError", "RUNTIME_FORMAT",
+           "architecture_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
 #: Format tag of files written by :meth:`IncrementalRunner.save`.
-RUNTIME_FORMAT = "nni_steppingnet.runtime/1"
+RUNTIME_FORMAT = "nni_steppingnet.runtime/2"
+#: Older format tags :meth:`IncrementalRunner.load` still reads (without channel assignments).
+_READABLE_FORMATS = (RUNTIME_FORMAT, "nni_steppingnet.runtime/1")
+#: Tensor layouts of the runner (see the module docstring).
+LAYOUTS = ("auto", "delta", "full")
+#: Largest difference, relative to the largest output, between the two layouts on the check input.
+_LAYOUT_RTOL = 1e-4
 
 #: One fingerprint entry: (module name, module class, [[tensor name, shape], ...]).
 FingerprintEntry = tuple[str, str, list[list[Any]]]
@@ -151,10 +172,12 @@ def _shape_key(inputs: Any) -> _ShapeKey:
 class _RunState:
     """State shared by the runner and all its stage layers during one model forward."""
 
-    __slots__ = ("stage", "probe", "watch", "macs", "positions")
+    __slots__ = ("stage", "probe", "watch", "macs", "positions", "delta")
 
     def __init__(self) -> None:
         self.stage = 0
+        #: the delta layout (tensors hold only the current stage's channels) is running
+        self.delta = False
         self.probe = True
         #: (layer, returned tensor, its version after the layer's writes, from the probe)
         self.watch: list[tuple["_StageLayer", torch.Tensor, int, bool]] = []
@@ -187,6 +210,43 @@ class _Stage:
         self.bias_rows = bias_rows        # new rows without any active input: output = bias
         self.bias_values = bias_values
         self.entries = entries            # active weight entries computed (MACs per position)
+
+
+class _DeltaStage:
+    """Stage ``s`` of the delta layout: what the layer reads, computes and returns at ``s``."""
+
+    __slots__ = ("buckets", "bias_pos", "bias_values", "entries", "n_in", "in_start", "in_end",
+                 "n_new", "direct")
+
+    def __init__(self, buckets: list[_Bucket], bias_pos: torch.Tensor | None, bias_values: torch.Tensor | None,
+                 entries: int, n_in: int, in_start: int, in_end: int, n_new: int, direct: bool) -> None:
+        self.buckets = buckets
+        self.bias_pos = bias_pos          # positions (in the returned delta) of bias-only rows
+        self.bias_values = bias_values
+        self.entries = entries
+        self.n_in = n_in                  # input channels with index == s (the delta read)
+        self.in_start = in_start          # where they go in the stage-major input buffer
+        self.in_end = in_end              # inputs with index <= s: buffer[:, :in_end]
+        self.n_new = n_new                # output channels with index == s (the delta returned)
+        self.direct = direct              # one kernel call yields the whole delta in order
+
+
+class _CallCache:
+    """What one call of a stage layer keeps between stages of the delta layout."""
+
+    __slots__ = ("inputs", "out", "shape", "positions", "pads")
+
+    def __init__(self, inputs: torch.Tensor | None, out: torch.Tensor | None, shape: list[int],
+                 positions: int, pads: tuple[int, ...] | None) -> None:
+        self.inputs = inputs              # inputs of the stages so far, stage-major (non-logits layers)
+        self.out = out                    # accumulated output (logits layers)
+        self.shape = shape                # output shape with the channel dim set to 0
+        self.positions = positions
+        self.pads = pads
+
+
+class LayoutMismatchError(RuntimeError):
+    """The model's forward does not keep the delta layout (found while verifying it)."""
 
 
 def _layer_kind(name: str, module: nn.Module) -> tuple[str, bool]:
@@ -260,8 +320,12 @@ class _StageLayer(nn.Module):
         prune = plan.prune_mask.to(torch.bool).cpu() if plan.prune_mask is not None else None
         self._stages: list[_Stage | None] = [None] + [
             self._build_stage(plan, weight, bias, prune, a_out, col_assign, s) for s in range(1, num_subnets + 1)]
+        self._delta: list[_DeltaStage | None] = [None] + [
+            self._build_delta_stage(plan, weight, bias, prune, a_out, col_assign, s, num_subnets)
+            for s in range(1, num_subnets + 1)]
         self._cache: list[torch.Tensor | None] = []
         self._call_info: list[tuple[int, tuple[int, ...] | None]] = []
+        self._delta_cache: list[_CallCache] = []
         #: calls in the current model forward (a list: nn.Module.__setattr__ is slow per call)
         self._calls = [0]
 
@@ -353,27 +417,126 @@ class _StageLayer(nn.Module):
                 bias_values = bias.index_select(0, bias_rows.to(bias.device)).contiguous()
         return _Stage(buckets, bias_rows, bias_values, entries)
 
-    def stage_is_idle(self, s: int) -> bool:
-        """True when stage ``s`` computes and writes nothing in this layer."""
+    def _build_delta_stage(self, plan: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None,
+                           prune: torch.Tensor | None, a_out: torch.Tensor, col_assign: torch.Tensor,
+                           s: int, num_subnets: int) -> _DeltaStage:
+        """Stage ``s`` of the delta layout.
+
+        The layer reads the delta of its input (channels with index ``== s``, in ascending channel
+        order). A non-logits layer appends it to a stage-major buffer of all its inputs (stage 1's
+        channels, then stage 2's, ...), computes its new rows from the buffer prefix of stages
+        ``<= s`` (weight columns permuted to that order once, here) and returns only its new
+        output channels, ascending. A logits layer adds the delta's contribution to its output.
+        """
+        out, width = weight.shape[0], weight.shape[1]
+        groups = self.groups
+        rows_per = out // groups
+        in_assign = col_assign.reshape(-1)                       # per input channel
+        n_in = int((in_assign == s).sum())
+        in_start = int((in_assign < s).sum())
+        in_end = in_start + n_in
+        if plan.is_logits:
+            row_new = torch.ones(groups, rows_per, dtype=torch.bool)
+            col_ok = col_assign == s
+            # Position of every input channel in the delta: its rank among the channels of stage s.
+            position = torch.cumsum((in_assign == s).long(), 0) - 1
+            key = position
+        else:
+            row_new = (a_out == s).reshape(groups, rows_per)
+            col_ok = col_assign <= s
+            active = in_assign <= num_subnets
+            # Stage-major order of the buffer: by (subnet index, channel).
+            key = torch.where(active, in_assign, num_subnets + 1) * in_assign.numel() + torch.arange(in_assign.numel())
+            order = torch.argsort(key)
+            position = torch.empty_like(order)
+            position[order] = torch.arange(order.numel())
+        new_rows = row_new.reshape(-1)
+        n_new = out if plan.is_logits else int(new_rows.sum())
+        rank_new = torch.cumsum(new_rows.long(), 0) - 1          # row -> position in the delta
+        n_rows = row_new.sum(1)
+        n_cols = col_ok.sum(1)
+        kernel = weight.shape[2:]
+        kernel_numel = int(math.prod(kernel))
+        buckets: list[_Bucket] = []
+        entries = 0
+        covered = 0
+        signatures = sorted({(r, c) for r, c in zip(n_rows.tolist(), n_cols.tolist()) if r > 0 and c > 0})
+        for r_count, c_count in signatures:
+            member = (n_rows == r_count) & (n_cols == c_count)
+            k = int(member.sum())
+            group_ids = member.nonzero().flatten()
+            local_rows = (row_new & member.unsqueeze(1)).nonzero()[:, 1].reshape(k, r_count)
+            rows = group_ids.unsqueeze(1) * rows_per + local_rows
+            cols = (col_ok & member.unsqueeze(1)).nonzero()[:, 1].reshape(k, c_count)
+            channels = group_ids.unsqueeze(1) * width + cols
+            # Columns in the order the source tensor holds them.
+            cols = torch.gather(cols, 1, torch.argsort(key[channels], dim=1))
+            channels = group_ids.unsqueeze(1) * width + cols
+            flat_rows = rows.flatten()
+            w_rows = weight.index_select(0, flat_rows.to(weight.device)).reshape(k, r_count, width, kernel_numel)
+            gather = cols.to(weight.device).reshape(k, 1, c_count, 1).expand(k, r_count, c_count, kernel_numel)
+            w_slice = torch.gather(w_rows, 2, gather).reshape(k * r_count, c_count, *kernel).contiguous()
+            if prune is None:
+                entries += k * r_count * c_count * kernel_numel
+            else:
+                p_rows = prune.index_select(0, flat_rows).reshape(k, r_count, width, kernel_numel)
+                entries += int(torch.gather(p_rows, 2, gather.cpu()).sum())
+            in_idx: torch.Tensor | None = position[channels].flatten()
+            source_width = n_in if plan.is_logits else in_end
+            if groups == 1 and c_count == source_width and bool((in_idx == torch.arange(c_count)).all()):
+                in_idx = None
+            out_idx: torch.Tensor | None = flat_rows if plan.is_logits else rank_new[flat_rows]
+            if k * r_count == n_new and bool((out_idx == torch.arange(n_new)).all()):
+                out_idx = None
+            b_slice = None
+            if bias is not None and not plan.is_logits:
+                b_slice = bias.index_select(0, flat_rows.to(bias.device)).contiguous()
+            buckets.append(_Bucket(in_idx, out_idx, w_slice, b_slice, k, rows, cols))
+            covered += k * r_count
+        bias_pos = bias_values = None
+        if not plan.is_logits and bias is not None:
+            empty = (n_rows > 0) & (n_cols == 0)
+            if bool(empty.any()):
+                found = (row_new & empty.unsqueeze(1)).nonzero()
+                bias_rows = found[:, 0] * rows_per + found[:, 1]
+                bias_pos = rank_new[bias_rows]
+                bias_values = bias.index_select(0, bias_rows.to(bias.device)).contiguous()
+        direct = (not plan.is_logits and len(buckets) == 1 and buckets[0].out_idx is None
+                  and covered == n_new and bias_pos is None)
+        return _DeltaStage(buckets, bias_pos, bias_values, entries, n_in, in_start, in_end, n_new, direct)
+
+    def stage_is_idle(self, s: int, delta: bool) -> bool:
+        """True when stage ``s`` computes and writes nothing in this layer (in the given layout)."""
+        if delta:
+            plan = self._delta[s]
+            assert plan is not None
+            return not plan.buckets and (self.is_logits or plan.n_new == 0)
         stage = self._stages[s]
-        return stage is None or (not stage.buckets and stage.bias_rows is None)
+        assert stage is not None
+        return not stage.buckets and stage.bias_rows is None
+
+    def _stage_plans(self) -> list[_Stage] | list[_DeltaStage]:
+        full = [stage for stage in self._stages[1:] if stage is not None]
+        if full:
+            return full
+        return [stage for stage in self._delta[1:] if stage is not None]
 
     def stage_entries(self) -> list[int]:
         """Active weight entries computed at each stage (index 0 unused)."""
-        return [0] + [stage.entries for stage in self._stages[1:] if stage is not None]
+        return [0] + [stage.entries for stage in self._stage_plans()]
 
     def dense_weight(self) -> torch.Tensor:
         """The full weight rebuilt from the stage slices (never-active entries are zero)."""
+        plans = self._stage_plans()
         device = self.bias.device if self.bias is not None else None
         dtype = self.bias.dtype if self.bias is not None else None
-        for stage in self._stages[1:]:
-            if stage is not None and stage.buckets:
+        for stage in plans:
+            if stage.buckets:
                 device, dtype = stage.buckets[0].weight.device, stage.buckets[0].weight.dtype
                 break
         full = torch.zeros(self.weight_shape, device=device, dtype=dtype or torch.float32)
         kernel = self.weight_shape[2:]
-        for stage in self._stages[1:]:
-            assert stage is not None
+        for stage in plans:
             for b in stage.buckets:
                 k, r_count = b.rows.shape
                 c_count = b.cols.shape[1]
@@ -385,12 +548,25 @@ class _StageLayer(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_StageLayer":
         super()._apply(fn, recurse)
         for stage in self._stages[1:]:
-            assert stage is not None
+            if stage is None:
+                continue
             if stage.bias_values is not None:
                 stage.bias_values = fn(stage.bias_values)
                 assert stage.bias_rows is not None
                 stage.bias_rows = fn(stage.bias_rows)
             for b in stage.buckets:
+                b.weight = fn(b.weight)
+                b.bias = fn(b.bias) if b.bias is not None else None
+                b.in_idx = fn(b.in_idx) if b.in_idx is not None else None
+                b.out_idx = fn(b.out_idx) if b.out_idx is not None else None
+        for delta in self._delta[1:]:
+            if delta is None:
+                continue
+            if delta.bias_values is not None:
+                delta.bias_values = fn(delta.bias_values)
+                assert delta.bias_pos is not None
+                delta.bias_pos = fn(delta.bias_pos)
+            for b in delta.buckets:
                 b.weight = fn(b.weight)
                 b.bias = fn(b.bias) if b.bias is not None else None
                 b.in_idx = fn(b.in_idx) if b.in_idx is not None else None
@@ -401,7 +577,20 @@ class _StageLayer(nn.Module):
     def reset(self) -> None:
         self._cache = []
         self._call_info = []
+        self._delta_cache = []
         self._calls[0] = 0
+
+    def keep_layout(self, delta: bool) -> None:
+        """Free the plans of the layout not chosen (the runner keeps one)."""
+        if delta:
+            self._stages = [None] * len(self._stages)
+        else:
+            self._delta = [None] * len(self._delta)
+
+    def delta_stage_empty(self, s: int) -> bool:
+        """True when the delta layout returns an empty tensor from this layer at stage ``s``."""
+        delta = self._delta[s]
+        return delta is not None and not self.is_logits and delta.n_new == 0
 
     # ------------------------------------------------------------------- running
     def _pads(self, x: torch.Tensor) -> tuple[int, ...] | None:
@@ -460,6 +649,111 @@ class _StageLayer(nn.Module):
         return F.conv2d(xs, b.weight, bias, self.stride, self.padding, self.dilation, b.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._state.delta:
+            return self._forward_delta(x)
+        return self._forward_full(x)
+
+    def _delta_shape(self, x: torch.Tensor, pads: tuple[int, ...] | None) -> list[int]:
+        """Output shape for input ``x`` of any channel count, channel dim set to 0."""
+        if self.kind == "linear":
+            return [*x.shape[:-1], 0]
+        if x.dim() not in (3, 4):
+            raise ValueError(f"layer {self.layer_name!r} expects input [batch, channels, H, W], "
+                             f"got shape {tuple(x.shape)}")
+        sizes = [int(x.shape[-2]), int(x.shape[-1])]
+        if pads is not None:
+            sizes = [sizes[0] + pads[2] + pads[3], sizes[1] + pads[0] + pads[1]]
+        if self.padding == "same":
+            spatial = sizes
+        else:
+            padding = (0, 0) if self.padding == "valid" else self.padding
+            spatial = [(size + 2 * p - d * (k - 1) - 1) // st + 1 for size, p, d, k, st in
+                       zip(sizes, padding, self.dilation, self.kernel_size, self.stride)]
+        return [*x.shape[:-3], 0, *spatial]
+
+    def _delta_allocate(self, x: torch.Tensor) -> _CallCache:
+        pads = self._pads(x)
+        shape = self._delta_shape(x, pads)
+        positions = shape[-1] * shape[-2] if self.kind == "conv" else int(math.prod(shape[1:-1]))
+        if self.is_logits:
+            full = list(shape)
+            full[self._channel_dim] = self.out_channels
+            out = torch.zeros(full, dtype=x.dtype, device=x.device)
+            if self.bias is not None:
+                view = [1] * len(full)
+                view[self._channel_dim] = self.out_channels
+                out += self.bias.to(x.dtype).reshape(view)
+            return _CallCache(None, out, shape, positions, pads)
+        return _CallCache(None, None, shape, positions, pads)
+
+    def _forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._state
+        s = state.stage
+        calls = self._calls
+        call = calls[0]
+        calls[0] = call + 1
+        stage = self._delta[s]
+        assert stage is not None
+        dim = self._channel_dim
+        width = int(x.shape[dim]) if x.dim() > 0 else -1
+        if width != stage.n_in:
+            if stage.n_in != 0:
+                raise LayoutMismatchError(
+                    f"layer {self.layer_name!r} got {width} input channels at stage {s}; the delta layout "
+                    f"expects the {stage.n_in} channels of subnet {s} (the model's forward selects or "
+                    "reorders channels)")
+            # Nothing of this stage reaches the layer: what it got is the model input fed again
+            # (every stage runs the model on the original input), which belongs to stage 1.
+        if call == len(self._delta_cache):
+            if s > 1:
+                raise RuntimeError(f"layer {self.layer_name!r} has no cached output of the earlier stages "
+                                   "(was runner.model moved or reset directly?); call runner.start(x) again")
+            self._delta_cache.append(self._delta_allocate(x))
+        cache = self._delta_cache[call]
+        pads = cache.pads
+        state.positions[self.layer_name] = state.positions.get(self.layer_name, 0) + cache.positions
+        state.macs += stage.entries * cache.positions
+        if self.is_logits:
+            out = cache.out
+            assert out is not None
+            if stage.n_in:
+                for b in stage.buckets:
+                    y = self._kernel(x, b, None, pads)
+                    out = out + y if b.out_idx is None else out.index_add(dim, b.out_idx, y)
+                cache.out = out
+            return out.clone()
+        source = cache.inputs
+        if stage.n_in:
+            # A new contiguous tensor per stage (a convolution over a channel slice of a larger
+            # buffer runs at half speed); the first stage keeps the model's own tensor, which the
+            # layout check makes sure no later op modifies in place.
+            source = x if source is None else torch.cat([source, x], dim)
+            cache.inputs = source
+        shape = list(cache.shape)
+        shape[dim] = stage.n_new
+        if stage.n_new == 0:
+            return x.new_empty(shape)
+        assert stage.in_end == 0 or (source is not None and source.shape[dim] == stage.in_end)
+        if stage.direct:
+            b = stage.buckets[0]
+            return self._kernel(source, b, b.bias, pads)
+        out = x.new_zeros(shape)
+        for b in stage.buckets:
+            y = self._kernel(source, b, b.bias, pads)
+            if b.out_idx is None:
+                out.copy_(y)
+            else:
+                out.index_copy_(dim, b.out_idx, y)
+        if stage.bias_pos is not None:
+            assert stage.bias_values is not None
+            view = [1] * len(shape)
+            view[dim] = stage.bias_pos.numel()
+            count = list(shape)
+            count[dim] = stage.bias_pos.numel()
+            out.index_copy_(dim, stage.bias_pos, stage.bias_values.to(out.dtype).reshape(view).expand(count))
+        return out
+
+    def _forward_full(self, x: torch.Tensor) -> torch.Tensor:
         state = self._state
         s = state.stage
         calls = self._calls
@@ -513,6 +807,19 @@ class _StageLayer(nn.Module):
                 f"logits={self.is_logits}")
 
 
+def _random_like(inputs: Any, batch: int) -> Any:
+    """Random inputs with the shapes (batch replaced), dtypes and structure of ``inputs``."""
+    generator = torch.Generator().manual_seed(0)
+
+    def make(item: Any) -> Any:
+        if isinstance(item, torch.Tensor) and item.is_floating_point() and item.dim() > 0:
+            shape = (batch, *item.shape[1:])
+            return torch.randn(shape, generator=generator, dtype=item.dtype).to(item.device)
+        return item
+
+    return tree_map(make, inputs)
+
+
 def _clone_tensors(obj: Any) -> Any:
     """Copies of the tensors in a (nested) tuple/list/dict output; other objects as they are."""
     if isinstance(obj, torch.Tensor):
@@ -523,6 +830,93 @@ def _clone_tensors(obj: Any) -> Any:
     if isinstance(obj, dict):
         return type(obj)((key, _clone_tensors(value)) for key, value in obj.items())
     return obj
+
+
+class _ChannelSlicer:
+    """Swaps the per-channel tensors of BatchNorm-like modules for the slices of one stage.
+
+    In the delta layout a tensor holds only the channels of the current stage, so a module with
+    per-channel parameters or buffers (BatchNorm, PReLU, ...) must see only those channels. The
+    module's own ``forward`` runs unchanged; for the duration of one stage its parameters and
+    buffers whose first dimension is the channel count are replaced by the stage's slices (cached
+    per device, dtype and storage, so moving the model invalidates them).
+    """
+
+    def __init__(self, module: nn.Module, assignment: torch.Tensor, num_subnets: int) -> None:
+        self.module = module
+        width = int(assignment.numel())
+        self.index = [torch.empty(0, dtype=torch.long)] + [
+            (assignment == s).nonzero().flatten() for s in range(1, num_subnets + 1)]
+        self.names = [("p", n) for n, t in module.named_parameters(recurse=False)
+                      if t is not None and t.dim() >= 1 and t.shape[0] == width]
+        self.names += [("b", n) for n, t in module.named_buffers(recurse=False)
+                       if t is not None and t.dim() >= 1 and t.shape[0] == width]
+        self._saved: list[tuple[str, str, Any]] = []
+        #: name -> (stamp of the module's tensor, its slice per stage)
+        self._cache: dict[str, tuple[tuple[Any, ...], list[torch.Tensor]]] = {}
+
+    def swap(self, s: int) -> None:
+        module = self.module
+        saved = self._saved
+        for kind, name in self.names:
+            table = module._parameters if kind == "p" else module._buffers
+            tensor = table[name]
+            assert tensor is not None
+            stamp = (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
+            cached = self._cache.get(name)
+            if cached is None or cached[0] != stamp:
+                parts = [tensor.detach().index_select(0, index.to(tensor.device)) for index in self.index]
+                cached = (stamp, parts)
+                self._cache[name] = cached
+            saved.append((kind, name, tensor))
+            table[name] = cached[1][s]
+
+    def restore(self) -> None:
+        module = self.module
+        for kind, name, tensor in self._saved:
+            (module._parameters if kind == "p" else module._buffers)[name] = tensor
+        self._saved = []
+
+
+class _EmptyChannelsMode(TorchFunctionMode):
+    """Lets channel-local ops run on tensors with zero channels.
+
+    In the delta layout a stage may add no channel to a layer; its tensors then have zero
+    channels, and some PyTorch ops (``max_pool2d``, ``avg_pool2d``, ``interpolate``) refuse empty
+    inputs. Only when such a call fails, it is repeated with every empty tensor widened to one
+    zero channel and the result narrowed back to zero channels along the same dimension. The mode
+    is active only for stages where some layer returns an empty tensor.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        try:
+            return func(*args, **kwargs)
+        except (RuntimeError, ValueError, IndexError):
+            leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            empty = [t for t in leaves if t.numel() == 0 and t.dim() >= 2]
+            if not empty:
+                raise
+            dims = [d for d, size in enumerate(empty[0].shape) if size == 0 and d > 0]
+            if not dims:
+                raise
+            dim = dims[0]
+
+            def widen(item: Any) -> Any:
+                # Per-channel vectors (BatchNorm's statistics and affine) are empty as well.
+                if isinstance(item, torch.Tensor) and item.numel() == 0 and item.dim() > 0:
+                    shape = [1 if size == 0 else size for size in item.shape]
+                    return torch.zeros(shape, dtype=item.dtype, device=item.device)
+                return item
+
+            result = func(*tree_map(widen, args), **tree_map(widen, kwargs))
+
+            def narrow(item: Any) -> Any:
+                if isinstance(item, torch.Tensor) and item.dim() > dim and item.shape[dim] == 1:
+                    return item.narrow(dim, 0, 0)
+                return item
+
+            return tree_map(narrow, result)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -539,6 +933,10 @@ class IncrementalRunner:
     subnet's logits. The runner works on its own plain copy of the model (eval mode; unstructured
     pruning masks baked in), so later changes to ``net`` do not affect it.
 
+    ``layout``: ``"auto"`` (default: the delta layout, checked once on a random input of the
+    net's example shape, else the full-width layout), ``"delta"`` (unchecked) or ``"full"``; see
+    the module docstring. :attr:`layout` says which one runs.
+
     Attributes:
         model: the runner's copy of the model, with Conv2d/Linear layers replaced by stage layers.
         num_subnets: N.
@@ -547,7 +945,7 @@ class IncrementalRunner:
     model: nn.Module
     num_subnets: int
 
-    def __init__(self, net: "SteppingNet") -> None:
+    def __init__(self, net: "SteppingNet", *, layout: str = "auto") -> None:
         if not hasattr(net, "plain_copy") or not hasattr(net, "layer_assignment"):
             raise TypeError(f"IncrementalRunner expects a SteppingNet, got {type(net).__name__}; to load "
                             "a saved runner use IncrementalRunner.load(path, model)")
@@ -559,8 +957,10 @@ class IncrementalRunner:
             plans.append(LayerPlan(name=layer.name, is_logits=layer.is_logits, a_out=a_out.clone(),
                                    a_in=a_in.clone(), prune_mask=None if prune is None else prune.bool().cpu(),
                                    positions=int(layer.positions)))
+        channels = {name: flat[positions].clone() for name, positions in net.channel_modules.items()}
         model = net.plain_copy()
-        self._setup(model, plans, net.num_subnets, _shape_key(net.example_inputs))
+        self._setup(model, plans, net.num_subnets, _shape_key(net.example_inputs), channels, layout,
+                    sample=_random_like(net.example_inputs, batch=2))
 
     # ------------------------------------------------------------- construction
     @classmethod
@@ -570,19 +970,33 @@ class IncrementalRunner:
         plans: Sequence[LayerPlan],
         num_subnets: int,
         *,
+        channel_assignments: Mapping[str, torch.Tensor] | None = None,
         reference_shape: _ShapeKey | None = None,
+        layout: str = "auto",
     ) -> "IncrementalRunner":
         """Build a runner from a plain ``model`` (taken over and modified in place) and its plans.
 
-        ``reference_shape`` is the input shape (without batch) at which ``plans[*].positions``
-        were counted; it lets :meth:`macs` answer before the first run.
+        ``channel_assignments`` maps every module with per-channel parameters or buffers
+        (BatchNorm, ...) to the subnet index of each of its channels (the delta layout slices
+        them). ``reference_shape`` is the input shape (without batch) at which
+        ``plans[*].positions`` were counted; it lets :meth:`macs` answer before the first run, and
+        the ``"auto"`` layout is verified on a random input of that shape (else on the first input).
         """
         runner = cls.__new__(cls)
-        runner._setup(model, plans, num_subnets, reference_shape)
+        sample = None
+        if reference_shape is not None:
+            sample = tuple(torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+                           for shape in reference_shape)
+            sample = sample[0] if len(sample) == 1 else sample
+        runner._setup(model, plans, num_subnets, reference_shape, dict(channel_assignments or {}), layout,
+                      sample=sample)
         return runner
 
     def _setup(self, model: nn.Module, plans: Sequence[LayerPlan], num_subnets: int,
-               reference_shape: _ShapeKey | None) -> None:
+               reference_shape: _ShapeKey | None, channel_assignments: dict[str, torch.Tensor],
+               layout: str, sample: Any = None) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(num_subnets, bool) or not isinstance(num_subnets, int) or num_subnets < 1:
@@ -618,15 +1032,92 @@ class IncrementalRunner:
         if reference_shape is not None and all(p.positions > 0 for p in self._plans):
             self._positions[reference_shape] = {p.name: int(p.positions) for p in self._plans}
         self._entries = {layer.layer_name: layer.stage_entries() for layer in layers}
-        #: stages that change no cached value at all (no new synapse, no bias-only neuron)
-        self._idle = [False] + [all(layer.stage_is_idle(s) for layer in layers) for s in range(1, num_subnets + 1)]
+        self._channel_assignments = {name: a.to(torch.long).cpu().clone() for name, a in channel_assignments.items()}
+        self._slicers: list[_ChannelSlicer] = []
+        for name, assignment in self._channel_assignments.items():
+            module = modules.get(name)
+            if module is None:
+                raise ValueError(f"channel assignment for module {name!r}, but the model has no such module")
+            if assignment.dim() != 1 or (assignment.numel() and (int(assignment.min()) < 1 or
+                                                                int(assignment.max()) > num_subnets + 1)):
+                raise ValueError(f"channel assignment of {name!r} must be a 1-D tensor of subnet indices in "
+                                 f"1..{num_subnets + 1}")
+            self._slicers.append(_ChannelSlicer(module, assignment, num_subnets))
+        #: stages where the delta layout hands some op a tensor with zero channels
+        self._empty_stages = [False] + [any(layer.delta_stage_empty(s) for layer in layers)
+                                        for s in range(1, num_subnets + 1)]
+        self._layout: str | None = None
+        self._layout_checked = True       # the layout check itself runs unwrapped errors
+        self._idle = [False] * (num_subnets + 1)
         self._output: Any = None
         self._inputs: Any = None
         self._key: _ShapeKey | None = None
         self._stage = 0
         self._batch = 0
         self._macs_spent = 0
-        logger.debug("runner built: %d stage layers, %d subnets", len(layers), num_subnets)
+        if layout != "auto":
+            self._use_layout(layout)
+        elif sample is not None:
+            self._choose_layout(sample)
+        logger.debug("runner built: %d stage layers, %d subnets, layout %s", len(layers), num_subnets,
+                     self._layout or "auto (chosen at the first input)")
+
+    # ---------------------------------------------------------------- layout
+    @property
+    def layout(self) -> str | None:
+        """``"delta"`` or ``"full"`` (``None`` until an ``"auto"`` runner has seen an input)."""
+        return self._layout
+
+    def _use_layout(self, layout: str, checked: bool = False) -> None:
+        delta = layout == "delta"
+        self._layout_checked = checked
+        self._layout = layout
+        self._state.delta = delta
+        for layer in self._layers:
+            layer.keep_layout(delta)
+        #: stages that change no cached value at all (no new synapse, no bias-only neuron)
+        self._idle = [False] + [all(layer.stage_is_idle(s, delta) for layer in self._layers)
+                                for s in range(1, self.num_subnets + 1)]
+        self.reset()
+
+    def _outputs_of_every_stage(self, sample: Any, delta: bool) -> list[list[torch.Tensor]]:
+        self.reset()
+        self._state.delta = delta
+        self._inputs, self._key, self._batch = sample, _shape_key(sample), batch_size(sample)
+        try:
+            return [[t.clone() for t in _tensors_of(self._forward(s))] for s in range(1, self.num_subnets + 1)]
+        finally:
+            self.reset()
+
+    def _choose_layout(self, sample: Any) -> None:
+        """Use the delta layout if it reproduces the full-width layout on ``sample``, else the
+        full-width one. The delta layout assumes that the model's forward never selects or reorders
+        channels by position (``x[:, :k]``, ``split``, channel shuffle) and that every module with
+        per-channel tensors is known; the check finds models that break this."""
+        reason = ""
+        try:
+            with torch.inference_mode():
+                reference = self._outputs_of_every_stage(sample, delta=False)
+                candidate = self._outputs_of_every_stage(sample, delta=True)
+            for s, (ref, got) in enumerate(zip(reference, candidate), start=1):
+                if len(ref) != len(got) or any(r.shape != g.shape for r, g in zip(ref, got)):
+                    reason = f"subnet {s} outputs have other shapes"
+                    break
+                for r, g in zip(ref, got):
+                    scale = float(r.abs().max()) if r.numel() else 0.0
+                    if r.numel() and float((r - g).abs().max()) > _LAYOUT_RTOL * max(scale, 1e-6):
+                        reason = f"subnet {s} outputs differ by {float((r - g).abs().max()):.3e}"
+                        break
+                if reason:
+                    break
+        except (LayoutMismatchError, RuntimeError, ValueError, IndexError, TypeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason:
+            logger.info("the delta layout does not fit this model (%s); using the full-width layout, "
+                        "whose element-wise work grows with the number of stages", reason)
+            self._use_layout("full", checked=True)
+        else:
+            self._use_layout("delta", checked=True)
 
     # ----------------------------------------------------------------- state
     @property
@@ -707,12 +1198,26 @@ class IncrementalRunner:
         state.watch = []
         for layer in self._layers:
             layer._calls[0] = 0
+        delta = state.delta and stage > 0
+        slicers = self._slicers if delta else []
         ok = False
         try:
-            with torch.no_grad():
-                output = call_model(self.model, self._inputs)
+            for slicer in slicers:
+                slicer.swap(stage)
+            with torch.no_grad(), (_EmptyChannelsMode() if delta and self._empty_stages[stage] else nullcontext()):
+                try:
+                    output = call_model(self.model, self._inputs)
+                except (RuntimeError, ValueError, IndexError) as exc:
+                    if not delta or self._layout_checked or isinstance(exc, LayoutMismatchError):
+                        raise
+                    raise LayoutMismatchError(
+                        f"stage {stage} failed in the delta layout, which was forced without the check "
+                        f"(layout='delta'): {type(exc).__name__}: {exc}; build the runner with "
+                        "layout='auto' (checks the delta layout and falls back) or layout='full'") from exc
             ok = True
         finally:
+            for slicer in slicers:
+                slicer.restore()
             if not ok:
                 self.reset()
         corrupted = []
@@ -742,6 +1247,8 @@ class IncrementalRunner:
     def start(self, x: Any) -> Any:
         """Reset the caches, compute subnet 1 on ``x`` and return its output (logits)."""
         batch = batch_size(x)
+        if self._layout is None:
+            self._choose_layout(_random_like(x, batch=batch))
         self.reset()
         self._inputs = x
         self._key = _shape_key(x)
@@ -787,9 +1294,11 @@ class IncrementalRunner:
         for layer in self._layers:
             layer.reset()
         self._inputs, self._key = x, _shape_key(x)
+        delta, self._state.delta = self._state.delta, False
         try:
             self._forward(0)
         finally:
+            self._state.delta = delta
             for layer, (cache, info) in zip(self._layers, saved_layers):
                 layer._cache, layer._call_info = cache, info
                 layer._calls[0] = 0
@@ -891,6 +1400,7 @@ class IncrementalRunner:
             "num_subnets": self.num_subnets,
             "fingerprint": [[name, kind, tensors] for name, kind, tensors in self._fingerprint],
             "plans": [p.to_dict() for p in self._plans],
+            "channel_assignments": {name: a.clone() for name, a in self._channel_assignments.items()},
             "reference_shape": None if self._reference_shape is None else [list(s) for s in self._reference_shape],
             "state_dict": state,
         }
@@ -899,7 +1409,7 @@ class IncrementalRunner:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: nn.Module, *,
-             map_location: str | torch.device = "cpu") -> "IncrementalRunner":
+             map_location: str | torch.device = "cpu", layout: str = "auto") -> "IncrementalRunner":
         """Rebuild a runner saved with :meth:`save` on ``model``, a freshly built model of the same
         definition (e.g. ``timm.create_model(...)``), which the runner takes over.
 
@@ -915,7 +1425,7 @@ class IncrementalRunner:
             payload = torch.load(source, map_location=map_location, weights_only=True)
         except Exception as exc:  # torch.load raises many types on foreign files; name the cause
             raise CheckpointError(f"{source} is not a readable runner file: {type(exc).__name__}: {exc}") from exc
-        if not isinstance(payload, dict) or payload.get("format") != RUNTIME_FORMAT:
+        if not isinstance(payload, dict) or payload.get("format") not in _READABLE_FORMATS:
             found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
             raise CheckpointError(f"{source} is not a runner file (format {found!r}, expected "
                                   f"{RUNTIME_FORMAT!r}); write one with IncrementalRunner.save(path)")
@@ -927,7 +1437,8 @@ class IncrementalRunner:
         plans = [LayerPlan.from_dict(d) for d in payload["plans"]]
         reference = payload.get("reference_shape")
         key = None if reference is None else tuple(tuple(int(d) for d in s) for s in reference)
-        return cls.from_plan(model, plans, int(payload["num_subnets"]), reference_shape=key)
+        return cls.from_plan(model, plans, int(payload["num_subnets"]), reference_shape=key, layout=layout,
+                             channel_assignments=payload.get("channel_assignments") or {})
 
     def __repr__(self) -> str:
         return (f"IncrementalRunner(num_subnets={self.num_subnets}, layers={len(self._layers)}, "

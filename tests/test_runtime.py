@@ -100,15 +100,19 @@ def build(tiny_model: Callable[..., nn.Module], random_assignment: Callable[...,
 
 
 # ------------------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("layout", ["auto", "full"])
 @pytest.mark.parametrize("name", [name for name, _ in MODELS])
-def test_each_step_matches_masked_subnet_and_costs_exactly_its_new_macs(build: Builder, name: str) -> None:
+def test_each_step_matches_masked_subnet_and_costs_exactly_its_new_macs(build: Builder, name: str,
+                                                                       layout: str) -> None:
     net = build(name)
     flat = net.flat_assignment()
     hidden = [net.layer_assignment(k, flat)[0] for k, layer in enumerate(net.layers) if not layer.is_logits]
     assert any(int((a == 1).sum()) == 0 for a in hidden), "no layer without a channel in subnet 1"
     assert any(int((a == s).sum()) == 0 < int((a <= N).sum()) for a in hidden for s in range(2, N + 1)), \
         "no stage that adds nothing to a layer"
-    runner = IncrementalRunner(net)
+    runner = IncrementalRunner(net, layout=layout)
+    # Every model of the foundation's list fits the delta layout (the check would fall back).
+    assert runner.layout == ("delta" if layout == "auto" else "full")
     macs = [0] + [net.macs(s) for s in range(1, N + 1)]
     for batch in (1, 8):
         x = _inputs(batch, seed=10 + batch)
@@ -124,6 +128,108 @@ def test_each_step_matches_masked_subnet_and_costs_exactly_its_new_macs(build: B
                 assert counter.get_total_flops() == 2 * (macs[s] - macs[s - 1]) * batch
                 assert runner.step_macs(s) == macs[s] - macs[s - 1]
                 assert runner.macs(s) == macs[s]
+
+
+def _channels_seen_by_batchnorms(runner: IncrementalRunner, x: torch.Tensor) -> list[dict[str, int]]:
+    seen: list[dict[str, int]] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen[-1][name] = seen[-1].get(name, 0) + int(args[0].shape[1])
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in runner.model.named_modules()
+               if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.inference_mode():
+            for s in range(1, N + 1):
+                seen.append({})
+                runner.start(x) if s == 1 else runner.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "mobilenetv3_small_100"])
+def test_delta_layout_runs_elementwise_work_once_per_channel(build: Builder, name: str) -> None:
+    """Each stage normalises only the channels it adds: over all stages every channel of a
+    BatchNorm is seen once, where the full-width layout sees all of them at every stage."""
+    net = build(name)
+    flat = net.flat_assignment()
+    x = _inputs(2, seed=13)
+    delta = _channels_seen_by_batchnorms(IncrementalRunner(net), x)
+    full = _channels_seen_by_batchnorms(IncrementalRunner(net, layout="full"), x)
+    checked = 0
+    for bn_name, positions in net.channel_modules.items():
+        if not isinstance(net.model.get_submodule(bn_name), nn.BatchNorm2d):
+            continue
+        a = flat[positions]
+        for s in range(1, N + 1):
+            if bn_name in delta[s - 1] or int((a == s).sum()):
+                assert delta[s - 1].get(bn_name, 0) == int((a == s).sum()), f"{bn_name} at stage {s}"
+            assert full[s - 1][bn_name] == a.numel()
+        checked += 1
+    assert checked > 5
+
+
+class _LayerScale(nn.Module):
+    """A per-channel parameter used directly in forward (not a module the graph knows): the
+    delta layout cannot slice it, so the runner must fall back to the full-width layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(8) + 0.5)
+        self.conv = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x)) * self.scale.view(1, -1, 1, 1)
+        return self.fc(F.adaptive_avg_pool2d(self.conv(x), 1).flatten(1))
+
+
+class _ModifiesConvInput(nn.Module):
+    """Scales a conv's input in place after the conv read it: the delta layout keeps the first
+    stage's input by reference, so the layout check must see the difference and fall back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.stem(x))
+        y = self.conv(h)
+        h.mul_(0.5)
+        return self.fc(F.adaptive_avg_pool2d(y + h, 1).flatten(1))
+
+
+@pytest.mark.parametrize("model_class", [_LayerScale, _ModifiesConvInput])
+def test_model_outside_the_delta_layout_falls_back_to_full_width(
+        model_class: type[nn.Module], caplog: pytest.LogCaptureFixture) -> None:
+    from nni_steppingnet.runtime import LayoutMismatchError
+
+    torch.manual_seed(0)
+    net = SteppingNet(model_class().eval(), _inputs(1, seed=0, size=16), N)
+    generator = torch.Generator().manual_seed(1)
+    for group in net.groups:
+        group.assignment = torch.randint(1, N + 1, (group.size,), generator=generator)
+    with caplog.at_level(logging.INFO, logger="nni_steppingnet.runtime"):
+        runner = IncrementalRunner(net)
+    assert runner.layout == "full"
+    assert any("delta layout does not fit" in r.getMessage() for r in caplog.records)
+    x = _inputs(2, seed=1, size=16)
+    with torch.inference_mode():
+        for s in range(1, N + 1):
+            _assert_close(runner.start(x) if s == 1 else runner.step(), _masked(net, x, s), f"fallback {s}")
+    if model_class is _LayerScale:
+        forced = IncrementalRunner(net, layout="delta")
+        with pytest.raises(LayoutMismatchError, match="layout='auto'"):
+            forced.run(x)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        IncrementalRunner(net, layout="cumulative")
 
 
 def test_construction_produced_net_with_pruning(tiny_model: Callable[..., nn.Module]) -> None:
@@ -394,6 +500,7 @@ def test_save_load_round_trip(build: Builder, tmp_path: Path) -> None:
     runner.save(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runner.pt"]   # no temp file left
     loaded = IncrementalRunner.load(path, timm.create_model("resnet18", num_classes=10))
+    assert loaded.layout == runner.layout == "delta"          # BatchNorm channel plans travel too
     x = _inputs(2, seed=11)
     with torch.inference_mode():
         for s in range(1, N + 1):
