@@ -575,9 +575,18 @@ class _StageLayer(nn.Module):
         return self
 
     def reset(self) -> None:
-        self._cache = []
-        self._call_info = []
-        self._delta_cache = []
+        # In place: nn.Module.__setattr__ is slow, and this runs for every layer at every start.
+        self._cache.clear()
+        self._call_info.clear()
+        self._delta_cache.clear()
+        self._calls[0] = 0
+
+    def caches(self) -> tuple[list[Any], list[Any], list[Any]]:
+        """Copies of the per-call caches (see :meth:`restore_caches`)."""
+        return list(self._cache), list(self._call_info), list(self._delta_cache)
+
+    def restore_caches(self, saved: tuple[list[Any], list[Any], list[Any]]) -> None:
+        self._cache[:], self._call_info[:], self._delta_cache[:] = saved
         self._calls[0] = 0
 
     def keep_layout(self, delta: bool) -> None:
@@ -1289,7 +1298,7 @@ class IncrementalRunner:
         """Record the output sizes for ``x``'s shape with a forward that multiplies nothing
         (stage 0); the current run (caches, stage, input) is left as it was."""
         batch_size(x)
-        saved_layers = [(layer._cache, layer._call_info) for layer in self._layers]
+        saved_layers = [layer.caches() for layer in self._layers]
         saved = (self._inputs, self._key, self._stage, self._batch, self._macs_spent)
         for layer in self._layers:
             layer.reset()
@@ -1299,9 +1308,8 @@ class IncrementalRunner:
             self._forward(0)
         finally:
             self._state.delta = delta
-            for layer, (cache, info) in zip(self._layers, saved_layers):
-                layer._cache, layer._call_info = cache, info
-                layer._calls[0] = 0
+            for layer, caches in zip(self._layers, saved_layers):
+                layer.restore_caches(caches)
             self._inputs, self._key, self._stage, self._batch, self._macs_spent = saved
 
     def run(

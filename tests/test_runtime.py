@@ -388,6 +388,20 @@ def test_max_macs_at_an_input_size_never_seen(randomize_bn: Callable[..., nn.Mod
     assert counter.get_total_flops() == 2 * 2 * (predicted[2] - predicted[1])
 
 
+@pytest.mark.parametrize("layout", ["auto", "full"])
+def test_asking_macs_for_another_size_mid_run_keeps_the_run(randomize_bn: Callable[..., nn.Module],
+                                                             layout: str) -> None:
+    net = _structures_net(randomize_bn, seed=20)
+    runner = IncrementalRunner(net, layout=layout)
+    x = _inputs(2, seed=1, size=16)
+    with torch.inference_mode():
+        runner.start(x)
+        assert runner.macs(2, _inputs(1, seed=2, size=24)) > runner.macs(2)   # a forward at 24x24
+        out = runner.step()
+    assert runner.stage == 2 and runner.macs_spent == net.macs(2)
+    _assert_close(out, _masked(net, x, 2), f"{layout}: subnet 2 after a MAC query at another size")
+
+
 def test_deadline(lenet: SteppingNet, caplog: pytest.LogCaptureFixture) -> None:
     runner = IncrementalRunner(lenet)
     x = _inputs(2, seed=6)
