@@ -27,6 +27,7 @@ itself works on CUDA (``runner.to("cuda")``).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import platform
@@ -206,6 +207,32 @@ def _table(title: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The results as the markdown table of benchmarks/README.md (values for s = 1 / 2 / ...)."""
+    def join(values: list[float], fmt: str) -> str:
+        return " / ".join(format(v, fmt) for v in values)
+
+    extra = sorted({k[len("reach_over_export_"):] for case in results["cases"] for r in case["results"]
+                    for k in r["rows"][0] if k.startswith("reach_over_export_")})
+    head = ["model", "assignment", "batch", "layout", "MACs/full", "reach/export", "step/scratch",
+            "time share", "MAC share", "export ms", "reach ms"] + [f"{layout} reach/export" for layout in extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case in results["cases"]:
+        for result in case["results"]:
+            rows = result["rows"]
+            cells = [case["model"], case["assignment"], str(result["batch"]), str(result.get("layout")),
+                     join([r["mac_ratio_of_full"] for r in rows], ".2f"),
+                     join([r["reach_over_export"] for r in rows], ".2f"),
+                     join([r["step_over_scratch"] for r in rows], ".2f"),
+                     join([r["time_share"] for r in rows], ".2f"),
+                     join([r["mac_share"] for r in rows], ".2f"),
+                     join([1e3 * r["export_s"] for r in rows], ".1f"),
+                     join([1e3 * r["reach_s"] for r in rows], ".1f")]
+            cells += [join([r[f"reach_over_export_{layout}"] for r in rows], ".2f") for layout in extra]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -226,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", nargs="+", default=["auto", "full"], choices=["auto", "delta", "full"],
                         help="runner layouts, timed side by side; the first is reported in full")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--markdown", type=Path, metavar="JSON",
+                        help="print the markdown table of a results file and exit (measures nothing)")
     args = parser.parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(json.loads(args.markdown.read_text(encoding="utf-8"))))
+        return 0
     if any(b <= 0 for b in args.batches) or args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("batches, repeats and threads must be positive, warmup >= 0")
     if args.clock == "thread" and args.threads != 1:

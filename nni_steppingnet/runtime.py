@@ -200,6 +200,13 @@ class _Bucket:
         self.rows = rows          # [groups, R] global output rows (to rebuild the dense weight)
         self.cols = cols          # [groups, C] weight columns inside each conv group
 
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Move/convert the tensors the kernel call uses (``nn.Module._apply`` semantics)."""
+        self.weight = fn(self.weight)
+        self.bias = fn(self.bias) if self.bias is not None else None
+        self.in_idx = fn(self.in_idx) if self.in_idx is not None else None
+        self.out_idx = fn(self.out_idx) if self.out_idx is not None else None
+
 
 class _Stage:
     __slots__ = ("buckets", "bias_rows", "bias_values", "entries")
@@ -210,6 +217,12 @@ class _Stage:
         self.bias_rows = bias_rows        # new rows without any active input: output = bias
         self.bias_values = bias_values
         self.entries = entries            # active weight entries computed (MACs per position)
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for bucket in self.buckets:
+            bucket.apply(fn)
+        if self.bias_values is not None and self.bias_rows is not None:
+            self.bias_values, self.bias_rows = fn(self.bias_values), fn(self.bias_rows)
 
 
 class _DeltaStage:
@@ -229,6 +242,12 @@ class _DeltaStage:
         self.in_end = in_end              # inputs with index <= s: buffer[:, :in_end]
         self.n_new = n_new                # output channels with index == s (the delta returned)
         self.direct = direct              # one kernel call yields the whole delta in order
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for bucket in self.buckets:
+            bucket.apply(fn)
+        if self.bias_values is not None and self.bias_pos is not None:
+            self.bias_values, self.bias_pos = fn(self.bias_values), fn(self.bias_pos)
 
 
 class _CallCache:
@@ -547,30 +566,9 @@ class _StageLayer(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_StageLayer":
         super()._apply(fn, recurse)
-        for stage in self._stages[1:]:
-            if stage is None:
-                continue
-            if stage.bias_values is not None:
-                stage.bias_values = fn(stage.bias_values)
-                assert stage.bias_rows is not None
-                stage.bias_rows = fn(stage.bias_rows)
-            for b in stage.buckets:
-                b.weight = fn(b.weight)
-                b.bias = fn(b.bias) if b.bias is not None else None
-                b.in_idx = fn(b.in_idx) if b.in_idx is not None else None
-                b.out_idx = fn(b.out_idx) if b.out_idx is not None else None
-        for delta in self._delta[1:]:
-            if delta is None:
-                continue
-            if delta.bias_values is not None:
-                delta.bias_values = fn(delta.bias_values)
-                assert delta.bias_pos is not None
-                delta.bias_pos = fn(delta.bias_pos)
-            for b in delta.buckets:
-                b.weight = fn(b.weight)
-                b.bias = fn(b.bias) if b.bias is not None else None
-                b.in_idx = fn(b.in_idx) if b.in_idx is not None else None
-                b.out_idx = fn(b.out_idx) if b.out_idx is not None else None
+        for stage in [*self._stages[1:], *self._delta[1:]]:
+            if stage is not None:
+                stage.apply(fn)
         self.reset()
         return self
 
@@ -615,24 +613,13 @@ class _StageLayer(nn.Module):
         return None
 
     def _output_shape(self, x: torch.Tensor, pads: tuple[int, ...] | None) -> list[int]:
-        if self.kind == "linear":
-            if x.shape[-1] != self.in_channels:
-                raise ValueError(f"layer {self.layer_name!r} expects {self.in_channels} input features, "
-                                 f"got input of shape {tuple(x.shape)}")
-            return [*x.shape[:-1], self.out_channels]
-        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
-            raise ValueError(f"layer {self.layer_name!r} expects input [batch, {self.in_channels}, H, W], "
-                             f"got shape {tuple(x.shape)}")
-        sizes = [int(x.shape[-2]), int(x.shape[-1])]
-        if pads is not None:
-            sizes = [sizes[0] + pads[2] + pads[3], sizes[1] + pads[0] + pads[1]]
-        if self.padding == "same":
-            spatial = sizes
-        else:
-            padding = (0, 0) if self.padding == "valid" else self.padding
-            spatial = [(size + 2 * p - d * (k - 1) - 1) // st + 1 for size, p, d, k, st in
-                       zip(sizes, padding, self.dilation, self.kernel_size, self.stride)]
-        return [*x.shape[:-3], self.out_channels, *spatial]
+        """Full-width output shape for a full-width input ``x``."""
+        if x.dim() == 0 or x.shape[self._channel_dim] != self.in_channels or (self.kind == "conv" and x.dim() not in (3, 4)):
+            expected = f"[..., {self.in_channels}]" if self.kind == "linear" else f"[batch, {self.in_channels}, H, W]"
+            raise ValueError(f"layer {self.layer_name!r} expects input {expected}, got shape {tuple(x.shape)}")
+        shape = self._delta_shape(x, pads)
+        shape[self._channel_dim] = self.out_channels
+        return shape
 
     def _allocate(self, x: torch.Tensor) -> torch.Tensor:
         pads = self._pads(x)
@@ -708,9 +695,10 @@ class _StageLayer(nn.Module):
         if width != stage.n_in:
             if stage.n_in != 0:
                 raise LayoutMismatchError(
-                    f"layer {self.layer_name!r} got {width} input channels at stage {s}; the delta layout "
-                    f"expects the {stage.n_in} channels of subnet {s} (the model's forward selects or "
-                    "reorders channels)")
+                    f"layer {self.layer_name!r} got {width} input channels at stage {s}, but subnet {s} "
+                    f"gives it {stage.n_in}: either the input does not fit the model (check its shape) "
+                    "or the model's forward selects or reorders channels (build the runner with "
+                    "layout='full')")
             # Nothing of this stage reaches the layer: what it got is the model input fed again
             # (every stage runs the model on the original input), which belongs to stage 1.
         if call == len(self._delta_cache):

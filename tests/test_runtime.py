@@ -346,6 +346,9 @@ def test_step_before_start_and_after_last_subnet_raise(lenet: SteppingNet) -> No
         runner.step()
     with pytest.raises(ValueError, match="batch dimension"):
         runner.start(torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="got 4 input channels at stage 1.*check its shape"):
+        runner.start(torch.randn(2, 4, IMG, IMG))
+    assert runner.stage == 0
     with pytest.raises(TypeError, match="expects a SteppingNet"):
         IncrementalRunner(lenet.model)  # type: ignore[arg-type]
 
