@@ -726,14 +726,13 @@ class _StageLayer(nn.Module):
             # layout check makes sure no later op modifies in place.
             source = x if source is None else torch.cat([source, x], dim)
             cache.inputs = source
+        if stage.direct:
+            b = stage.buckets[0]
+            return self._kernel(source, b, b.bias, pads)
         shape = list(cache.shape)
         shape[dim] = stage.n_new
         if stage.n_new == 0:
             return x.new_empty(shape)
-        assert stage.in_end == 0 or (source is not None and source.shape[dim] == stage.in_end)
-        if stage.direct:
-            b = stage.buckets[0]
-            return self._kernel(source, b, b.bias, pads)
         out = x.new_zeros(shape)
         for b in stage.buckets:
             y = self._kernel(source, b, b.bias, pads)
