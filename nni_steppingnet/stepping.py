@@ -326,6 +326,11 @@ class SteppingNet:
 
     def weight_mask(self, layer: int | str, s: int) -> torch.Tensor:
         """Float weight-shaped mask of subnet ``s``: structure times unstructured pruning."""
+        return self._bool_mask(layer, s).to(torch.float32)
+
+    def _bool_mask(self, layer: int | str, s: int) -> torch.Tensor:
+        """:meth:`weight_mask` as a bool tensor, cached per layer and subnet (a quarter of the
+        memory of a float cache: N masks of every weight's shape stay on the CPU)."""
         self._check_subnet(s)
         self.refresh()
         k = self._layer_index[layer] if isinstance(layer, str) else layer
@@ -334,11 +339,11 @@ class SteppingNet:
         if mask is None:
             layer_spec = self.layers[k]
             weight = layer_spec.module.parametrizations.weight.original
-            mask = self.structural_mask(k, s).to(torch.float32)
+            mask = self.structural_mask(k, s)
             mask = mask.reshape(mask.shape + (1,) * (weight.dim() - 2)).expand(weight.shape)
             prune = self.prune_masks.get(layer_spec.name)
             if prune is not None:
-                mask = mask * prune.to(device="cpu", dtype=torch.float32)
+                mask = mask & prune.to(device="cpu", dtype=torch.bool)
             mask = mask.contiguous()
             self._cache[key] = mask
         return mask
@@ -348,7 +353,7 @@ class SteppingNet:
         key = (k, s, weight.device, weight.dtype)
         mask = self._device_cache.get(key)
         if mask is None:
-            mask = self.weight_mask(k, s).to(device=weight.device, dtype=weight.dtype)
+            mask = self._bool_mask(k, s).to(device=weight.device, dtype=weight.dtype)
             self._device_cache[key] = mask
         return mask
 
@@ -362,7 +367,7 @@ class SteppingNet:
         """Active MACs per sample of every layer in subnet ``s``."""
         self._check_subnet(s)
         self.refresh()
-        return {layer.name: int(self.weight_mask(k, s).sum().item()) * layer.positions
+        return {layer.name: int(self._bool_mask(k, s).sum().item()) * layer.positions
                 for k, layer in enumerate(self.layers)}
 
     def macs(self, s: int) -> int:
