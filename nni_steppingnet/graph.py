@@ -16,8 +16,11 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch_pruning as tp
+from torch.overrides import TorchFunctionMode
 
+from ._inputs import call_model
 from .errors import UnsupportedModelError
 from .macs import layer_positions
 
@@ -28,6 +31,7 @@ __all__ = [
     "GraphSpec",
     "discover_layers",
     "find_classifier",
+    "activation_products",
     "unsupported_modules",
     "WEIGHTED_TYPES",
 ]
@@ -131,6 +135,72 @@ def unsupported_modules(model: nn.Module) -> list[tuple[str, str]]:
     return found
 
 
+# Ops that mix channels when both operands are activations (attention built from convs).
+_ACTIVATION_PRODUCTS = {
+    torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul",
+    torch.bmm: "bmm", torch.Tensor.bmm: "bmm", torch.baddbmm: "baddbmm", torch.einsum: "einsum",
+    F.scaled_dot_product_attention: "scaled_dot_product_attention",
+}
+
+
+class _ActivationProductProbe(TorchFunctionMode):
+    """Records matrix products of two activations (not a parameter times an activation)."""
+
+    def __init__(self, parameters: set[int], stack: list[str]) -> None:
+        super().__init__()
+        self.parameters = parameters
+        self.stack = stack
+        self.found: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = _ACTIVATION_PRODUCTS.get(func)
+        if name is not None:
+            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            activations = [t for t in tensors if id(t) not in self.parameters and t.dim() >= 2]
+            if len(activations) >= 2:
+                self.found.append((self.stack[-1] if self.stack else "", name))
+        return func(*args, **(kwargs or {}))
+
+
+def activation_products(model: nn.Module, example_inputs: Any) -> list[tuple[str, str]]:
+    """(module name, reason) for modules that multiply two activations with each other
+    (attention built from Conv2d/Linear, non-local blocks): found by running one forward."""
+    parameters = {id(p) for p in model.parameters()}
+    stack: list[str] = []
+
+    def enter(name: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            stack.append(name)
+        return hook
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = []
+    for module_name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(module_name)))
+        handles.append(module.register_forward_hook(leave))
+    probe = _ActivationProductProbe(parameters, stack)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), probe:
+            call_model(model, example_inputs)
+    except Exception:  # a forward that fails here fails in torch-pruning's trace too, which names it
+        logger.debug("activation-product probe: the forward failed", exc_info=True)
+        return []
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    seen: dict[str, str] = {}
+    for module_name, op in probe.found:
+        seen.setdefault(module_name or type(model).__name__, op)
+    return [(name, f"it multiplies two activations ({op}): attention-like channel mixing a per-channel "
+                   "subnet index cannot respect") for name, op in seen.items()]
+
+
 def find_classifier(model: nn.Module, classifier: nn.Module | str | None = None) -> tuple[str, nn.Module]:
     """The final logits layer: given, from timm's ``get_classifier()``, or the last Linear."""
     names = {module: name for name, module in model.named_modules()}
@@ -181,6 +251,10 @@ def discover_layers(
     trace a channel mapping (so no silently wrong mask is ever produced).
     """
     problems = unsupported_modules(model)
+    if problems:
+        raise UnsupportedModelError(problems)
+    # Before torch-pruning: on attention built from convs its tracer can take minutes.
+    problems = activation_products(model, example_inputs)
     if problems:
         raise UnsupportedModelError(problems)
 

@@ -153,6 +153,41 @@ def test_norm_and_attention_models_are_rejected_by_module_name(
     assert not _parametrized(model), "a rejected model must be left unwrapped"
 
 
+class _TokenMixing(nn.Module):
+    """Self-attention built only from 1x1 convs (as in EfficientFormerV2/EfficientViT): no module
+    type gives it away, the product of two activations does."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).flatten(2).chunk(3, dim=1)
+        attn = (q.transpose(1, 2) @ k).softmax(-1)
+        return self.proj((v @ attn.transpose(1, 2)).reshape(x.shape))
+
+
+class _TokenMixingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mixer = _TokenMixing(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.mixer(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_attention_built_from_convs_is_rejected_before_tracing() -> None:
+    model = _TokenMixingNet()
+    with pytest.raises(UnsupportedModelError) as info:
+        SteppingNet(model, _inputs(1, seed=0, size=8), N)
+    reasons = dict(info.value.problems)
+    assert "mixer" in reasons and "multiplies two activations" in reasons["mixer"], reasons
+    assert not _parametrized(model)
+
+
 class _ConcatFlatten(nn.Module):
     """``fc(flatten(cat([a(x), b(x)])))``: torch-pruning couples a and b and maps only a's
     features into fc, leaving b's unmapped (checked with torch-pruning 1.6)."""
