@@ -206,6 +206,8 @@ class _ModifiesConvInput(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(y + h, 1).flatten(1))
 
 
+# torch-pruning warns about the bare parameter of _LayerScale; that is the point of the model.
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters detected")
 @pytest.mark.parametrize("model_class", [_LayerScale, _ModifiesConvInput])
 def test_model_outside_the_delta_layout_falls_back_to_full_width(
         model_class: type[nn.Module], caplog: pytest.LogCaptureFixture) -> None:
