@@ -1310,8 +1310,9 @@ class IncrementalRunner:
         """Compute up to subnet ``until`` (default N), or as far as a budget allows.
 
         ``deadline_s``: wall-clock seconds from the call; after each stage the next step's time
-        is predicted from the measured seconds per MAC of the stages run so far, and the run stops
-        before a step predicted to overrun. Subnet 1 always runs (a warning is logged when it
+        is predicted from the measured seconds per MAC of the stages run so far, but never below
+        the shortest stage so far (a step reruns the model's forward, whose per-op cost dominates
+        at small batches), and the run stops before a step predicted to overrun. Subnet 1 always runs (a warning is logged when it
         alone exceeds the deadline). ``max_macs``: MACs per sample; stops before a step that would
         exceed it (``ValueError`` if subnet 1 alone exceeds it). Give at most one of the three.
         Returns the output of the last subnet reached; ``runner.stage`` says which.
@@ -1363,17 +1364,23 @@ class IncrementalRunner:
             logger.warning("subnet 1 alone took %.4f s, over the deadline of %.4f s", now - begin, deadline_s)
         spent_time = now - begin
         spent_macs = self._macs_spent
+        # Every stage runs the model's whole forward: at small batches its per-op cost, not its
+        # MACs, sets a floor under a step's time, so no step is predicted shorter than the
+        # shortest stage so far.
+        shortest = spent_time
         while self._stage < self.num_subnets:
             next_macs = self.step_macs(self._stage + 1)
-            rate = spent_time / max(spent_macs, 1)
-            if now + rate * next_macs > end:
+            predicted = max(spent_time / max(spent_macs, 1) * next_macs, shortest) if next_macs else 0.0
+            if now + predicted > end:
                 logger.debug("deadline: stopping at subnet %d (next step predicted %.4f s, %.4f s left)",
-                             self._stage, rate * next_macs, end - now)
+                             self._stage, predicted, end - now)
                 break
             step_begin = now
             output = self.step()
             self._sync()
             now = time.perf_counter()
+            if next_macs:
+                shortest = min(shortest, now - step_begin)
             spent_time += now - step_begin
             spent_macs += next_macs
         return output

@@ -420,6 +420,28 @@ def test_deadline(lenet: SteppingNet, caplog: pytest.LogCaptureFixture) -> None:
     assert any("over the deadline" in r.getMessage() for r in caplog.records)
 
 
+def test_deadline_never_predicts_a_step_cheaper_than_the_cheapest_stage(
+        tiny_model: Callable[..., nn.Module], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a clock where every stage takes one second whatever its MACs, a 1.5 s deadline
+    allows subnet 1 only; seconds-per-MAC alone would predict the small step 2 to fit."""
+    import nni_steppingnet.runtime as runtime_module
+
+    net = SteppingNet(tiny_model("lenet5", seed=4), _inputs(1, seed=0), N, verify=False)
+    for group in net.groups:
+        values = torch.ones(group.size, dtype=torch.long)
+        values[-3:] = torch.tensor([2, 3, 4])[: min(3, group.size)]
+        group.assignment = values
+    runner = IncrementalRunner(net)
+    assert 0 < runner.step_macs(2) < 0.5 * runner.macs(1), "step 2 must be cheap in MACs"
+    x = _inputs(2, seed=14)
+    ticks = iter(range(1000))
+    monkeypatch.setattr(runtime_module.time, "perf_counter", lambda: float(next(ticks)))
+    out = runner.run(x, deadline_s=1.5)
+    monkeypatch.undo()
+    assert runner.stage == 1
+    _assert_close(out, _masked(net, x, 1), "deadline 1.5 fake seconds")
+
+
 def test_works_without_inference_mode_and_in_float64(lenet: SteppingNet) -> None:
     runner = IncrementalRunner(lenet)
     x = _inputs(2, seed=8)
