@@ -1091,6 +1091,12 @@ class IncrementalRunner:
         channels by position (``x[:, :k]``, ``split``, channel shuffle) and that every module with
         per-channel tensors is known; the check finds models that break this."""
         reason = ""
+        device = next((t.device for t in self.model.parameters()), None) or \
+            next((t.device for t in self.model.buffers()), None)
+        if device is not None:
+            # The check input follows the model (a net wrapped on the CPU, then moved to CUDA).
+            sample = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                              else t, sample)
         try:
             with torch.inference_mode():
                 reference = self._outputs_of_every_stage(sample, delta=False)
