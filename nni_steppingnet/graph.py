@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 
+from ._channels import parameter_channel_dim
 from ._inputs import call_model
 from .errors import UnsupportedModelError
 from .macs import layer_positions
@@ -91,6 +92,9 @@ class GraphSpec:
     offsets: list[int]
     #: per-channel modules other than Conv/Linear (BN, ...): name -> flat positions of channels
     channel_modules: dict[str, torch.Tensor]
+    #: per-channel parameters used directly in forward (layer scale, ...): qualified parameter
+    #: name -> flat positions of its channels along :func:`parameter_channel_dim`
+    channel_parameters: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_neurons(self) -> int:
@@ -277,6 +281,7 @@ def discover_layers(
     finally:
         model.train(was_training)
 
+    parameter_names = {id(p): n for n, p in model.named_parameters()}
     groups: list[GroupSpec] = []
     for tp_group in tp_groups:
         items = list(tp_group.items)
@@ -288,7 +293,8 @@ def discover_layers(
         spec = GroupSpec(name=root_name, size=size)
         for item in items:
             module = item.dep.target.module
-            name = module_names.get(module)
+            # A bare nn.Parameter multiplied in forward (layer scale) is its own node.
+            name = parameter_names.get(id(module)) if isinstance(module, nn.Parameter) else module_names.get(module)
             side = _side(item.dep.handler)
             if name is None or side is None:
                 continue  # torch-pruning's internal ops (add, concat, reshape) carry no parameters
@@ -306,12 +312,22 @@ def discover_layers(
     out_pos: dict[str, torch.Tensor] = {}
     in_pos: dict[str, torch.Tensor] = {}
     channel_modules: dict[str, torch.Tensor] = {}
+    channel_parameters: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
+    parameters = dict(model.named_parameters())
     errors: list[tuple[str, str]] = []
     for gi, g in enumerate(groups):
         for name, side, idxs, roots in g.members:
-            module = modules[name]
-            if isinstance(module, WEIGHTED_TYPES):
+            module = modules.get(name)
+            if module is None:
+                if side != "out" or name not in parameters:
+                    continue
+                param = parameters[name]
+                width = int(param.shape[parameter_channel_dim(param)]) if param.dim() else 0
+                if width == 0:
+                    continue
+                table = channel_parameters.setdefault(name, torch.full((width,), -2, dtype=torch.long))
+            elif isinstance(module, WEIGHTED_TYPES):
                 width = _width(module, side)
                 table = (out_pos if side == "out" else in_pos).setdefault(
                     name, torch.full((width,), -2, dtype=torch.long))
@@ -362,10 +378,12 @@ def discover_layers(
         raise UnsupportedModelError(errors)
     if not any(layer.is_logits for layer in layers):
         raise UnsupportedModelError([(clf_name, "the classifier is never called in forward")])
-    for name, table in channel_modules.items():
-        channel_modules[name] = torch.where(table == -2, torch.full_like(table, INPUT_SLOT), table)
+    for tables in (channel_modules, channel_parameters):
+        for name, table in tables.items():
+            tables[name] = torch.where(table == -2, torch.full_like(table, INPUT_SLOT), table)
     _record_positions(model, layers, example_inputs)
-    return GraphSpec(groups=groups, layers=layers, offsets=offsets, channel_modules=channel_modules)
+    return GraphSpec(groups=groups, layers=layers, offsets=offsets, channel_modules=channel_modules,
+                     channel_parameters=channel_parameters)
 
 
 def _width(module: nn.Module, side: str) -> int:

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ._channels import parameter_channel_dim
 from ._inputs import batch_size, call_model
 from .checkpoint import atomic_write
 from .errors import CheckpointError, UnsupportedModelError
@@ -835,18 +836,28 @@ class _ChannelSlicer:
     per-channel parameters or buffers (BatchNorm, PReLU, ...) must see only those channels. The
     module's own ``forward`` runs unchanged; for the duration of one stage its parameters and
     buffers whose first dimension is the channel count are replaced by the stage's slices (cached
-    per device, dtype and storage, so moving the model invalidates them).
+    per device, dtype and storage, so moving the model invalidates them). With ``parameter``, only
+    that bare parameter of the module is sliced, along its channel dimension (a layer scale
+    ``[C, 1, 1]`` multiplied in the owner's ``forward``).
     """
 
-    def __init__(self, module: nn.Module, assignment: torch.Tensor, num_subnets: int) -> None:
+    def __init__(self, module: nn.Module, assignment: torch.Tensor, num_subnets: int,
+                 parameter: str | None = None) -> None:
         self.module = module
         width = int(assignment.numel())
         self.index = [torch.empty(0, dtype=torch.long)] + [
             (assignment == s).nonzero().flatten() for s in range(1, num_subnets + 1)]
-        self.names = [("p", n) for n, t in module.named_parameters(recurse=False)
-                      if t is not None and t.dim() >= 1 and t.shape[0] == width]
-        self.names += [("b", n) for n, t in module.named_buffers(recurse=False)
-                       if t is not None and t.dim() >= 1 and t.shape[0] == width]
+        #: (table kind, attribute name, channel dim)
+        self.names: list[tuple[str, str, int]]
+        if parameter is not None:
+            param = module._parameters[parameter]
+            assert param is not None
+            self.names = [("p", parameter, parameter_channel_dim(param))]
+        else:
+            self.names = [("p", n, 0) for n, t in module.named_parameters(recurse=False)
+                          if t is not None and t.dim() >= 1 and t.shape[0] == width]
+            self.names += [("b", n, 0) for n, t in module.named_buffers(recurse=False)
+                           if t is not None and t.dim() >= 1 and t.shape[0] == width]
         self._saved: list[tuple[str, str, Any]] = []
         #: name -> (stamp of the module's tensor, its slice per stage)
         self._cache: dict[str, tuple[tuple[Any, ...], list[torch.Tensor]]] = {}
@@ -854,14 +865,14 @@ class _ChannelSlicer:
     def swap(self, s: int) -> None:
         module = self.module
         saved = self._saved
-        for kind, name in self.names:
+        for kind, name, dim in self.names:
             table = module._parameters if kind == "p" else module._buffers
             tensor = table[name]
             assert tensor is not None
             stamp = (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
             cached = self._cache.get(name)
             if cached is None or cached[0] != stamp:
-                parts = [tensor.detach().index_select(0, index.to(tensor.device)) for index in self.index]
+                parts = [tensor.detach().index_select(dim, index.to(tensor.device)) for index in self.index]
                 cached = (stamp, parts)
                 self._cache[name] = cached
             saved.append((kind, name, tensor))
@@ -953,7 +964,8 @@ class IncrementalRunner:
             plans.append(LayerPlan(name=layer.name, is_logits=layer.is_logits, a_out=a_out.clone(),
                                    a_in=a_in.clone(), prune_mask=None if prune is None else prune.bool().cpu(),
                                    positions=int(layer.positions)))
-        channels = {name: flat[positions].clone() for name, positions in net.channel_modules.items()}
+        channels = {name: flat[positions].clone() for name, positions in
+                    [*net.channel_modules.items(), *net.channel_parameters.items()]}
         model = net.plain_copy()
         self._setup(model, plans, net.num_subnets, _shape_key(net.example_inputs), channels, layout,
                     sample=_random_like(net.example_inputs, batch=2))
@@ -1030,15 +1042,20 @@ class IncrementalRunner:
         self._entries = {layer.layer_name: layer.stage_entries() for layer in layers}
         self._channel_assignments = {name: a.to(torch.long).cpu().clone() for name, a in channel_assignments.items()}
         self._slicers: list[_ChannelSlicer] = []
+        parameters = dict(model.named_parameters())
         for name, assignment in self._channel_assignments.items():
             module = modules.get(name)
+            parameter = None
+            if module is None and name in parameters:
+                owner, _, parameter = name.rpartition(".")
+                module = model.get_submodule(owner) if owner else model
             if module is None:
-                raise ValueError(f"channel assignment for module {name!r}, but the model has no such module")
+                raise ValueError(f"channel assignment for {name!r}, but the model has no such module or parameter")
             if assignment.dim() != 1 or (assignment.numel() and (int(assignment.min()) < 1 or
                                                                 int(assignment.max()) > num_subnets + 1)):
                 raise ValueError(f"channel assignment of {name!r} must be a 1-D tensor of subnet indices in "
                                  f"1..{num_subnets + 1}")
-            self._slicers.append(_ChannelSlicer(module, assignment, num_subnets))
+            self._slicers.append(_ChannelSlicer(module, assignment, num_subnets, parameter))
         #: stages where the delta layout hands some op a tensor with zero channels
         self._empty_stages = [False] + [any(layer.delta_stage_empty(s) for layer in layers)
                                         for s in range(1, num_subnets + 1)]

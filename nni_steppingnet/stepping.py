@@ -220,6 +220,8 @@ class SteppingNet:
         self._out_pos = [fix(layer.out_pos) for layer in self.layers]
         self._in_pos = [fix(_grouped_in_positions(layer)) for layer in self.layers]
         self.channel_modules = {name: fix(pos) for name, pos in spec.channel_modules.items()}
+        #: bare per-channel parameters (layer scale): qualified name -> flat positions
+        self.channel_parameters = {name: fix(pos) for name, pos in spec.channel_parameters.items()}
         self._layer_index = {layer.name: k for k, layer in enumerate(self.layers)}
         #: Unstructured pruning masks (bool, weight-shaped), by layer name; absent means dense.
         self.prune_masks: dict[str, torch.Tensor] = {}

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._channels import parameter_channel_dim
 from .data import to_device
 from .importance import register_suppression, unregister_suppression
 from .stepping import RunningStatsGuard, SteppingNet
@@ -187,6 +188,13 @@ class BetaSuppression:
                     if (isinstance(param, nn.Parameter) and param.dim() >= 1
                             and param.shape[0] == positions.numel()):
                         self._hook(param, positions)
+            parameters = dict(net.model.named_parameters())
+            for name, positions in net.channel_parameters.items():
+                param = parameters.get(name)
+                # Bare per-channel parameters (layer scale [C, 1, 1]) with channels first.
+                if param is not None and param.dim() >= 1 and parameter_channel_dim(param) == 0 \
+                        and param.shape[0] == positions.numel():
+                    self._hook(param, positions)
         except BaseException:
             self.remove()
             raise

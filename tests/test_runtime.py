@@ -174,19 +174,47 @@ def test_delta_layout_runs_elementwise_work_once_per_channel(build: Builder, nam
 
 
 class _LayerScale(nn.Module):
-    """A per-channel parameter used directly in forward (not a module the graph knows): the
-    delta layout cannot slice it, so the runner must fall back to the full-width layout."""
+    """A per-channel parameter used directly in forward (layer scale, as in FastViT):
+    torch-pruning lists it as a bare parameter, and the delta layout slices it per stage."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.scale = nn.Parameter(torch.rand(8) + 0.5)
+        self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
         self.conv = nn.Conv2d(8, 6, 3, padding=1)
         self.fc = nn.Linear(6, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.stem(x)) * self.scale.view(1, -1, 1, 1)
+        x = F.relu(self.stem(x)) * self.scale
         return self.fc(F.adaptive_avg_pool2d(self.conv(x), 1).flatten(1))
+
+
+class _BufferScale(_LayerScale):
+    """The same scale as a buffer: torch-pruning does not see it, so the delta layout cannot
+    slice it, and the runner must fall back to the full-width layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.scale
+        self.register_buffer("scale", torch.rand(8, 1, 1) + 0.5)
+
+
+# torch-pruning warns about the bare parameter; that is the point of the model.
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters detected")
+def test_bare_per_channel_parameter_is_sliced_in_the_delta_layout() -> None:
+    torch.manual_seed(0)
+    net = SteppingNet(_LayerScale().eval(), _inputs(1, seed=0, size=16), N)
+    assert set(net.channel_parameters) == {"scale"}
+    generator = torch.Generator().manual_seed(1)
+    for group in net.groups:
+        group.assignment = torch.randint(1, N + 1, (group.size,), generator=generator)
+    runner = IncrementalRunner(net)
+    assert runner.layout == "delta"
+    x = _inputs(2, seed=1, size=16)
+    with torch.inference_mode():
+        for s in range(1, N + 1):
+            _assert_close(runner.start(x) if s == 1 else runner.step(), _masked(net, x, s), f"layer scale {s}")
+    assert runner.model.scale.shape == (8, 1, 1)          # restored after every stage
 
 
 class _ModifiesConvInput(nn.Module):
@@ -206,9 +234,7 @@ class _ModifiesConvInput(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(y + h, 1).flatten(1))
 
 
-# torch-pruning warns about the bare parameter of _LayerScale; that is the point of the model.
-@pytest.mark.filterwarnings("ignore:Unwrapped parameters detected")
-@pytest.mark.parametrize("model_class", [_LayerScale, _ModifiesConvInput])
+@pytest.mark.parametrize("model_class", [_BufferScale, _ModifiesConvInput])
 def test_model_outside_the_delta_layout_falls_back_to_full_width(
         model_class: type[nn.Module], caplog: pytest.LogCaptureFixture) -> None:
     from nni_steppingnet.runtime import LayoutMismatchError
@@ -226,7 +252,7 @@ def test_model_outside_the_delta_layout_falls_back_to_full_width(
     with torch.inference_mode():
         for s in range(1, N + 1):
             _assert_close(runner.start(x) if s == 1 else runner.step(), _masked(net, x, s), f"fallback {s}")
-    if model_class is _LayerScale:
+    if model_class is _BufferScale:
         forced = IncrementalRunner(net, layout="delta")
         with pytest.raises(LayoutMismatchError, match="layout='auto'"):
             forced.run(x)

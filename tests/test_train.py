@@ -92,6 +92,29 @@ def test_beta_suppression_scales_gradients_exactly(net: SteppingNet) -> None:
     assert any(not torch.equal(suppressed[n], plain[n]) for n in plain)
 
 
+class _LayerScaleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((F.relu(self.stem(x)) * self.scale).mean((2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters detected")
+def test_beta_suppression_scales_a_bare_layer_scale_parameter() -> None:
+    torch.manual_seed(0)
+    net = SteppingNet(_LayerScaleNet(), torch.randn(2, 1, 12, 12), N)
+    net.groups[0].assignment = torch.tensor([1, 1, 2, 2, 3, 3, 4, 4])   # N = 3; 4 = unused
+    plain = _grads(net, 3, None)["scale"].flatten()
+    suppressed = _grads(net, 3, 0.5)["scale"].flatten()
+    expected = torch.tensor([0.25, 0.25, 0.5, 0.5, 1, 1, 1, 1])
+    assert bool((plain[:6] != 0).all())
+    assert torch.equal(suppressed, plain * expected)
+
+
 def test_beta_suppression_is_removed_and_noop_cases(net: SteppingNet) -> None:
     plain = _grads(net, 2, None)
     _grads(net, 2, 0.5)
