@@ -59,6 +59,7 @@ __all__ = [
     "resolve_device",
     "example_inputs",
     "build_model",
+    "model_spec",
     "build_stepping_net",
     "build_data",
     "reference_macs",
@@ -135,6 +136,17 @@ def build_model(recipe: Recipe, info: DatasetInfo, width: float = 1.0) -> nn.Mod
     """
     import timm
 
+    name, kwargs = model_spec(recipe, info, width)
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as exc:
+        raise RecipeError(f"cannot build model {name!r} with {kwargs}: {exc}; check model.kwargs") from exc
+    return model
+
+
+def model_spec(recipe: Recipe, info: DatasetInfo, width: float = 1.0) -> tuple[str, dict[str, Any]]:
+    """``(timm name, create_model kwargs)`` of :func:`build_model`: what a user needs to rebuild
+    the network without this package's training code (e.g. to load an exported runner)."""
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
         raise ValueError(f"width must be a positive number, got {width!r}")
     name = recipe.model.name
@@ -159,11 +171,7 @@ def build_model(recipe: Recipe, info: DatasetInfo, width: float = 1.0) -> nn.Mod
             raise RecipeError(f"model {name!r} has no width parameter, so it cannot be widened by "
                               f"{total:g} (model.width x expansion); set model.width: 1.0 and "
                               "steppingnet.expansion: 1.0, or use a model that takes width")
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as exc:
-        raise RecipeError(f"cannot build model {name!r} with {kwargs}: {exc}; check model.kwargs") from exc
-    return model
+    return name, kwargs
 
 
 def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> tuple[DataLoader, DataLoader, DatasetInfo]:

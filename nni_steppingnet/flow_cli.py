@@ -34,10 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--data-root", default=None, help="dataset folder, if it moved since the run")
     elif name == "export":
         parser.add_argument("checkpoint", help="a run's checkpoint.pt (or its folder)")
-        parser.add_argument("--subnet", type=int, required=True, help="subnet index s (1-based)")
+        what = parser.add_mutually_exclusive_group(required=True)
+        what.add_argument("--subnet", type=int, help="export subnet s (1-based) as a physically smaller module")
+        what.add_argument("--runner", action="store_true",
+                          help="export all subnets as one IncrementalRunner file (anytime inference that "
+                               "steps from subnet s to s+1 computing only the new MACs)")
         parser.add_argument("--out", default=None,
-                            help="file (.pt/.pth) for the whole module (default: subnet<s>.pt beside the "
-                                 "checkpoint); its state_dict goes to <stem>.state_dict.pt beside it")
+                            help="file (.pt/.pth) to write (default: subnet<s>.pt or runner.pt beside the "
+                                 "checkpoint); with --subnet the state_dict goes to <stem>.state_dict.pt "
+                                 "beside it")
     elif name == "recipes":
         parser.add_argument("--keys", action="store_true", help="list every recipe key with its default")
     else:
@@ -128,6 +133,8 @@ def _export(args: argparse.Namespace) -> int:
 
     loaded = load_checkpoint(args.checkpoint)
     net = loaded.net
+    if getattr(args, "runner", False):
+        return _export_runner(loaded, args.out)
     net._check_subnet(args.subnet)
     out = Path(args.out) if args.out else loaded.path.parent / f"subnet{args.subnet}.pt"
     if out.suffix not in (".pt", ".pth"):
@@ -149,6 +156,38 @@ def _export(args: argparse.Namespace) -> int:
           f"(torch-pruning counter: {report.torch_pruning_macs:,}), {report.params:,} params")
     print(f"max |exported - subnet| on the example inputs: {max_diff:.3g}")
     print(f"module: {out} (torch.load(path, weights_only=False)); state_dict: {state_path}")
+    return 0
+
+
+def _export_runner(loaded: Any, out_arg: str | None) -> int:
+    import torch
+
+    from .flow import model_spec
+    from .runtime import IncrementalRunner
+
+    net = loaded.net
+    out = Path(out_arg) if out_arg else loaded.path.parent / "runner.pt"
+    if out.suffix not in (".pt", ".pth"):
+        raise ValueError(f"--out must be a file name ending in .pt or .pth, got {out}")
+    net.model.eval()
+    runner = IncrementalRunner(net)
+    x = torch.randn(4, *net.example_inputs.shape[1:], generator=torch.Generator().manual_seed(0))
+    worst = 0.0
+    with torch.inference_mode():
+        for s in range(1, net.num_subnets + 1):
+            got = runner.start(x) if s == 1 else runner.step()
+            with net.subnet(s):
+                expected = net.model(x)
+            worst = max(worst, float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)))
+    runner.save(out)
+    name, kwargs = model_spec(loaded.recipe, loaded.info, width=loaded.recipe.steppingnet.expansion)
+    shares = ", ".join(f"{100 * net.macs(s) / loaded.reference_macs:.2f}%" for s in range(1, net.num_subnets + 1))
+    print(f"runner for {net.num_subnets} subnets of {loaded.recipe.name} ({runner.layout} layout): MACs per "
+          f"subnet {shares} of the original")
+    print(f"max relative |runner - subnet| on random inputs, over all subnets: {worst:.3g}")
+    args_text = ", ".join([repr(name)] + [f"{k}={v!r}" for k, v in kwargs.items()])
+    print(f"runner: {out}; load it with IncrementalRunner.load({str(out)!r}, timm.create_model({args_text})) "
+          "after `import nni_steppingnet.models` for the paper models")
     return 0
 
 

@@ -154,6 +154,37 @@ def test_export_command(cli_run: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert "subnet index must be an int in 1..4" in capsys.readouterr().err
 
 
+def test_export_runner_command(cli_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import timm
+
+    from nni_steppingnet.flow import model_spec
+    from nni_steppingnet.runtime import IncrementalRunner
+
+    target = tmp_path / "anytime.pt"
+    assert main(["export", str(cli_run), "--runner", "--out", str(target)]) == 0
+    printed = capsys.readouterr().out
+    assert str(target) in printed and "IncrementalRunner.load(" in printed
+    res = _results(cli_run)
+    assert ", ".join(f"{100 * s['mac_ratio']:.2f}%" for s in res["subnets"]) in printed
+    loaded = load_checkpoint(cli_run)
+    name, kwargs = model_spec(loaded.recipe, loaded.info, width=loaded.recipe.steppingnet.expansion)
+    assert f"timm.create_model({name!r}" in printed
+    runner = IncrementalRunner.load(target, timm.create_model(name, **kwargs))
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    loaded.net.model.eval()
+    with torch.inference_mode():
+        for s in range(1, loaded.net.num_subnets + 1):
+            got = runner.start(x) if s == 1 else runner.step()
+            with loaded.net.subnet(s):
+                expected = loaded.net.model(x)
+            assert torch.allclose(got, expected, atol=1e-5), f"subnet {s}"
+            assert runner.macs_spent == res["subnets"][s - 1]["macs"]
+    assert main(["export", str(cli_run), "--runner", "--out", str(tmp_path / "runner.txt")]) == 2
+    assert "must be a file name ending in .pt or .pth" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", str(cli_run), "--runner", "--subnet", "2"])       # one or the other
+
+
 def test_existing_out_dir_without_resume_is_an_error(cli_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = (cli_run / "checkpoint.pt").stat().st_mtime_ns
     assert main(["run", "quickstart", "--out", str(cli_run), "--device", "cpu", "--no-progress", *SETS]) == 2
