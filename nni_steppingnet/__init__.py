@@ -10,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 # Light modules load eagerly; ``macs`` must, or importing the submodule would shadow the function.
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
 from .macs import macs
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ __all__ = [
     "NeuronGroup",
     "UnsupportedModelError",
     "CheckpointError",
+    "LayoutMismatchError",
     "macs",
     "__version__",
 ]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["UnsupportedModelError", "CheckpointError"]
+__all__ = ["UnsupportedModelError", "CheckpointError", "LayoutMismatchError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -23,3 +23,9 @@ class UnsupportedModelError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint or runtime file does not belong to the model it is loaded into."""
+
+
+class LayoutMismatchError(RuntimeError):
+    """The model's forward does not keep the runtime's delta layout (a tensor reached a layer with
+    other channels than the current stage adds); build the runner with ``layout="auto"`` or
+    ``"full"``."""

@@ -59,7 +59,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ._channels import parameter_channel_dim
 from ._inputs import batch_size, call_model
 from .checkpoint import atomic_write
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from .stepping import SteppingNet
@@ -263,10 +263,6 @@ class _CallCache:
         self.shape = shape                # output shape with the channel dim set to 0
         self.positions = positions
         self.pads = pads
-
-
-class LayoutMismatchError(RuntimeError):
-    """The model's forward does not keep the delta layout (found while verifying it)."""
 
 
 def _layer_kind(name: str, module: nn.Module) -> tuple[str, bool]:
