@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -226,29 +226,20 @@ class _Stage:
             self.bias_values, self.bias_rows = fn(self.bias_values), fn(self.bias_rows)
 
 
-class _DeltaStage:
-    """Stage ``s`` of the delta layout: what the layer reads, computes and returns at ``s``."""
+class _DeltaStage(_Stage):
+    """Stage ``s`` of the delta layout: what the layer reads, computes and returns at ``s``
+    (``bias_rows`` are positions in the returned delta, not output channels)."""
 
-    __slots__ = ("buckets", "bias_pos", "bias_values", "entries", "n_in", "in_start", "in_end",
-                 "n_new", "direct")
+    __slots__ = ("n_in", "in_start", "in_end", "n_new", "direct")
 
-    def __init__(self, buckets: list[_Bucket], bias_pos: torch.Tensor | None, bias_values: torch.Tensor | None,
+    def __init__(self, buckets: list[_Bucket], bias_rows: torch.Tensor | None, bias_values: torch.Tensor | None,
                  entries: int, n_in: int, in_start: int, in_end: int, n_new: int, direct: bool) -> None:
-        self.buckets = buckets
-        self.bias_pos = bias_pos          # positions (in the returned delta) of bias-only rows
-        self.bias_values = bias_values
-        self.entries = entries
+        super().__init__(buckets, bias_rows, bias_values, entries)
         self.n_in = n_in                  # input channels with index == s (the delta read)
-        self.in_start = in_start          # where they go in the stage-major input buffer
-        self.in_end = in_end              # inputs with index <= s: buffer[:, :in_end]
+        self.in_start = in_start          # inputs of earlier stages the layer keeps (stage-major)
+        self.in_end = in_end              # inputs with index <= s, what the kernels read
         self.n_new = n_new                # output channels with index == s (the delta returned)
         self.direct = direct              # one kernel call yields the whole delta in order
-
-    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        for bucket in self.buckets:
-            bucket.apply(fn)
-        if self.bias_values is not None and self.bias_pos is not None:
-            self.bias_values, self.bias_pos = fn(self.bias_values), fn(self.bias_pos)
 
 
 class _CallCache:
@@ -335,9 +326,11 @@ class _StageLayer(nn.Module):
         a_out, col_assign = self._check_plan(plan, weight, num_subnets)
         prune = plan.prune_mask.to(torch.bool).cpu() if plan.prune_mask is not None else None
         self._stages: list[_Stage | None] = [None] + [
-            self._build_stage(plan, weight, bias, prune, a_out, col_assign, s) for s in range(1, num_subnets + 1)]
+            self._build_stage(plan, weight, bias, prune, a_out, col_assign, s, num_subnets, delta=False)
+            for s in range(1, num_subnets + 1)]
         self._delta: list[_DeltaStage | None] = [None] + [
-            self._build_delta_stage(plan, weight, bias, prune, a_out, col_assign, s, num_subnets)
+            cast(_DeltaStage, self._build_stage(plan, weight, bias, prune, a_out, col_assign, s, num_subnets,
+                                                delta=True))
             for s in range(1, num_subnets + 1)]
         self._cache: list[torch.Tensor | None] = []
         self._call_info: list[tuple[int, tuple[int, ...] | None]] = []
@@ -372,77 +365,17 @@ class _StageLayer(nn.Module):
 
     def _build_stage(self, plan: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None,
                      prune: torch.Tensor | None, a_out: torch.Tensor, col_assign: torch.Tensor,
-                     s: int) -> _Stage:
-        """Kernel calls of stage ``s``: conv groups bucketed by (new rows, active inputs)."""
-        out, width = weight.shape[0], weight.shape[1]
-        groups = self.groups
-        rows_per = out // groups
-        if plan.is_logits:
-            row_new = torch.ones(groups, rows_per, dtype=torch.bool)
-            col_ok = col_assign == s
-        else:
-            row_new = (a_out == s).reshape(groups, rows_per)
-            col_ok = col_assign <= s
-        n_rows = row_new.sum(1)
-        n_cols = col_ok.sum(1)
-        kernel = weight.shape[2:]
-        kernel_numel = int(math.prod(kernel))
-        buckets: list[_Bucket] = []
-        entries = 0
-        signatures = sorted({(r, c) for r, c in zip(n_rows.tolist(), n_cols.tolist()) if r > 0 and c > 0})
-        for r_count, c_count in signatures:
-            member = (n_rows == r_count) & (n_cols == c_count)             # conv groups in the bucket
-            k = int(member.sum())
-            group_ids = member.nonzero().flatten()
-            local_rows = (row_new & member.unsqueeze(1)).nonzero()[:, 1].reshape(k, r_count)
-            rows = group_ids.unsqueeze(1) * rows_per + local_rows           # [k, R] global rows
-            cols = (col_ok & member.unsqueeze(1)).nonzero()[:, 1].reshape(k, c_count)  # [k, C] local
-            flat_rows = rows.flatten()
-            if k == 1:
-                w_slice = weight.index_select(0, flat_rows.to(weight.device))
-                w_slice = w_slice.index_select(1, cols[0].to(weight.device)).contiguous()
-                if prune is not None:
-                    entries += int(prune.index_select(0, flat_rows).index_select(1, cols[0]).sum())
-            else:
-                w_rows = weight.index_select(0, flat_rows.to(weight.device))
-                w_rows = w_rows.reshape(k, r_count, width, kernel_numel)
-                gather = cols.to(weight.device).reshape(k, 1, c_count, 1).expand(k, r_count, c_count, kernel_numel)
-                w_slice = torch.gather(w_rows, 2, gather).reshape(k * r_count, c_count, *kernel).contiguous()
-                if prune is not None:
-                    p_rows = prune.index_select(0, flat_rows).reshape(k, r_count, width, kernel_numel)
-                    entries += int(torch.gather(p_rows, 2, gather.cpu()).sum())
-            if prune is None:
-                entries += k * r_count * c_count * kernel_numel
-            in_idx: torch.Tensor | None = (group_ids.unsqueeze(1) * width + cols).flatten()
-            if groups == 1 and c_count == width:
-                in_idx = None
-            out_idx: torch.Tensor | None = flat_rows
-            if k * r_count == out:
-                out_idx = None
-            b_slice = None
-            if bias is not None and not plan.is_logits:
-                b_slice = bias.index_select(0, flat_rows.to(bias.device)).contiguous()
-            buckets.append(_Bucket(in_idx, out_idx, w_slice, b_slice, k, rows, cols))
-        bias_rows = bias_values = None
-        if not plan.is_logits and bias is not None:
-            empty = (n_rows > 0) & (n_cols == 0)
-            if bool(empty.any()):
-                # New neurons without any active input output their bias (no multiply).
-                found = (row_new & empty.unsqueeze(1)).nonzero()
-                bias_rows = found[:, 0] * rows_per + found[:, 1]
-                bias_values = bias.index_select(0, bias_rows.to(bias.device)).contiguous()
-        return _Stage(buckets, bias_rows, bias_values, entries)
+                     s: int, num_subnets: int, delta: bool) -> _Stage:
+        """Kernel calls of stage ``s``: conv groups bucketed by (new rows, active inputs).
 
-    def _build_delta_stage(self, plan: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None,
-                           prune: torch.Tensor | None, a_out: torch.Tensor, col_assign: torch.Tensor,
-                           s: int, num_subnets: int) -> _DeltaStage:
-        """Stage ``s`` of the delta layout.
-
-        The layer reads the delta of its input (channels with index ``== s``, in ascending channel
-        order). A non-logits layer appends it to a stage-major buffer of all its inputs (stage 1's
-        channels, then stage 2's, ...), computes its new rows from the buffer prefix of stages
-        ``<= s`` (weight columns permuted to that order once, here) and returns only its new
-        output channels, ascending. A logits layer adds the delta's contribution to its output.
+        Full-width layout: a kernel reads its input channels from the full-width input and writes
+        its rows into the full-width output. Delta layout: a layer reads the delta of its input
+        (channels with index ``== s``, ascending). A non-logits layer appends it to the inputs it
+        kept from earlier stages (stage-major: stage 1's channels, then stage 2's, ...), computes
+        its new rows from all of them (weight columns permuted to that order here, once) and
+        returns only its new output channels, ascending; a logits layer adds the delta's
+        contribution to its output. The two differ only in where a kernel finds its input
+        channels and puts its rows.
         """
         out, width = weight.shape[0], weight.shape[1]
         groups = self.groups
@@ -450,25 +383,33 @@ class _StageLayer(nn.Module):
         in_assign = col_assign.reshape(-1)                       # per input channel
         n_in = int((in_assign == s).sum())
         in_start = int((in_assign < s).sum())
-        in_end = in_start + n_in
         if plan.is_logits:
             row_new = torch.ones(groups, rows_per, dtype=torch.bool)
             col_ok = col_assign == s
-            # Position of every input channel in the delta: its rank among the channels of stage s.
-            position = torch.cumsum((in_assign == s).long(), 0) - 1
-            key = position
         else:
             row_new = (a_out == s).reshape(groups, rows_per)
             col_ok = col_assign <= s
+        new_rows = row_new.reshape(-1)
+        # Where each input channel is in the tensor the kernels read, where each row goes.
+        if not delta:
+            position = torch.arange(in_assign.numel())
+            source_width = in_assign.numel()
+            row_position = torch.arange(out)
+            out_width = out
+        elif plan.is_logits:
+            position = torch.cumsum((in_assign == s).long(), 0) - 1
+            source_width = n_in
+            row_position = torch.arange(out)
+            out_width = out
+        else:
             active = in_assign <= num_subnets
-            # Stage-major order of the buffer: by (subnet index, channel).
             key = torch.where(active, in_assign, num_subnets + 1) * in_assign.numel() + torch.arange(in_assign.numel())
             order = torch.argsort(key)
             position = torch.empty_like(order)
             position[order] = torch.arange(order.numel())
-        new_rows = row_new.reshape(-1)
-        n_new = out if plan.is_logits else int(new_rows.sum())
-        rank_new = torch.cumsum(new_rows.long(), 0) - 1          # row -> position in the delta
+            source_width = in_start + n_in
+            row_position = torch.cumsum(new_rows.long(), 0) - 1
+            out_width = int(new_rows.sum())
         n_rows = row_new.sum(1)
         n_cols = col_ok.sum(1)
         kernel = weight.shape[2:]
@@ -478,16 +419,14 @@ class _StageLayer(nn.Module):
         covered = 0
         signatures = sorted({(r, c) for r, c in zip(n_rows.tolist(), n_cols.tolist()) if r > 0 and c > 0})
         for r_count, c_count in signatures:
-            member = (n_rows == r_count) & (n_cols == c_count)
+            member = (n_rows == r_count) & (n_cols == c_count)             # conv groups in the bucket
             k = int(member.sum())
             group_ids = member.nonzero().flatten()
             local_rows = (row_new & member.unsqueeze(1)).nonzero()[:, 1].reshape(k, r_count)
-            rows = group_ids.unsqueeze(1) * rows_per + local_rows
-            cols = (col_ok & member.unsqueeze(1)).nonzero()[:, 1].reshape(k, c_count)
-            channels = group_ids.unsqueeze(1) * width + cols
+            rows = group_ids.unsqueeze(1) * rows_per + local_rows           # [k, R] global rows
+            cols = (col_ok & member.unsqueeze(1)).nonzero()[:, 1].reshape(k, c_count)  # [k, C] local
             # Columns in the order the source tensor holds them.
-            cols = torch.gather(cols, 1, torch.argsort(key[channels], dim=1))
-            channels = group_ids.unsqueeze(1) * width + cols
+            cols = torch.gather(cols, 1, torch.argsort(position[group_ids.unsqueeze(1) * width + cols], dim=1))
             flat_rows = rows.flatten()
             w_rows = weight.index_select(0, flat_rows.to(weight.device)).reshape(k, r_count, width, kernel_numel)
             gather = cols.to(weight.device).reshape(k, 1, c_count, 1).expand(k, r_count, c_count, kernel_numel)
@@ -497,29 +436,32 @@ class _StageLayer(nn.Module):
             else:
                 p_rows = prune.index_select(0, flat_rows).reshape(k, r_count, width, kernel_numel)
                 entries += int(torch.gather(p_rows, 2, gather.cpu()).sum())
-            in_idx: torch.Tensor | None = position[channels].flatten()
-            source_width = n_in if plan.is_logits else in_end
+            in_idx: torch.Tensor | None = position[group_ids.unsqueeze(1) * width + cols].flatten()
             if groups == 1 and c_count == source_width and bool((in_idx == torch.arange(c_count)).all()):
                 in_idx = None
-            out_idx: torch.Tensor | None = flat_rows if plan.is_logits else rank_new[flat_rows]
-            if k * r_count == n_new and bool((out_idx == torch.arange(n_new)).all()):
+            out_idx: torch.Tensor | None = row_position[flat_rows]
+            if k * r_count == out_width and bool((out_idx == torch.arange(out_width)).all()):
                 out_idx = None
             b_slice = None
             if bias is not None and not plan.is_logits:
                 b_slice = bias.index_select(0, flat_rows.to(bias.device)).contiguous()
             buckets.append(_Bucket(in_idx, out_idx, w_slice, b_slice, k, rows, cols))
             covered += k * r_count
-        bias_pos = bias_values = None
+        bias_rows = bias_values = None
         if not plan.is_logits and bias is not None:
             empty = (n_rows > 0) & (n_cols == 0)
             if bool(empty.any()):
+                # New neurons without any active input output their bias (no multiply).
                 found = (row_new & empty.unsqueeze(1)).nonzero()
-                bias_rows = found[:, 0] * rows_per + found[:, 1]
-                bias_pos = rank_new[bias_rows]
-                bias_values = bias.index_select(0, bias_rows.to(bias.device)).contiguous()
+                rows_found = found[:, 0] * rows_per + found[:, 1]
+                bias_rows = row_position[rows_found]
+                bias_values = bias.index_select(0, rows_found.to(bias.device)).contiguous()
+        if not delta:
+            return _Stage(buckets, bias_rows, bias_values, entries)
         direct = (not plan.is_logits and len(buckets) == 1 and buckets[0].out_idx is None
-                  and covered == n_new and bias_pos is None)
-        return _DeltaStage(buckets, bias_pos, bias_values, entries, n_in, in_start, in_end, n_new, direct)
+                  and covered == out_width and bias_rows is None)
+        return _DeltaStage(buckets, bias_rows, bias_values, entries, n_in, in_start, in_start + n_in,
+                           out_width, direct)
 
     def stage_is_idle(self, s: int, delta: bool) -> bool:
         """True when stage ``s`` computes and writes nothing in this layer (in the given layout)."""
@@ -642,9 +584,11 @@ class _StageLayer(nn.Module):
         return F.conv2d(xs, b.weight, bias, self.stride, self.padding, self.dilation, b.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        call = self._calls[0]                 # the how-many-th call of this layer in this forward
+        self._calls[0] = call + 1
         if self._state.delta:
-            return self._forward_delta(x)
-        return self._forward_full(x)
+            return self._forward_delta(x, call)
+        return self._forward_full(x, call)
 
     def _delta_shape(self, x: torch.Tensor, pads: tuple[int, ...] | None) -> list[int]:
         """Output shape for input ``x`` of any channel count, channel dim set to 0."""
@@ -679,12 +623,9 @@ class _StageLayer(nn.Module):
             return _CallCache(None, out, shape, positions, pads)
         return _CallCache(None, None, shape, positions, pads)
 
-    def _forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_delta(self, x: torch.Tensor, call: int) -> torch.Tensor:
         state = self._state
         s = state.stage
-        calls = self._calls
-        call = calls[0]
-        calls[0] = call + 1
         stage = self._delta[s]
         assert stage is not None
         dim = self._channel_dim
@@ -737,21 +678,18 @@ class _StageLayer(nn.Module):
                 out.copy_(y)
             else:
                 out.index_copy_(dim, b.out_idx, y)
-        if stage.bias_pos is not None:
+        if stage.bias_rows is not None:
             assert stage.bias_values is not None
             view = [1] * len(shape)
-            view[dim] = stage.bias_pos.numel()
+            view[dim] = stage.bias_rows.numel()
             count = list(shape)
-            count[dim] = stage.bias_pos.numel()
-            out.index_copy_(dim, stage.bias_pos, stage.bias_values.to(out.dtype).reshape(view).expand(count))
+            count[dim] = stage.bias_rows.numel()
+            out.index_copy_(dim, stage.bias_rows, stage.bias_values.to(out.dtype).reshape(view).expand(count))
         return out
 
-    def _forward_full(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_full(self, x: torch.Tensor, call: int) -> torch.Tensor:
         state = self._state
         s = state.stage
-        calls = self._calls
-        call = calls[0]
-        calls[0] = call + 1
         if call == len(self._cache):
             if s > 1:
                 raise RuntimeError(f"layer {self.layer_name!r} has no cached output of the earlier stages "
