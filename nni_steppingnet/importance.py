@@ -17,9 +17,44 @@ layer output. With the mask parametrization ``W_eff = W * mask`` and a binary ma
 ``sum W * dL/dW = sum W_eff * dL/dW_eff``, so the masked-out synapses contribute nothing.
 A neuron fed by several layers (coupled channels of one neuron group) sums their gates' gradients.
 
+Our adaptations of the paper (its networks have no BatchNorm):
+
+* **Gate after BatchNorm.** A BatchNorm in training mode normalises every channel by its batch
+  statistics, so the loss does not change when the conv's output channel is scaled: the eq. (2)
+  gradient at the conv output is ~0 (measured: ~1e-8 for conv neurons vs ~1e-4 for hidden Linear
+  neurons), and construction would rank conv neurons by noise. For every neuron whose channel
+  passes through an affine norm layer (``BatchNorm*``, ``SyncBatchNorm``, ``InstanceNorm*`` with
+  ``affine=True``, i.e. every module of ``net.channel_modules`` that is a torch ``_NormBase``) the
+  gate sits on the norm's output instead, ``y_c = r_c * (gamma_c * xhat_c + beta_c)``, the value
+  the next layer reads (setting ``r_c = 0`` removes the neuron). Its gradient is
+
+      dL/dr_c = sum over batch and positions of (dL/dy_c) * y_c
+              = gamma_c * dL/dgamma_c + beta_c * dL/dbeta_c,
+
+  taken from gradient hooks on the norm's ``weight`` and ``bias`` (no activations kept, exact
+  under an in-place ReLU). The two terms are added signed during the backward and their sum's
+  absolute value is accumulated when :meth:`ImportanceTracker.collect` ends, so ``collect`` must
+  enclose exactly one backward, as before. Such neurons take *only* this importance (the conv's
+  ~0 term is dropped); a neuron covered by several norm layers sums them. A norm layer with
+  ``affine=False`` (no ``gamma``) or a frozen ``gamma`` cannot carry the gate: its neurons keep
+  eq. (2) at the producing Conv/Linear (where a BatchNorm follows, that is ~0 again). Neurons
+  without a norm layer keep eq. (2). (The diagnostic that motivated this measured the same
+  quantity with a forward hook on the BN output.)
+* **Per-group normalisation** (:func:`normalize_scores`). Importance scales differ by orders of
+  magnitude between layers (a conv filter's gate sums over every output position; a gate after a
+  norm layer and one before a ReLU see different gradients), and eq. (3) compares neurons of all
+  layers in one ranking (:meth:`nni_steppingnet.construct.Constructor._select` sorts the
+  candidates of a subnet by ``M`` across all groups). Before eq. (3), every neuron group's scores
+  are therefore divided, per subnet row ``k``, by the mean score of that group's neurons that are
+  in subnet ``k`` (``a(j) <= k``; the others score 0 in row ``k`` by construction), in the spirit
+  of layer-wise normalised Taylor pruning (Molchanov et al., 2017, who divide by the layer's L2
+  norm). Within one row of a group the order is unchanged; across groups a neuron is compared by
+  how it stands in its own layer. Because each row is scaled separately, eq. (3)'s sum over the
+  subnets weighs every subnet's loss equally before ``alpha_k``.
+
 The absolute value is taken per backward pass (one batch) and accumulated over the batches of an
 iteration into ``scores[k - 1, j]`` for the subnet ``k`` whose loss was back-propagated.
-:func:`criterion` turns the scores into eq. (3).
+:func:`criterion` turns the (normalised) scores into eq. (3).
 """
 from __future__ import annotations
 
@@ -29,10 +64,12 @@ import weakref
 from typing import Any, Iterator, Mapping
 
 import torch
+import torch.nn as nn
 
 from .stepping import SteppingNet
 
-__all__ = ["ImportanceTracker", "criterion", "register_suppression", "unregister_suppression"]
+__all__ = ["ImportanceTracker", "criterion", "normalize_scores", "norm_gated_modules",
+           "register_suppression", "unregister_suppression"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,18 +129,40 @@ class ImportanceTracker:
         self._handles: list[Any] = []
         self._positions: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.batches = torch.zeros(self.num_subnets, dtype=torch.long)
+        #: neurons whose importance is taken at a norm layer's output (see the module docstring)
+        self.norm_gated = torch.zeros(self.num_neurons, dtype=torch.bool)
+        norms = norm_gated_modules(net)
+        modules = dict(net.model.named_modules())
+        for name, positions in norms.items():
+            self.norm_gated[positions] = True
+        self._pending: dict[str, torch.Tensor] = {}
+        self._norm_index: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for name, positions in norms.items():
+            module = modules[name]
+            channels = (positions < self.num_neurons).nonzero().flatten()
+            full = channels.numel() == positions.numel()
+            self._norm_index[name] = (positions if full else positions[channels], None if full else channels)
+            self._handles.append(module.weight.register_hook(self._make_norm_hook(name, positions, "weight")))
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, nn.Parameter) and bias.requires_grad:
+                self._handles.append(bias.register_hook(self._make_norm_hook(name, positions, "bias")))
         for k, layer in enumerate(net.layers):
             if layer.is_logits:
                 continue
             weight = net.original_weight(k)
             if not weight.requires_grad:
                 continue
-            self._handles.append(weight.register_hook(self._make_hook(k)))
+            rows = (~self.norm_gated[net._out_pos[k]]).nonzero().flatten()
+            if rows.numel() == 0:
+                continue  # every output channel is gated after a norm layer
+            self._handles.append(weight.register_hook(self._make_hook(k, rows)))
 
     # ------------------------------------------------------------------ hooks
-    def _make_hook(self, k: int) -> Any:
+    def _make_hook(self, k: int, rows: torch.Tensor) -> Any:
         ref = weakref.ref(self)
-        positions = self.net._out_pos[k]
+        full = rows.numel() == self.net._out_pos[k].numel()
+        positions = self.net._out_pos[k] if full else self.net._out_pos[k][rows]
+        rows_by_device: dict[torch.device, torch.Tensor] = {}
 
         def hook(grad: torch.Tensor) -> None:
             tracker = ref()
@@ -112,10 +171,45 @@ class ImportanceTracker:
             weight = tracker.net.original_weight(k)
             with torch.no_grad():
                 per_row = (weight.detach().float() * grad.detach().float()).reshape(grad.shape[0], -1).sum(1)
+                if not full:
+                    index = rows_by_device.get(per_row.device)
+                    if index is None:
+                        index = rows_by_device[per_row.device] = rows.to(per_row.device)
+                    per_row = per_row.index_select(0, index)
                 tracker._accumulate(tracker._subnet, positions, per_row.abs())
             return None
 
         return hook
+
+    def _make_norm_hook(self, name: str, positions: torch.Tensor, attr: str) -> Any:
+        """Hook on a norm layer's ``weight`` (``attr='weight'``: ``gamma * dL/dgamma``) or ``bias``
+        (``'bias'``: ``beta * dL/dbeta``). Both add, signed, to the layer's pending gate gradient
+        of this backward; :meth:`_flush` takes its absolute value when :meth:`collect` ends."""
+        ref = weakref.ref(self)
+        module_ref = weakref.ref(dict(self.net.model.named_modules())[name])
+
+        def hook(grad: torch.Tensor) -> None:
+            tracker, module = ref(), module_ref()
+            if tracker is None or module is None or tracker._subnet is None:
+                return None
+            with torch.no_grad():
+                value = getattr(module, attr).detach().float() * grad.detach().float()
+                pending = tracker._pending.get(name)
+                tracker._pending[name] = value if pending is None else pending + value
+            return None
+
+        return hook
+
+    def _flush(self) -> None:
+        """Add ``|dL/dr|`` of the norm-layer gates of the backward just run to the scores."""
+        pending, self._pending = self._pending, {}
+        if self._subnet is None:
+            return
+        for name, value in pending.items():
+            positions, channels = self._norm_index[name]
+            if channels is not None:
+                value = value.index_select(0, channels.to(value.device))
+            self._accumulate(self._subnet, positions, value.abs())
 
     def _accumulate(self, subnet: int, positions: torch.Tensor, values: torch.Tensor) -> None:
         if self._scores.device != values.device:
@@ -140,9 +234,11 @@ class ImportanceTracker:
         if self._subnet is not None:
             raise RuntimeError(f"already collecting for subnet {self._subnet}; collect() does not nest")
         self._subnet = subnet
+        self._pending = {}
         try:
             yield self
         finally:
+            self._flush()
             self._subnet = None
             self.batches[subnet - 1] += 1
 
@@ -164,9 +260,13 @@ class ImportanceTracker:
         self._scores.zero_()
         self.batches.zero_()
 
+    def normalized_scores(self) -> torch.Tensor:
+        """:func:`normalize_scores` of the current scores (per group, per subnet row)."""
+        return normalize_scores(self._scores, self.net._offsets, self.net.flat_assignment()[:-1])
+
     def criterion(self, alpha_growth: float = 1.5) -> torch.Tensor:
-        """:func:`criterion` of the current scores and the net's current assignment."""
-        return criterion(self._scores, self.net.flat_assignment()[:-1], alpha_growth)
+        """:func:`criterion` (eq. 3) of the :meth:`normalized_scores` and the net's current assignment."""
+        return criterion(self.normalized_scores(), self.net.flat_assignment()[:-1], alpha_growth)
 
     def close(self) -> None:
         """Remove the gradient hooks."""
@@ -192,6 +292,76 @@ class ImportanceTracker:
             self.close()
         except Exception:  # interpreter shutdown: hooks may already be gone
             pass
+
+
+def norm_gated_modules(net: SteppingNet) -> dict[str, torch.Tensor]:
+    """Norm layers of ``net`` that carry the importance gate: name -> flat neuron positions.
+
+    Every module of ``net.channel_modules`` that is a torch norm layer (``_NormBase``: BatchNorm*,
+    SyncBatchNorm, InstanceNorm*) with a trainable per-channel ``weight`` (``affine=True``). The
+    positions exclude channels mapped to the model input slot.
+    """
+    modules = dict(net.model.named_modules())
+    found: dict[str, torch.Tensor] = {}
+    for name, positions in net.channel_modules.items():
+        module = modules.get(name)
+        if not isinstance(module, nn.modules.batchnorm._NormBase) or not module.affine:
+            continue
+        weight = getattr(module, "weight", None)
+        if (not isinstance(weight, nn.Parameter) or not weight.requires_grad or weight.dim() != 1
+                or weight.numel() != positions.numel()):
+            continue
+        if bool((positions < int(net._num_neurons)).any()):
+            found[name] = positions
+    return found
+
+
+def normalize_scores(
+    scores: torch.Tensor,
+    offsets: "list[int] | torch.Tensor",
+    assignment: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Divide every neuron group's scores by their mean, per subnet row.
+
+    Row ``k - 1`` of group ``g`` (flat positions ``offsets[g]:offsets[g + 1]``) is divided by the
+    mean of its entries over the group's neurons in subnet ``k`` (``assignment <= k``; all of the
+    group's neurons when ``assignment`` is ``None``). A row whose mean is 0 (no batches, or no
+    neuron of the group in subnet ``k``) stays as it is. Within a group the order is unchanged;
+    across groups the scores become comparable (each active group averages 1 per row).
+
+    Args:
+        scores: ``[N, num_neurons]`` accumulated importance.
+        offsets: group start positions plus the end (``net._offsets``: ``len(groups) + 1`` entries).
+        assignment: ``[num_neurons]`` subnet index of every neuron, or ``None``.
+
+    Returns:
+        float32 ``[N, num_neurons]`` on the CPU (a new tensor).
+    """
+    scores = torch.as_tensor(scores)
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [N, num_neurons], got shape {tuple(scores.shape)}")
+    n, count = scores.shape
+    bounds = [int(o) for o in torch.as_tensor(offsets).flatten().tolist()]
+    if not bounds or bounds[0] != 0 or bounds[-1] != count or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"offsets must ascend from 0 to the {count} neurons (net._offsets), got {bounds}")
+    result = scores.detach().to(device="cpu", dtype=torch.float64).clone()
+    if assignment is None:
+        member = torch.ones(n, count, dtype=torch.bool)
+    else:
+        assignment = torch.as_tensor(assignment).to(device="cpu", dtype=torch.long).flatten()
+        if assignment.numel() != count:
+            raise ValueError(f"assignment must have {count} entries (one per neuron), got {assignment.numel()}")
+        member = torch.arange(1, n + 1).unsqueeze(1) >= assignment.unsqueeze(0)  # [N, num_neurons]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop == start:
+            continue
+        block, inside = result[:, start:stop], member[:, start:stop]
+        counts = inside.sum(1)
+        total = (block * inside).sum(1)
+        mean = torch.where(counts > 0, total / counts.clamp_min(1), torch.zeros_like(total))
+        scale = torch.where(mean > 0, mean, torch.ones_like(mean))
+        result[:, start:stop] = block / scale.unsqueeze(1)
+    return result.to(torch.float32)
 
 
 def criterion(scores: torch.Tensor, assignment: torch.Tensor, alpha_growth: float = 1.5) -> torch.Tensor:

@@ -292,3 +292,116 @@ def test_last_approach_lands_just_under_the_budget(tiny_model: Callable[..., nn.
     assert budget - net.macs(1) < cost3 < 0.5 * cost2
     assert bool(moved[conv2[0]]) and not bool(moved[conv2[1]])  # passed over: it would overshoot
     assert moved_macs[0] == net.full_macs - net.macs(1)
+
+
+# ------------------------------------------------------------------- dead neurons
+def _row_macs(net: SteppingNet, layer: str, row: int, s: int) -> int:
+    """MACs of subnet ``s`` spent on output channel ``row`` of ``layer`` (its incoming synapses)."""
+    k = _layer(net, layer)
+    return int(net.weight_mask(k, s)[row].sum()) * net.layers[k].positions
+
+
+def _row_macs_full(net: SteppingNet, k: int, row: int) -> int:
+    """MACs of output channel ``row`` of layer ``k`` with every weight of the row active."""
+    return int(net.original_weight(k)[row].numel()) * net.layers[k].positions
+
+
+def test_neuron_no_weight_reads_is_retired_with_exact_macs(tiny_model: Callable[..., nn.Module]) -> None:
+    net = _net(tiny_model, 3)
+    c = Constructor(net, _config(net, [0.2, 0.5, 0.9], iterations=5), _batches())
+    k1, k2, k3 = (_layer(net, name) for name in ("features.0", "features.3", "features.7"))
+    j, i = 4, 2  # conv2 neuron j: conv3 reads it only through pruned weights; conv1 neuron i: only j reads it
+    neuron_j, neuron_i = int(net._out_pos[k2][j]), int(net._out_pos[k1][i])
+    prune3 = torch.ones_like(net.original_weight(k3), dtype=torch.bool)
+    prune3[:, j] = False
+    prune2 = torch.ones_like(net.original_weight(k2), dtype=torch.bool)
+    prune2[:, i] = False
+    prune2[j, i] = True
+    net.prune_masks = {"features.7": prune3, "features.3": prune2}
+    net.invalidate()
+    assert c.dead_neurons(final=False).nonzero().flatten().tolist() == [neuron_j]
+    before = [net.macs(s) for s in (1, 2, 3)]
+    drop = [_row_macs(net, "features.3", j, s) + _row_macs(net, "features.0", i, s) for s in (1, 2, 3)]
+    assert all(d > 0 for d in drop)
+    retired = c.retire_dead(final=False)
+    flat = net.flat_assignment()
+    assert retired == [2, 0, 0]  # j, then i, which only j read
+    assert int(flat[neuron_j]) == int(flat[neuron_i]) == 4  # N + 1: unused
+    assert int((flat[:-1] == 4).sum()) == 2
+    assert [net.macs(s) for s in (1, 2, 3)] == [b - d for b, d in zip(before, drop)]
+    assert not bool(c.dead_neurons(final=True).any())
+    assert c.retire_dead() == [0, 0, 0]
+
+
+def test_neuron_whose_consumers_sit_in_smaller_subnets_retires_at_the_end(
+    tiny_model: Callable[..., nn.Module]
+) -> None:
+    net = _net(tiny_model, 3)
+    c = Constructor(net, _config(net, [0.2, 0.5, 0.9], iterations=5), _batches())
+    k2 = _layer(net, "features.3")
+    conv2 = net.groups[[g.name for g in net.groups].index("features.3")]
+    conv3 = net.groups[[g.name for g in net.groups].index("features.7")]
+    conv2.assignment = torch.tensor([1] * (conv2.size - 2) + [2, 3])
+    conv3.assignment = torch.ones(conv3.size, dtype=torch.long)  # every consumer in subnet 1
+    late = net._out_pos[k2][-2:].tolist()
+    # During construction the consumers may still move up: not dead yet.
+    assert not bool(c.dead_neurons(final=False).any())
+    assert c.dead_neurons(final=True).nonzero().flatten().tolist() == late
+    before = [net.macs(s) for s in (1, 2, 3)]
+    rows = [_row_macs(net, "features.3", conv2.size - 2, s) for s in (1, 2, 3)]
+    rows3 = [_row_macs(net, "features.3", conv2.size - 1, s) for s in (1, 2, 3)]
+    assert rows[0] == rows3[0] == rows3[1] == 0 and rows[1] > 0 and rows3[2] > 0
+    assert c.retire_dead(final=True) == [0, 1, 1]
+    assert conv2.assignment[-2:].tolist() == [4, 4]
+    assert [net.macs(s) for s in (1, 2, 3)] == [before[0], before[1] - rows[1], before[2] - rows[2] - rows3[2]]
+
+
+@pytest.mark.parametrize("frozen", [None, 3])
+def test_retiring_keeps_a_group_and_frozen_neurons(tiny_model: Callable[..., nn.Module],
+                                                   frozen: int | None) -> None:
+    net = _net(tiny_model, 2)
+    c = Constructor(net, _config(net, [0.3, 0.9], iterations=5), _batches())
+    k3 = _layer(net, "features.7")
+    net.prune_masks = {"classifier": torch.zeros_like(net.original_weight(_layer(net, "classifier")),
+                                                      dtype=torch.bool)}
+    net.invalidate()
+    # Nothing reads conv3 (the classifier is pruned away): all of it is dead.
+    assert bool(c.dead_neurons(final=False)[net._out_pos[k3]].all())
+    if frozen is not None:
+        c.frozen = torch.zeros(net._num_neurons, dtype=torch.bool)
+        c.frozen[net._out_pos[k3][frozen]] = True
+    before = net.macs(2)
+    retired = c.retire_dead(final=False)
+    conv3 = net.groups[[g.name for g in net.groups].index("features.7")]
+    # One neuron stays so no subnet loses the layer: the frozen one, else the group's first.
+    kept = 0 if frozen is None else frozen
+    assert (conv3.assignment <= 2).nonzero().flatten().tolist() == [kept]
+    assert retired == [conv3.size - 1, 0]
+    assert net.macs(2) == before - sum(_row_macs_full(net, k3, row) for row in range(conv3.size) if row != kept)
+
+
+def test_step_reports_retired(tiny_model: Callable[..., nn.Module]) -> None:
+    net = _net(tiny_model, 2)
+    c = Constructor(net, _config(net, [0.3, 0.6], iterations=2, batches_per_iteration=1), _loader())
+    entry = c.step()
+    assert len(entry["retired"]) == 2 and all(isinstance(v, int) for v in entry["retired"])
+    assert entry["macs"] == [net.macs(1), net.macs(2)]
+
+
+# ------------------------------------------------------------------- per-group move limit
+def test_at_most_half_of_a_group_leaves_per_selection(tiny_model: Callable[..., nn.Module]) -> None:
+    net = _net(tiny_model, 2)
+    c = Constructor(net, _config(net, [0.3, 0.9], iterations=1), _batches())
+    conv3 = net._out_pos[_layer(net, "features.7")]
+    scores = _scores_low_in(net, "features.7")  # conv3's neurons have the lowest M
+    flat = net.flat_assignment()
+    amount = float(c.neuron_costs(1)[conv3].sum())  # would take all of conv3
+    none = torch.zeros(net._num_neurons, dtype=torch.bool)
+    chosen = c._select(1, amount, flat, scores, none, cap=float("inf"))
+    from_conv3 = [j for j in chosen if j in set(conv3.tolist())]
+    assert len(from_conv3) == conv3.numel() // 2
+    assert from_conv3 == conv3[: conv3.numel() // 2].tolist()  # lowest M first
+    assert len(chosen) > len(from_conv3)  # the rest of the amount came from other groups
+    c.group_move_limit = False
+    chosen = c._select(1, amount, flat, scores, none, cap=float("inf"))
+    assert len([j for j in chosen if j in set(conv3.tolist())]) == conv3.numel() - 1  # the last stays

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from nni_steppingnet import SteppingNet
-from nni_steppingnet.importance import ImportanceTracker, criterion
+from nni_steppingnet.importance import (ImportanceTracker, criterion, norm_gated_modules,
+                                        normalize_scores)
 from nni_steppingnet.train import beta_suppression
 
 
@@ -102,29 +103,45 @@ def test_suppression_does_not_change_scores() -> None:
 def test_scores_equal_activation_gradient_product_on_cnn(
     tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]
 ) -> None:
-    """Tracker (weight x weight-gradient form) == sum of grad x pre-bias output per channel."""
+    """Tracker (weight x weight-gradient form) == sum of grad x output per channel, where the
+    output is the conv/linear's pre-bias output for plain neurons and the BatchNorm's whole output
+    (gamma * xhat + beta) for neurons that pass through a BatchNorm."""
     model = tiny_model("lenet5", seed=0, in_chans=1, img_size=12, width=0.5)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):  # non-trivial gamma and beta
+                module.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+                module.bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(3))
     net = SteppingNet(model, torch.randn(2, 1, 12, 12), 3)
     random_assignment(net, seed=1)
     tracker = ImportanceTracker(net)
+    gated = norm_gated_modules(net)
+    assert gated and bool(tracker.norm_gated.any()) and not bool(tracker.norm_gated.all())
+    modules = dict(model.named_modules())
     expected = torch.zeros(net._num_neurons + 1, dtype=torch.float64)
-    saved: dict[int, torch.Tensor] = {}
+    saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def make_hook(k: int) -> Any:
+    def make_hook(name: str, positions: torch.Tensor, keep: torch.Tensor) -> Any:
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
             bias = module.bias
             pre = output.detach().clone()
-            if bias is not None:
+            if bias is not None and not isinstance(module, nn.BatchNorm2d):
                 pre = pre - bias.detach().reshape((1, -1) + (1,) * (output.dim() - 2))
 
             def grad_hook(grad: torch.Tensor) -> None:
                 dims = [d for d in range(grad.dim()) if d != 1]
-                saved[k] = (grad.double() * pre.double()).sum(dims)
+                saved[name] = (positions[keep], (grad.double() * pre.double()).sum(dims)[keep])
             output.register_hook(grad_hook)
         return hook
 
-    handles = [layer.module.register_forward_hook(make_hook(k))
-               for k, layer in enumerate(net.layers) if not layer.is_logits]
+    handles = []
+    for k, layer in enumerate(net.layers):
+        if not layer.is_logits:
+            keep = ~tracker.norm_gated[net._out_pos[k]]
+            handles.append(layer.module.register_forward_hook(make_hook(layer.name, net._out_pos[k], keep)))
+    for name, positions in gated.items():
+        handles.append(modules[name].register_forward_hook(
+            make_hook(name, positions, torch.ones(positions.numel(), dtype=torch.bool))))
     x = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(5))
     y = torch.tensor([0, 1, 2, 3])
     model.train()
@@ -134,8 +151,8 @@ def test_scores_equal_activation_gradient_product_on_cnn(
             loss = nn.functional.cross_entropy(model(x), y)
         with tracker.collect(subnet=2):
             loss.backward()
-        for k, per_channel in saved.items():
-            expected.index_add_(0, net._out_pos[k], per_channel.abs())
+        for positions, per_channel in saved.values():
+            expected.index_add_(0, positions, per_channel.abs())
     for h in handles:
         h.remove()
     got = tracker.scores[1].double()
@@ -175,6 +192,88 @@ def test_tracker_state_round_trip() -> None:
     other = ImportanceTracker(net)
     other.load_state_dict(tracker.state_dict())
     assert torch.equal(other.scores, tracker.scores) and torch.equal(other.batches, tracker.batches)
-    assert torch.equal(other.criterion(), criterion(tracker.scores, net.flat_assignment()[:-1]))
+    flat = net.flat_assignment()[:-1]
+    assert torch.equal(other.criterion(), criterion(normalize_scores(tracker.scores, net._offsets, flat), flat))
     with pytest.raises(ValueError, match="shape"):
         other.scores = torch.zeros(2, 2)
+
+
+# ------------------------------------------------------------ BatchNorm gate and normalisation
+class _ConvBN(nn.Module):
+    """conv(3->4) -> BN -> ReLU -> pool -> Linear(4->3) classifier."""
+
+    def __init__(self, affine: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4, affine=affine)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.relu(self.bn(self.conv(x)))), 1))
+
+
+def _conv_bn_scores(affine: bool = True, dead_gamma: int | None = None) -> tuple[SteppingNet, ImportanceTracker]:
+    torch.manual_seed(0)
+    model = _ConvBN(affine)
+    with torch.no_grad():
+        if affine:
+            model.bn.weight.copy_(torch.tensor([1.0, 0.8, 1.2, 0.9]))
+            model.bn.bias.copy_(torch.tensor([0.1, -0.1, 0.2, 0.0]))
+            if dead_gamma is not None:
+                model.bn.weight[dead_gamma] = 0.0
+                model.bn.bias[dead_gamma] = 0.0
+    net = SteppingNet(model, torch.randn(2, 3, 6, 6), 2)
+    tracker = ImportanceTracker(net)
+    g = torch.Generator().manual_seed(1)
+    model.train()
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        with net.subnet(2):
+            loss = nn.functional.cross_entropy(model(x), y)
+        with tracker.collect(subnet=2):
+            loss.backward()
+        model.zero_grad()
+    return net, tracker
+
+
+def test_conv_before_batchnorm_gets_importance_from_the_bn_output() -> None:
+    net, tracker = _conv_bn_scores()
+    conv = net._out_pos[0]
+    assert bool(tracker.norm_gated[conv].all())
+    bn_scores = tracker.scores[1, conv]
+    assert bool((bn_scores > 1e-4).all()), bn_scores
+    # The paper's gate at the conv output: BN normalises its scale away, so its gradient is ~0.
+    net_plain, plain_tracker = _conv_bn_scores(affine=False)
+    assert not bool(plain_tracker.norm_gated.any())  # affine=False: falls back to eq. (2)
+    assert float(plain_tracker.scores[1, net_plain._out_pos[0]].max()) < 1e-5
+    assert float(bn_scores.min()) > 1e3 * float(plain_tracker.scores[1, net_plain._out_pos[0]].max())
+
+
+def test_channel_with_zero_gamma_ranks_lowest() -> None:
+    net, tracker = _conv_bn_scores(dead_gamma=2)
+    conv = net._out_pos[0]
+    m = tracker.criterion()[conv]
+    assert float(m[2]) == 0.0 and bool((m[[0, 1, 3]] > 0).all())
+    assert int(torch.argmin(m)) == 2
+
+
+def test_normalisation_makes_groups_of_different_scale_comparable() -> None:
+    # Two groups of 3 neurons; group 1 is 1000x larger but ranks the same way inside.
+    raw = torch.tensor([[1.0, 2.0, 3.0, 1000.0, 2000.0, 3000.0]])
+    normed = normalize_scores(raw, [0, 3, 6])
+    assert torch.allclose(normed[0, :3], normed[0, 3:])
+    assert torch.allclose(normed[0, :3], torch.tensor([0.5, 1.0, 1.5]))
+    # Without it the criterion would move every neuron of group 0 before any of group 1.
+    assignment = torch.ones(6, dtype=torch.long)
+    order_raw = torch.argsort(criterion(raw, assignment), stable=True).tolist()
+    order = torch.argsort(criterion(normed, assignment), stable=True).tolist()
+    assert order_raw[:3] == [0, 1, 2]
+    assert sorted(order[:2]) == [0, 3] and sorted(order[2:4]) == [1, 4]
+    # The mean of row k runs over the group's neurons in subnet k only; zero rows stay zero.
+    two = torch.tensor([[2.0, 4.0, 0.0, 10.0], [1.0, 1.0, 6.0, 0.0]])
+    normed = normalize_scores(two, [0, 3, 4], torch.tensor([1, 1, 2, 1]))
+    assert torch.allclose(normed, torch.tensor([[2 / 3, 4 / 3, 0.0, 1.0], [0.375, 0.375, 2.25, 0.0]]))
+    with pytest.raises(ValueError, match="offsets"):
+        normalize_scores(two, [0, 3])

@@ -9,7 +9,7 @@ import pytest
 
 import nni_steppingnet.models  # noqa: F401  (registers the paper models)
 from nni_steppingnet import SteppingNet
-from nni_steppingnet.importance import ImportanceTracker, criterion
+from nni_steppingnet.importance import ImportanceTracker, criterion, normalize_scores
 from nni_steppingnet.nni.tp_importance import SteppingImportance
 
 CONVS = ("features.0", "features.3", "features.7")
@@ -27,7 +27,9 @@ def _handmade_scores(net: SteppingNet) -> torch.Tensor:
     n = net._num_neurons
     gen = torch.Generator().manual_seed(5)
     first = torch.randperm(n, generator=gen).float()
-    second = (n - first) * 0.5 + torch.rand(n, generator=gen) * 0.1
+    # A narrow spread around a large mean: after the per-group normalisation subnet 2's row
+    # varies less than subnet 1's, so M of subnet 1 still follows subnet 1's order.
+    second = n + (n - first) * 0.1 + torch.rand(n, generator=gen) * 0.01
     return torch.stack([first, second])
 
 
@@ -53,7 +55,9 @@ def test_base_pruner_removes_the_lowest_criterion_channels(subnet: int) -> None:
     pruner.step()
 
     alpha = torch.tensor([1.0, 1.5])
-    m = (scores * alpha.unsqueeze(1))[subnet - 1:].sum(0)  # eq. (3) for subnet i: k = i..N
+    # eq. (3) for subnet i (k = i..N) of the scores normalised per group and subnet row.
+    scores = normalize_scores(scores, net._offsets, net.flat_assignment()[:-1])
+    m = (scores * alpha.unsqueeze(1))[subnet - 1:].sum(0)
     previous_kept: list[int] | None = None
     for k, name in enumerate(CONVS):
         positions = net._out_pos[k]
@@ -84,7 +88,8 @@ def test_scores_come_from_the_tracker_of_the_net() -> None:
     assert bool((tracker.scores > 0).any())
     plain = net.plain_copy()
     importance = SteppingImportance(net, tracker, subnet=1, alpha_growth=2.0, model=plain)
-    expected = criterion(tracker.scores, torch.ones(net._num_neurons, dtype=torch.long), 2.0)
+    normalized = normalize_scores(tracker.scores, net._offsets, net.flat_assignment()[:-1])
+    expected = criterion(normalized, torch.ones(net._num_neurons, dtype=torch.long), 2.0)
     assert torch.equal(importance.criterion(), expected)
     graph = tp.DependencyGraph().build_dependency(plain, example_inputs=x)
     scored = 0
@@ -99,10 +104,11 @@ def test_scores_come_from_the_tracker_of_the_net() -> None:
         assert torch.equal(value, expected[net._out_pos[k]])
         scored += 1
     assert scored == len(CONVS)
-    # The tracker is read on every call: more importance changes the scores.
+    # The tracker is read on every call: more importance changes the scores (another batch: the
+    # same batch again would only scale a row, which the per-group normalisation undoes).
     before = importance.criterion().clone()
     with net.subnet(2):
-        loss = F.cross_entropy(net.model(x), y)
+        loss = F.cross_entropy(net.model(x.flip(0)), y)
     with tracker.collect(subnet=2):
         loss.backward()
     assert not torch.equal(importance.criterion(), before)

@@ -84,7 +84,8 @@ class _EvaluatorDrivenConstructor(Constructor):
     """A :class:`Constructor` whose training happens in the NNI evaluator's loop.
 
     ``step()`` is the unchanged Fig. 3 iteration minus the training: its ``_train`` returns the
-    mean loss of the optimizer steps the loop just ran. Neurons in ``frozen`` never move.
+    mean loss of the optimizer steps the loop just ran. Neurons in ``frozen`` never move (they are
+    neither selected nor retired as dead: ``Constructor.frozen``).
     """
 
     def __init__(self, net: SteppingNet, config: ConstructionConfig, device: torch.device,

@@ -7,7 +7,8 @@ paper eq. (3) for one chosen subnet ``i``::
 
 from the importance a :class:`~nni_steppingnet.importance.ImportanceTracker` accumulated on a
 :class:`~nni_steppingnet.SteppingNet` of the same architecture (or a ``[N, num_neurons]`` score
-tensor). Plug it into any torch-pruning pruner (``tp.pruner.BasePruner``/``MetaPruner``) for
+tensor), normalised per neuron group and subnet row first
+(:func:`~nni_steppingnet.importance.normalize_scores`, as construction does). Plug it into any torch-pruning pruner (``tp.pruner.BasePruner``/``MetaPruner``) for
 plain structured pruning: the channels with the smallest ``M`` go first.
 
 Typical use::
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from ..importance import ImportanceTracker, criterion
+from ..importance import ImportanceTracker, criterion, normalize_scores
 from ..stepping import SteppingNet
 
 __all__ = ["SteppingImportance"]
@@ -106,8 +107,11 @@ class SteppingImportance(tp.importance.Importance):
     def criterion(self) -> torch.Tensor:
         """``M`` of every neuron (float32 ``[num_neurons]``) for :attr:`subnet`."""
         raw = self.scores.scores if isinstance(self.scores, ImportanceTracker) else self.scores
+        # Per-group normalisation over the net's real subnets (see importance.normalize_scores),
+        # then eq. (3) as if every neuron were in subnet ``self.subnet``.
+        normalized = normalize_scores(raw, self.net._offsets, self.net.flat_assignment()[:-1])
         fixed = torch.full((raw.shape[1],), self.subnet, dtype=torch.long)
-        return criterion(raw, fixed, self.alpha_growth)
+        return criterion(normalized, fixed, self.alpha_growth)
 
     @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor | None:
