@@ -436,12 +436,15 @@ class Constructor:
         retired = self.retire_dead(final=False)
         self.tracker.reset()
         self.iteration += 1
-        met = self._budgets_met(self._current_macs())
-        if all(met) or self.iteration >= self.config.iterations:
-            # Construction ends: now a neuron whose consumers all sit in smaller subnets stays so.
-            retired = [a + b for a, b in zip(retired, self.retire_dead(final=True))]
         macs = self._current_macs()
         met = self._budgets_met(macs)
+        if all(met) or self.iteration >= self.config.iterations:
+            # Construction ends: now a neuron whose consumers all sit in smaller subnets stays so.
+            final = self.retire_dead(final=True)
+            retired = [a + b for a, b in zip(retired, final)]
+            if any(final):
+                macs = self._current_macs()
+                met = self._budgets_met(macs)
         self._all_met = all(met)
         entry = {
             "iteration": self.iteration,
