@@ -279,7 +279,8 @@ def _layer_kind(name: str, module: nn.Module) -> tuple[str, bool]:
 class _StageLayer(nn.Module):
     """A Conv2d/Linear that computes, at stage ``s``, only the synapses that stage activates."""
 
-    def __init__(self, plan: LayerPlan, module: nn.Module, num_subnets: int, state: _RunState) -> None:
+    def __init__(self, plan: LayerPlan, module: nn.Module, num_subnets: int, state: _RunState, *,
+                 full: bool = True, delta: bool = True) -> None:
         super().__init__()
         kind, same_dynamic = _layer_kind(plan.name, module)
         self.layer_name = plan.name
@@ -325,13 +326,14 @@ class _StageLayer(nn.Module):
             self.groups = 1
         a_out, col_assign = self._check_plan(plan, weight, num_subnets)
         prune = plan.prune_mask.to(torch.bool).cpu() if plan.prune_mask is not None else None
+        # Plans of the layouts the runner may use (``"auto"`` needs both for its check).
         self._stages: list[_Stage | None] = [None] + [
             self._build_stage(plan, weight, bias, prune, a_out, col_assign, s, num_subnets, delta=False)
-            for s in range(1, num_subnets + 1)]
+            if full else None for s in range(1, num_subnets + 1)]
         self._delta: list[_DeltaStage | None] = [None] + [
             cast(_DeltaStage, self._build_stage(plan, weight, bias, prune, a_out, col_assign, s, num_subnets,
                                                 delta=True))
-            for s in range(1, num_subnets + 1)]
+            if delta else None for s in range(1, num_subnets + 1)]
         self._cache: list[torch.Tensor | None] = []
         self._call_info: list[tuple[int, tuple[int, ...] | None]] = []
         self._delta_cache: list[_CallCache] = []
@@ -927,9 +929,8 @@ class IncrementalRunner:
         runner = cls.__new__(cls)
         sample = None
         if reference_shape is not None:
-            sample = tuple(torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-                           for shape in reference_shape)
-            sample = sample[0] if len(sample) == 1 else sample
+            shapes = tuple(torch.empty(1, *shape) for shape in reference_shape)
+            sample = _random_like(shapes[0] if len(shapes) == 1 else shapes, batch=2)
         runner._setup(model, plans, num_subnets, reference_shape, dict(channel_assignments or {}), layout,
                       sample=sample)
         return runner
@@ -961,7 +962,8 @@ class IncrementalRunner:
             module = modules.get(plan.name)
             if module is None:
                 raise ValueError(f"plan for layer {plan.name!r}, but the model has no such module")
-            layers.append(_StageLayer(plan, module, num_subnets, self._state))
+            layers.append(_StageLayer(plan, module, num_subnets, self._state, full=layout != "delta",
+                                      delta=layout != "full"))
         missing = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in set(names)]
         if missing:
             raise ValueError(f"no plan for the Conv2d/Linear layers {missing[:5]}; every weighted layer "
