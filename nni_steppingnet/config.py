@@ -111,6 +111,17 @@ def _at_least_one(value: Any) -> str | None:
     return None if value >= 1 else "must be >= 1"
 
 
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _plain_name(value: Any) -> str | None:
+    # The name becomes a folder (runs/<name>): a separator or '..' would put outputs elsewhere.
+    if _PLAIN_NAME.match(value) and ".." not in value and value != ".":
+        return None
+    return ("must be a plain name of letters, digits, '-', '_' and '.' (no path separators, no '..'), "
+            "because the run folder is runs/<name>")
+
+
 def _meta(check: Check | None = None, doc: str = "") -> dict[str, Any]:
     return {"check": check, "doc": doc}
 
@@ -197,7 +208,7 @@ _SECTIONS: dict[str, type] = {
     "retraining": RetrainingSection,
 }
 _TOP_SCALARS: dict[str, tuple[Any, Check | None]] = {
-    "name": (str, _nonempty),
+    "name": (str, _plain_name),
     "description": (str, None),
     "seed": (int, _non_negative),
 }
@@ -339,6 +350,9 @@ def _build_recipe(raw: Mapping[str, Any], source: str) -> Recipe:
         stem = Path(source).stem if source not in ("<dict>", "") else ""
         if not stem:
             raise RecipeError(f"{source}: the recipe needs a 'name'")
+        if _plain_name(stem):
+            raise RecipeError(f"{source}: the recipe has no 'name' and its file name {stem!r} is not a plain "
+                              "name (letters, digits, '-', '_', '.'); add a 'name:' line")
         top["name"] = stem
     sections = {name: _build_section(cls, raw.get(name), name, source) for name, cls in _SECTIONS.items()}
     recipe = Recipe(**top, **sections, source=source)
