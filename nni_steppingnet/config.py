@@ -59,7 +59,9 @@ logger = logging.getLogger(__name__)
 #: Keys that may change between a run and its resumption (where data lives, how it is loaded).
 RUNTIME_KEYS: frozenset[str] = frozenset({"description", "data.root", "data.download", "data.num_workers"})
 
-_DATASETS = ("digits", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+_DATASETS = ("digits", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "npz")
+_AUGMENTATIONS = ("crop_flip", "none")
+_LAYOUTS = ("auto", "nhwc", "nchw")
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -103,6 +105,14 @@ def _dataset_name(value: Any) -> str | None:
     return None if value in _DATASETS else f"must be one of {', '.join(_DATASETS)}"
 
 
+def _augmentation(value: Any) -> str | None:
+    return None if value in _AUGMENTATIONS else f"must be one of {', '.join(_AUGMENTATIONS)} or null"
+
+
+def _layout(value: Any) -> str | None:
+    return None if value in _LAYOUTS else f"must be one of {', '.join(_LAYOUTS)}"
+
+
 def _nonempty(value: Any) -> str | None:
     return None if value.strip() else "must not be empty"
 
@@ -132,13 +142,15 @@ class DataSection:
     """Where the images come from."""
 
     name: str = field(default="digits", metadata=_meta(_dataset_name, "dataset name"))
-    root: str | None = field(default=None, metadata=_meta(None, "local dataset folder (null for digits/synthetic)"))
+    root: str | None = field(default=None, metadata=_meta(None, "local dataset folder, or the .npz file for npz (null for digits/synthetic)"))
     batch_size: int = field(default=64, metadata=_meta(_at_least_one, "batch size of every loader"))
     num_workers: int | None = field(default=None, metadata=_meta(_optional_non_negative, "loader workers (null: 0 on CPU, up to 8 on CUDA)"))
     synthetic_size: int = field(default=512, metadata=_meta(_at_least_one, "training samples of the synthetic dataset"))
     img_size: int | None = field(default=None, metadata=_meta(_optional_positive, "resize images (null: native size)"))
     val_fraction: float = field(default=0.0, metadata=_meta(_fraction_below_one, "evaluate on this held-out share of the training set instead of the test set (for tuning)"))
     download: bool = field(default=False, metadata=_meta(None, "allow downloading the dataset (network access)"))
+    augment: str | None = field(default=None, metadata=_meta(_augmentation, "training augmentation: crop_flip or none (null: crop_flip for cifar10/cifar100, none otherwise)"))
+    layout: str = field(default="auto", metadata=_meta(_layout, "npz image layout: auto (inferred from the shape), nhwc or nchw"))
 
 
 @dataclass

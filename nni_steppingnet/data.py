@@ -5,11 +5,17 @@
 touches the network unless the caller passes ``download=True``; a missing dataset
 is a ``FileNotFoundError`` naming the files or folder expected under ``root``.
 ``digits`` ships with scikit-learn and ``synthetic`` is generated, so both run
-anywhere without a root.
+anywhere without a root. ``npz`` reads a user's own arrays from one ``.npz`` file
+(see :func:`load_npz_arrays` and docs/data.md).
+
+With ``val_fraction > 0`` the second dataset is a seeded, stratified hold-out of the
+training split and ``DatasetInfo.eval_split`` says ``"validation split"``; the test
+set is then never read for evaluation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
 import os
@@ -29,14 +35,24 @@ __all__ = [
     "DatasetInfo",
     "TensorImageDataset",
     "AugmentedImageDataset",
+    "AUGMENTATIONS",
+    "LAYOUTS",
     "load_dataset",
+    "load_npz_arrays",
+    "stratified_split",
+    "channel_stats",
     "make_loaders",
     "to_device",
 ]
 
 logger = logging.getLogger(__name__)
 
-DATASETS: Final[tuple[str, ...]] = ("digits", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS: Final[tuple[str, ...]] = ("digits", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic", "npz")
+#: ``augment`` values: random crop (zero padding 4) + horizontal flip, or nothing
+AUGMENTATIONS: Final[tuple[str, ...]] = ("crop_flip", "none")
+#: ``layout`` values of ``npz`` image arrays (``auto`` infers it from the shape)
+LAYOUTS: Final[tuple[str, ...]] = ("auto", "nhwc", "nchw")
+_NPZ_CHANNELS: Final[frozenset[int]] = frozenset({1, 2, 3, 4})
 
 _MNIST_MEAN: Final[float] = 0.1307
 _MNIST_STD: Final[float] = 0.3081
@@ -63,6 +79,8 @@ class DatasetInfo:
     num_classes: int
     in_chans: int
     img_size: int
+    #: what the second dataset is: ``"test"`` or ``"validation split"`` (a hold-out of train)
+    eval_split: str = "test"
 
 
 class TensorImageDataset(Dataset):
@@ -85,7 +103,11 @@ class TensorImageDataset(Dataset):
 
 
 class AugmentedImageDataset(Dataset):
-    """uint8 ``N x C x H x W`` images, normalised per sample, with optional CIFAR augmentation.
+    """``N x C x H x W`` images normalised per sample, with optional CIFAR augmentation.
+
+    uint8 images are scaled to [0, 1] before ``(x - mean) / std``; floating images are
+    used as they are (``mean`` and ``std`` are then in the arrays' own scale). Keeping
+    the images in their stored dtype costs 4x less memory than pre-normalised floats.
 
     Augmentation (zero-pad by ``pad`` then random crop back, random horizontal flip)
     uses torch ops and the torch RNG: DataLoader workers are seeded from the loader's
@@ -103,8 +125,9 @@ class AugmentedImageDataset(Dataset):
         pad: int = 4,
         img_size: int | None = None,
     ) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError("AugmentedImageDataset expects uint8 images of shape N x C x H x W")
+        if images.ndim != 4 or not (images.dtype == torch.uint8 or images.is_floating_point()):
+            raise ValueError("AugmentedImageDataset expects uint8 or floating images of shape N x C x H x W, "
+                             f"got {images.dtype} of shape {tuple(images.shape)}")
         self.images = images.contiguous()
         self.targets = targets.long().contiguous()
         chans = images.shape[1]
@@ -121,14 +144,15 @@ class AugmentedImageDataset(Dataset):
         img = self.images[index]
         if self.augment:
             h, w = img.shape[-2:]
-            # Pad before normalising so the border is black, as torchvision's RandomCrop does.
+            # Pad before normalising so the border is black (zero), as torchvision's RandomCrop does.
             padded = F.pad(img, (self.pad, self.pad, self.pad, self.pad))
             top = int(torch.randint(0, 2 * self.pad + 1, ()))
             left = int(torch.randint(0, 2 * self.pad + 1, ()))
             img = padded[:, top : top + h, left : left + w]
             if bool(torch.rand(()) < 0.5):
                 img = img.flip(-1)
-        x = (img.float() / 255.0 - self.mean) / self.std
+        x = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
+        x = (x - self.mean) / self.std
         if self.img_size is not None and x.shape[-1] != self.img_size:
             x = _resize(x.unsqueeze(0), self.img_size).squeeze(0)
         return x, int(self.targets[index])
@@ -146,14 +170,18 @@ def _check_img_size(img_size: int | None) -> None:
 def _require_root(name: str, root: str | os.PathLike[str] | None) -> Path:
     if root is None:
         raise ValueError(
-            f"dataset {name!r} is read from local files: pass its folder with "
+            f"dataset {name!r} is read from local files: pass its folder (for npz: the .npz file) with "
             f"`--set data.root=...` on the command line or `root=` in Python"
         )
     return Path(root).expanduser()
 
 
-def _val_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified, seeded split of indices into (train, val)."""
+def stratified_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified, seeded split of indices into sorted ``(train, val)`` index tensors.
+
+    Every class ``c`` with ``n_c`` samples gives ``floor(n_c * fraction + 0.5)`` of them,
+    drawn by a ``torch.Generator`` seeded with ``seed``, to the validation part.
+    """
     gen = torch.Generator().manual_seed(seed)
     train_idx: list[torch.Tensor] = []
     val_idx: list[torch.Tensor] = []
@@ -185,7 +213,7 @@ def _load_digits(seed: int, val_fraction: float, img_size: int | None) -> tuple[
     x_train, y_train = x_all[np.sort(idx_train)], y_all[np.sort(idx_train)]
     x_test, y_test = x_all[np.sort(idx_test)], y_all[np.sort(idx_test)]
     if val_fraction > 0:
-        tr, va = _val_split(y_train, val_fraction, seed)
+        tr, va = stratified_split(y_train, val_fraction, seed)
         x_test, y_test = x_train[va], y_train[va]
         x_train, y_train = x_train[tr], y_train[tr]
     # Statistics from the training images only, so the held-out split stays unseen.
@@ -261,7 +289,7 @@ def _load_mnist(
         splits.append((x, labels.long()))
     (x_train, y_train), (x_test, y_test) = splits
     if val_fraction > 0:
-        tr, va = _val_split(y_train, val_fraction, seed)
+        tr, va = stratified_split(y_train, val_fraction, seed)
         x_test, y_test = x_train[va], y_train[va]
         x_train, y_train = x_train[tr], y_train[tr]
     size = int(x_train.shape[-1])
@@ -273,7 +301,7 @@ def _load_mnist(
 
 
 def _load_cifar(
-    name: str, root: Path, download: bool, seed: int, val_fraction: float, img_size: int | None
+    name: str, root: Path, download: bool, seed: int, val_fraction: float, img_size: int | None, augment: str
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     from torchvision.datasets import CIFAR10, CIFAR100
 
@@ -298,17 +326,182 @@ def _load_cifar(
     x_train, y_train = as_tensors(train_raw)
     x_test, y_test = as_tensors(test_raw)
     if val_fraction > 0:
-        tr, va = _val_split(y_train, val_fraction, seed)
+        tr, va = stratified_split(y_train, val_fraction, seed)
         x_test, y_test = x_train[va], y_train[va]
         x_train, y_train = x_train[tr], y_train[tr]
     mean, std = _CIFAR_STATS[name]
     size = img_size if img_size is not None else 32
     resize_to = None if size == 32 else size
-    train = AugmentedImageDataset(x_train, y_train, mean, std, augment=True, img_size=resize_to)
+    train = AugmentedImageDataset(x_train, y_train, mean, std, augment=augment == "crop_flip", img_size=resize_to)
     test = AugmentedImageDataset(x_test, y_test, mean, std, augment=False, img_size=resize_to)
     num_classes = 10 if name == "cifar10" else 100
     logger.info("%s: %d train / %d eval images from %s", name, len(train), len(test), folder)
     return train, test, DatasetInfo(name, num_classes, 3, size)
+
+
+def _npz_layout(name: str, shape: tuple[int, ...], layout: str) -> str:
+    """``"nhwc"`` or ``"nchw"`` for a 4-D array of ``shape`` (``layout`` may be ``"auto"``)."""
+    if layout != "auto":
+        return layout
+    first, last = shape[1] in _NPZ_CHANNELS, shape[-1] in _NPZ_CHANNELS
+    if first and not last:
+        return "nchw"
+    if last and not first:
+        return "nhwc"
+    raise ValueError(
+        f"npz: cannot tell the layout of {name} with shape {shape} (channels first or last?); "
+        "state it with `--set data.layout=nhwc` or `--set data.layout=nchw`"
+    )
+
+
+def _npz_images(name: str, array: np.ndarray, layout: str) -> torch.Tensor:
+    """``N x C x H x W`` tensor (uint8 kept, floats as float32) from an NHWC/NCHW/NHW array."""
+    if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"npz: {name} must be uint8 (0..255) or floating, got dtype {array.dtype}")
+    if array.ndim == 3:  # N x H x W: one channel
+        array = array[:, None, :, :]
+    elif array.ndim == 4:
+        if _npz_layout(name, tuple(array.shape), layout) == "nhwc":
+            array = array.transpose(0, 3, 1, 2)
+    else:
+        raise ValueError(
+            f"npz: {name} must be N x H x W x C, N x C x H x W or N x H x W, got shape {tuple(array.shape)}"
+        )
+    if array.shape[0] == 0 or min(array.shape[2:]) < 1:
+        raise ValueError(f"npz: {name} holds no images (shape {tuple(array.shape)} as N x C x H x W)")
+    if array.shape[2] != array.shape[3]:
+        raise ValueError(
+            f"npz: {name} images must be square (the models take one img_size), got "
+            f"{array.shape[2]} x {array.shape[3]} (as N x C x H x W; wrong data.layout?)"
+        )
+    out = np.ascontiguousarray(array if array.dtype == np.uint8 else array.astype(np.float32, copy=False))
+    if out.dtype != np.uint8 and not np.isfinite(out).all():
+        raise ValueError(f"npz: {name} contains NaN or infinite values")
+    return torch.from_numpy(out)
+
+
+def _npz_labels(name: str, array: np.ndarray, count: int, images_name: str) -> torch.Tensor:
+    if array.ndim != 1:
+        raise ValueError(f"npz: {name} must be a 1-D array of class indices, got shape {tuple(array.shape)}")
+    if array.shape[0] != count:
+        raise ValueError(f"npz: {name} has {array.shape[0]} labels but {images_name} has {count} images")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise ValueError(f"npz: {name} must hold integer class indices, got non-integer values")
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"npz: {name} must hold integer class indices, got dtype {array.dtype}")
+    labels = torch.from_numpy(np.asarray(array, dtype=np.int64))
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"npz: {name} has a negative label ({int(labels.min())}); labels must be 0..K-1")
+    return labels
+
+
+def load_npz_arrays(
+    path: str | os.PathLike[str], layout: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Read and check ``x_train``, ``y_train`` and optional ``x_test``, ``y_test`` from ``path``.
+
+    Returns ``(x_train, y_train, x_test, y_test)`` with images as ``N x C x H x W`` tensors
+    (uint8 stays uint8, floats become float32) and labels as int64; the test pair is None
+    when the file has none. Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` naming the array and the fix for any other problem.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"npz file not found: {file}. Give the path of a .npz file holding x_train and y_train "
+            "(optionally x_test and y_test) with `--set data.root=FILE.npz`"
+        )
+    try:
+        archive = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"npz: cannot read {file} as a numpy .npz archive ({exc})") from exc
+    with archive:
+        keys = set(archive.files)
+        missing = [k for k in ("x_train", "y_train") if k not in keys]
+        if missing:
+            raise ValueError(
+                f"npz: {file} lacks {', '.join(missing)} (it holds: {', '.join(sorted(keys)) or 'nothing'}); "
+                "save it with numpy.savez(FILE, x_train=images, y_train=labels[, x_test=..., y_test=...])"
+            )
+        if ("x_test" in keys) != ("y_test" in keys):
+            have, lack = ("x_test", "y_test") if "x_test" in keys else ("y_test", "x_test")
+            raise ValueError(f"npz: {file} holds {have} but not {lack}; give both or neither")
+        x_train = _npz_images("x_train", archive["x_train"], layout)
+        y_train = _npz_labels("y_train", archive["y_train"], x_train.shape[0], "x_train")
+        x_test = y_test = None
+        if "x_test" in keys:
+            x_test = _npz_images("x_test", archive["x_test"], layout)
+            y_test = _npz_labels("y_test", archive["y_test"], x_test.shape[0], "x_test")
+            if x_test.shape[1:] != x_train.shape[1:]:
+                raise ValueError(
+                    f"npz: x_test images are {tuple(x_test.shape[1:])} (C x H x W) but x_train images are "
+                    f"{tuple(x_train.shape[1:])}; both splits need the same channels and size"
+                )
+            if x_test.dtype != x_train.dtype:
+                raise ValueError(f"npz: x_test is {x_test.dtype} but x_train is {x_train.dtype}; use one dtype")
+            top = int(y_train.max())
+            if int(y_test.max()) > top:
+                raise ValueError(
+                    f"npz: y_test has label {int(y_test.max())} but y_train's labels stop at {top}; "
+                    "every test class must occur in the training labels"
+                )
+    return x_train, y_train, x_test, y_test
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of ``N x C x H x W`` images, in float64.
+
+    uint8 images are measured on the [0, 1] scale (as :class:`AugmentedImageDataset` sees
+    them). Summed over chunks of ``chunk`` images so no float copy of the whole set exists.
+    """
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"channel_stats expects N x C x H x W images with N >= 1, got {tuple(images.shape)}")
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    chans = images.shape[1]
+    total = torch.zeros(chans, dtype=torch.float64)
+    total_sq = torch.zeros(chans, dtype=torch.float64)
+    for start in range(0, images.shape[0], chunk):
+        block = images[start : start + chunk].to(torch.float64) / scale
+        total += block.sum(dim=(0, 2, 3))
+        total_sq += block.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    var = (total_sq / count - mean.square()).clamp_min(0.0)
+    # A constant channel would divide by zero: leave it unscaled.
+    std = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
+    return mean.tolist(), std.tolist()
+
+
+def _load_npz(
+    root: Path, seed: int, val_fraction: float, img_size: int | None, augment: str, layout: str
+) -> tuple[Dataset, Dataset, DatasetInfo]:
+    x_train, y_train, x_test, y_test = load_npz_arrays(root, layout)
+    eval_split = "test"
+    if val_fraction > 0:
+        tr, va = stratified_split(y_train, val_fraction, seed)
+        x_test, y_test = x_train[va], y_train[va]
+        x_train, y_train = x_train[tr], y_train[tr]
+        eval_split = "validation split"
+    elif x_test is None or y_test is None:
+        raise ValueError(
+            f"npz: {root} has no x_test/y_test, so there is nothing to evaluate on; hold out part of the "
+            "training arrays with `--set data.val_fraction=0.1` or add x_test and y_test to the file"
+        )
+    # Statistics from the training part only, so the evaluation images stay unseen.
+    mean, std = channel_stats(x_train)
+    size = int(x_train.shape[-1])
+    resize_to = None if img_size is None or img_size == size else img_size
+    num_classes = int(torch.cat([y_train, y_test]).max()) + 1
+    train = AugmentedImageDataset(x_train, y_train, mean, std, augment=augment == "crop_flip",
+                                  img_size=resize_to)
+    test = AugmentedImageDataset(x_test, y_test, mean, std, augment=False, img_size=resize_to)
+    logger.info("npz: %d train / %d %s images (%d classes) from %s", len(train), len(test), eval_split,
+                num_classes, root)
+    info = DatasetInfo("npz", num_classes, int(x_train.shape[1]), resize_to or size, eval_split)
+    return train, test, info
 
 
 def _load_imagefolder(
@@ -340,7 +533,7 @@ def _load_imagefolder(
     train_ds: Dataset = train
     test_ds: Dataset = test
     if val_fraction > 0:
-        tr, va = _val_split(torch.as_tensor(train.targets, dtype=torch.long), val_fraction, seed)
+        tr, va = stratified_split(torch.as_tensor(train.targets, dtype=torch.long), val_fraction, seed)
         train_ds, test_ds = Subset(train, tr.tolist()), Subset(train, va.tolist())
     return train_ds, test_ds, DatasetInfo("imagefolder", num_classes, 3, size)
 
@@ -366,7 +559,7 @@ def _load_synthetic(
     x_train, y_train = sample(synthetic_size)
     x_test, y_test = sample(synthetic_size // 4)
     if val_fraction > 0:
-        tr, va = _val_split(y_train, val_fraction, seed)
+        tr, va = stratified_split(y_train, val_fraction, seed)
         x_test, y_test = x_train[va], y_train[va]
         x_train, y_train = x_train[tr], y_train[tr]
     info = DatasetInfo("synthetic", num_classes, chans, size)
@@ -382,12 +575,18 @@ def load_dataset(
     synthetic_size: int = 512,
     val_fraction: float = 0.0,
     img_size: int | None = None,
+    augment: str | None = None,
+    layout: str = "auto",
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Load ``name`` and return ``(train, test, info)``.
 
     With ``val_fraction > 0`` the second dataset is a seeded, stratified hold-out
     of the training split (the test set is left untouched), for hyper-parameter
-    search. ``img_size`` resizes images when it differs from the native size.
+    search, and ``info.eval_split`` is ``"validation split"``. ``img_size`` resizes
+    images when it differs from the native size. ``augment`` (``crop_flip`` or
+    ``none``; None: ``crop_flip`` for cifar10/cifar100, ``none`` otherwise) applies to
+    the training images of ``cifar10``, ``cifar100`` and ``npz``. ``layout`` (``auto``,
+    ``nhwc``, ``nchw``) is how ``npz`` arrays store their channels.
     """
     key = name.lower()
     if key not in DATASETS:
@@ -395,16 +594,35 @@ def load_dataset(
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     _check_img_size(img_size)
+    if augment is not None and augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)} (or None), got {augment!r}")
+    if augment == "crop_flip" and key not in ("cifar10", "cifar100", "npz"):
+        raise ValueError(f"augment='crop_flip' is available for cifar10, cifar100 and npz, not {key!r}; "
+                         "use augment='none' (or leave it unset)")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout != "auto" and key != "npz":
+        raise ValueError(f"layout applies to npz arrays only; dataset {key!r} has a fixed layout (leave it 'auto')")
+    chosen = augment if augment is not None else ("crop_flip" if key in _CIFAR_FOLDERS else "none")
+    result: tuple[Dataset, Dataset, DatasetInfo]
     if key == "digits":
-        return _load_digits(seed, val_fraction, img_size)
-    if key == "synthetic":
-        return _load_synthetic(seed, synthetic_size, val_fraction, img_size)
-    path = _require_root(key, root)
-    if key == "mnist":
-        return _load_mnist(path, download, seed, val_fraction, img_size)
-    if key in _CIFAR_FOLDERS:
-        return _load_cifar(key, path, download, seed, val_fraction, img_size)
-    return _load_imagefolder(path, seed, val_fraction, img_size)
+        result = _load_digits(seed, val_fraction, img_size)
+    elif key == "synthetic":
+        result = _load_synthetic(seed, synthetic_size, val_fraction, img_size)
+    else:
+        path = _require_root(key, root)
+        if key == "mnist":
+            result = _load_mnist(path, download, seed, val_fraction, img_size)
+        elif key in _CIFAR_FOLDERS:
+            result = _load_cifar(key, path, download, seed, val_fraction, img_size, chosen)
+        elif key == "npz":
+            result = _load_npz(path, seed, val_fraction, img_size, chosen, layout)
+        else:
+            result = _load_imagefolder(path, seed, val_fraction, img_size)
+    train, test, info = result
+    if val_fraction > 0:
+        info = dataclasses.replace(info, eval_split="validation split")
+    return train, test, info
 
 
 def make_loaders(

@@ -35,7 +35,9 @@ from torch.utils.data import DataLoader, Subset
 
 from .checkpoint import (
     capture_rng,
+    check_writable_dir,
     load_checkpoint_file,
+    remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
     seed_everything,
@@ -67,6 +69,7 @@ __all__ = [
     "run_recipe",
     "load_checkpoint",
     "evaluate_checkpoint",
+    "measure_stepping",
 ]
 
 logger = logging.getLogger(__name__)
@@ -182,7 +185,7 @@ def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> tuple[Data
     d = recipe.data
     train, test, info = load_dataset(d.name, d.root, download=d.download, seed=recipe.seed,
                                      synthetic_size=d.synthetic_size, val_fraction=d.val_fraction,
-                                     img_size=d.img_size)
+                                     img_size=d.img_size, augment=d.augment, layout=d.layout)
     train_loader, test_loader = make_loaders(train, test, batch_size=d.batch_size, device=device,
                                              num_workers=d.num_workers, seed=recipe.seed)
     return train_loader, test_loader, info
@@ -482,13 +485,16 @@ class _FlowRun:
     # ----------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
         recipe, dev = self.recipe, self.dev
+        # Before any training: a folder that cannot be written fails now, not after the teacher.
+        check_writable_dir(self.out)
+        for stale in remove_stale_temporaries(self.out):
+            logger.info("removed %s, left by an interrupted write", stale)
         seed_everything(recipe.seed)
         if dev.type == "cuda":
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         self.train_loader, self.test_loader, self.info = build_data(recipe, dev)
         self.ref_macs = reference_macs(recipe, self.info)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.state = self.previous or _RunState(recipe=recipe.to_dict(), info=dataclasses.asdict(self.info),
                                                 device=str(dev), reference_macs=self.ref_macs)
         if self.state.reference_macs != self.ref_macs:
@@ -740,8 +746,9 @@ def evaluate_checkpoint(
     """Evaluate every subnet of a checkpoint on the recipe's test set.
 
     Returns a dict with ``original``, ``subnets``, ``budgets_met``, ``budgets_met_per_subnet``,
-    ``recipe`` and ``stage`` (the same schema as ``results.json``). The original accuracy comes
-    from ``teacher.pt`` beside the checkpoint when present, else from the checkpoint.
+    ``recipe`` and ``stage`` (the same schema as ``results.json``). Only the checkpoint is read:
+    the original network's accuracy is the one the run recorded in it (``teacher.pt`` is
+    evaluated only when the checkpoint has none, and an unreadable one is then a warning).
     """
     from .train import evaluate_model
 
@@ -756,9 +763,13 @@ def evaluate_checkpoint(
                               f"{loaded.info}")
     teacher_accuracy = loaded.teacher_accuracy
     teacher_file = loaded.path.parent / TEACHER_NAME
-    if teacher_file.is_file():
-        teacher, _ = load_teacher(teacher_file, recipe, info)
-        teacher_accuracy = evaluate_model(teacher, test_loader, device=dev, amp=amp)
+    if teacher_accuracy is None and teacher_file.is_file():
+        try:
+            teacher, _ = load_teacher(teacher_file, recipe, info)
+        except (CheckpointError, OSError) as exc:
+            logger.warning("original accuracy unknown: %s", exc)
+        else:
+            teacher_accuracy = evaluate_model(teacher, test_loader, device=dev, amp=amp)
     loaded.net.model.to(dev)
     results = _evaluate_net(loaded.net, recipe, info, test_loader, dev, amp, loaded.reference_macs, teacher_accuracy)
     return _jsonable({"format": RESULTS_FORMAT, "recipe": recipe.to_dict(), **results, "stage": loaded.stage,
