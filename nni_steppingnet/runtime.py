@@ -18,7 +18,8 @@ Two tensor layouts (``layout=``):
   other module with per-channel tensors get the stage's slices of those tensors for the duration
   of the stage, so element-wise work (BN, activations, pooling, adds) runs once per channel over
   all stages, as in the dense subnet. A stage that adds no channel to a layer yields tensors with
-  zero channels; ops that refuse those (pooling) are answered by :class:`_EmptyChannelsMode`.
+  zero channels; ops that refuse those (pooling) are answered by
+  :class:`~nni_steppingnet.channels_plan.EmptyChannelsMode`.
   The model input is fed unchanged at every stage (it belongs to subnet 1; layers that expect no
   new input at a stage ignore it).
 * ``"full"``: tensors stay full width in the original channel coordinates; a layer writes its new
@@ -53,10 +54,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, cast
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
-from ._channels import parameter_channel_dim
+from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from ._inputs import batch_size, call_model
 from .checkpoint import atomic_write
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
@@ -765,103 +765,6 @@ def _clone_tensors(obj: Any) -> Any:
     return obj
 
 
-class _ChannelSlicer:
-    """Swaps the per-channel tensors of BatchNorm-like modules for the slices of one stage.
-
-    In the delta layout a tensor holds only the channels of the current stage, so a module with
-    per-channel parameters or buffers (BatchNorm, PReLU, ...) must see only those channels. The
-    module's own ``forward`` runs unchanged; for the duration of one stage its parameters and
-    buffers whose first dimension is the channel count are replaced by the stage's slices (cached
-    per device, dtype and storage, so moving the model invalidates them). With ``parameter``, only
-    that bare parameter of the module is sliced, along its channel dimension (a layer scale
-    ``[C, 1, 1]`` multiplied in the owner's ``forward``).
-    """
-
-    def __init__(self, module: nn.Module, assignment: torch.Tensor, num_subnets: int,
-                 parameter: str | None = None) -> None:
-        self.module = module
-        width = int(assignment.numel())
-        self.index = [torch.empty(0, dtype=torch.long)] + [
-            (assignment == s).nonzero().flatten() for s in range(1, num_subnets + 1)]
-        #: (table kind, attribute name, channel dim)
-        self.names: list[tuple[str, str, int]]
-        if parameter is not None:
-            param = module._parameters[parameter]
-            assert param is not None
-            self.names = [("p", parameter, parameter_channel_dim(param))]
-        else:
-            self.names = [("p", n, 0) for n, t in module.named_parameters(recurse=False)
-                          if t is not None and t.dim() >= 1 and t.shape[0] == width]
-            self.names += [("b", n, 0) for n, t in module.named_buffers(recurse=False)
-                           if t is not None and t.dim() >= 1 and t.shape[0] == width]
-        self._saved: list[tuple[str, str, Any]] = []
-        #: name -> (stamp of the module's tensor, its slice per stage)
-        self._cache: dict[str, tuple[tuple[Any, ...], list[torch.Tensor]]] = {}
-
-    def swap(self, s: int) -> None:
-        module = self.module
-        saved = self._saved
-        for kind, name, dim in self.names:
-            table = module._parameters if kind == "p" else module._buffers
-            tensor = table[name]
-            assert tensor is not None
-            stamp = (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
-            cached = self._cache.get(name)
-            if cached is None or cached[0] != stamp:
-                parts = [tensor.detach().index_select(dim, index.to(tensor.device)) for index in self.index]
-                cached = (stamp, parts)
-                self._cache[name] = cached
-            saved.append((kind, name, tensor))
-            table[name] = cached[1][s]
-
-    def restore(self) -> None:
-        module = self.module
-        for kind, name, tensor in self._saved:
-            (module._parameters if kind == "p" else module._buffers)[name] = tensor
-        self._saved = []
-
-
-class _EmptyChannelsMode(TorchFunctionMode):
-    """Lets channel-local ops run on tensors with zero channels.
-
-    In the delta layout a stage may add no channel to a layer; its tensors then have zero
-    channels, and some PyTorch ops (``max_pool2d``, ``avg_pool2d``, ``interpolate``) refuse empty
-    inputs. Only when such a call fails, it is repeated with every empty tensor widened to one
-    zero channel and the result narrowed back to zero channels along the same dimension. The mode
-    is active only for stages where some layer returns an empty tensor.
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        try:
-            return func(*args, **kwargs)
-        except (RuntimeError, ValueError, IndexError):
-            leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            empty = [t for t in leaves if t.numel() == 0 and t.dim() >= 2]
-            if not empty:
-                raise
-            dims = [d for d, size in enumerate(empty[0].shape) if size == 0 and d > 0]
-            if not dims:
-                raise
-            dim = dims[0]
-
-            def widen(item: Any) -> Any:
-                # Per-channel vectors (BatchNorm's statistics and affine) are empty as well.
-                if isinstance(item, torch.Tensor) and item.numel() == 0 and item.dim() > 0:
-                    shape = [1 if size == 0 else size for size in item.shape]
-                    return torch.zeros(shape, dtype=item.dtype, device=item.device)
-                return item
-
-            result = func(*tree_map(widen, args), **tree_map(widen, kwargs))
-
-            def narrow(item: Any) -> Any:
-                if isinstance(item, torch.Tensor) and item.dim() > dim and item.shape[dim] == 1:
-                    return item.narrow(dim, 0, 0)
-                return item
-
-            return tree_map(narrow, result)
-
-
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -977,7 +880,7 @@ class IncrementalRunner:
             self._positions[reference_shape] = {p.name: int(p.positions) for p in self._plans}
         self._entries = {layer.layer_name: layer.stage_entries() for layer in layers}
         self._channel_assignments = {name: a.to(torch.long).cpu().clone() for name, a in channel_assignments.items()}
-        self._slicers: list[_ChannelSlicer] = []
+        self._slicers: list[ChannelSlicer] = []
         parameters = dict(model.named_parameters())
         for name, assignment in self._channel_assignments.items():
             module = modules.get(name)
@@ -991,7 +894,7 @@ class IncrementalRunner:
                                                                 int(assignment.max()) > num_subnets + 1)):
                 raise ValueError(f"channel assignment of {name!r} must be a 1-D tensor of subnet indices in "
                                  f"1..{num_subnets + 1}")
-            self._slicers.append(_ChannelSlicer(module, assignment, num_subnets, parameter))
+            self._slicers.append(ChannelSlicer(module, assignment, num_subnets, parameter))
         #: stages where the delta layout hands some op a tensor with zero channels
         self._empty_stages = [False] + [any(layer.delta_stage_empty(s) for layer in layers)
                                         for s in range(1, num_subnets + 1)]
@@ -1159,7 +1062,7 @@ class IncrementalRunner:
         try:
             for slicer in slicers:
                 slicer.swap(stage)
-            with torch.no_grad(), (_EmptyChannelsMode() if delta and self._empty_stages[stage] else nullcontext()):
+            with torch.no_grad(), (EmptyChannelsMode() if delta and self._empty_stages[stage] else nullcontext()):
                 try:
                     output = call_model(self.model, self._inputs)
                 except (RuntimeError, ValueError, IndexError) as exc:
