@@ -16,6 +16,7 @@ import io
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
@@ -36,6 +37,8 @@ __all__ = [
     "capture_rng",
     "restore_rng",
     "seed_everything",
+    "check_writable_dir",
+    "remove_stale_temporaries",
 ]
 
 _NUMPY_MARK = "__nni_steppingnet_ndarray__"
@@ -183,3 +186,53 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_writable_dir(path: str | os.PathLike[str]) -> Path:
+    """Create folder ``path`` (with its parents) and prove it writable with a real test write.
+
+    Raises the ``OSError`` of the failing call (``filename`` set to the path it concerns):
+    permission denied, read-only file system, a file where a folder should be, no space left.
+    ``os.access`` is not used: it says yes to root on a read-only mount and on full disks.
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.", suffix=".tmp")
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(folder)
+        raise
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(b"nni-steppingnet write test\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)
+    return folder
+
+
+#: ``.<target name>.<mkstemp's 8 random characters>.tmp``, as :func:`atomic_write` and
+#: :func:`check_writable_dir` name their temporary files.
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files that interrupted atomic writes left in ``folder``.
+
+    Call it only on a folder this process alone writes to (a run folder being started or
+    resumed): a temporary file of a write in progress elsewhere would be removed too.
+    Returns the removed paths.
+    """
+    removed: list[Path] = []
+    base = Path(folder)
+    if not base.is_dir():
+        return removed
+    for entry in sorted(base.iterdir()):
+        if _TEMPORARY.match(entry.name) and entry.is_file() and not entry.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
