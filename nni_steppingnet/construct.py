@@ -292,7 +292,7 @@ class _CostTable:
 
     def __init__(self, net: SteppingNet, s: int) -> None:
         net.refresh()
-        size = net._num_neurons
+        size = net.num_neurons
         self.cost = torch.zeros(size + 1, dtype=torch.float64)
         self.layers: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self.out_layers: dict[int, list[int]] = {}
@@ -300,9 +300,9 @@ class _CostTable:
         for k, layer in enumerate(net.layers):
             mask = net.weight_mask(k, s).to(torch.float64)
             out = mask.shape[0]
-            in_pos = net._in_pos[k]
+            in_pos = net.index.in_positions[k]
             entries = mask.reshape(out, in_pos.shape[1], -1).sum(-1) * layer.positions  # [out, in/g]
-            out_pos = None if layer.is_logits else net._out_pos[k]
+            out_pos = None if layer.is_logits else net.index.out_positions[k]
             if out_pos is not None:
                 self.cost.index_add_(0, out_pos, entries.sum(1))
                 for j in out_pos.unique().tolist():
@@ -400,8 +400,8 @@ class Constructor:
         #: P_t: MACs of the network at the start of construction.
         self.initial_macs = net.macs(n)
         self.quantum = (self.initial_macs - self.budget_macs[0]) / config.iterations
-        offsets = net._offsets
-        self._group_of = torch.zeros(net._num_neurons, dtype=torch.long)
+        offsets = net.index.offsets
+        self._group_of = torch.zeros(net.num_neurons, dtype=torch.long)
         for g, start in enumerate(offsets[:-1]):
             self._group_of[start:offsets[g + 1]] = g
         self._all_met = all(self._budgets_met(self._current_macs()))
@@ -533,7 +533,7 @@ class Constructor:
         entries reading it, times their layers' output positions: the MACs subnet ``s`` loses if
         only that neuron leaves it.
         """
-        return _CostTable(self.net, s).cost[: self.net._num_neurons].clone()
+        return _CostTable(self.net, s).cost[: self.net.num_neurons].clone()
 
     def _select(
         self,
@@ -576,7 +576,7 @@ class Constructor:
         limit = [max(1, c // 2) for c in here]
         hard = [max(1, c - math.ceil(c / 4)) for c in here]
         if not self.group_move_limit:
-            limit = hard = [self.net._num_neurons] * len(here)
+            limit = hard = [self.net.num_neurons] * len(here)
         left_soft, left_hard = list(limit), list(hard)
         group_of = self._group_of.tolist()
         window = max(4, math.ceil(0.5 * len(order)))
@@ -649,10 +649,10 @@ class Constructor:
         if scores is None:
             scores = self.tracker.criterion(cfg.alpha_growth)
         scores = torch.as_tensor(scores).detach().to(device="cpu", dtype=torch.float64)
-        if tuple(scores.shape) != (net._num_neurons,):
-            raise ValueError(f"scores must have shape ({net._num_neurons},) (one per neuron), got "
+        if tuple(scores.shape) != (net.num_neurons,):
+            raise ValueError(f"scores must have shape ({net.num_neurons},) (one per neuron), got "
                              f"{tuple(scores.shape)}")
-        moved = torch.zeros(net._num_neurons, dtype=torch.bool)
+        moved = torch.zeros(net.num_neurons, dtype=torch.bool)
         counts = [0] * n
         moved_macs = [0] * n
         left = cfg.iterations - self.iteration
@@ -711,7 +711,7 @@ class Constructor:
         subnet passes neurons on before the next layer's neurons follow).
         """
         net = self.net
-        n, total = net.num_subnets, net._num_neurons
+        n, total = net.num_subnets, net.num_neurons
         net.refresh()
         flat = net.flat_assignment()
         readers = torch.zeros(total + 1, dtype=torch.float64)
@@ -724,12 +724,12 @@ class Constructor:
                 mask = (torch.ones(weight.shape, dtype=torch.float64) if prune is None
                         else prune.to(device="cpu", dtype=torch.float64))
                 if not layer.is_logits:
-                    alive = (flat[net._out_pos[k]] <= n).to(torch.float64)
+                    alive = (flat[net.index.out_positions[k]] <= n).to(torch.float64)
                     mask = mask * alive.reshape((-1,) + (1,) * (mask.dim() - 1))
-            entries = mask.reshape(mask.shape[0], net._in_pos[k].shape[1], -1).sum(-1)  # [out, in/groups]
-            in_pos = net._in_pos[k].expand_as(entries)
+            entries = mask.reshape(mask.shape[0], net.index.in_positions[k].shape[1], -1).sum(-1)  # [out, in/groups]
+            in_pos = net.index.in_positions[k].expand_as(entries)
             if not layer.is_logits:
-                entries = entries * (in_pos != net._out_pos[k].unsqueeze(1))
+                entries = entries * (in_pos != net.index.out_positions[k].unsqueeze(1))
             readers.index_add_(0, in_pos.reshape(-1), entries.reshape(-1))
         return (flat[:-1] <= n) & (readers[:-1] == 0)
 
@@ -749,7 +749,7 @@ class Constructor:
         counts = [0] * n
         frozen = None
         if self.frozen is not None:
-            frozen = torch.as_tensor(self.frozen, dtype=torch.bool).flatten()[: net._num_neurons].cpu()
+            frozen = torch.as_tensor(self.frozen, dtype=torch.bool).flatten()[: net.num_neurons].cpu()
         for _ in range(len(net.layers) + 2):
             dead = self.dead_neurons(final)
             if frozen is not None:
@@ -758,8 +758,8 @@ class Constructor:
                 break
             flat = net.flat_assignment()
             assignment = flat[:-1]
-            for g, start in enumerate(net._offsets[:-1]):
-                stop = net._offsets[g + 1]
+            for g, start in enumerate(net.index.offsets[:-1]):
+                stop = net.index.offsets[g + 1]
                 block, gone = assignment[start:stop], dead[start:stop]
                 lowest = int(block.min())
                 at_lowest = block == lowest
@@ -786,8 +786,8 @@ class Constructor:
         """
         net, cfg = self.net, self.config
         moved = torch.as_tensor(moved).to(device="cpu", dtype=torch.bool)
-        if tuple(moved.shape) != (net._num_neurons,):
-            raise ValueError(f"moved must be a bool mask of shape ({net._num_neurons},), got "
+        if tuple(moved.shape) != (net.num_neurons,):
+            raise ValueError(f"moved must be a bool mask of shape ({net.num_neurons},), got "
                              f"{tuple(moved.shape)}")
         moved_ext = torch.cat([moved, torch.zeros(1, dtype=torch.bool)])
         masks: dict[str, torch.Tensor] = {}
@@ -798,8 +798,8 @@ class Constructor:
             previous = net.prune_masks.get(layer.name)
             if previous is not None:
                 keep &= previous.to(device="cpu", dtype=torch.bool)
-            rows = moved_ext[net._out_pos[k]] if not layer.is_logits else torch.zeros(keep.shape[0], dtype=torch.bool)
-            revive = rows.unsqueeze(1) | moved_ext[net._in_pos[k]]  # [out, in/groups]
+            rows = moved_ext[net.index.out_positions[k]] if not layer.is_logits else torch.zeros(keep.shape[0], dtype=torch.bool)
+            revive = rows.unsqueeze(1) | moved_ext[net.index.in_positions[k]]  # [out, in/groups]
             revive = revive.reshape(revive.shape + (1,) * (keep.dim() - 2)).expand(keep.shape)
             keep |= revive
             before = previous.sum() if previous is not None else torch.tensor(keep.numel())

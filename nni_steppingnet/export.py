@@ -72,7 +72,7 @@ def export_subnet(net: "SteppingNet", s: int) -> nn.Module:
             setattr(parent, child, _densify_grouped(module))
 
     flat = net.flat_assignment()
-    out_assignment = {layer.name: flat[pos] for layer, pos in zip(net.layers, net._out_pos)}
+    out_assignment = {layer.name: flat[pos] for layer, pos in zip(net.layers, net.index.out_positions)}
     names = {m: n for n, m in model.named_modules()}
     fixed = [model.get_submodule(layer.name) for layer in net.layers if layer.is_logits]
     was_training = model.training

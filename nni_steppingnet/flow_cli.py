@@ -135,7 +135,7 @@ def _export(args: argparse.Namespace) -> int:
     net = loaded.net
     if getattr(args, "runner", False):
         return _export_runner(loaded, args.out)
-    net._check_subnet(args.subnet)
+    net.check_subnet(args.subnet)
     out = Path(args.out) if args.out else loaded.path.parent / f"subnet{args.subnet}.pt"
     if out.suffix not in (".pt", ".pth"):
         raise ValueError(f"--out must be a file name ending in .pt or .pth, got {out}")

@@ -43,7 +43,7 @@ Our adaptations of the paper (its networks have no BatchNorm):
 * **Per-group normalisation** (:func:`normalize_scores`). Importance scales differ by orders of
   magnitude between layers (a conv filter's gate sums over every output position; a gate after a
   norm layer and one before a ReLU see different gradients), and eq. (3) compares neurons of all
-  layers in one ranking (:meth:`nni_steppingnet.construct.Constructor._select` sorts the
+  layers in one ranking (:func:`nni_steppingnet.construction.select.select_neurons` sorts the
   candidates of a subnet by ``M`` across all groups). Before eq. (3), every neuron group's scores
   are therefore divided, per subnet row ``k``, by the mean score of that group's neurons that are
   in subnet ``k`` (``a(j) <= k``; the others score 0 in row ``k`` by construction), in the spirit
@@ -66,31 +66,12 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.nn as nn
 
+from .hooks import OBSERVE
 from .stepping import SteppingNet
 
-__all__ = ["ImportanceTracker", "criterion", "normalize_scores", "norm_gated_modules",
-           "register_suppression", "unregister_suppression"]
+__all__ = ["ImportanceTracker", "criterion", "normalize_scores", "norm_gated_modules"]
 
 logger = logging.getLogger(__name__)
-
-# SteppingNets with active beta-suppression gradient hooks (see train.beta_suppression). The
-# tracker's hooks must run before those (they scale the gradient), so a tracker cannot be created
-# while suppression is active on its net.
-_SUPPRESSED: "weakref.WeakKeyDictionary[SteppingNet, int]" = weakref.WeakKeyDictionary()
-
-
-def register_suppression(net: SteppingNet) -> None:
-    """Mark ``net`` as having gradient-scaling hooks (used by :func:`train.beta_suppression`)."""
-    _SUPPRESSED[net] = _SUPPRESSED.get(net, 0) + 1
-
-
-def unregister_suppression(net: SteppingNet) -> None:
-    """Undo one :func:`register_suppression`."""
-    count = _SUPPRESSED.get(net, 0) - 1
-    if count > 0:
-        _SUPPRESSED[net] = count
-    else:
-        _SUPPRESSED.pop(net, None)
 
 
 class ImportanceTracker:
@@ -106,8 +87,9 @@ class ImportanceTracker:
         tracker.scores  # [N, num_neurons]: row k-1 holds subnet k's accumulated importance
 
     The gradient hooks stay registered for the tracker's lifetime (call :meth:`close` to remove
-    them) and return at once outside :meth:`collect`. Create the tracker before entering
-    :func:`nni_steppingnet.train.beta_suppression`: its hooks must see the unscaled gradient.
+    them) and return at once outside :meth:`collect`. They go through ``net.hooks`` with priority
+    :data:`~nni_steppingnet.hooks.OBSERVE`, so they see the unscaled gradient even when beta
+    suppression (priority ``SCALE``) was set up first.
 
     Args:
         net: the SteppingNet whose neurons are scored. Columns of ``scores`` are the flat neuron
@@ -117,13 +99,9 @@ class ImportanceTracker:
     def __init__(self, net: SteppingNet) -> None:
         if not isinstance(net, SteppingNet):
             raise TypeError(f"ImportanceTracker needs a SteppingNet, got {type(net).__name__}")
-        if net in _SUPPRESSED:
-            raise RuntimeError("create the ImportanceTracker before entering beta_suppression(): "
-                               "its gradient hooks must run before the suppression scales the "
-                               "gradients")
         self.net = net
         self.num_subnets = net.num_subnets
-        self.num_neurons = int(net._num_neurons)
+        self.num_neurons = net.index.num_neurons
         self._scores = torch.zeros(self.num_subnets, self.num_neurons, dtype=torch.float32)
         self._subnet: int | None = None
         self._handles: list[Any] = []
@@ -142,26 +120,29 @@ class ImportanceTracker:
             channels = (positions < self.num_neurons).nonzero().flatten()
             full = channels.numel() == positions.numel()
             self._norm_index[name] = (positions if full else positions[channels], None if full else channels)
-            self._handles.append(module.weight.register_hook(self._make_norm_hook(name, positions, "weight")))
+            self._handles.append(net.hooks.add_gradient_hook(
+                module.weight, self._make_norm_hook(name, positions, "weight"), priority=OBSERVE))
             bias = getattr(module, "bias", None)
             if isinstance(bias, nn.Parameter) and bias.requires_grad:
-                self._handles.append(bias.register_hook(self._make_norm_hook(name, positions, "bias")))
+                self._handles.append(net.hooks.add_gradient_hook(
+                    bias, self._make_norm_hook(name, positions, "bias"), priority=OBSERVE))
         for k, layer in enumerate(net.layers):
             if layer.is_logits:
                 continue
             weight = net.original_weight(k)
             if not weight.requires_grad:
                 continue
-            rows = (~self.norm_gated[net._out_pos[k]]).nonzero().flatten()
+            rows = (~self.norm_gated[net.index.out_positions[k]]).nonzero().flatten()
             if rows.numel() == 0:
                 continue  # every output channel is gated after a norm layer
-            self._handles.append(weight.register_hook(self._make_hook(k, rows)))
+            self._handles.append(net.hooks.add_gradient_hook(weight, self._make_hook(k, rows), priority=OBSERVE))
 
     # ------------------------------------------------------------------ hooks
     def _make_hook(self, k: int, rows: torch.Tensor) -> Any:
         ref = weakref.ref(self)
-        full = rows.numel() == self.net._out_pos[k].numel()
-        positions = self.net._out_pos[k] if full else self.net._out_pos[k][rows]
+        out_positions = self.net.index.out_positions[k]
+        full = rows.numel() == out_positions.numel()
+        positions = out_positions if full else out_positions[rows]
         rows_by_device: dict[torch.device, torch.Tensor] = {}
 
         def hook(grad: torch.Tensor) -> None:
@@ -262,7 +243,7 @@ class ImportanceTracker:
 
     def normalized_scores(self) -> torch.Tensor:
         """:func:`normalize_scores` of the current scores (per group, per subnet row)."""
-        return normalize_scores(self._scores, self.net._offsets, self.net.flat_assignment()[:-1])
+        return normalize_scores(self._scores, list(self.net.index.offsets), self.net.flat_assignment()[:-1])
 
     def criterion(self, alpha_growth: float = 1.5) -> torch.Tensor:
         """:func:`criterion` (eq. 3) of the :meth:`normalized_scores` and the net's current assignment."""
@@ -311,7 +292,7 @@ def norm_gated_modules(net: SteppingNet) -> dict[str, torch.Tensor]:
         if (not isinstance(weight, nn.Parameter) or not weight.requires_grad or weight.dim() != 1
                 or weight.numel() != positions.numel()):
             continue
-        if bool((positions < int(net._num_neurons)).any()):
+        if bool((positions < net.index.num_neurons).any()):
             found[name] = positions
     return found
 
@@ -331,7 +312,7 @@ def normalize_scores(
 
     Args:
         scores: ``[N, num_neurons]`` accumulated importance.
-        offsets: group start positions plus the end (``net._offsets``: ``len(groups) + 1`` entries).
+        offsets: group start positions plus the end (``net.index.offsets``: ``len(groups) + 1`` entries).
         assignment: ``[num_neurons]`` subnet index of every neuron, or ``None``.
 
     Returns:
@@ -343,7 +324,7 @@ def normalize_scores(
     n, count = scores.shape
     bounds = [int(o) for o in torch.as_tensor(offsets).flatten().tolist()]
     if not bounds or bounds[0] != 0 or bounds[-1] != count or any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"offsets must ascend from 0 to the {count} neurons (net._offsets), got {bounds}")
+        raise ValueError(f"offsets must ascend from 0 to the {count} neurons (net.index.offsets), got {bounds}")
     result = scores.detach().to(device="cpu", dtype=torch.float64).clone()
     if assignment is None:
         member = torch.ones(n, count, dtype=torch.bool)

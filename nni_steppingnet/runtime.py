@@ -11,7 +11,7 @@ index tensors and the MAC count of every stage are computed once when the runner
 
 Two tensor layouts (``layout=``):
 
-* ``"delta"`` (DESIGN.md layout (b)): at stage ``s`` every tensor between layers holds only the
+* ``"delta"`` (layout (b) of docs/architecture.md): at stage ``s`` every tensor between layers holds only the
   channels with index ``== s``, in ascending channel order. A stage layer appends its input delta
   to the stage-major inputs it keeps from earlier stages, runs its kernel over them (weight
   columns permuted to that order once) and returns only its new channels. BatchNorm and every

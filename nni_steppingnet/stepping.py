@@ -12,17 +12,21 @@ import contextlib
 import copy
 import logging
 import weakref
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from . import hooks
 from ._inputs import call_model
 from .errors import CheckpointError, UnsupportedModelError
+from .export import export_subnet
 from .graph import INPUT_SLOT, GraphSpec, LayerSpec, discover_layers
+from .hooks import HookRegistry
+from .rules import NESTED, MaskRule
 
-__all__ = ["SteppingNet", "NeuronGroup", "RunningStatsGuard", "STATE_FORMAT"]
+__all__ = ["SteppingNet", "SteppingIndex", "NeuronGroup", "RunningStatsGuard", "STATE_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +96,8 @@ class RunningStatsGuard:
 
     def __init__(self, net: "SteppingNet") -> None:
         self.net = net
-        self._handles: list[Any] = []
+        self._handles: list[hooks.HookHandle] = []
         self._saved: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._cache_key: tuple[Any, ...] = ()
         modules = dict(net.model.named_modules())
         for name, positions in net.channel_modules.items():
             module = modules.get(name)
@@ -103,21 +105,18 @@ class RunningStatsGuard:
                 continue
             if module.running_mean is None or module.running_mean.numel() != positions.numel():
                 continue
-            self._handles.append(module.register_forward_pre_hook(self._pre(name, positions)))
-            self._handles.append(module.register_forward_hook(self._post(name)))
+            self._handles.append(net.hooks.add_forward_pre_hook(module, self._pre(name, positions),
+                                                                priority=hooks.GUARD))
+            self._handles.append(net.hooks.add_forward_hook(module, self._post(name), priority=hooks.GUARD))
 
     def _inactive(self, name: str, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
         net = self.net
         s = net.active_subnet
-        signature = (net._signature_now(), s)
-        if signature != self._cache_key:
-            self._cache.clear()
-            self._cache_key = signature
-        index = self._cache.get((name, device))
-        if index is None:
-            index = (net.flat_assignment()[positions] > s).nonzero().flatten().to(device)
-            self._cache[(name, device)] = index
-        return index
+
+        def build(flat: torch.Tensor) -> torch.Tensor:
+            return (flat[positions] > s).nonzero().flatten().to(device)
+
+        return net.assignment_cache(("running_stats_guard", name, s, device), build)
 
     def _pre(self, name: str, positions: torch.Tensor) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
@@ -144,20 +143,97 @@ class RunningStatsGuard:
 
         return hook
 
-    def detach_from(self, model: nn.Module) -> None:
-        """Drop this guard's hooks from a deep copy of the guarded model."""
-        ids = {handle.id for handle in self._handles}
-        for module in model.modules():
-            for hook_id in ids:
-                module._forward_pre_hooks.pop(hook_id, None)
-                module._forward_hooks.pop(hook_id, None)
-
     def remove(self) -> None:
         """Detach the hooks."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._saved.clear()
+
+
+class SteppingIndex:
+    """Read-only index of a :class:`SteppingNet`: where every layer's channels live in the flat
+    neuron vector, and the flat assignment with its change signature.
+
+    The flat neuron vector holds every group's neurons in group order (group ``g`` at
+    ``offsets[g]:offsets[g + 1]``), plus one trailing *input slot* (position ``num_neurons``, fixed
+    to subnet 1) for channels read straight from the model input. Tensors returned here are shared
+    with the net: read them, never modify them in place.
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[NeuronGroup],
+        layer_names: Sequence[str],
+        offsets: Sequence[int],
+        out_positions: Sequence[torch.Tensor],
+        in_positions: Sequence[torch.Tensor],
+    ) -> None:
+        self._groups = tuple(groups)
+        self._offsets = tuple(int(o) for o in offsets)
+        self._out = tuple(out_positions)
+        self._in = tuple(in_positions)
+        self._layer = {name: k for k, name in enumerate(layer_names)}
+        group_of = torch.zeros(self.num_neurons, dtype=torch.long)
+        for g, (start, stop) in enumerate(zip(self._offsets[:-1], self._offsets[1:])):
+            group_of[start:stop] = g
+        self._group_of = group_of
+
+    @property
+    def num_neurons(self) -> int:
+        """Neurons in all groups (the flat vector's length without the input slot)."""
+        return self._offsets[-1] if self._offsets else 0
+
+    @property
+    def input_slot(self) -> int:
+        """Flat position of the model input (subnet 1); equals :attr:`num_neurons`."""
+        return self.num_neurons
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Group start positions plus the end (``len(groups) + 1`` entries)."""
+        return self._offsets
+
+    @property
+    def out_positions(self) -> tuple[torch.Tensor, ...]:
+        """Per layer (order of ``net.layers``): flat position of every output channel."""
+        return self._out
+
+    @property
+    def in_positions(self) -> tuple[torch.Tensor, ...]:
+        """Per layer: flat position of every weight column, ``[out, in/groups]`` (``[1, in]``
+        for ungrouped layers); the input slot for channels read from the model input."""
+        return self._in
+
+    @property
+    def group_of(self) -> torch.Tensor:
+        """Long ``[num_neurons]``: the group of every neuron."""
+        return self._group_of
+
+    def layer(self, layer: int | str) -> int:
+        """Index in ``net.layers`` of a layer given by name (or index, checked)."""
+        if isinstance(layer, str):
+            k = self._layer.get(layer)
+            if k is None:
+                raise KeyError(f"no masked layer named {layer!r}; known layers: {sorted(self._layer)[:8]}...")
+            return k
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(self._out):
+            raise IndexError(f"layer index must be an int in 0..{len(self._out) - 1}, got {layer!r}")
+        return layer
+
+    def group_slice(self, g: int) -> slice:
+        """Flat positions of group ``g``."""
+        return slice(self._offsets[g], self._offsets[g + 1])
+
+    def flat_assignment(self) -> torch.Tensor:
+        """All neurons' indices in group order, plus a trailing 1 for the input slot (validated)."""
+        for g in self._groups:
+            _check_assignment(g.name, g.size, g._num_subnets, g._assignment)
+        return torch.cat([g._assignment for g in self._groups] + [torch.ones(1, dtype=torch.long)])
+
+    def signature(self) -> tuple[Any, ...]:
+        """Changes whenever any group's assignment is replaced or edited in place."""
+        return tuple((g.generation, g._assignment._version) for g in self._groups)
 
 
 class _SubnetMask(nn.Module):
@@ -186,7 +262,13 @@ class SteppingNet:
         classifier: the final logits layer (default: ``model.get_classifier()`` or the last Linear).
         exclude: further layers whose outputs stay in every subnet (e.g. auxiliary heads).
         verify: run the isolation probe at wrap time and raise :class:`UnsupportedModelError` if a
-            smaller subnet's activations change when a larger one is active.
+            smaller subnet's activations change when a larger one is active (always under the
+            nested rule: the probe looks for channel mixing torch-pruning did not trace).
+        rule: the mask rule (:mod:`nni_steppingnet.rules`); baselines pass theirs.
+
+    Public read-only views: :attr:`index` (channel -> neuron positions, offsets, flat assignment,
+    change signature) and :attr:`hooks` (the ordered hook registry every library hook on the
+    model goes through).
     """
 
     def __init__(
@@ -198,11 +280,15 @@ class SteppingNet:
         classifier: nn.Module | str | None = None,
         exclude: Sequence[nn.Module] = (),
         verify: bool = True,
+        rule: MaskRule = NESTED,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(num_subnets, bool) or not isinstance(num_subnets, int) or num_subnets < 1:
             raise ValueError(f"num_subnets must be a positive int, got {num_subnets!r}")
+        if not isinstance(rule, MaskRule):
+            raise TypeError(f"rule must be a nni_steppingnet.rules.MaskRule (e.g. rules.NESTED), got "
+                            f"{type(rule).__name__}")
         if any(parametrize.is_parametrized(m) for m in model.modules()):
             raise ValueError("model already has parametrizations (is it wrapped by another "
                              "SteppingNet?); call net.remove() on the old wrapper first")
@@ -223,6 +309,14 @@ class SteppingNet:
         #: bare per-channel parameters (layer scale): qualified name -> flat positions
         self.channel_parameters = {name: fix(pos) for name, pos in spec.channel_parameters.items()}
         self._layer_index = {layer.name: k for k, layer in enumerate(self.layers)}
+        self.index = SteppingIndex(self.groups, [layer.name for layer in self.layers], self._offsets,
+                                   self._out_pos, self._in_pos)
+        #: the ordered registry of gradient and forward hooks on the model (see :mod:`.hooks`)
+        self.hooks = HookRegistry()
+        # The wrap-time probe looks for untraced channel mixing, which breaks any rule: it runs
+        # under the nested rule; ``rule`` takes over after it.
+        self._rule: MaskRule = NESTED
+        self._derived: dict[Any, Any] = {}
         #: Unstructured pruning masks (bool, weight-shaped), by layer name; absent means dense.
         self.prune_masks: dict[str, torch.Tensor] = {}
         self._active: int | None = None
@@ -236,6 +330,8 @@ class SteppingNet:
         self._root_hook = model.register_forward_pre_hook(_refresh_hook(self))
         if verify:
             self._verify_isolation()
+        self._rule = rule
+        self.invalidate()
         self.bn_guard = RunningStatsGuard(self)
 
     # ----------------------------------------------------------------- assignment
@@ -243,6 +339,16 @@ class SteppingNet:
     def active_subnet(self) -> int:
         """The subnet the model computes now (N outside any ``subnet()`` context)."""
         return self._active if self._active is not None else self.num_subnets
+
+    @property
+    def rule(self) -> MaskRule:
+        """The mask rule (:mod:`nni_steppingnet.rules`) the masks follow."""
+        return self._rule
+
+    @property
+    def num_neurons(self) -> int:
+        """Number of neurons in all groups (``index.num_neurons``)."""
+        return self.index.num_neurons
 
     @contextlib.contextmanager
     def subnet(self, s: int) -> Iterator["SteppingNet"]:
@@ -255,16 +361,31 @@ class SteppingNet:
         finally:
             self._active = previous
 
-    def _check_subnet(self, s: int) -> None:
+    def check_subnet(self, s: int) -> int:
+        """Return ``s`` if it is a subnet index (an int in 1..N); raise ``ValueError`` otherwise."""
         if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= self.num_subnets:
             raise ValueError(f"subnet index must be an int in 1..{self.num_subnets}, got {s!r}")
+        return s
+
+    _check_subnet = check_subnet
 
     def flat_assignment(self) -> torch.Tensor:
         """All neurons' indices in group order, plus a trailing 1 for the model input."""
-        parts = [g.assignment for g in self.groups]
-        for g in self.groups:
-            _check_assignment(g.name, g.size, self.num_subnets, g.assignment)
-        return torch.cat(parts + [torch.ones(1, dtype=torch.long)])
+        return self.index.flat_assignment()
+
+    def assignment_cache(self, key: Any, build: Callable[[torch.Tensor], Any]) -> Any:
+        """A value derived from the current assignment, cached until the assignment changes.
+
+        ``build(flat)`` gets the current :meth:`flat_assignment` (do not modify it). One cache
+        serves every hook that needs per-assignment tensors (beta suppression scales, the BN
+        guard's inactive channels); keys must say what they depend on besides the assignment
+        (subnet, device, dtype...).
+        """
+        self.refresh()
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = build(self._flat)
+        return value
 
     def set_flat_assignment(self, flat: torch.Tensor) -> None:
         """Inverse of :meth:`flat_assignment` (the trailing input entry is optional and ignored).
@@ -296,23 +417,22 @@ class SteppingNet:
             a_out = torch.zeros_like(a_out)
         return a_out, flat[self._in_pos[k]]
 
-    def _signature_now(self) -> tuple[Any, ...]:
-        return tuple((g.generation, g._assignment._version) for g in self.groups)
-
     def refresh(self) -> None:
         """Drop cached masks if any assignment changed (called before every model forward)."""
-        signature = self._signature_now()
+        signature = self.index.signature()
         if signature != self._signature:
             self._flat = self.flat_assignment()  # validates in-place edits too
             self._signature = signature
             self._cache.clear()
             self._device_cache.clear()
+            self._derived.clear()
 
     def invalidate(self) -> None:
         """Drop cached masks (after changing ``prune_masks``)."""
         self._signature = ()
         self._cache.clear()
         self._device_cache.clear()
+        self._derived.clear()
 
     # ---------------------------------------------------------------------- masks
     def structural_mask(self, layer: int | str, s: int, flat: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,11 +440,8 @@ class SteppingNet:
         self._check_subnet(s)
         k = self._layer_index[layer] if isinstance(layer, str) else layer
         a_out, a_in = self.layer_assignment(k, flat)
-        if self.layers[k].is_logits:
-            allowed = a_in <= s
-            return allowed.expand(a_out.numel(), allowed.shape[1])
-        a_out = a_out.unsqueeze(1)
-        return (a_out <= s) & (a_in <= a_out)
+        allowed = self._rule.allowed(a_out.unsqueeze(1), a_in, s, self.layers[k].is_logits)
+        return allowed.expand(a_out.numel(), allowed.shape[1])
 
     def weight_mask(self, layer: int | str, s: int) -> torch.Tensor:
         """Float weight-shaped mask of subnet ``s``: structure times unstructured pruning."""
@@ -378,26 +495,31 @@ class SteppingNet:
 
     # ----------------------------------------------------------------- validation
     def validate(self, probe: bool = False) -> None:
-        """Check the no-backward-synapse rule on the masks (and, with ``probe``, functionally).
+        """Check the masks against the mask rule (and, with ``probe``, the isolation functionally).
 
-        Raises ``ValueError`` naming the first layer with an active weight from a neuron of a
-        larger subnet into a neuron of a smaller one.
+        Raises ``ValueError`` naming the first layer with an active weight the rule forbids (for
+        the nested rule: from a neuron of a larger subnet into a neuron of a smaller one; for an
+        exact rule such as the slimmable one also an inactive weight the rule allows). ``probe``
+        needs a rule with isolated subnets.
         """
+        rule = self._rule
+        if probe and not rule.isolated:
+            raise ValueError(f"subnets under the {rule.name} rule share no activations by design, so "
+                             "there is no isolation to probe; call validate() without probe=True")
         flat = self.flat_assignment()
         for k, layer in enumerate(self.layers):
-            a_out, a_in = self.layer_assignment(k, flat)
             for s in range(1, self.num_subnets + 1):
                 mask = self.weight_mask(k, s)
                 active = mask.reshape(mask.shape[0], mask.shape[1], -1).amax(-1) > 0
-                if layer.is_logits:
-                    bad = active & (a_in > s)
-                else:
-                    a_o = a_out.unsqueeze(1)
-                    bad = active & ((a_in > a_o) | (a_o > s))
-                if bool(bad.any()):
-                    o, i = (int(v) for v in bad.nonzero()[0])
-                    raise ValueError(f"layer {layer.name!r}: weight [{o}, {i}] is active in subnet {s} "
-                                     "but connects a larger subnet's neuron into a smaller one")
+                allowed = self.structural_mask(k, s, flat)
+                wrong = active & ~allowed
+                if rule.exact:
+                    wrong |= allowed & ~active
+                if bool(wrong.any()):
+                    o, i = (int(v) for v in wrong.nonzero()[0])
+                    state = "active" if bool(active[o, i]) else "inactive"
+                    raise ValueError(f"layer {layer.name!r}: weight [{o}, {i}] is {state} in subnet {s} "
+                                     f"{rule.violation()}")
         if probe:
             self._verify_isolation(self.flat_assignment())
 
@@ -506,7 +628,7 @@ class SteppingNet:
         model = copy.deepcopy(self.model)
         # Hooks are copied by reference and would act on the copy with this net's assignment.
         model._forward_pre_hooks.pop(self._root_hook.id, None)
-        self.bn_guard.detach_from(model)
+        self.hooks.detach_from(model)
         for k, layer in enumerate(self.layers):
             module = model.get_submodule(layer.name)
             trainable = module.parametrizations.weight.original
@@ -522,9 +644,8 @@ class SteppingNet:
         return model
 
     def export_subnet(self, s: int) -> nn.Module:
-        """A standalone, physically smaller copy of the model computing subnet ``s``."""
-        from .export import export_subnet
-
+        """A standalone, physically smaller copy of the model computing subnet ``s``
+        (:func:`nni_steppingnet.export.export_subnet`)."""
         return export_subnet(self, s)
 
     # ----------------------------------------------------------------- state I/O
@@ -586,6 +707,7 @@ class SteppingNet:
         self._root_hook.remove()
         if hasattr(self, "bn_guard"):
             self.bn_guard.remove()
+        self.hooks.clear()
         return self.model
 
     def summary(self) -> str:

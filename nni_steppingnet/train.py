@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ._channels import parameter_channel_dim
 from .data import to_device
-from .importance import register_suppression, unregister_suppression
+from .hooks import SCALE
 from .stepping import RunningStatsGuard, SteppingNet
 
 __all__ = [
@@ -151,30 +151,26 @@ class BetaSuppression:
 
     The hooks read the neuron assignment when they run, so they follow moves. Set
     :attr:`subnet` between backward passes to reuse the hooks; :meth:`remove` detaches them.
-    The classifier (logits) layer is never scaled: its outputs belong to every subnet.
+    The classifier (logits) layer is never scaled: its outputs belong to every subnet. The hooks
+    go through ``net.hooks`` with priority :data:`~nni_steppingnet.hooks.SCALE`, after every
+    observer (the importance tracker sees the unscaled gradient).
     """
 
     def __init__(self, net: SteppingNet, subnet: int, beta: float) -> None:
         if not isinstance(net, SteppingNet):
             raise TypeError(f"beta suppression needs a SteppingNet, got {type(net).__name__}")
         _check_beta(beta)
-        net._check_subnet(subnet)
+        net.check_subnet(subnet)
         self.net = net
         self.subnet = int(subnet)
         self.beta = float(beta)
-        self._registered = False
         self._handles: list[Any] = []
-        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._cache_key: tuple[Any, ...] = ()
-        self._flat = torch.ones(0, dtype=torch.long)
         modules = dict(net.model.named_modules())
-        register_suppression(net)
-        self._registered = True
         try:
             for k, layer in enumerate(net.layers):
                 if layer.is_logits:
                     continue
-                positions = net._out_pos[k]
+                positions = net.index.out_positions[k]
                 self._hook(net.original_weight(k), positions)
                 bias = getattr(layer.module, "bias", None)
                 if isinstance(bias, torch.Tensor):
@@ -209,34 +205,26 @@ class BetaSuppression:
             scale = self._scale(positions, grad)
             return grad * scale.reshape(scale.shape + (1,) * (grad.dim() - 1))
 
-        self._handles.append(param.register_hook(hook))
+        self._handles.append(self.net.hooks.add_gradient_hook(param, hook, priority=SCALE))
 
     def _scale(self, positions: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        signature = (net._signature_now(), self.subnet)
-        if signature != self._cache_key:
-            self._cache.clear()
-            self._cache_key = signature
-            self._flat = net.flat_assignment()
-        key = (id(positions), grad.device, grad.dtype)
-        scale = self._cache.get(key)
-        if scale is None:
-            a_out = self._flat[positions].to(torch.float64)
-            exponent = (self.subnet - a_out).clamp_min(0)
-            scale = torch.pow(torch.tensor(self.beta, dtype=torch.float64), exponent)
-            scale = scale.to(device=grad.device, dtype=grad.dtype)
-            self._cache[key] = scale
-        return scale
+        subnet, beta = self.subnet, self.beta
+
+        def build(flat: torch.Tensor) -> torch.Tensor:
+            a_out = flat[positions].to(torch.float64)
+            exponent = (subnet - a_out).clamp_min(0)
+            scale = torch.pow(torch.tensor(beta, dtype=torch.float64), exponent)
+            return scale.to(device=grad.device, dtype=grad.dtype)
+
+        # Positions tensors live as long as the net, so their id is a stable key.
+        key = ("beta_suppression", id(positions), subnet, beta, grad.device, grad.dtype)
+        return self.net.assignment_cache(key, build)
 
     def remove(self) -> None:
         """Detach every hook."""
-        if self._handles:
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
-        if self._registered:
-            self._registered = False
-            unregister_suppression(self.net)
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 

@@ -86,7 +86,7 @@ def _perturb_slice(net: Any, slice_index: int) -> None:
         for k, layer in enumerate(net.layers):
             if layer.is_logits:
                 continue
-            rows = (flat[net._out_pos[k]] == slice_index).nonzero().flatten()
+            rows = (flat[net.index.out_positions[k]] == slice_index).nonzero().flatten()
             weight = net.original_weight(k)
             weight[rows] += torch.randn(weight[rows].shape, generator=generator)
             if layer.module.bias is not None:
@@ -145,7 +145,7 @@ def test_anywidth_wider_slice_does_not_change_narrower_slice() -> None:
     for k, layer in enumerate(net.layers):
         if layer.is_logits:
             continue
-        keep = (flat[net._out_pos[k]] == 1).nonzero().flatten()
+        keep = (flat[net.index.out_positions[k]] == 1).nonzero().flatten()
         assert torch.equal(before[layer.name][:, keep], after[layer.name][:, keep]), layer.name
     assert not torch.equal(before["logits"], after["logits"])  # the perturbation does reach subnet 2
 
@@ -189,7 +189,7 @@ def test_slimmable_wider_slice_changes_narrower_slice() -> None:
     after = _activations(net, 2, x)
     flat = net.flat_assignment()
     conv2 = next(k for k, layer in enumerate(net.layers) if layer.name == "features.4")
-    keep = (flat[net._out_pos[conv2]] == 1).nonzero().flatten()
+    keep = (flat[net.index.out_positions[conv2]] == 1).nonzero().flatten()
     assert not torch.equal(before["features.4"][:, keep], after["features.4"][:, keep])
     assert torch.equal(before_1, _activations(net, 1, x)["logits"])  # subnet 1 never reads slice 2
     assert net.check_isolation(x) != []

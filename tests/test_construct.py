@@ -33,8 +33,8 @@ def _layer(net: SteppingNet, name: str) -> int:
 
 def _scores_low_in(net: SteppingNet, layer: str) -> torch.Tensor:
     """Criterion: the neurons of ``layer`` first (ascending by position), every other one later."""
-    scores = torch.full((net._num_neurons,), 1000.0) + torch.arange(net._num_neurons, dtype=torch.float64)
-    positions = net._out_pos[_layer(net, layer)]
+    scores = torch.full((net.num_neurons,), 1000.0) + torch.arange(net.num_neurons, dtype=torch.float64)
+    positions = net.index.out_positions[_layer(net, layer)]
     scores[positions] = torch.arange(positions.numel(), dtype=torch.float64)
     return scores
 
@@ -53,7 +53,7 @@ def test_quantum_is_just_exceeded(tiny_model: Callable[..., nn.Module]) -> None:
     assert c.quantum == pytest.approx(quantum)
     cost = c.neuron_costs(1)
     scores = _scores_low_in(net, "features.7")  # the last conv: its neurons share no synapse
-    order = net._out_pos[_layer(net, "features.7")]
+    order = net.index.out_positions[_layer(net, "features.7")]
     moved, counts, moved_macs = c.move(scores)
     taken = int(counts[0])
     assert taken >= 1 and counts[1:] == [0, 0]
@@ -79,7 +79,7 @@ def test_flow_condition(tiny_model: Callable[..., nn.Module]) -> None:
     conv2.assignment = torch.tensor([1] + [2] * (conv2.size - 1))
     assert net.macs(2) - net.macs(1) > p[1] - p[0] and net.macs(2) > p[1]
     before = net.flat_assignment()[:-1].clone()
-    scores = torch.arange(net._num_neurons, dtype=torch.float64)
+    scores = torch.arange(net.num_neurons, dtype=torch.float64)
     moved, counts, _ = c.move(scores)
     after = net.flat_assignment()[:-1]
     from_two = ((before == 2) & (after == 3)).nonzero().flatten()
@@ -97,7 +97,7 @@ def test_neurons_leaving_last_subnet_become_unused(tiny_model: Callable[..., nn.
     p1, p2 = 0.3 * net.full_macs, 0.6 * net.full_macs
     before = net.flat_assignment()[:-1].clone()
     assert net.macs(2) > p2 and net.macs(2) - net.macs(1) > p2 - p1
-    moved, counts, _ = c.move(torch.arange(net._num_neurons, dtype=torch.float64))
+    moved, counts, _ = c.move(torch.arange(net.num_neurons, dtype=torch.float64))
     after = net.flat_assignment()[:-1]
     assert counts[1] == int(((before == 2) & (after == 3)).sum()) > 0
     assert set(after[before == 2].tolist()) <= {2, 3}
@@ -108,7 +108,7 @@ def test_neurons_leaving_last_subnet_become_unused(tiny_model: Callable[..., nn.
 def test_last_neuron_of_a_group_stays(tiny_model: Callable[..., nn.Module]) -> None:
     net = _net(tiny_model, 1)
     c = Constructor(net, _config(net, [0.001], iterations=1), _batches())
-    c.move(torch.arange(net._num_neurons, dtype=torch.float64))
+    c.move(torch.arange(net.num_neurons, dtype=torch.float64))
     for g in net.groups:
         assert int((g.assignment <= 1).sum()) == 1, g.name
     assert net.macs(1) > 0.001 * net.full_macs  # unreachable: reported, not forced
@@ -123,8 +123,8 @@ def test_pruning_revives_moved_neurons(tiny_model: Callable[..., nn.Module]) -> 
     with torch.no_grad():
         w2[:, 0] = 0.001  # input channel 0 of conv2: tiny in every row
         w2[5] = 0.001  # output channel 5 of conv2: a whole tiny row
-    moved = torch.zeros(net._num_neurons, dtype=torch.bool)
-    neuron = int(net._out_pos[k2][5])
+    moved = torch.zeros(net.num_neurons, dtype=torch.bool)
+    neuron = int(net.index.out_positions[k2][5])
     moved[neuron] = True
     c.prune(torch.zeros_like(moved))
     mask = net.prune_masks["features.3"]
@@ -261,7 +261,7 @@ def test_marginal_costs_sum_to_exact_mac_reduction(tiny_model: Callable[..., nn.
     in_one = (flat[:-1] == 1).nonzero().flatten()
     chosen = in_one[torch.randperm(in_one.numel(), generator=torch.Generator().manual_seed(0))[:6]]
     layers_hit = {k for k in range(len(net.layers)) for j in chosen.tolist()
-                  if bool((net._out_pos[k] == j).any()) and not net.layers[k].is_logits}
+                  if bool((net.index.out_positions[k] == j).any()) and not net.layers[k].is_logits}
     assert len(layers_hit) >= 2  # connected neurons: their shared synapses must count once
     table = _CostTable(net, 1)
     alone = sum(table.cost_of(j) for j in chosen.tolist())
@@ -277,14 +277,14 @@ def test_last_approach_lands_just_under_the_budget(tiny_model: Callable[..., nn.
     from nni_steppingnet.construct import _CostTable
 
     net = _net(tiny_model, 1)
-    conv2, conv3 = (net._out_pos[_layer(net, name)] for name in ("features.3", "features.7"))
+    conv2, conv3 = (net.index.out_positions[_layer(net, name)] for name in ("features.3", "features.7"))
     table = _CostTable(net, 1)
     cost2, cost3 = table.cost_of(int(conv2[0])), table.cost_of(int(conv3[0]))
     assert cost2 > 2 * cost3
     amount = 1.5 * cost2  # two conv2 neurons (the lowest M) would overshoot by 0.5 * cost2
     budget = net.full_macs - amount
     c = Constructor(net, _config(net, [budget / net.full_macs], iterations=1), _batches())
-    scores = torch.full((net._num_neurons,), 1000.0, dtype=torch.float64)
+    scores = torch.full((net.num_neurons,), 1000.0, dtype=torch.float64)
     scores[conv2] = torch.arange(conv2.numel(), dtype=torch.float64)
     scores[conv3] = 100.0 + torch.arange(conv3.numel(), dtype=torch.float64)
     moved, counts, moved_macs = c.move(scores)
@@ -311,7 +311,7 @@ def test_neuron_no_weight_reads_is_retired_with_exact_macs(tiny_model: Callable[
     c = Constructor(net, _config(net, [0.2, 0.5, 0.9], iterations=5), _batches())
     k1, k2, k3 = (_layer(net, name) for name in ("features.0", "features.3", "features.7"))
     j, i = 4, 2  # conv2 neuron j: conv3 reads it only through pruned weights; conv1 neuron i: only j reads it
-    neuron_j, neuron_i = int(net._out_pos[k2][j]), int(net._out_pos[k1][i])
+    neuron_j, neuron_i = int(net.index.out_positions[k2][j]), int(net.index.out_positions[k1][i])
     prune3 = torch.ones_like(net.original_weight(k3), dtype=torch.bool)
     prune3[:, j] = False
     prune2 = torch.ones_like(net.original_weight(k2), dtype=torch.bool)
@@ -343,7 +343,7 @@ def test_neuron_whose_consumers_sit_in_smaller_subnets_retires_at_the_end(
     conv3 = net.groups[[g.name for g in net.groups].index("features.7")]
     conv2.assignment = torch.tensor([1] * (conv2.size - 2) + [2, 3])
     conv3.assignment = torch.ones(conv3.size, dtype=torch.long)  # every consumer in subnet 1
-    late = net._out_pos[k2][-2:].tolist()
+    late = net.index.out_positions[k2][-2:].tolist()
     # During construction the consumers may still move up: not dead yet.
     assert not bool(c.dead_neurons(final=False).any())
     assert c.dead_neurons(final=True).nonzero().flatten().tolist() == late
@@ -366,10 +366,10 @@ def test_retiring_keeps_a_group_and_frozen_neurons(tiny_model: Callable[..., nn.
                                                       dtype=torch.bool)}
     net.invalidate()
     # Nothing reads conv3 (the classifier is pruned away): all of it is dead.
-    assert bool(c.dead_neurons(final=False)[net._out_pos[k3]].all())
+    assert bool(c.dead_neurons(final=False)[net.index.out_positions[k3]].all())
     if frozen is not None:
-        c.frozen = torch.zeros(net._num_neurons, dtype=torch.bool)
-        c.frozen[net._out_pos[k3][frozen]] = True
+        c.frozen = torch.zeros(net.num_neurons, dtype=torch.bool)
+        c.frozen[net.index.out_positions[k3][frozen]] = True
     before = net.macs(2)
     retired = c.retire_dead(final=False)
     conv3 = net.groups[[g.name for g in net.groups].index("features.7")]
@@ -392,11 +392,11 @@ def test_step_reports_retired(tiny_model: Callable[..., nn.Module]) -> None:
 def test_at_most_half_of_a_group_leaves_per_selection(tiny_model: Callable[..., nn.Module]) -> None:
     net = _net(tiny_model, 2)
     c = Constructor(net, _config(net, [0.3, 0.9], iterations=1), _batches())
-    conv3 = net._out_pos[_layer(net, "features.7")]
+    conv3 = net.index.out_positions[_layer(net, "features.7")]
     scores = _scores_low_in(net, "features.7")  # conv3's neurons have the lowest M
     flat = net.flat_assignment()
     amount = float(c.neuron_costs(1)[conv3].sum())  # would take all of conv3
-    none = torch.zeros(net._num_neurons, dtype=torch.bool)
+    none = torch.zeros(net.num_neurons, dtype=torch.bool)
     chosen = c._select(1, amount, flat, scores, none, cap=float("inf"))
     from_conv3 = [j for j in chosen if j in set(conv3.tolist())]
     assert len(from_conv3) == conv3.numel() // 2

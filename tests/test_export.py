@@ -92,7 +92,7 @@ def test_export_matches_masked_forward_and_macs(wrapped: tuple[SteppingNet, tupl
             if layer.is_logits:
                 assert width == layer.out_channels
                 continue
-            active = int((flat[net._out_pos[k]] <= s).sum())
+            active = int((flat[net.index.out_positions[k]] <= s).sum())
             assert width == max(active, 1), f"{layer.name}: {width} channels, {active} active in subnet {s}"
             if active == 0:
                 assert int(torch.count_nonzero(module.weight)) == 0

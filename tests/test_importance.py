@@ -80,12 +80,25 @@ def test_collect_rejects_bad_subnet_and_nesting() -> None:
                 pass
 
 
-def test_tracker_must_be_created_before_suppression() -> None:
+def test_tracker_created_inside_suppression_sees_unscaled_gradient() -> None:
+    """The hook registry orders by priority, not creation: a tracker created while beta
+    suppression is active still reads the gradient before it is scaled, and the suppression
+    still scales what the optimizer sees."""
     net = _two_layer()
-    with beta_suppression(net, 2, 0.5):
-        with pytest.raises(RuntimeError, match="before entering beta_suppression"):
-            ImportanceTracker(net)
-    ImportanceTracker(net)  # fine once the suppression has ended
+    net.groups[0].assignment = torch.tensor([1, 2])
+    reference = ImportanceTracker(net)
+    _backward(net, reference, 3, COEF)
+    plain = reference.scores.clone()
+    plain_grad = net.original_weight(0).grad.clone()
+    reference.close()
+    net.model.zero_grad(set_to_none=True)
+    with beta_suppression(net, 3, 0.5):
+        late = ImportanceTracker(net)
+        _backward(net, late, 3, COEF)
+    assert torch.equal(late.scores, plain)
+    scaled = net.original_weight(0).grad
+    assert torch.allclose(scaled[0], plain_grad[0] * 0.25)  # neuron in subnet 1: beta^(3-1)
+    assert torch.allclose(scaled[1], plain_grad[1] * 0.5)  # neuron in subnet 2: beta^(3-2)
 
 
 def test_suppression_does_not_change_scores() -> None:
@@ -118,7 +131,7 @@ def test_scores_equal_activation_gradient_product_on_cnn(
     gated = norm_gated_modules(net)
     assert gated and bool(tracker.norm_gated.any()) and not bool(tracker.norm_gated.all())
     modules = dict(model.named_modules())
-    expected = torch.zeros(net._num_neurons + 1, dtype=torch.float64)
+    expected = torch.zeros(net.num_neurons + 1, dtype=torch.float64)
     saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def make_hook(name: str, positions: torch.Tensor, keep: torch.Tensor) -> Any:
@@ -137,8 +150,8 @@ def test_scores_equal_activation_gradient_product_on_cnn(
     handles = []
     for k, layer in enumerate(net.layers):
         if not layer.is_logits:
-            keep = ~tracker.norm_gated[net._out_pos[k]]
-            handles.append(layer.module.register_forward_hook(make_hook(layer.name, net._out_pos[k], keep)))
+            keep = ~tracker.norm_gated[net.index.out_positions[k]]
+            handles.append(layer.module.register_forward_hook(make_hook(layer.name, net.index.out_positions[k], keep)))
     for name, positions in gated.items():
         handles.append(modules[name].register_forward_hook(
             make_hook(name, positions, torch.ones(positions.numel(), dtype=torch.bool))))
@@ -193,7 +206,7 @@ def test_tracker_state_round_trip() -> None:
     other.load_state_dict(tracker.state_dict())
     assert torch.equal(other.scores, tracker.scores) and torch.equal(other.batches, tracker.batches)
     flat = net.flat_assignment()[:-1]
-    assert torch.equal(other.criterion(), criterion(normalize_scores(tracker.scores, net._offsets, flat), flat))
+    assert torch.equal(other.criterion(), criterion(normalize_scores(tracker.scores, net.index.offsets, flat), flat))
     with pytest.raises(ValueError, match="shape"):
         other.scores = torch.zeros(2, 2)
 
@@ -240,20 +253,20 @@ def _conv_bn_scores(affine: bool = True, dead_gamma: int | None = None) -> tuple
 
 def test_conv_before_batchnorm_gets_importance_from_the_bn_output() -> None:
     net, tracker = _conv_bn_scores()
-    conv = net._out_pos[0]
+    conv = net.index.out_positions[0]
     assert bool(tracker.norm_gated[conv].all())
     bn_scores = tracker.scores[1, conv]
     assert bool((bn_scores > 1e-4).all()), bn_scores
     # The paper's gate at the conv output: BN normalises its scale away, so its gradient is ~0.
     net_plain, plain_tracker = _conv_bn_scores(affine=False)
     assert not bool(plain_tracker.norm_gated.any())  # affine=False: falls back to eq. (2)
-    assert float(plain_tracker.scores[1, net_plain._out_pos[0]].max()) < 1e-5
-    assert float(bn_scores.min()) > 1e3 * float(plain_tracker.scores[1, net_plain._out_pos[0]].max())
+    assert float(plain_tracker.scores[1, net_plain.index.out_positions[0]].max()) < 1e-5
+    assert float(bn_scores.min()) > 1e3 * float(plain_tracker.scores[1, net_plain.index.out_positions[0]].max())
 
 
 def test_channel_with_zero_gamma_ranks_lowest() -> None:
     net, tracker = _conv_bn_scores(dead_gamma=2)
-    conv = net._out_pos[0]
+    conv = net.index.out_positions[0]
     m = tracker.criterion()[conv]
     assert float(m[2]) == 0.0 and bool((m[[0, 1, 3]] > 0).all())
     assert int(torch.argmin(m)) == 2

@@ -24,7 +24,7 @@ def _net(num_subnets: int = 2) -> tuple[SteppingNet, torch.Tensor]:
 
 def _handmade_scores(net: SteppingNet) -> torch.Tensor:
     """Subnet 1 ranks neurons one way, subnet 2 the opposite way (M of subnet 1 follows subnet 1)."""
-    n = net._num_neurons
+    n = net.num_neurons
     gen = torch.Generator().manual_seed(5)
     first = torch.randperm(n, generator=gen).float()
     # A narrow spread around a large mean: after the per-group normalisation subnet 2's row
@@ -56,11 +56,11 @@ def test_base_pruner_removes_the_lowest_criterion_channels(subnet: int) -> None:
 
     alpha = torch.tensor([1.0, 1.5])
     # eq. (3) for subnet i (k = i..N) of the scores normalised per group and subnet row.
-    scores = normalize_scores(scores, net._offsets, net.flat_assignment()[:-1])
+    scores = normalize_scores(scores, net.index.offsets, net.flat_assignment()[:-1])
     m = (scores * alpha.unsqueeze(1))[subnet - 1:].sum(0)
     previous_kept: list[int] | None = None
     for k, name in enumerate(CONVS):
-        positions = net._out_pos[k]
+        positions = net.index.out_positions[k]
         layer_m = m[positions]
         size = positions.numel()
         removed = size - int(plain.get_submodule(name).weight.shape[0])
@@ -72,7 +72,7 @@ def test_base_pruner_removes_the_lowest_criterion_channels(subnet: int) -> None:
         previous_kept = expected
     # Different subnets rank differently: the test would not notice a criterion that ignores it.
     other = (scores * alpha.unsqueeze(1))[2 - subnet:].sum(0)
-    first = net._out_pos[0]
+    first = net.index.out_positions[0]
     assert torch.argsort(m[first])[:4].tolist() != torch.argsort(other[first])[:4].tolist()
 
 
@@ -88,8 +88,8 @@ def test_scores_come_from_the_tracker_of_the_net() -> None:
     assert bool((tracker.scores > 0).any())
     plain = net.plain_copy()
     importance = SteppingImportance(net, tracker, subnet=1, alpha_growth=2.0, model=plain)
-    normalized = normalize_scores(tracker.scores, net._offsets, net.flat_assignment()[:-1])
-    expected = criterion(normalized, torch.ones(net._num_neurons, dtype=torch.long), 2.0)
+    normalized = normalize_scores(tracker.scores, net.index.offsets, net.flat_assignment()[:-1])
+    expected = criterion(normalized, torch.ones(net.num_neurons, dtype=torch.long), 2.0)
     assert torch.equal(importance.criterion(), expected)
     graph = tp.DependencyGraph().build_dependency(plain, example_inputs=x)
     scored = 0
@@ -101,7 +101,7 @@ def test_scores_come_from_the_tracker_of_the_net() -> None:
             assert value is None  # the logits hold no neurons: torch-pruning skips the group
             continue
         k = [layer.name for layer in net.layers].index(names[root])
-        assert torch.equal(value, expected[net._out_pos[k]])
+        assert torch.equal(value, expected[net.index.out_positions[k]])
         scored += 1
     assert scored == len(CONVS)
     # The tracker is read on every call: more importance changes the scores (another batch: the
@@ -116,7 +116,7 @@ def test_scores_come_from_the_tracker_of_the_net() -> None:
 
 def test_bad_inputs_raise_clear_errors() -> None:
     net, x = _net()
-    n = net._num_neurons
+    n = net.num_neurons
     with pytest.raises(ValueError, match=r"shape \(2, %d\)" % n):
         SteppingImportance(net, torch.zeros(3, n))
     with pytest.raises(ValueError, match="subnet must be an int in 1..2"):

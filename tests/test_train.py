@@ -72,14 +72,14 @@ def test_beta_suppression_scales_gradients_exactly(net: SteppingNet) -> None:
             assert torch.equal(suppressed[weight_name], plain[weight_name])
             assert torch.equal(suppressed[bias_name], plain[bias_name])
             continue
-        scale = scale_of(net._out_pos[k])
+        scale = scale_of(net.index.out_positions[k])
         shape = (-1,) + (1,) * (plain[weight_name].dim() - 1)
         # Powers of two: the scaled gradient is exact.
         assert torch.equal(suppressed[weight_name], plain[weight_name] * scale.reshape(shape))
         if bias_name in plain:
             assert torch.equal(suppressed[bias_name], plain[bias_name] * scale)
         for a in (1, 2, 3):
-            rows = flat[net._out_pos[k]] == a
+            rows = flat[net.index.out_positions[k]] == a
             checked_rows[a] += int(rows.sum())
     for name, positions in net.channel_modules.items():
         if not isinstance(modules[name], nn.BatchNorm2d):

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..rules import SLICES
 from ..stepping import RunningStatsGuard
 from .widths import SlicedNet, WidthPlan, wrap_with_widths
 
@@ -58,11 +59,13 @@ class SlimmableNet(SlicedNet):
     Wraps ``model`` in place (every ``_BatchNorm`` module is replaced by a
     :class:`SwitchableBatchNorm`). The no-backward-synapse rule deliberately does not hold, so the
     wrap-time isolation probe (``verify``) checks the model under SteppingNet's rule only (it finds
-    modules torch-pruning cannot trace); :meth:`validate` checks the slimmable rule instead.
+    modules torch-pruning cannot trace); the masks and :meth:`validate` follow the slimmable rule
+    (:data:`nni_steppingnet.rules.SLICES`).
     ``channel_modules`` names the per-width BN copies (``<bn>.bns.<s-1>``).
     """
 
     method = "slimmable"
+    mask_rule = SLICES
 
     def __init__(
         self,
@@ -75,13 +78,10 @@ class SlimmableNet(SlicedNet):
         exclude: Sequence[nn.Module] = (),
         verify: bool = True,
     ) -> None:
-        # The tracing probe runs under SteppingNet's nested rule: it only has to find untraced
-        # channel mixing, which breaks either rule.
-        self._nested_rule = True
+        # SteppingNet runs the tracing probe under the nested rule (it only has to find untraced
+        # channel mixing, which breaks either rule) and switches to ``mask_rule`` after it.
         super().__init__(model, example_inputs, num_subnets, width_fractions, classifier=classifier,
                          exclude=exclude, verify=verify)
-        self._nested_rule = False
-        self.invalidate()
         self._switch_batchnorm()
 
     def _switch_batchnorm(self) -> None:
@@ -104,50 +104,6 @@ class SlimmableNet(SlicedNet):
         if guard is not None:
             self.bn_guard = RunningStatsGuard(self)
         logger.debug("switchable BN for %d modules: %s", len(names), names)
-
-    # ---------------------------------------------------------------------- masks
-    def structural_mask(self, layer: int | str, s: int, flat: torch.Tensor | None = None) -> torch.Tensor:
-        """Bool ``[out, in/groups]`` mask of subnet ``s``: both ends inside width ``s`` (the
-        logits belong to every width, so only their inputs are sliced)."""
-        if self._nested_rule:
-            return super().structural_mask(layer, s, flat)
-        k = self._layer_index[layer] if isinstance(layer, str) else layer
-        a_out, a_in = self.layer_assignment(k, flat)
-        return self.allowed(a_out.unsqueeze(1), a_in, s, self.layers[k].is_logits)
-
-    @staticmethod
-    def allowed(a_out: torch.Tensor, a_in: torch.Tensor, s: int, is_logits: bool) -> torch.Tensor:
-        """The slimmable rule on subnet indices (broadcasting): ``a(o) <= s and a(i) <= s``
-        (logits: ``a(i) <= s``)."""
-        inside = a_in <= s
-        if is_logits:
-            return inside & torch.ones_like(a_out, dtype=torch.bool)
-        return (a_out <= s) & inside
-
-    def validate(self, probe: bool = False) -> None:
-        """Check the masks against the slimmable rule: every active weight lies inside its width
-        and every weight inside the width is active. ``probe`` is not supported (slimmable
-        subnets are not isolated by design) and raises ``ValueError``."""
-        if probe:
-            raise ValueError("slimmable subnets share no activations by design, so there is no "
-                             "isolation to probe; call validate() without probe=True")
-        flat = self.flat_assignment()
-        for k, layer in enumerate(self.layers):
-            a_out, a_in = self.layer_assignment(k, flat)
-            for s in range(1, self.num_subnets + 1):
-                mask = self.weight_mask(k, s)
-                active = mask.reshape(mask.shape[0], mask.shape[1], -1).amax(-1) > 0
-                inside = a_in <= s
-                if not layer.is_logits:
-                    inside = inside & (a_out <= s).unsqueeze(1)
-                inside = inside.expand_as(active)
-                wrong = active != inside
-                if bool(wrong.any()):
-                    o, i = (int(v) for v in wrong.nonzero()[0])
-                    raise ValueError(f"layer {layer.name!r}: weight [{o}, {i}] is "
-                                     f"{'active' if bool(active[o, i]) else 'inactive'} in subnet {s}, "
-                                     "against the slimmable rule (active iff both ends are inside "
-                                     "the width)")
 
     # --------------------------------------------------------------------- export
     def plain_copy(self, s: int | None = None) -> nn.Module:

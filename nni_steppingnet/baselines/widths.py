@@ -21,6 +21,7 @@ from typing import Any, Protocol, Sequence, TypeVar
 import torch
 import torch.nn as nn
 
+from ..rules import NESTED, MaskRule
 from ..stepping import SteppingNet
 
 __all__ = [
@@ -44,15 +45,6 @@ class WidthSliced(Protocol):
     """What :func:`search_widths` needs: a net whose subnets are nested width slices."""
 
     num_subnets: int
-
-    @staticmethod
-    def allowed(a_out: torch.Tensor, a_in: torch.Tensor, s: int, is_logits: bool) -> torch.Tensor:
-        """The mask rule on subnet indices (broadcasting): SteppingNet's, ``a(i) <= a(o) <= s``
-        (logits: ``a(i) <= s``). Subclasses with another rule override this and
-        :meth:`structural_mask` together."""
-        if is_logits:
-            return (a_in <= s) & torch.ones_like(a_out, dtype=torch.bool)
-        return (a_out <= s) & (a_in <= a_out)
 
     @property
     def group_sizes(self) -> list[int]: ...
@@ -171,6 +163,8 @@ class SlicedNet(SteppingNet):
 
     #: short method name used in reports
     method: str = "sliced"
+    #: the mask rule of the method (:mod:`nni_steppingnet.rules`)
+    mask_rule: MaskRule = NESTED
 
     def __init__(
         self,
@@ -184,19 +178,10 @@ class SlicedNet(SteppingNet):
         verify: bool = True,
     ) -> None:
         super().__init__(model, example_inputs, num_subnets, classifier=classifier, exclude=exclude,
-                         verify=verify)
+                         verify=verify, rule=self.mask_rule)
         if width_fractions is None:
             width_fractions = [s / num_subnets for s in range(1, num_subnets + 1)]
         self.set_width_fractions(width_fractions)
-
-    @staticmethod
-    def allowed(a_out: torch.Tensor, a_in: torch.Tensor, s: int, is_logits: bool) -> torch.Tensor:
-        """The mask rule on subnet indices (broadcasting): SteppingNet's, ``a(i) <= a(o) <= s``
-        (logits: ``a(i) <= s``). Subclasses with another rule override this and
-        :meth:`structural_mask` together."""
-        if is_logits:
-            return (a_in <= s) & torch.ones_like(a_out, dtype=torch.bool)
-        return (a_out <= s) & (a_in <= a_out)
 
     @property
     def group_sizes(self) -> list[int]:
@@ -247,11 +232,11 @@ def _macs_with(net: WidthSliced, done: list[list[int]], row: list[int], s: int) 
 def structural_macs(net: "SlicedNet", s: int) -> int:
     """``net.macs(s)`` of a sliced net without unstructured pruning masks, counted from
     histograms of the subnet indices instead of weight-shaped masks: the width search calls it
-    thousands of times. Uses the net's own mask rule (``net.allowed``); tests check that it equals
+    thousands of times. Uses the net's own mask rule (``net.rule``); tests check that it equals
     ``net.macs(s)``."""
     if net.prune_masks:
         raise ValueError("structural_macs ignores unstructured pruning masks; use net.macs(s)")
-    net._check_subnet(s)
+    net.check_subnet(s)
     flat = net.flat_assignment()
     bins = net.num_subnets + 2
     values = torch.arange(bins)
@@ -263,7 +248,7 @@ def structural_macs(net: "SlicedNet", s: int) -> int:
         else:
             h_out = torch.bincount(a_out, minlength=bins)
             h_in = torch.bincount(a_in[0], minlength=bins)
-            allowed = net.allowed(values.unsqueeze(1), values.unsqueeze(0), s, layer.is_logits)
+            allowed = net.rule.allowed(values.unsqueeze(1), values.unsqueeze(0), s, layer.is_logits)
             count = int((h_out.unsqueeze(1) * h_in.unsqueeze(0) * allowed).sum())
         weight = net.original_weight(k)
         per_entry = weight[0, 0].numel() if weight.dim() > 2 else 1

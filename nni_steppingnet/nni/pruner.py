@@ -303,11 +303,11 @@ class SteppingNetPruner(Pruner):
         device = _model_device(model)
         self.reference_macs = int(net.full_macs if reference_macs is None else reference_macs)
         self.config = ConstructionConfig(reference_macs=self.reference_macs, **settings)
-        frozen = torch.zeros(net._num_neurons + 1, dtype=torch.bool)
+        frozen = torch.zeros(net.num_neurons + 1, dtype=torch.bool)
         selected = set(chosen)
         for k, layer in enumerate(net.layers):
             if not layer.is_logits and layer.name not in selected:
-                frozen[net._out_pos[k]] = True
+                frozen[net.index.out_positions[k]] = True
         self.frozen_neurons = frozen[:-1].clone()
         self.num_subnets = num_subnets
         self.subnet = subnet
@@ -385,7 +385,7 @@ class SteppingNetPruner(Pruner):
                 if layer.is_logits:
                     bias_mask = torch.ones(weight_mask.shape[0], dtype=torch.bool)
                 else:
-                    bias_mask = flat[net._out_pos[k]] <= s
+                    bias_mask = flat[net.index.out_positions[k]] <= s
                 per_layer[layer.name] = (weight_mask.clone(), bias_mask)
             self._masks[s] = per_layer
         state = net.state_dict()

@@ -23,7 +23,7 @@ Typical use::
     pruner.step()
 
 A group is scored through its root module (the Conv2d/Linear whose output channels torch-pruning
-prunes); the root's channel ``c`` is the SteppingNet neuron ``net._out_pos[layer][c]``, so every
+prunes); the root's channel ``c`` is the SteppingNet neuron ``net.index.out_positions[layer][c]``, so every
 coupled channel of the group gets its neuron's ``M``. Groups rooted at a layer that holds no
 neurons (the classifier) get ``None``, which torch-pruning skips.
 """
@@ -73,7 +73,7 @@ class SteppingImportance(tp.importance.Importance):
             raise ValueError(f"subnet must be an int in 1..{net.num_subnets}, got {subnet!r}")
         if isinstance(alpha_growth, bool) or not isinstance(alpha_growth, (int, float)) or not alpha_growth > 0:
             raise ValueError(f"alpha_growth must be a positive number, got {alpha_growth!r}")
-        num_neurons = int(net._num_neurons)
+        num_neurons = int(net.num_neurons)
         if isinstance(scores, ImportanceTracker):
             if scores.net is not net:
                 raise ValueError("the ImportanceTracker belongs to another SteppingNet; pass the "
@@ -101,7 +101,7 @@ class SteppingImportance(tp.importance.Importance):
             if layer.name not in modules:
                 raise ValueError(f"model has no module {layer.name!r} of the SteppingNet; pass a model "
                                  "with the same module names (e.g. net.plain_copy())")
-            self._positions[layer.name] = net._out_pos[k].clone()
+            self._positions[layer.name] = net.index.out_positions[k].clone()
         self._names = {module: name for name, module in modules.items()}
 
     def criterion(self) -> torch.Tensor:
@@ -109,7 +109,7 @@ class SteppingImportance(tp.importance.Importance):
         raw = self.scores.scores if isinstance(self.scores, ImportanceTracker) else self.scores
         # Per-group normalisation over the net's real subnets (see importance.normalize_scores),
         # then eq. (3) as if every neuron were in subnet ``self.subnet``.
-        normalized = normalize_scores(raw, self.net._offsets, self.net.flat_assignment()[:-1])
+        normalized = normalize_scores(raw, self.net.index.offsets, self.net.flat_assignment()[:-1])
         fixed = torch.full((raw.shape[1],), self.subnet, dtype=torch.long)
         return criterion(normalized, fixed, self.alpha_growth)
 
