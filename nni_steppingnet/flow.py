@@ -373,6 +373,94 @@ def _evaluate_net(net: SteppingNet, recipe: Recipe, info: DatasetInfo, test_load
     }
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_stepping(net: SteppingNet, loader: DataLoader, *, device: str | torch.device = "cpu",
+                     reference_macs: int | None = None) -> dict[str, Any]:
+    """Anytime inference over ``loader``: stepping with the runtime against recomputing.
+
+    Every batch is run twice. (a) An :class:`~nni_steppingnet.runtime.IncrementalRunner` starts
+    at subnet 1 and steps to N, each step computing only the neurons the next subnet adds.
+    (b) Each exported subnet (:meth:`SteppingNet.export_subnet`, a physically smaller dense
+    module) runs from scratch, as a deployment without reuse would when it upgrades from
+    subnet s-1 to s. The first batch is run once before timing (warm-up).
+
+    Returns ``{"layout", "samples", "steps": [...]}``; step ``s`` holds ``accuracy`` (stepping),
+    ``exported_accuracy``, ``macs_stepping`` (MACs per image spent to reach subnet s by stepping:
+    ``net.macs(s)``), ``macs_recompute`` (running exported subnets 1..s one after the other:
+    ``sum(net.macs(k) for k <= s)``), ``macs_subnet`` (subnet s alone), their ratios to
+    ``reference_macs`` when given, and the measured seconds for the whole loader:
+    ``time_step_s`` (this step), ``time_stepping_s`` (steps 1..s), ``time_subnet_s`` (exported
+    subnet s alone) and ``time_recompute_s`` (exported subnets 1..s).
+    """
+    from .runtime import IncrementalRunner
+
+    dev = resolve_device(device)
+    n = net.num_subnets
+    was_training = net.model.training
+    net.model.eval()
+    try:
+        runner = IncrementalRunner(net).to(dev)
+        exported = [net.export_subnet(s).to(dev).eval() for s in range(1, n + 1)]
+    finally:
+        net.model.train(was_training)
+    correct_step, correct_exp = [0] * n, [0] * n
+    time_step, time_exp = [0.0] * n, [0.0] * n
+    samples = 0
+    warmed = False
+    with torch.inference_mode():
+        for x, y in loader:
+            x, y = x.to(dev), y.to(dev)
+            if not warmed:
+                runner.start(x)
+                for _ in range(n - 1):
+                    runner.step()
+                for module in exported:
+                    module(x)
+                warmed = True
+            for s in range(n):
+                _synchronize(dev)
+                t0 = time.perf_counter()
+                logits = runner.start(x) if s == 0 else runner.step()
+                _synchronize(dev)
+                time_step[s] += time.perf_counter() - t0
+                correct_step[s] += int((logits.argmax(1) == y).sum())
+            for s, module in enumerate(exported):
+                _synchronize(dev)
+                t0 = time.perf_counter()
+                logits = module(x)
+                _synchronize(dev)
+                time_exp[s] += time.perf_counter() - t0
+                correct_exp[s] += int((logits.argmax(1) == y).sum())
+            samples += int(y.shape[0])
+    if samples == 0:
+        raise ValueError("measure_stepping needs a loader with at least one batch")
+    steps: list[dict[str, Any]] = []
+    macs = [net.macs(s) for s in range(1, n + 1)]
+    for s in range(n):
+        entry: dict[str, Any] = {
+            "subnet": s + 1,
+            "accuracy": correct_step[s] / samples,
+            "exported_accuracy": correct_exp[s] / samples,
+            "macs_step": macs[s] - (macs[s - 1] if s else 0),
+            "macs_stepping": macs[s],
+            "macs_subnet": macs[s],
+            "macs_recompute": sum(macs[: s + 1]),
+            "time_step_s": time_step[s],
+            "time_stepping_s": sum(time_step[: s + 1]),
+            "time_subnet_s": time_exp[s],
+            "time_recompute_s": sum(time_exp[: s + 1]),
+        }
+        if reference_macs:
+            for key in ("macs_stepping", "macs_recompute"):
+                entry[key.replace("macs_", "mac_ratio_")] = entry[key] / reference_macs
+        steps.append(entry)
+    return {"layout": runner.layout, "samples": samples, "device": str(dev), "steps": steps}
+
+
 # ------------------------------------------------------------------------------ the flow
 def run_recipe(
     recipe: Recipe | str | os.PathLike[str],
@@ -667,6 +755,17 @@ class _FlowRun:
         problems = net.check_isolation()
         if problems:
             logger.error("subnet isolation check failed: %s", problems[:4])
+        stepping: dict[str, Any] | None = None
+        try:
+            stepping = measure_stepping(net, self.test_loader, device=dev, reference_macs=self.ref_macs)
+        except Exception as exc:  # the runtime or export may not support a model: report, don't fail the run
+            logger.warning("anytime measurement (IncrementalRunner vs exported subnets) skipped: %s: %s",
+                           type(exc).__name__, exc)
+        else:
+            for step in stepping["steps"]:
+                logger.info("step %d: accuracy %.4f, %d MACs by stepping vs %d recomputing, %.3f s vs %.3f s",
+                            step["subnet"], step["accuracy"], step["macs_stepping"], step["macs_recompute"],
+                            step["time_stepping_s"], step["time_recompute_s"])
         self.add_time("evaluation", time.perf_counter() - t0)
         state.wall_time_s = self.elapsed_before + (time.perf_counter() - self.started)
         last = state.history[-1] if state.history else {}
@@ -675,6 +774,7 @@ class _FlowRun:
             "recipe": recipe.to_dict(),
             **results,
             "isolation_ok": not problems,
+            "stepping": stepping,
             "construction": {
                 "iterations": len(state.history),
                 "final_macs": last.get("macs"),

@@ -18,6 +18,7 @@ __all__ = [
     "results_markdown",
     "table_markdown",
     "subnet_table_markdown",
+    "stepping_table_markdown",
     "plot_accuracy_vs_macs",
     "write_report",
     "RESULTS_JSON",
@@ -73,6 +74,35 @@ def subnet_table_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ms_per_image(seconds: float, samples: int) -> str:
+    return f"{1000.0 * float(seconds) / max(int(samples), 1):.3f}"
+
+
+def stepping_table_markdown(results: Mapping[str, Any]) -> str:
+    """Anytime inference (``results["stepping"]``, :func:`nni_steppingnet.flow.measure_stepping`):
+    per step, the accuracy reached and the MACs and time spent to reach it by stepping with the
+    runtime, against running exported subnets 1..s one after the other. Empty when absent."""
+    stepping = results.get("stepping")
+    if not stepping or not stepping.get("steps"):
+        return ""
+    samples = int(stepping.get("samples", 1))
+    ref = (results.get("original") or {}).get("macs")
+    lines = ["| Step to subnet | Accuracy | MACs spent: stepping | MACs: recomputing 1..s | Time stepping "
+             "(ms/image) | Time recomputing 1..s (ms/image) | Subnet s alone (ms/image) |",
+             "|---|---|---|---|---|---|---|"]
+
+    def macs(value: int) -> str:
+        share = f" ({100.0 * value / ref:.1f}%)" if ref else ""
+        return f"{int(value):,}{share}"
+
+    for step in stepping["steps"]:
+        lines.append(f"| {step['subnet']} | {_pct(step['accuracy'])} | {macs(step['macs_stepping'])} | "
+                     f"{macs(step['macs_recompute'])} | {_ms_per_image(step['time_stepping_s'], samples)} | "
+                     f"{_ms_per_image(step['time_recompute_s'], samples)} | "
+                     f"{_ms_per_image(step['time_subnet_s'], samples)} |")
+    return "\n".join(lines)
+
+
 def results_markdown(results: Mapping[str, Any]) -> str:
     """The full ``results.md`` text: title, Table-I row, per-subnet table and run facts."""
     _check_results(results)
@@ -84,6 +114,14 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     parts += ["Accuracy A_i of subnet i and its MACs M_i relative to the original network's MACs M_t "
               "(as in Table I of the SteppingNet paper).", "", table_markdown(results), "",
               subnet_table_markdown(results), ""]
+    stepping = stepping_table_markdown(results)
+    if stepping:
+        info = results["stepping"]
+        parts += [f"Anytime inference over the {int(info.get('samples', 0)):,} test images "
+                  f"({info.get('layout')} layout): the IncrementalRunner steps from subnet 1 to s "
+                  "computing only the new neurons, against running the exported subnets 1..s from "
+                  "scratch one after the other (MACs per image, % of the original network).", "",
+                  stepping, ""]
     facts = []
     expanded = results.get("expanded")
     if expanded:
@@ -110,14 +148,18 @@ def plot_accuracy_vs_macs(
 ) -> Path:
     """Write a PNG of accuracy (%) against M_i/M_t (%) of every subnet, with the original
     network's accuracy as a dashed line. ``extra`` adds named series of ``(mac_ratio, accuracy)``
-    points (e.g. baselines). Written atomically."""
+    points (e.g. baselines). With ``results["stepping"]`` a second panel shows the reuse:
+    accuracy against the cumulative MACs spent to reach each subnet by stepping, against
+    recomputing the exported subnets one after the other. Written atomically."""
     _check_results(results)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.0, 4.2), dpi=110)
+    stepping = results.get("stepping") or {}
+    steps = stepping.get("steps") or []
+    fig = Figure(figsize=(11.0, 4.2) if steps else (6.0, 4.2), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(1, 2 if steps else 1, 1)
     subs = [s for s in results["subnets"] if s.get("accuracy") is not None]
     xs = [100.0 * float(s["mac_ratio"]) for s in subs]
     ys = [100.0 * float(s["accuracy"]) for s in subs]
@@ -140,6 +182,22 @@ def plot_accuracy_vs_macs(
     ax.set_title(title or f"{results.get('recipe', {}).get('name', 'SteppingNet')}: accuracy vs MACs")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    ref = results["original"].get("macs")
+    if steps and ref:
+        right = fig.add_subplot(1, 2, 2)
+        acc = [100.0 * float(step["accuracy"]) for step in steps]
+        for key, label, style in (("macs_stepping", "stepping (IncrementalRunner, reuses earlier subnets)", "-"),
+                                  ("macs_recompute", "recomputing exported subnets 1..s", "--")):
+            xs = [100.0 * float(step[key]) / float(ref) for step in steps]
+            right.plot(xs, acc, marker="o", linestyle=style, label=label)
+            for step, x, y in zip(steps, xs, acc):
+                right.annotate(str(step["subnet"]), (x, y), textcoords="offset points", xytext=(4, -12),
+                               fontsize=8)
+        right.set_xlabel("cumulative MACs per image to reach subnet s (% of the original)")
+        right.set_ylabel("accuracy (%)")
+        right.set_title("anytime inference: computation reuse")
+        right.grid(True, alpha=0.3)
+        right.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
