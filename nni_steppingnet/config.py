@@ -151,6 +151,7 @@ class DataSection:
     download: bool = field(default=False, metadata=_meta(None, "allow downloading the dataset (network access)"))
     augment: str | None = field(default=None, metadata=_meta(_augmentation, "training augmentation: crop_flip or none (null: crop_flip for cifar10/cifar100, none otherwise)"))
     layout: str = field(default="auto", metadata=_meta(_layout, "npz image layout: auto (inferred from the shape), nhwc or nchw"))
+    train_subset: int | None = field(default=None, metadata=_meta(_optional_positive, "train on a seeded, stratified subset of about this many training images (null: all)"))
 
 
 @dataclass

@@ -348,6 +348,10 @@ def _npz_layout(name: str, shape: tuple[int, ...], layout: str) -> str:
         return "nchw"
     if last and not first:
         return "nhwc"
+    if first and last:  # e.g. 3 x 3 x 3 images: only one reading may give square images
+        nhwc_square, nchw_square = shape[1] == shape[2], shape[2] == shape[3]
+        if nhwc_square != nchw_square:
+            return "nhwc" if nhwc_square else "nchw"
     raise ValueError(
         f"npz: cannot tell the layout of {name} with shape {shape} (channels first or last?); "
         "state it with `--set data.layout=nhwc` or `--set data.layout=nchw`"
@@ -566,6 +570,22 @@ def _load_synthetic(
     return TensorImageDataset(x_train, y_train), TensorImageDataset(x_test, y_test), info
 
 
+def _subset(train: Dataset, count: int, seed: int) -> Dataset:
+    targets = getattr(train, "targets", None)
+    if not isinstance(targets, torch.Tensor):
+        raise ValueError("train_subset needs a dataset with a targets tensor (digits, mnist, cifar10, "
+                         "cifar100, synthetic, npz); imagefolder is not supported")
+    total = int(targets.numel())
+    if count >= total:
+        logger.info("train_subset=%d >= %d training images: using all", count, total)
+        return train
+    # The "validation" part of a stratified split with fraction count/total is the subset; a
+    # different seed offset keeps it independent of the validation hold-out's draw.
+    _, keep = stratified_split(targets, count / total, seed + 7919)
+    logger.info("train_subset: %d of %d training images (stratified, seed %d)", keep.numel(), total, seed)
+    return Subset(train, keep.tolist())
+
+
 def load_dataset(
     name: str,
     root: str | os.PathLike[str] | None = None,
@@ -577,6 +597,7 @@ def load_dataset(
     img_size: int | None = None,
     augment: str | None = None,
     layout: str = "auto",
+    train_subset: int | None = None,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Load ``name`` and return ``(train, test, info)``.
 
@@ -586,7 +607,10 @@ def load_dataset(
     images when it differs from the native size. ``augment`` (``crop_flip`` or
     ``none``; None: ``crop_flip`` for cifar10/cifar100, ``none`` otherwise) applies to
     the training images of ``cifar10``, ``cifar100`` and ``npz``. ``layout`` (``auto``,
-    ``nhwc``, ``nchw``) is how ``npz`` arrays store their channels.
+    ``nhwc``, ``nchw``) is how ``npz`` arrays store their channels. ``train_subset``
+    keeps a seeded, stratified share of about that many training images (each class
+    rounded to the nearest image), drawn after the validation hold-out, for short
+    experiments; the evaluation images are unchanged.
     """
     key = name.lower()
     if key not in DATASETS:
@@ -601,6 +625,9 @@ def load_dataset(
                          "use augment='none' (or leave it unset)")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if train_subset is not None and (isinstance(train_subset, bool) or not isinstance(train_subset, int)
+                                     or train_subset < 1):
+        raise ValueError(f"train_subset must be a positive int or None, got {train_subset!r}")
     if layout != "auto" and key != "npz":
         raise ValueError(f"layout applies to npz arrays only; dataset {key!r} has a fixed layout (leave it 'auto')")
     chosen = augment if augment is not None else ("crop_flip" if key in _CIFAR_FOLDERS else "none")
@@ -620,6 +647,8 @@ def load_dataset(
         else:
             result = _load_imagefolder(path, seed, val_fraction, img_size)
     train, test, info = result
+    if train_subset is not None:
+        train = _subset(train, train_subset, seed)
     if val_fraction > 0:
         info = dataclasses.replace(info, eval_split="validation split")
     return train, test, info

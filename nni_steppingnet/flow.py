@@ -185,7 +185,8 @@ def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> tuple[Data
     d = recipe.data
     train, test, info = load_dataset(d.name, d.root, download=d.download, seed=recipe.seed,
                                      synthetic_size=d.synthetic_size, val_fraction=d.val_fraction,
-                                     img_size=d.img_size, augment=d.augment, layout=d.layout)
+                                     img_size=d.img_size, augment=d.augment, layout=d.layout,
+                                     train_subset=d.train_subset)
     train_loader, test_loader = make_loaders(train, test, batch_size=d.batch_size, device=device,
                                              num_workers=d.num_workers, seed=recipe.seed)
     return train_loader, test_loader, info
