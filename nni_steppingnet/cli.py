@@ -7,12 +7,27 @@ inside functions, so building the parser stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
 from typing import Sequence
 
-__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+__all__ = ["main", "build_parser", "describe_os_error", "SUBCOMMANDS"]
+
+#: errno -> what the user can do about it
+_OS_ADVICE: dict[int, str] = {
+    errno.EACCES: "permission denied: choose a path you may write (e.g. another --out) or fix its permissions",
+    errno.EPERM: "operation not permitted: choose a path you may write (e.g. another --out) or fix its permissions",
+    errno.EROFS: "the file system is read-only: choose a path on a writable disk (e.g. another --out)",
+    errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path (e.g. another --out)",
+    errno.EEXIST: "it exists and is not a folder: choose another --out or move the file away",
+    errno.EISDIR: "it is a folder where a file was expected: give a file name",
+    errno.ENOSPC: "no space left on the device: free some space or choose a path on another disk",
+    errno.EDQUOT: "disk quota exceeded: free some space or choose a path on another disk",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter path",
+    errno.ENOENT: "no such file or folder: check the path",
+}
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -38,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(exc: OSError) -> str:
+    """One line for an ``OSError``: the path it concerns, the system's reason and what to do."""
+    if exc.errno is None or exc.strerror is None:
+        return str(exc)  # raised by this package with its own message
+    path = exc.filename if exc.filename is not None else "a file"
+    if exc.filename2 is not None:
+        path = f"{path} -> {exc.filename2}"
+    advice = _OS_ADVICE.get(exc.errno)
+    return f"{path}: {exc.strerror}" + (f" ({advice})" if advice else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -49,11 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Bad input: one clear line, not a traceback (use -vv for the traceback).
+    except (ValueError, OSError, RuntimeError) as exc:
+        # Bad input, or a path that cannot be read or written: one clear line, not a traceback
+        # (use -vv for the traceback).
         if args.verbose >= 2:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        text = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"error: {text}", file=sys.stderr)
         return 2
 
 

@@ -7,11 +7,42 @@ itself (:mod:`nni_steppingnet.flow`) only logs.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-__all__ = ["add_arguments", "main", "CliReporter"]
+__all__ = ["add_arguments", "main", "CliReporter", "check_output_not_input", "export_inputs", "resume_command",
+           "RUN_FILES"]
+
+#: the files a run writes into its folder (flow.CHECKPOINT_NAME, flow.TEACHER_NAME and
+#: report.RESULTS_*; spelled out so building the parser imports neither)
+RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "teacher.pt", "results.json", "results.md", "accuracy_vs_macs.png")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def check_output_not_input(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None],
+                           *, option: str = "--out") -> None:
+    """Refuse to write ``out`` when it is one of ``inputs`` (the same file, links and relative
+    paths resolved): a command never overwrites what it reads. Every export kind and ``run``
+    call it before writing anything. Raises ``ValueError`` naming both paths and the fix."""
+    target = Path(out).expanduser()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).expanduser()
+        if _same_file(target, source):
+            raise ValueError(f"{option}: writing {target} would overwrite {source}, an input of this command; "
+                             f"choose another {option}")
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -88,9 +119,29 @@ class CliReporter:
             self._bar = None
 
 
+def resume_command(args: argparse.Namespace, out: Path, resume: bool = True) -> str:
+    """The ``nni-steppingnet run`` command line of ``args`` with ``--out`` spelled out (and
+    ``--resume`` when ``resume``): what continues an interrupted run."""
+    words = ["nni-steppingnet", "run", str(args.recipe)]
+    for item in args.overrides or []:
+        words += ["--set", item]
+    words += ["--out", str(out)]
+    if resume:
+        words.append("--resume")
+    if args.device != "auto":
+        words += ["--device", args.device]
+    if args.amp:
+        words += ["--amp", args.amp]
+    if args.download:
+        words.append("--download")
+    if args.no_progress:
+        words.append("--no-progress")
+    return shlex.join(words)
+
+
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_recipe
-    from .flow import run_recipe
+    from .config import load_recipe, recipe_path
+    from .flow import CHECKPOINT_NAME, run_recipe
     from .report import RESULTS_MD, RESULTS_PNG, results_markdown
 
     overrides = list(args.overrides or [])
@@ -98,10 +149,21 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append("data.download=true")
     recipe = load_recipe(args.recipe, overrides)
     out = Path(args.out) if args.out else Path("runs") / recipe.name
+    inputs = [recipe_path(args.recipe), recipe.teacher.checkpoint]
+    for name in RUN_FILES:
+        check_output_not_input(out / name, inputs)
     reporter = CliReporter(enabled=not args.no_progress)
     try:
         results = run_recipe(recipe, out, resume=args.resume, device=args.device, amp=args.amp,
                              progress=not args.no_progress, reporter=reporter)
+    except KeyboardInterrupt:
+        reporter.close()
+        if (out / CHECKPOINT_NAME).is_file():
+            print(f"interrupted; continue the run with: {resume_command(args, out)}", file=sys.stderr)
+        else:
+            print(f"interrupted before the first checkpoint; start again with: "
+                  f"{resume_command(args, out, resume=False)}", file=sys.stderr)
+        return 130
     finally:
         reporter.close()
     print(results_markdown(results))
@@ -140,6 +202,8 @@ def _export(args: argparse.Namespace) -> int:
     if out.suffix not in (".pt", ".pth"):
         raise ValueError(f"--out must be a file name ending in .pt or .pth, got {out}")
     state_path = out.with_name(f"{out.stem}.state_dict{out.suffix}")
+    check_output_not_input(out, export_inputs(loaded))
+    check_output_not_input(state_path, export_inputs(loaded))
     net.model.eval()
     module, report = export_with_report(net, args.subnet)
     module.eval()
@@ -169,6 +233,7 @@ def _export_runner(loaded: Any, out_arg: str | None) -> int:
     out = Path(out_arg) if out_arg else loaded.path.parent / "runner.pt"
     if out.suffix not in (".pt", ".pth"):
         raise ValueError(f"--out must be a file name ending in .pt or .pth, got {out}")
+    check_output_not_input(out, export_inputs(loaded))
     net.model.eval()
     runner = IncrementalRunner(net)
     x = torch.randn(4, *net.example_inputs.shape[1:], generator=torch.Generator().manual_seed(0))
@@ -189,6 +254,13 @@ def _export_runner(loaded: Any, out_arg: str | None) -> int:
     print(f"runner: {out}; load it with IncrementalRunner.load({str(out)!r}, timm.create_model({args_text})) "
           "after `import nni_steppingnet.models` for the paper models")
     return 0
+
+
+def export_inputs(loaded: Any) -> list[Path | str | None]:
+    """What an export of ``loaded`` (a :class:`~nni_steppingnet.flow.LoadedCheckpoint`) must never
+    overwrite: the checkpoint, the other files of its run folder and the run's teacher file."""
+    folder = loaded.path.parent
+    return [loaded.path, *(folder / name for name in RUN_FILES), loaded.recipe.teacher.checkpoint]
 
 
 def _recipes(args: argparse.Namespace) -> int:
