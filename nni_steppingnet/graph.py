@@ -21,7 +21,7 @@ import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 
 from ._channels import parameter_channel_dim
-from ._inputs import call_model
+from ._inputs import call_model, check_forward
 from .errors import UnsupportedModelError
 from .macs import layer_positions
 
@@ -188,16 +188,22 @@ def activation_products(model: nn.Module, example_inputs: Any) -> list[tuple[str
     probe = _ActivationProductProbe(parameters, stack)
     was_training = model.training
     model.eval()
+    failed = False
     try:
         with torch.no_grad(), probe:
             call_model(model, example_inputs)
-    except Exception:  # a forward that fails here fails in torch-pruning's trace too, which names it
+    except Exception:  # checked again below without the probe
         logger.debug("activation-product probe: the forward failed", exc_info=True)
-        return []
+        failed = True
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
+    if failed:
+        # Without the probe: a forward that still fails means the inputs do not fit the model
+        # (a clear ValueError naming both shapes, not torch-pruning's trace error).
+        check_forward(model, example_inputs)
+        return []
     seen: dict[str, str] = {}
     for module_name, op in probe.found:
         seen.setdefault(module_name or type(model).__name__, op)
