@@ -42,6 +42,7 @@ import contextlib
 import copy
 import logging
 import math
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -355,11 +356,15 @@ class SteppingNetPruner(Pruner):
                 except _Finished:
                     pass
             if not driver.finished:
-                logger.warning("the training function returned after %d optimizer steps, before the "
-                               "construction finished (%d of at most %d iterations, retraining %d of "
-                               "%d steps); give it more data/epochs or honour max_steps",
-                               driver.steps, constructor.iteration, self.config.iterations,
-                               driver.retrain_done, self.retraining_steps)
+                # A Python warning as well as the log record: the user must act on it, and the
+                # package's loggers stay silent (NullHandler) unless the application configures logging.
+                message = (f"SteppingNetPruner: the training function returned after {driver.steps} "
+                           f"optimizer steps, before the construction finished ({constructor.iteration} "
+                           f"of at most {self.config.iterations} iterations, retraining "
+                           f"{driver.retrain_done} of {self.retraining_steps} steps); give it more "
+                           "data/epochs or honour max_steps")
+                logger.warning("%s", message)
+                warnings.warn(message, UserWarning, stacklevel=3)
         finally:
             driver.close()
             self.evaluator.unbind_model()
@@ -373,9 +378,12 @@ class SteppingNetPruner(Pruner):
         self.result = constructor.result()
         self.history = [dict(entry) for entry in constructor.history]
         if not self.result.all_met:
-            logger.warning("SteppingNetPruner: budgets met %s after %d iterations (MAC ratios %s vs "
-                           "budgets %s)", self.result.budgets_met, self.result.iterations,
-                           [round(r, 4) for r in self.result.mac_ratios], self.config.budgets)
+            message = (f"SteppingNetPruner: budgets met {self.result.budgets_met} after "
+                       f"{self.result.iterations} iterations (MAC ratios "
+                       f"{[round(r, 4) for r in self.result.mac_ratios]} vs budgets {self.config.budgets}); "
+                       "raise iterations or check that the budgets are reachable")
+            logger.warning("%s", message)
+            warnings.warn(message, UserWarning, stacklevel=3)
         self.subnet_macs = [net.macs(s) for s in range(1, self.num_subnets + 1)]
         flat = net.flat_assignment()
         for s in range(1, self.num_subnets + 1):
