@@ -191,26 +191,27 @@ def seed_everything(seed: int) -> None:
 def check_writable_dir(path: str | os.PathLike[str]) -> Path:
     """Create folder ``path`` (with its parents) and prove it writable with a real test write.
 
-    Raises the ``OSError`` of the failing call (``filename`` set to the path it concerns):
-    permission denied, read-only file system, a file where a folder should be, no space left.
-    ``os.access`` is not used: it says yes to root on a read-only mount and on full disks.
+    Raises an ``OSError`` of the failing call's kind and errno with ``filename`` set to the
+    folder (or the part of its path that failed): permission denied, read-only file system, a
+    file where a folder should be, no space left. ``os.access`` is not used: it says yes to root
+    on a read-only mount and on full disks.
     """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    probe: str | None = None
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test.", suffix=".tmp")
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(folder)
-        raise
-    try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(b"nni-steppingnet write test\n")
             handle.flush()
             os.fsync(handle.fileno())
+    except OSError as exc:
+        # OSError(errno, ...) builds the matching subclass (PermissionError, ...).
+        raise OSError(exc.errno, exc.strerror, str(folder)) from exc
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(probe)
+        if probe is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)
     return folder
 
 
