@@ -11,7 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 # Light modules load eagerly; ``macs`` must, or importing the submodule would shadow the function.
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
-from .macs import macs
+try:
+    from .macs import macs
+except ImportError as exc:
+    # Without torch only the torch-free deployment runner (nni_steppingnet.onnx_runner) works.
+    if getattr(exc, "name", None) != "torch":
+        raise
 
 if TYPE_CHECKING:
     from .runtime import IncrementalRunner

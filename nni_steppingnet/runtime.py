@@ -42,6 +42,7 @@ definition, without SteppingNet or torch-pruning.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -339,6 +340,8 @@ class _StageLayer(nn.Module):
         self._delta_cache: list[_CallCache] = []
         #: calls in the current model forward (a list: nn.Module.__setattr__ is slow per call)
         self._calls = [0]
+        #: caches of earlier stages handed in by IncrementalRunner.resume_stage, by call
+        self._preload: dict[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ planning
     def _check_plan(self, plan: LayerPlan, weight: torch.Tensor, num_subnets: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -519,6 +522,7 @@ class _StageLayer(nn.Module):
         self._call_info.clear()
         self._delta_cache.clear()
         self._calls[0] = 0
+        self._preload = None
 
     def caches(self) -> tuple[list[Any], list[Any], list[Any]]:
         """Copies of the per-call caches (see :meth:`restore_caches`)."""
@@ -534,6 +538,41 @@ class _StageLayer(nn.Module):
             self._stages = [None] * len(self._stages)
         else:
             self._delta = [None] * len(self._delta)
+
+    def preload(self, tensors: Mapping[int, torch.Tensor] | None) -> None:
+        """Caches of the stages before the next forward's stage, by call (see
+        :meth:`IncrementalRunner.resume_stage`): a call's kept inputs (stage-major) or, for a
+        logits layer, its accumulated output; a call without an entry has kept no input yet.
+        ``None`` ends the hand-over."""
+        self._preload = None if tensors is None else dict(tensors)
+
+    def _take_preloaded(self, call: int) -> None:
+        assert self._preload is not None
+        cache = self._delta_cache[call]
+        kept = self._preload.get(call)
+        if self.is_logits:
+            if kept is None:
+                raise ValueError(f"no accumulated output given for call {call} of the logits layer "
+                                 f"{self.layer_name!r}; pass the state that stage_state() returned")
+            cache.out = kept
+        else:
+            cache.inputs = kept
+
+    def delta_cached(self) -> list[torch.Tensor | None]:
+        """Per call of the last forward (delta layout): the inputs kept so far (stage-major), or
+        the accumulated output of a logits layer; ``None`` where nothing is kept yet."""
+        return [cache.out if self.is_logits else cache.inputs for cache in self._delta_cache]
+
+    def delta_stage_io(self, s: int) -> tuple[bool, bool, bool]:
+        """Delta layout, stage ``s``: (it keeps inputs of earlier stages, it computes from them,
+        it receives new input channels)."""
+        plan = self._delta[s]
+        if plan is None:
+            raise ValueError(f"layer {self.layer_name!r} has no delta-layout plan (the runner uses "
+                             "layout='full')")
+        if self.is_logits:
+            return s > 1, s > 1, plan.n_in > 0
+        return plan.in_start > 0, bool(plan.buckets), plan.n_in > 0
 
     def delta_stage_empty(self, s: int) -> bool:
         """True when the delta layout returns an empty tensor from this layer at stage ``s``."""
@@ -642,10 +681,12 @@ class _StageLayer(nn.Module):
             # Nothing of this stage reaches the layer: what it got is the model input fed again
             # (every stage runs the model on the original input), which belongs to stage 1.
         if call == len(self._delta_cache):
-            if s > 1:
+            if s > 1 and self._preload is None:
                 raise RuntimeError(f"layer {self.layer_name!r} has no cached output of the earlier stages "
                                    "(was runner.model moved or reset directly?); call runner.start(x) again")
             self._delta_cache.append(self._delta_allocate(x))
+            if s > 1 and self._preload is not None:
+                self._take_preloaded(call)
         cache = self._delta_cache[call]
         pads = cache.pads
         state.positions[self.layer_name] = state.positions.get(self.layer_name, 0) + cache.positions
@@ -1001,6 +1042,37 @@ class IncrementalRunner:
     def plans(self) -> list[LayerPlan]:
         return list(self._plans)
 
+    @property
+    def reference_shape(self) -> _ShapeKey | None:
+        """Shapes (without batch) of the inputs the plans' MACs were counted at, if known."""
+        return self._reference_shape
+
+    def assignment_hash(self) -> str:
+        """SHA-256 of what defines the stages: the architecture fingerprint, the number of
+        subnets, every layer plan (subnet indices of outputs and weight columns, pruning masks)
+        and the per-channel assignments of BatchNorm-like modules; not the weight values."""
+        digest = hashlib.sha256()
+        digest.update(repr((self.num_subnets, self._fingerprint)).encode())
+        for plan in self._plans:
+            digest.update(repr((plan.name, plan.is_logits)).encode())
+            tensors = [plan.a_out, plan.a_in] + ([] if plan.prune_mask is None else [plan.prune_mask])
+            for tensor in tensors:
+                values = tensor.detach().to(device="cpu", dtype=torch.int64).contiguous()
+                digest.update(repr(tuple(values.shape)).encode())
+                digest.update(values.numpy().tobytes())
+        for name in sorted(self._channel_assignments):
+            values = self._channel_assignments[name].to(torch.int64).contiguous()
+            digest.update(name.encode())
+            digest.update(values.numpy().tobytes())
+        return digest.hexdigest()
+
+    def export_onnx(self, directory: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Write one ONNX graph per stage and a manifest to ``directory`` (delta layout); see
+        :func:`nni_steppingnet.onnx_export.export_onnx` for the options. Needs ``onnx``."""
+        from .onnx_export import export_onnx
+
+        return export_onnx(self, directory, **kwargs)
+
     def _positions_for(self, inputs: Any) -> dict[str, int]:
         if inputs is not None:
             key = _shape_key(inputs)
@@ -1245,6 +1317,78 @@ class IncrementalRunner:
                 shortest = min(shortest, now - step_begin)
             spent_time += now - step_begin
             spent_macs += next_macs
+        return output
+
+    # ----------------------------------------------------------- stage state
+    def _kept_names(self) -> list[tuple[_StageLayer, int, str]]:
+        if self._layout != "delta":
+            raise ValueError(f"the stage state exists in the delta layout only; this runner uses "
+                             f"layout={self._layout!r} (build it with layout='auto' or 'delta')")
+        if self._stage == 0:
+            raise RuntimeError("the stage state is known after a run; call runner.start(x) first")
+        return [(layer, call, f"{layer.layer_name}:{call}") for layer in self._layers
+                for call in range(len(layer.delta_cached()))]
+
+    def stage_state(self) -> dict[str, torch.Tensor]:
+        """What the current run keeps for later stages (delta layout), by name ``"<layer>:<call>"``:
+        the inputs a layer call received so far (channels stage-major) or, for a logits layer, its
+        accumulated output. :meth:`resume_stage` continues a run from it; the ONNX stage graphs
+        (:mod:`nni_steppingnet.onnx_export`) read and write these tensors."""
+        state = {}
+        for layer, call, name in self._kept_names():
+            tensor = layer.delta_cached()[call]
+            if tensor is not None:
+                state[name] = tensor
+        return state
+
+    def stage_io(self, s: int) -> tuple[list[str], list[str]]:
+        """Names of the :meth:`stage_state` tensors stage ``s`` reads, and of those it writes
+        that a later stage reads (delta layout; the names are known after a run)."""
+        self._check_stage(s, "s")
+        reads, writes = [], []
+        for layer, _, name in self._kept_names():
+            io = [layer.delta_stage_io(t) for t in range(1, self.num_subnets + 1)]
+            keeps, computes, new = io[s - 1]
+            written = new and any(later[1] for later in io[s:])
+            if keeps and (computes or written):
+                reads.append(name)
+            if written:
+                writes.append(name)
+        return reads, writes
+
+    def resume_stage(self, x: Any, s: int, state: Mapping[str, torch.Tensor]) -> Any:
+        """Compute stage ``s`` on ``x`` from ``state``, the :meth:`stage_state` of a run of the
+        same input after stage ``s - 1`` (at least the tensors :meth:`stage_io` says stage ``s``
+        reads), and return its output; the run then continues with :meth:`step`. The work is
+        exactly stage ``s``'s (its stage graph for export), and the control flow does not depend
+        on tensor values, so a trace of this call is that stage."""
+        self._check_stage(s, "s")
+        if self._layout is None:
+            self._choose_layout(_random_like(x, batch=batch_size(x)))
+        if self._layout != "delta":
+            raise ValueError(f"resume_stage needs the delta layout; this runner uses layout={self._layout!r}")
+        self.reset()
+        if s > 1:
+            by_layer: dict[str, dict[int, torch.Tensor]] = {layer.layer_name: {} for layer in self._layers}
+            for name, tensor in state.items():
+                layer_name, _, call = name.rpartition(":")
+                if layer_name not in by_layer or not call.isdigit():
+                    raise ValueError(f"state entry {name!r} names no layer call of this runner; pass "
+                                     "what runner.stage_state() returned")
+                by_layer[layer_name][int(call)] = tensor
+            for layer in self._layers:
+                layer.preload(by_layer[layer.layer_name])
+        self._inputs = x
+        self._key = _shape_key(x)
+        self._batch = batch_size(x)
+        try:
+            output = self._forward(s)
+        finally:
+            for layer in self._layers:
+                layer.preload(None)
+        self._stage = s
+        self._macs_spent = self.macs(s)
+        self._keep_output(output)
         return output
 
     # ------------------------------------------------------------------ I/O

@@ -1,0 +1,374 @@
+"""Export the stepping runtime as ONNX: one graph per stage, plus a JSON manifest.
+
+Each stage of an :class:`~nni_steppingnet.IncrementalRunner` (delta layout) becomes one ONNX
+graph, traced from :class:`StageFunction`, a small module whose ``forward(x, *kept)`` drives the
+runner's public stage API (:meth:`~nni_steppingnet.IncrementalRunner.resume_stage`,
+:meth:`~nni_steppingnet.IncrementalRunner.stage_state`, :meth:`~nni_steppingnet.IncrementalRunner.stage_io`):
+
+* stage 1: ``input -> logits, kept tensors later stages read``;
+* stage ``s``: ``input (if it reads it), kept tensors -> logits, kept tensors it changes``.
+
+A kept tensor is what one layer call keeps for later stages: the inputs it received so far
+(channels stage-major; a stage appends its new input channels) or, for the classifier, its
+accumulated logits. Every graph has a dynamic batch dimension; the other dimensions are fixed at
+export. ``manifest.json`` records the stage order, every graph's input and output names, shapes
+and dtypes, the MACs per sample of every stage, the opset, the input normalisation (when known),
+the runner's :meth:`~nni_steppingnet.IncrementalRunner.assignment_hash`, a SHA-256 of every
+graph file and of the manifest itself. :class:`nni_steppingnet.onnx_runner.OnnxStepRunner` runs
+the directory with onnxruntime alone.
+
+Tracing uses the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): the stage
+function is plain tensor code once its stage is fixed (its Python control flow depends on the
+plans, never on tensor values), which tracing records exactly, while the torch.export-based
+exporter would have to capture the runner's Python objects. Stages that give some layer no
+channel run ops on tensors with zero channels; some of those ops raise in PyTorch, and an
+exception inside a trace corrupts it (checked: a segmentation fault at the end of tracing), so
+during export such ops run outside the trace and their (empty) results enter the graph as
+zero-sized constants whose batch dimension follows the input.
+
+:func:`export_subnet_onnx` writes one dense subnet (``net.export_subnet(s)``) as a single graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .onnx_runner import MANIFEST_NAME, ONNX_FORMAT, file_sha256, manifest_sha256
+
+if TYPE_CHECKING:
+    from .runtime import IncrementalRunner
+
+__all__ = ["StageFunction", "export_onnx", "check_export", "export_subnet_onnx", "DEFAULT_OPSET", "INPUT_NAME",
+           "OUTPUT_NAME"]
+
+logger = logging.getLogger(__name__)
+
+#: ONNX opset of the exported graphs (onnxruntime >= 1.14 runs it).
+DEFAULT_OPSET = 17
+#: Names of the image input and the logits output in every graph.
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+#: Batch size of the tracing input (not 1, so that no batch-1 shortcut is recorded).
+_TRACE_BATCH = 2
+#: Batch size of the export check (differs from the tracing batch: the batch axis is dynamic).
+_CHECK_BATCH = 3
+#: Largest difference, relative to the largest logit, between onnxruntime and the torch runner.
+_CHECK_RTOL = 1e-4
+
+
+class _EmptyOperandsMode(TorchFunctionMode):
+    """While tracing: an op whose tensor operands (2-D and up) all have no elements runs outside
+    the trace, and its empty results enter the trace as new zero-sized tensors whose first
+    dimension follows the operand's (the batch stays dynamic). Ops with a non-empty operand, or
+    with a non-empty result, are traced as usual."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() >= 2]
+        if not leaves or any(t.numel() for t in leaves) or not torch.jit.is_tracing():
+            return func(*args, **kwargs)
+        tracing = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            result = _call_widened(func, args, kwargs, leaves[0])
+        finally:
+            torch._C._set_tracing_state(tracing)
+        outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+        if not outputs or any(t.numel() for t in outputs):
+            return func(*args, **kwargs)
+        source = leaves[0]
+
+        def remake(item: Any) -> Any:
+            if not isinstance(item, torch.Tensor):
+                return item
+            if item.dim() >= 1 and item.shape[0] == source.shape[0]:
+                return torch.zeros((source.size(0), *item.shape[1:]), dtype=item.dtype, device=item.device)
+            return torch.zeros(item.shape, dtype=item.dtype, device=item.device)
+
+        return tree_map(remake, result)
+
+
+def _call_widened(func: Any, args: Any, kwargs: Mapping[str, Any], empty: torch.Tensor) -> Any:
+    """``func(*args, **kwargs)``; when it refuses empty operands, the result of the call with every
+    empty tensor widened to size 1, narrowed back to size 0 (as the runtime's empty-channel mode)."""
+    try:
+        return func(*args, **kwargs)
+    except (RuntimeError, ValueError, IndexError):
+        dims = [d for d, size in enumerate(empty.shape) if size == 0 and d > 0]
+        if not dims:
+            raise
+        dim = dims[0]
+
+        def widen(item: Any) -> Any:
+            if isinstance(item, torch.Tensor) and item.numel() == 0 and item.dim() > 0:
+                return torch.zeros([1 if size == 0 else size for size in item.shape], dtype=item.dtype,
+                                   device=item.device)
+            return item
+
+        result = func(*tree_map(widen, args), **tree_map(widen, dict(kwargs)))
+        return tree_map(lambda t: t.narrow(dim, 0, 0) if isinstance(t, torch.Tensor) and t.dim() > dim
+                        and t.shape[dim] == 1 else t, result)
+
+
+class StageFunction(nn.Module):
+    """Stage ``s`` of a runner as a function: ``forward(x, *kept) -> (logits, *written)``.
+
+    ``kept`` are the tensors named ``reads`` (as :meth:`IncrementalRunner.stage_state` names
+    them) from the run after stage ``s - 1``; the outputs are the model output and the tensors
+    named ``writes`` after stage ``s``. It drives the runner (whose caches it overwrites), so
+    one runner serves one stage function at a time.
+    """
+
+    def __init__(self, runner: "IncrementalRunner", s: int, reads: Sequence[str], writes: Sequence[str]) -> None:
+        super().__init__()
+        self.runner = runner
+        self.s = int(s)
+        self.reads = list(reads)
+        self.writes = list(writes)
+
+    def forward(self, x: torch.Tensor, *kept: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(kept) != len(self.reads):
+            raise ValueError(f"stage {self.s} reads {len(self.reads)} kept tensors ({self.reads[:3]}...), "
+                             f"got {len(kept)}")
+        output = self.runner.resume_stage(x, self.s, dict(zip(self.reads, kept)))
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"the model returns {type(output).__name__}; ONNX stage export needs a model "
+                            "whose forward returns one logits tensor")
+        state = self.runner.stage_state()
+        return (output, *[state[name] for name in self.writes])
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's expected warnings: the TorchScript path is deprecated (but it is the
+    one that traces the runner's Python code), and shapes read as Python ints are fixed on purpose
+    (every dimension but the batch is fixed at export)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        yield
+
+
+def _graph_io_names(path: Path) -> tuple[list[str], list[str]]:
+    """Names of an ONNX graph's inputs (without initializers) and outputs."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    initializers = {init.name for init in graph.initializer}
+    return [v.name for v in graph.input if v.name not in initializers], [v.name for v in graph.output]
+
+
+def _spec(name: str, tensor: torch.Tensor, state: str | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": name, "shape": [None, *[int(d) for d in tensor.shape[1:]]],
+                            "dtype": str(tensor.dtype).replace("torch.", "")}
+    if state is not None:
+        spec["state"] = state
+    return spec
+
+
+def _check_normalization(normalization: Mapping[str, Any] | None, channels: int) -> dict[str, list[float]] | None:
+    if normalization is None:
+        return None
+    if not isinstance(normalization, Mapping) or set(normalization) != {"mean", "std"}:
+        raise ValueError("normalization must be a mapping with keys 'mean' and 'std' (per-channel lists), "
+                         f"got {normalization!r}")
+    values = {}
+    for key in ("mean", "std"):
+        raw = normalization[key]
+        items = [raw] if isinstance(raw, (int, float)) else list(raw)
+        if len(items) == 1:
+            items = items * channels
+        if len(items) != channels or not all(isinstance(v, (int, float)) for v in items):
+            raise ValueError(f"normalization {key} must be one number or {channels} numbers (one per input "
+                             f"channel), got {raw!r}")
+        values[key] = [float(v) for v in items]
+    if any(v <= 0 for v in values["std"]):
+        raise ValueError(f"normalization std must be positive, got {values['std']}")
+    return values
+
+
+def _prepare_directory(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file; pass a folder for the stage graphs")
+    if directory.is_dir():
+        entries = [p.name for p in directory.iterdir()]
+        if entries and MANIFEST_NAME not in entries:
+            raise ValueError(f"{directory} is not empty and holds no earlier export ({entries[:3]}...); "
+                             "pass a new or empty folder")
+        for name in entries:
+            if name == MANIFEST_NAME or (name.startswith("stage") and name.endswith(".onnx")):
+                (directory / name).unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def export_onnx(
+    runner: "IncrementalRunner",
+    directory: str | os.PathLike[str],
+    *,
+    input_shape: Sequence[int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    normalization: Mapping[str, Any] | None = None,
+    check: bool = True,
+    model_name: str | None = None,
+) -> Path:
+    """Write one ONNX graph per stage of ``runner`` and ``manifest.json`` into ``directory``.
+
+    ``input_shape``: the input shape without batch (default: the runner's reference shape, the
+    net's example input); the batch dimension of every graph is dynamic, the others are fixed.
+    ``normalization``: ``{"mean": [...], "std": [...]}`` the model's inputs were normalised with
+    (recorded for :meth:`OnnxStepRunner.preprocess`; the graphs take normalised inputs).
+    ``check``: run every stage in onnxruntime at another batch size than the trace and compare its
+    logits with the torch runner's (relative tolerance 1e-4; raises ``RuntimeError`` beyond).
+    The runner must use the delta layout (``ValueError`` otherwise) and is reset afterwards.
+    Returns the manifest's path. The folder may be new, empty or an earlier export (replaced).
+    """
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 9 <= opset <= 20:
+        raise ValueError(f"opset must be an int in 9..20 (the TorchScript exporter's range), got {opset!r}")
+    if input_shape is None:
+        reference = runner.reference_shape
+        if reference is None or len(reference) != 1:
+            raise ValueError("the runner knows no single reference input shape; pass input_shape=(C, H, W)")
+        input_shape = reference[0]
+    shape = [int(d) for d in input_shape]
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"input_shape must be positive sizes without the batch, e.g. (3, 32, 32), got {input_shape!r}")
+    norm = _check_normalization(normalization, shape[0])
+    root = Path(directory)
+    device = next((p.device for p in runner.model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in runner.model.parameters() if p.is_floating_point()), torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(_TRACE_BATCH, *shape, generator=generator).to(device=device, dtype=dtype)
+    num = runner.num_subnets
+    with torch.no_grad():
+        outputs = [runner.start(x)]
+        states = [runner.stage_state()]
+        for _ in range(2, num + 1):
+            outputs.append(runner.step())
+            states.append(runner.stage_state())
+    if runner.layout != "delta":
+        raise ValueError(f"ONNX stage export needs the delta layout; this runner uses {runner.layout!r} "
+                         "(its model's forward selects or reorders channels by position)")
+    if not isinstance(outputs[0], torch.Tensor):
+        raise TypeError(f"the model returns {type(outputs[0]).__name__}; ONNX stage export needs a model whose "
+                        "forward returns one logits tensor")
+    io = [runner.stage_io(s) for s in range(1, num + 1)]
+    keys: list[str] = []
+    for reads, writes in io:
+        keys += [k for k in [*reads, *writes] if k not in keys]
+    state_name = {key: f"state{i}" for i, key in enumerate(keys)}
+    _prepare_directory(root)
+    stages: list[dict[str, Any]] = []
+    for s, (reads, writes) in enumerate(io, start=1):
+        function = StageFunction(runner, s, reads, writes).eval()
+        args = (x, *[states[s - 2][k] for k in reads]) if s > 1 else (x,)
+        input_names = [INPUT_NAME, *[state_name[k] for k in reads]]
+        output_names = [OUTPUT_NAME, *[f"{state_name[k]}_new" for k in writes]]
+        path = root / f"stage{s}.onnx"
+        logger.info("exporting stage %d of %d (%d kept tensors read, %d written)", s, num, len(reads), len(writes))
+        with torch.no_grad(), _EmptyOperandsMode(), _quiet_exporter():
+            torch.onnx.export(function, args, str(path), input_names=input_names, output_names=output_names,
+                              dynamic_axes={name: {0: "batch"} for name in [*input_names, *output_names]},
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+        # The exporter drops inputs the stage does not use (stages after the first read the image
+        # from the first layer's kept inputs, not from the input).
+        graph_inputs, graph_outputs = _graph_io_names(path)
+        given = dict(zip(input_names, args))
+        missing = [name for name in graph_inputs if name not in given]
+        if missing or graph_outputs != output_names:
+            raise RuntimeError(f"stage {s}: the exported graph has inputs {graph_inputs} and outputs "
+                               f"{graph_outputs[:4]}..., expected a subset of {input_names[:4]}... and "
+                               f"{output_names[:4]}...; please report this with the model")
+        inputs = [_spec(name, given[name]) for name in graph_inputs]
+        outs = [_spec(OUTPUT_NAME, outputs[s - 1])] + [
+            _spec(f"{state_name[k]}_new", states[s - 1][k], state=state_name[k]) for k in writes]
+        stages.append({"stage": s, "file": path.name, "sha256": file_sha256(path),
+                       "macs": int(runner.step_macs(s, x)), "macs_cumulative": int(runner.macs(s, x)),
+                       "inputs": inputs, "outputs": outs})
+    runner.reset()
+    logits_shape = [None, *[int(d) for d in outputs[0].shape[1:]]]
+    manifest: dict[str, Any] = {
+        "format": ONNX_FORMAT,
+        "model": model_name or type(runner.model).__name__,
+        "num_subnets": num,
+        "opset": opset,
+        "assignment_hash": runner.assignment_hash(),
+        "input": {"name": INPUT_NAME, "shape": [None, *shape], "dtype": str(dtype).replace("torch.", "")},
+        "output": {"name": OUTPUT_NAME, "shape": logits_shape, "dtype": str(outputs[0].dtype).replace("torch.", "")},
+        "normalization": norm,
+        "state": [{"name": state_name[k], "key": k} for k in keys],
+        "stages": stages,
+        "torch_version": torch.__version__,
+    }
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
+    target = root / MANIFEST_NAME
+    temporary = target.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(temporary, target)
+    logger.info("wrote %d stage graphs and %s to %s", num, MANIFEST_NAME, root)
+    if check:
+        worst = check_export(runner, root)
+        logger.info("export check: max relative |onnxruntime - torch runner| = %.3g", worst)
+    return target
+
+
+def check_export(runner: "IncrementalRunner", directory: str | os.PathLike[str], batch: int = _CHECK_BATCH,
+                 rtol: float = _CHECK_RTOL) -> float:
+    """Run every stage of the export in ``directory`` with onnxruntime and the torch runner on the
+    same random input (``batch`` samples) and return the largest difference relative to the
+    largest logit of its stage; raises ``RuntimeError`` beyond ``rtol``."""
+    import numpy as np
+
+    from .onnx_runner import OnnxStepRunner
+
+    onnx_runner = OnnxStepRunner(directory, expect_hash=runner.assignment_hash(), threads=1)
+    shape = [int(d) for d in onnx_runner.input_shape[1:]]
+    device = next((p.device for p in runner.model.parameters()), torch.device("cpu"))
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(1))
+    worst = 0.0
+    with torch.no_grad():
+        for s in range(1, runner.num_subnets + 1):
+            ref = (runner.start(x.to(device)) if s == 1 else runner.step()).float().cpu().numpy()
+            got = onnx_runner.start(x.numpy()) if s == 1 else onnx_runner.step()
+            scale = max(float(np.abs(ref).max()), 1e-12)
+            error = float(np.abs(got - ref).max()) / scale
+            worst = max(worst, error)
+            if error > rtol:
+                runner.reset()
+                raise RuntimeError(f"stage {s} of the ONNX export differs from the torch runner by {error:.3g} "
+                                   f"of the largest logit (tolerance {rtol}); please report this with the model")
+    runner.reset()
+    return worst
+
+
+def export_subnet_onnx(module: nn.Module, path: str | os.PathLike[str], example_input: torch.Tensor, *,
+                       opset: int = DEFAULT_OPSET) -> Path:
+    """Write ``module`` (e.g. ``net.export_subnet(s)``, a dense subnet) as one ONNX graph with a
+    dynamic batch dimension; ``example_input`` fixes the other dimensions. Returns the path."""
+    target = Path(path)
+    if target.suffix != ".onnx":
+        raise ValueError(f"the ONNX file name must end in .onnx, got {target}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise ValueError("example_input must be a batched tensor, e.g. torch.randn(1, 3, 32, 32)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), _quiet_exporter():
+            torch.onnx.export(module, (example_input,), str(target), input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+    finally:
+        module.train(was_training)
+    return target
