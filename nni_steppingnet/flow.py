@@ -497,7 +497,15 @@ def run_recipe(
         ``accuracy``, ``macs``, ``mac_ratio``, ``budget``, ``budget_gap``), ``budgets_met``,
         ``budgets_met_per_subnet``, ``recipe``, ``wall_time_s``, ``construction`` (summary and
         history), ``retraining`` and ``teacher`` (losses), ``dataset``, ``expanded``, ``device``,
-        ``isolation_ok``, ``stage_times_s``.
+        ``isolation_ok``, ``stage_times_s``, ``stepping`` (:func:`measure_stepping` on the test
+        set, or None when the runtime or export does not support the model).
+
+    Before anything else the output folder is created, proven writable with a real test write
+    (an ``OSError`` naming the folder otherwise) and cleared of temporary files that interrupted
+    atomic writes left. Warnings (budgets unmet, a resume on another device, a skipped anytime
+    measurement) go to the ``nni_steppingnet.flow`` logger: like every logger of this package it
+    prints nothing until the application configures logging (``logging.basicConfig()``; the
+    ``nni-steppingnet`` command does); ``results["budgets_met"]`` holds the outcome either way.
     """
     started = time.perf_counter()
     if not isinstance(recipe, Recipe):
