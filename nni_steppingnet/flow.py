@@ -582,16 +582,17 @@ class _FlowRun:
     # ----------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
         recipe, dev = self.recipe, self.dev
-        # Before any training: a folder that cannot be written fails now, not after the teacher.
-        check_writable_dir(self.out)
-        for stale in remove_stale_temporaries(self.out):
-            logger.info("removed %s, left by an interrupted write", stale)
         seed_everything(recipe.seed)
         if dev.type == "cuda":
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         self.train_loader, self.test_loader, self.info = build_data(recipe, dev)
         self.ref_macs = reference_macs(recipe, self.info)
+        # Before any training (after the inputs, so bad data leaves no folder behind): a folder
+        # that cannot be written fails now, not after the teacher trained.
+        check_writable_dir(self.out)
+        for stale in remove_stale_temporaries(self.out):
+            logger.info("removed %s, left by an interrupted write", stale)
         self.state = self.previous or _RunState(recipe=recipe.to_dict(), info=dataclasses.asdict(self.info),
                                                 device=str(dev), reference_macs=self.ref_macs)
         if self.state.reference_macs != self.ref_macs:
