@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--data-root", default=None, help="dataset folder, if it moved since the run")
     elif name == "export":
         parser.add_argument("checkpoint", help="a run's checkpoint.pt (or its folder)")
-        what = parser.add_mutually_exclusive_group(required=True)
+        what = parser.add_mutually_exclusive_group()
         what.add_argument("--subnet", type=int, help="export subnet s (1-based) as a physically smaller module")
         what.add_argument("--runner", action="store_true",
                           help="export all subnets as one IncrementalRunner file (anytime inference that "
@@ -74,6 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                             help="file (.pt/.pth) to write (default: subnet<s>.pt or runner.pt beside the "
                                  "checkpoint); with --subnet the state_dict goes to <stem>.state_dict.pt "
                                  "beside it")
+        parser.add_argument("--onnx", default=None, metavar="PATH",
+                            help="write ONNX instead: with --subnet s, the dense subnet as one graph (PATH ends "
+                                 "in .onnx); otherwise one graph per stage of the anytime runner and "
+                                 "manifest.json in folder PATH (run it with OnnxStepRunner or `python -m "
+                                 "nni_steppingnet.onnx_runner PATH IMAGES.npy`, no torch needed)")
+        parser.add_argument("--mean", type=float, nargs="+", default=None,
+                            help="with --onnx: the per-channel mean the inputs were normalised with (recorded "
+                                 "in the manifest)")
+        parser.add_argument("--std", type=float, nargs="+", default=None, help="with --onnx: the per-channel std")
     elif name == "recipes":
         parser.add_argument("--keys", action="store_true", help="list every recipe key with its default")
     else:
@@ -193,8 +202,17 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export_with_report
     from .flow import load_checkpoint
 
+    onnx = getattr(args, "onnx", None)
+    if args.subnet is None and not getattr(args, "runner", False) and onnx is None:
+        raise ValueError("export needs one of --subnet s, --runner or --onnx DIR")
+    if onnx is not None and args.out is not None:
+        raise ValueError("--out names the .pt file; with --onnx the ONNX file or folder is the --onnx value")
+    if onnx is None and (getattr(args, "mean", None) is not None or getattr(args, "std", None) is not None):
+        raise ValueError("--mean/--std are recorded in an ONNX export; add --onnx PATH")
     loaded = load_checkpoint(args.checkpoint)
     net = loaded.net
+    if onnx is not None:
+        return _export_onnx(loaded, args)
     if getattr(args, "runner", False):
         return _export_runner(loaded, args.out)
     net.check_subnet(args.subnet)
@@ -253,6 +271,42 @@ def _export_runner(loaded: Any, out_arg: str | None) -> int:
     args_text = ", ".join([repr(name)] + [f"{k}={v!r}" for k, v in kwargs.items()])
     print(f"runner: {out}; load it with IncrementalRunner.load({str(out)!r}, timm.create_model({args_text})) "
           "after `import nni_steppingnet.models` for the paper models")
+    return 0
+
+
+def _export_onnx(loaded: Any, args: argparse.Namespace) -> int:
+    """``export --onnx``: the dense subnet (with --subnet) or the runner's stage graphs."""
+    from .onnx_export import export_onnx, export_subnet_onnx
+    from .runtime import IncrementalRunner
+
+    net = loaded.net
+    target = Path(args.onnx)
+    check_output_not_input(target, export_inputs(loaded), option="--onnx")
+    normalization = None
+    if args.mean is not None or args.std is not None:
+        if args.mean is None or args.std is None:
+            raise ValueError("give both --mean and --std (or neither)")
+        normalization = {"mean": args.mean, "std": args.std}
+    net.model.eval()
+    if args.subnet is not None:
+        net.check_subnet(args.subnet)
+        module = net.export_subnet(args.subnet).eval()
+        export_subnet_onnx(module, target, net.example_inputs)
+        print(f"subnet {args.subnet} of {loaded.recipe.name} ({net.macs(args.subnet):,} MACs per sample): {target} "
+              f"(input 'input' {[None, *net.example_inputs.shape[1:]]}, output 'logits', dynamic batch)")
+        return 0
+    if target.suffix == ".onnx":
+        raise ValueError(f"--onnx without --subnet writes a folder of stage graphs, got the file name {target}; "
+                         "pass a folder, or add --subnet s for one dense subnet")
+    runner = IncrementalRunner(net)
+    manifest = export_onnx(runner, target, normalization=normalization, model_name=loaded.recipe.model.name)
+    shares = ", ".join(f"{100 * net.macs(s) / loaded.reference_macs:.2f}%" for s in range(1, net.num_subnets + 1))
+    print(f"{net.num_subnets} stage graphs of {loaded.recipe.name} in {target} (checked against the torch runner); "
+          f"MACs per subnet {shares} of the original; manifest: {manifest}")
+    if normalization is None:
+        print("note: no --mean/--std given, so the manifest records no input normalisation; the graphs take "
+              "inputs normalised as in training")
+    print(f"run it without torch: python -m nni_steppingnet.onnx_runner {target} IMAGES.npy")
     return 0
 
 
