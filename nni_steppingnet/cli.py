@@ -35,8 +35,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("nni_steppingnet.flow_cli", "evaluate every subnet of a checkpoint"),
     "export": ("nni_steppingnet.flow_cli", "export subnet s of a checkpoint as a standalone model"),
     "recipes": ("nni_steppingnet.flow_cli", "list the bundled recipes"),
-    "compare": ("nni_steppingnet.baselines.compare", "SteppingNet vs any-width vs slimmable at equal MACs"),
-    "ablate": ("nni_steppingnet.baselines.compare", "beta suppression / distillation ablation and expansion sweep"),
+    "compare": ("nni_steppingnet.app.compare_cli", "SteppingNet vs any-width vs slimmable at equal MACs"),
+    "ablate": ("nni_steppingnet.app.compare_cli", "beta suppression / distillation ablation and expansion sweep"),
     "tune": ("nni_steppingnet.nni.experiment", "NNI hyperparameter search over alpha, beta, gamma and budgets"),
 }
 

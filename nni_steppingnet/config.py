@@ -32,6 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
+from .validation import CONSTRUCTION_RULES, NON_NEGATIVE, POSITIVE, UNIT_CLOSED, UNIT_CLOSED_OPEN, check_budgets
+
 __all__ = [
     "RecipeError",
     "Recipe",
@@ -73,24 +75,13 @@ class RecipeError(ValueError):
 Check = Callable[[Any], "str | None"]
 
 
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else "must be > 0"
-
-
-def _non_negative(value: Any) -> str | None:
-    return None if value >= 0 else "must be >= 0"
-
-
-def _unit_open_closed(value: Any) -> str | None:
-    return None if 0 < value <= 1 else "must be in (0, 1]"
-
-
-def _unit_closed(value: Any) -> str | None:
-    return None if 0 <= value <= 1 else "must be in [0, 1]"
-
-
-def _fraction_below_one(value: Any) -> str | None:
-    return None if 0 <= value < 1 else "must be in [0, 1)"
+# Range checks come from nni_steppingnet.validation, shared with the library's config classes.
+_positive = POSITIVE
+_non_negative = NON_NEGATIVE
+_unit_closed = UNIT_CLOSED
+_fraction_below_one = UNIT_CLOSED_OPEN
+_momentum = UNIT_CLOSED_OPEN  # SGD needs momentum < 1
+_rule = CONSTRUCTION_RULES
 
 
 def _optional_positive(value: Any) -> str | None:
@@ -179,7 +170,7 @@ class TeacherSection:
 
     epochs: int = field(default=10, metadata=_meta(_non_negative, "training epochs (0 with a checkpoint)"))
     lr: float = field(default=0.05, metadata=_meta(_positive, "SGD learning rate (cosine schedule)"))
-    momentum: float = field(default=0.9, metadata=_meta(_unit_closed, "SGD momentum"))
+    momentum: float = field(default=0.9, metadata=_meta(_momentum, "SGD momentum"))
     weight_decay: float = field(default=5e-4, metadata=_meta(_non_negative, "SGD weight decay"))
     checkpoint: str | None = field(default=None, metadata=_meta(None, "local teacher weights to load instead of training"))
 
@@ -188,14 +179,14 @@ class TeacherSection:
 class ConstructionSection:
     """The Fig. 3 construction loop (paper Section III-A)."""
 
-    batches_per_iteration: int = field(default=250, metadata=_meta(_at_least_one, "m: training batches per subnet per iteration"))
-    iterations: int = field(default=300, metadata=_meta(_at_least_one, "N_t: number of iterations"))
-    alpha_growth: float = field(default=1.5, metadata=_meta(_positive, "alpha_{k+1} / alpha_k in eq. (3)"))
-    beta: float = field(default=0.9, metadata=_meta(_unit_open_closed, "learning-rate suppression of smaller subnets"))
-    prune_threshold: float = field(default=1e-5, metadata=_meta(_non_negative, "unstructured pruning threshold"))
-    lr: float = field(default=0.01, metadata=_meta(_positive, "SGD learning rate"))
-    momentum: float = field(default=0.9, metadata=_meta(_unit_closed, "SGD momentum"))
-    weight_decay: float = field(default=5e-4, metadata=_meta(_non_negative, "SGD weight decay"))
+    batches_per_iteration: int = field(default=250, metadata=_meta(_rule["batches_per_iteration"], "m: training batches per subnet per iteration"))
+    iterations: int = field(default=300, metadata=_meta(_rule["iterations"], "N_t: number of iterations"))
+    alpha_growth: float = field(default=1.5, metadata=_meta(_rule["alpha_growth"], "alpha_{k+1} / alpha_k in eq. (3)"))
+    beta: float = field(default=0.9, metadata=_meta(_rule["beta"], "learning-rate suppression of smaller subnets"))
+    prune_threshold: float = field(default=1e-5, metadata=_meta(_rule["prune_threshold"], "unstructured pruning threshold"))
+    lr: float = field(default=0.01, metadata=_meta(_rule["lr"], "SGD learning rate"))
+    momentum: float = field(default=0.9, metadata=_meta(_rule["momentum"], "SGD momentum"))
+    weight_decay: float = field(default=5e-4, metadata=_meta(_rule["weight_decay"], "SGD weight decay"))
     monitor_samples: int = field(default=1000, metadata=_meta(_non_negative, "test samples evaluated after every iteration (0: off)"))
 
 
@@ -206,8 +197,8 @@ class RetrainingSection:
     epochs: int = field(default=10, metadata=_meta(_non_negative, "retraining epochs"))
     gamma: float = field(default=0.4, metadata=_meta(_unit_closed, "weight of cross entropy vs distillation"))
     lr: float = field(default=0.01, metadata=_meta(_positive, "SGD learning rate (cosine schedule)"))
-    beta: float = field(default=0.9, metadata=_meta(_unit_open_closed, "learning-rate suppression of smaller subnets"))
-    momentum: float = field(default=0.9, metadata=_meta(_unit_closed, "SGD momentum"))
+    beta: float = field(default=0.9, metadata=_meta(_rule["beta"], "learning-rate suppression of smaller subnets"))
+    momentum: float = field(default=0.9, metadata=_meta(_momentum, "SGD momentum"))
     weight_decay: float = field(default=5e-4, metadata=_meta(_non_negative, "SGD weight decay"))
     temperature: float = field(default=1.0, metadata=_meta(_positive, "distillation temperature"))
 
@@ -381,15 +372,10 @@ def _check_recipe(recipe: Recipe) -> None:
     if len(budgets) != sn.num_subnets:
         raise RecipeError(f"{source}: steppingnet.num_subnets is {sn.num_subnets} but steppingnet.budgets "
                           f"has {len(budgets)} entries {budgets}; give one budget per subnet")
-    for i, b in enumerate(budgets):
-        if not 0 < b <= 1:
-            raise RecipeError(f"{source}: steppingnet.budgets[{i}] = {b} must be in (0, 1] (a fraction of "
-                              "the original network's MACs)")
-    for i in range(1, len(budgets)):
-        if budgets[i] <= budgets[i - 1]:
-            raise RecipeError(f"{source}: steppingnet.budgets must be strictly ascending (subnet i+1 "
-                              f"contains subnet i), but budgets[{i - 1}] = {budgets[i - 1]} >= "
-                              f"budgets[{i}] = {budgets[i]}")
+    try:  # the same check as ConstructionConfig's and the NNI pruner's
+        check_budgets(budgets, name="steppingnet.budgets")
+    except ValueError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
     if recipe.teacher.epochs == 0 and recipe.teacher.checkpoint is None:
         raise RecipeError(f"{source}: teacher.epochs is 0 and teacher.checkpoint is null; train the "
                           "teacher (teacher.epochs >= 1) or give a local checkpoint file")

@@ -673,10 +673,8 @@ class _FlowRun:
             self.net = build_stepping_net(recipe, info)
         net = self.net
         c = recipe.construction
-        config = ConstructionConfig(budgets=list(recipe.steppingnet.budgets), reference_macs=self.ref_macs,
-                                    batches_per_iteration=c.batches_per_iteration, iterations=c.iterations,
-                                    alpha_growth=c.alpha_growth, beta=c.beta, prune_threshold=c.prune_threshold,
-                                    lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, seed=recipe.seed)
+        config = ConstructionConfig.from_settings(recipe.steppingnet.budgets, self.ref_macs,
+                                                  dataclasses.asdict(c), seed=recipe.seed)
         constructor = Constructor(net, config, self.train_loader, device=dev, amp=self.amp)
         try:
             if in_progress:

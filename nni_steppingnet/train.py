@@ -33,6 +33,8 @@ __all__ = [
     "make_optimizer",
     "autocast",
     "check_amp",
+    "split_batch",
+    "forward_logits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,7 +85,8 @@ def _check_device(device: torch.device | str) -> torch.device:
         raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {device!r}") from exc
 
 
-def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    """``(inputs, targets)`` of a batch: a pair (or longer tuple) or a dict with 'image'/'label'."""
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return batch[0], batch[1]
     if isinstance(batch, dict) and "image" in batch and "label" in batch:
@@ -92,7 +95,8 @@ def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
                      f"{type(batch).__name__}")
 
 
-def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
+def forward_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """``model(inputs)``, or ``model(**inputs)`` for a dict of keyword inputs."""
     if isinstance(inputs, dict):
         return model(**inputs)
     return model(inputs)
@@ -347,15 +351,15 @@ def train_subnets_epoch(
     try:
         batches = _progress(_batches(loader, max_batches), progress, "train", _loader_len(loader, max_batches))
         for batch in batches:
-            inputs, targets = _split_batch(to_device(batch, device))
+            inputs, targets = split_batch(to_device(batch, device))
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad(), autocast(device, amp):
-                    teacher_logits = _forward(teacher, inputs).float()
+                    teacher_logits = forward_logits(teacher, inputs).float()
             for s in range(1, num + 1):
                 optimizer.zero_grad(set_to_none=True)
                 with target.subnet(s), autocast(device, amp):
-                    logits = _forward(model, inputs)
+                    logits = forward_logits(model, inputs)
                 if teacher_logits is not None:
                     loss = kd_loss(logits, teacher_logits, targets, gamma, temperature)
                 else:
@@ -409,10 +413,10 @@ def train_dense(
         model.train()
         total, steps = 0.0, 0
         for batch in _batches(loader, max_batches):
-            inputs, targets = _split_batch(to_device(batch, device))
+            inputs, targets = split_batch(to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, amp):
-                logits = _forward(model, inputs)
+                logits = forward_logits(model, inputs)
             loss = F.cross_entropy(logits.float(), targets)
             loss.backward()
             optimizer.step()
@@ -456,10 +460,10 @@ def evaluate(
     try:
         with torch.no_grad():
             for batch in _batches(loader, max_batches):
-                inputs, targets = _split_batch(to_device(batch, device))
+                inputs, targets = split_batch(to_device(batch, device))
                 for j, s in enumerate(chosen):
                     with target.subnet(s), autocast(device, amp):
-                        logits = _forward(model, inputs)
+                        logits = forward_logits(model, inputs)
                     correct[j] += int((logits.argmax(-1) == targets).sum())
                 seen += int(targets.shape[0])
     finally:
@@ -486,9 +490,9 @@ def evaluate_model(
     try:
         with torch.no_grad():
             for batch in _batches(loader, max_batches):
-                inputs, targets = _split_batch(to_device(batch, device))
+                inputs, targets = split_batch(to_device(batch, device))
                 with autocast(device, amp):
-                    logits = _forward(model, inputs)
+                    logits = forward_logits(model, inputs)
                 correct += int((logits.argmax(-1) == targets).sum())
                 seen += int(targets.shape[0])
     finally:

@@ -175,7 +175,9 @@ def test_run_meets_budgets_and_reports(tiny_model: Callable[..., nn.Module]) -> 
 
 def test_met_budgets_stop_at_once(tiny_model: Callable[..., nn.Module]) -> None:
     net = _net(tiny_model, 2)
-    c = Constructor(net, _config(net, [1.0, 1.5]), _batches())
+    # Budgets are fractions in (0, 1] of the reference: a reference twice the net's MACs makes
+    # subnet 1 (every neuron) meet 0.5 from the start.
+    c = Constructor(net, ConstructionConfig(budgets=[0.5, 1.0], reference_macs=2 * net.full_macs), _batches())
     assert c.done
     result = c.run()
     assert result.iterations == 0 and result.all_met
@@ -233,8 +235,11 @@ def test_load_state_rejects_other_config(tiny_model: Callable[..., nn.Module]) -
 def test_config_and_constructor_validation(tiny_model: Callable[..., nn.Module]) -> None:
     with pytest.raises(ValueError, match="strictly ascending"):
         ConstructionConfig(budgets=[0.5, 0.3], reference_macs=10)
-    with pytest.raises(ValueError, match="positive finite"):
+    with pytest.raises(ValueError, match=r"budgets\[0\] = 0.0 must be in \(0, 1\]"):
         ConstructionConfig(budgets=[0.0, 0.3], reference_macs=10)
+    with pytest.raises(ValueError, match=r"budgets\[1\] = 1.5 must be in \(0, 1\]"):
+        ConstructionConfig(budgets=[0.5, 1.5], reference_macs=10)
+    assert ConstructionConfig(budgets=[0.1], reference_macs=10, beta=None).beta is None
     with pytest.raises(ValueError, match="reference_macs must be a positive int"):
         ConstructionConfig(budgets=[0.1], reference_macs=0)
     with pytest.raises(ValueError, match="iterations must be a positive int"):
@@ -253,7 +258,7 @@ def test_config_and_constructor_validation(tiny_model: Callable[..., nn.Module])
 
 def test_marginal_costs_sum_to_exact_mac_reduction(tiny_model: Callable[..., nn.Module],
                                                    random_assignment: Callable[..., torch.Tensor]) -> None:
-    from nni_steppingnet.construct import _CostTable
+    from nni_steppingnet.construction.select import CostTable
 
     net = _net(tiny_model, 2)
     random_assignment(net, seed=4)
@@ -263,7 +268,7 @@ def test_marginal_costs_sum_to_exact_mac_reduction(tiny_model: Callable[..., nn.
     layers_hit = {k for k in range(len(net.layers)) for j in chosen.tolist()
                   if bool((net.index.out_positions[k] == j).any()) and not net.layers[k].is_logits}
     assert len(layers_hit) >= 2  # connected neurons: their shared synapses must count once
-    table = _CostTable(net, 1)
+    table = CostTable(net, 1)
     alone = sum(table.cost_of(j) for j in chosen.tolist())
     total = sum(table.take(j) for j in chosen.tolist())
     before = net.macs(1)
@@ -274,11 +279,11 @@ def test_marginal_costs_sum_to_exact_mac_reduction(tiny_model: Callable[..., nn.
 
 
 def test_last_approach_lands_just_under_the_budget(tiny_model: Callable[..., nn.Module]) -> None:
-    from nni_steppingnet.construct import _CostTable
+    from nni_steppingnet.construction.select import CostTable
 
     net = _net(tiny_model, 1)
     conv2, conv3 = (net.index.out_positions[_layer(net, name)] for name in ("features.3", "features.7"))
-    table = _CostTable(net, 1)
+    table = CostTable(net, 1)
     cost2, cost3 = table.cost_of(int(conv2[0])), table.cost_of(int(conv3[0]))
     assert cost2 > 2 * cost3
     amount = 1.5 * cost2  # two conv2 neurons (the lowest M) would overshoot by 0.5 * cost2
@@ -397,11 +402,11 @@ def test_at_most_half_of_a_group_leaves_per_selection(tiny_model: Callable[..., 
     flat = net.flat_assignment()
     amount = float(c.neuron_costs(1)[conv3].sum())  # would take all of conv3
     none = torch.zeros(net.num_neurons, dtype=torch.bool)
-    chosen = c._select(1, amount, flat, scores, none, cap=float("inf"))
+    chosen = c.select(1, amount, flat, scores, none, cap=float("inf"))
     from_conv3 = [j for j in chosen if j in set(conv3.tolist())]
     assert len(from_conv3) == conv3.numel() // 2
     assert from_conv3 == conv3[: conv3.numel() // 2].tolist()  # lowest M first
     assert len(chosen) > len(from_conv3)  # the rest of the amount came from other groups
     c.group_move_limit = False
-    chosen = c._select(1, amount, flat, scores, none, cap=float("inf"))
+    chosen = c.select(1, amount, flat, scores, none, cap=float("inf"))
     assert len([j for j in chosen if j in set(conv3.tolist())]) == conv3.numel() - 1  # the last stays

@@ -16,7 +16,7 @@ nni = pytest.importorskip("nni")
 from nni.compression import TorchEvaluator  # noqa: E402
 
 import nni_steppingnet.models  # noqa: E402,F401  (registers the paper models)
-from nni_steppingnet import SteppingNet  # noqa: E402
+from nni_steppingnet import SteppingNet, macs  # noqa: E402
 from nni_steppingnet.nni import SteppingNetPruner  # noqa: E402
 
 
@@ -202,7 +202,9 @@ def test_budgets_met_at_start_skip_training() -> None:
     model = _lenet()
     counter = {"steps": 0, "loss_calls": 0}
     evaluator = _evaluator(model, _data(1, 16, 4, seed=0), counter, torch.randn(2, 3, 16, 16))
-    pruner = SteppingNetPruner(model, [{"op_types": ["Conv2d", "Linear"]}], evaluator, [1.0, 2.0])
+    # A reference of twice the model's MACs: subnet 1 (every neuron) meets 0.5 from the start.
+    pruner = SteppingNetPruner(model, [{"op_types": ["Conv2d", "Linear"]}], evaluator, [0.5, 1.0],
+                               reference_macs=2 * macs(model, torch.randn(2, 3, 16, 16)))
     _, masks = pruner.compress()
     assert counter["steps"] == 0
     assert pruner.result is not None and pruner.result.all_met and pruner.result.iterations == 0
@@ -218,6 +220,8 @@ def test_budgets_met_at_start_skip_training() -> None:
         ([{"op_types": ["Conv2d"], "colour": "red"}], {}, ValueError, "unknown keys"),
         ([], {}, ValueError, "non-empty list"),
         ([{"op_types": ["Conv2d"]}], {"budgets": [0.6, 0.3]}, ValueError, "ascending"),
+        # budgets above 1 are refused exactly as the recipes refuse them (one shared check)
+        ([{"op_types": ["Conv2d"]}], {"budgets": [0.6, 1.2]}, ValueError, r"budgets\[1\] = 1.2 must be in \(0, 1\]"),
         ([{"op_types": ["Conv2d"]}], {"subnet": 3}, ValueError, "subnet must be an int in 1..2"),
         ([{"op_types": ["Conv2d"]}], {"beta": 1.5}, ValueError, "beta"),
         ([{"op_types": ["Conv2d"]}], {"gamma": -0.1}, ValueError, "gamma"),

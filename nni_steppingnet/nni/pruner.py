@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -57,6 +56,7 @@ from ..construct import ConstructionConfig, ConstructionResult, Constructor
 from ..graph import WEIGHTED_TYPES
 from ..stepping import SteppingNet
 from ..train import BetaSuppression
+from ..validation import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT_CLOSED, check_budgets, check_subnet
 
 __all__ = ["SteppingNetPruner", "NNIMasks", "selected_layers"]
 
@@ -79,46 +79,6 @@ class _Finished(BaseException):
     A ``BaseException`` (like ``KeyboardInterrupt``) so that a training function catching
     ``Exception`` does not swallow it.
     """
-
-
-class _EvaluatorDrivenConstructor(Constructor):
-    """A :class:`Constructor` whose training happens in the NNI evaluator's loop.
-
-    ``step()`` is the unchanged Fig. 3 iteration minus the training: its ``_train`` returns the
-    mean loss of the optimizer steps the loop just ran. Neurons in ``frozen`` never move (they are
-    neither selected nor retired as dead: ``Constructor.frozen``).
-    """
-
-    def __init__(self, net: SteppingNet, config: ConstructionConfig, device: torch.device,
-                 frozen: torch.Tensor) -> None:
-        super().__init__(net, config, (), device=device)
-        self.frozen = frozen
-        self.pending_losses: list[float] = []
-
-    def _train(self) -> float:
-        losses, self.pending_losses = self.pending_losses, []
-        return sum(losses) / len(losses) if losses else float("nan")
-
-    def _select(self, i: int, amount: float, flat: torch.Tensor, scores: torch.Tensor,
-                moved: torch.Tensor, *args: Any, **kwargs: Any) -> list[int]:
-        # Frozen neurons look "already moved" to the selection, so they are never candidates.
-        return super()._select(i, amount, flat, scores, moved | self.frozen, *args, **kwargs)
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
-                  high_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
-        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def selected_layers(model: nn.Module, config_list: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -240,22 +200,15 @@ class SteppingNetPruner(Pruner):
         if existed_wrappers is not None:
             raise ValueError("SteppingNetPruner cannot be fused with other compressors "
                              "(from_compressor / existed_wrappers): it owns every Conv2d/Linear weight")
-        if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Sequence) or not budgets:
-            raise ValueError(f"budgets must be a non-empty list of MAC fractions, got {budgets!r}")
+        # The construction settings are checked by ConstructionConfig below (the rules recipes use).
+        budgets = check_budgets(list(budgets) if isinstance(budgets, tuple) else budgets)
         num_subnets = len(budgets)
         if subnet is None:
             subnet = num_subnets
-        if isinstance(subnet, bool) or not isinstance(subnet, int) or not 1 <= subnet <= num_subnets:
-            raise ValueError(f"subnet must be an int in 1..{num_subnets} (one per budget), got {subnet!r}")
-        _check_int("batches_per_iteration", batches_per_iteration, 1)
-        _check_int("iterations", iterations, 1)
-        _check_int("retraining_steps", retraining_steps, 0)
-        _check_number("alpha_growth", alpha_growth, 0.0, math.inf, low_open=True, high_open=True)
-        if beta is not None:
-            _check_number("beta", beta, 0.0, 1.0, low_open=True)
-        _check_number("gamma", gamma, 0.0, 1.0)
-        _check_number("temperature", temperature, 0.0, math.inf, low_open=True, high_open=True)
-        _check_number("prune_threshold", prune_threshold, 0.0, math.inf, high_open=True)
+        check_subnet(subnet, num_subnets)
+        NON_NEGATIVE_INT.check("retraining_steps", retraining_steps)
+        UNIT_CLOSED.check("gamma", gamma)
+        POSITIVE.check("temperature", temperature)
         if iteration_callback is not None and not callable(iteration_callback):
             raise TypeError("iteration_callback must be callable")
         if example_inputs is None:
@@ -268,16 +221,15 @@ class SteppingNetPruner(Pruner):
             raise ValueError("the model is already wrapped by an NNI compressor; unwrap it first "
                              "(compressor.unwrap_model())")
 
-        if reference_macs is not None and (isinstance(reference_macs, bool) or not isinstance(reference_macs, int)
-                                           or reference_macs <= 0):
-            raise ValueError(f"reference_macs must be a positive int, got {reference_macs!r}")
+        if reference_macs is not None:
+            POSITIVE_INT.check("reference_macs", reference_macs)
         settings = {
             "budgets": list(budgets),
             "batches_per_iteration": batches_per_iteration,
             "iterations": iterations,
-            "alpha_growth": float(alpha_growth),
-            "beta": None if beta is None else float(beta),
-            "prune_threshold": float(prune_threshold),
+            "alpha_growth": alpha_growth,
+            "beta": beta,
+            "prune_threshold": prune_threshold,
             "seed": seed,
         }
         ConstructionConfig(reference_macs=reference_macs or 1, **settings)  # check before touching the model
@@ -317,7 +269,10 @@ class SteppingNetPruner(Pruner):
         self.retraining_steps = retraining_steps
         self.temperature = float(temperature)
         self.iteration_callback = iteration_callback
-        self._constructor = _EvaluatorDrivenConstructor(net, self.config, device, self.frozen_neurons)
+        # The user's loop trains; the constructor only finishes each iteration (moves, prunes):
+        # the driver calls finish_iteration() with the mean loss of the steps it saw.
+        self._constructor = Constructor(net, self.config, device=device, train=_no_training,
+                                        frozen=self.frozen_neurons)
         self._param_names = {f"{layer.name}.weight": f"{layer.name}.parametrizations.weight.original"
                              for layer in net.layers}
         self.history: list[dict[str, Any]] = []
@@ -418,8 +373,7 @@ class SteppingNetPruner(Pruner):
         """NNI-format masks (float 0/1, like NNI's) that make the model compute subnet ``s``."""
         if not self._masks:
             raise RuntimeError("no masks yet: call compress() first")
-        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= self.num_subnets:
-            raise ValueError(f"subnet must be an int in 1..{self.num_subnets}, got {s!r}")
+        check_subnet(s, self.num_subnets)
         out: NNIMasks = {}
         for name, (weight_mask, bias_mask) in self._masks[s].items():
             wrapper = self._module_wrappers[name]
@@ -447,7 +401,7 @@ class SteppingNetPruner(Pruner):
 class _LoopDriver:
     """The state machine run from inside the user's training loop (optimizer-step patches)."""
 
-    def __init__(self, pruner: SteppingNetPruner, constructor: _EvaluatorDrivenConstructor) -> None:
+    def __init__(self, pruner: SteppingNetPruner, constructor: Constructor) -> None:
         self.pruner = pruner
         self.constructor = constructor
         self.net = constructor.net
@@ -463,6 +417,7 @@ class _LoopDriver:
         self._handles: list[Any] = []
         self._kd_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._kd_output: Any = None
+        self.pending_losses: list[float] = []
         beta = pruner.beta
         self.suppression = BetaSuppression(self.net, 1, beta) if beta is not None and beta != 1.0 else None
 
@@ -522,7 +477,8 @@ class _LoopDriver:
             self.local += 1
             if self.local == self.n * self.m:
                 self.local = 0
-                entry = self.constructor.step()
+                losses, self.pending_losses = self.pending_losses, []
+                entry = self.constructor.finish_iteration(sum(losses) / len(losses) if losses else float("nan"))
                 if self.pruner.iteration_callback is not None:
                     self.pruner.iteration_callback(dict(entry))
                 if self.constructor.done:
@@ -537,7 +493,7 @@ class _LoopDriver:
 
     def loss_patch(self, loss: torch.Tensor, batch: Any) -> torch.Tensor:
         if self.phase == "construction":
-            self.constructor.pending_losses.append(float(loss.detach()))
+            self.pending_losses.append(float(loss.detach()))
             return loss
         teacher = self.pruner.teacher
         if teacher is None or self._kd_inputs is None or not isinstance(self._kd_output, torch.Tensor):
@@ -568,6 +524,11 @@ class _LoopDriver:
         self._handles = []
         self._kd_inputs = None
         self._kd_output = None
+
+
+def _no_training(constructor: Constructor) -> float:
+    raise RuntimeError("SteppingNetPruner trains in the evaluator's loop; its constructor is driven "
+                       "through finish_iteration()")
 
 
 def _model_device(model: nn.Module) -> torch.device:
