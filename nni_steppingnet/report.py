@@ -186,12 +186,13 @@ def plot_accuracy_vs_macs(
     if steps and ref:
         right = fig.add_subplot(1, 2, 2)
         acc = [100.0 * float(step["accuracy"]) for step in steps]
-        for key, label, style in (("macs_stepping", "stepping (IncrementalRunner, reuses earlier subnets)", "-"),
-                                  ("macs_recompute", "recomputing exported subnets 1..s", "--")):
+        for key, label, style, offset in (
+                ("macs_stepping", "stepping (IncrementalRunner, reuses earlier subnets)", "-", (4, -12)),
+                ("macs_recompute", "recomputing exported subnets 1..s", "--", (4, 6))):
             xs = [100.0 * float(step[key]) / float(ref) for step in steps]
             right.plot(xs, acc, marker="o", linestyle=style, label=label)
             for step, x, y in zip(steps, xs, acc):
-                right.annotate(str(step["subnet"]), (x, y), textcoords="offset points", xytext=(4, -12),
+                right.annotate(str(step["subnet"]), (x, y), textcoords="offset points", xytext=offset,
                                fontsize=8)
         right.set_xlabel("cumulative MACs per image to reach subnet s (% of the original)")
         right.set_ylabel("accuracy (%)")
