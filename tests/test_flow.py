@@ -346,3 +346,27 @@ def test_checkpoint_files_round_trip_rng_and_reject_objects(tmp_path: Path) -> N
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint_file(tmp_path / "junk.pt")
+
+
+def test_run_ends_with_anytime_inference_stepping_vs_recomputing(cli_run: Path) -> None:
+    res = _results(cli_run)
+    stepping = res["stepping"]
+    subnets = res["subnets"]
+    assert stepping["samples"] == 16 and stepping["layout"] in ("delta", "full") and stepping["repeats"] == 3
+    assert [step["subnet"] for step in stepping["steps"]] == [1, 2, 3, 4]
+    cumulative = 0
+    for step, sub in zip(stepping["steps"], subnets):
+        cumulative += sub["macs"]
+        # The runner and the exported subnets compute subnet s exactly: the same accuracy.
+        assert step["accuracy"] == sub["accuracy"] == step["exported_accuracy"]
+        assert step["macs_stepping"] == sub["macs"]
+        assert step["macs_recompute"] == cumulative
+        assert step["mac_ratio_recompute"] == pytest.approx(cumulative / res["original"]["macs"])
+        assert step["time_stepping_s"] >= step["time_step_s"] > 0 and step["time_recompute_s"] >= step["time_subnet_s"] > 0
+    steps = stepping["steps"]
+    assert all(b["time_stepping_s"] - a["time_stepping_s"] == pytest.approx(b["time_step_s"])
+               for a, b in zip(steps, steps[1:]))
+    md = (cli_run / "results.md").read_text()
+    assert "| Step to subnet | Accuracy | MACs spent: stepping | MACs: recomputing 1..s |" in md
+    last = steps[-1]
+    assert f"| 4 | {100 * last['accuracy']:.2f}% | {last['macs_stepping']:,} (" in md
