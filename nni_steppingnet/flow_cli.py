@@ -339,7 +339,7 @@ def _recipes(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     """Run the subcommand named by ``args.command``."""
     handlers = {"run": _run, "eval": _eval, "export": _export, "recipes": _recipes}
-    handler = handlers.get(getattr(args, "command", None))
+    handler = handlers.get(str(getattr(args, "command", None)))
     if handler is None:
         raise ValueError(f"flow_cli handles {', '.join(handlers)}, not {getattr(args, 'command', None)!r}")
     return handler(args)
