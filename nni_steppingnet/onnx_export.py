@@ -125,14 +125,17 @@ class StageFunction(nn.Module):
 
     ``kept`` are the tensors named ``reads`` (as :meth:`IncrementalRunner.stage_state` names
     them) from the run after stage ``s - 1``; the outputs are the model output and the tensors
-    named ``writes`` after stage ``s``. It drives the runner (whose caches it overwrites), so
-    one runner serves one stage function at a time.
+    named ``writes`` after stage ``s``. With ``until=t`` it computes stages ``s..t`` in one call
+    (a fused graph) and returns subnet ``t``'s output and kept tensors. It drives the runner
+    (whose caches it overwrites), so one runner serves one stage function at a time.
     """
 
-    def __init__(self, runner: "IncrementalRunner", s: int, reads: Sequence[str], writes: Sequence[str]) -> None:
+    def __init__(self, runner: "IncrementalRunner", s: int, reads: Sequence[str], writes: Sequence[str],
+                 until: int | None = None) -> None:
         super().__init__()
         self.runner = runner
         self.s = int(s)
+        self.until = self.s if until is None else int(until)
         self.reads = list(reads)
         self.writes = list(writes)
 
@@ -141,6 +144,8 @@ class StageFunction(nn.Module):
             raise ValueError(f"stage {self.s} reads {len(self.reads)} kept tensors ({self.reads[:3]}...), "
                              f"got {len(kept)}")
         output = self.runner.resume_stage(x, self.s, dict(zip(self.reads, kept)))
+        for _ in range(self.s, self.until):
+            output = self.runner.step()
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"the model returns {type(output).__name__}; ONNX stage export needs a model "
                             "whose forward returns one logits tensor")
@@ -207,7 +212,7 @@ def _prepare_directory(directory: Path) -> None:
             raise ValueError(f"{directory} is not empty and holds no earlier export ({entries[:3]}...); "
                              "pass a new or empty folder")
         for name in entries:
-            if name == MANIFEST_NAME or (name.startswith("stage") and name.endswith(".onnx")):
+            if name == MANIFEST_NAME or (name.startswith(("stage", "reach")) and name.endswith(".onnx")):
                 (directory / name).unlink()
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -221,6 +226,7 @@ def export_onnx(
     normalization: Mapping[str, Any] | None = None,
     check: bool = True,
     model_name: str | None = None,
+    fused: bool = False,
 ) -> Path:
     """Write one ONNX graph per stage of ``runner`` and ``manifest.json`` into ``directory``.
 
@@ -230,6 +236,11 @@ def export_onnx(
     (recorded for :meth:`OnnxStepRunner.preprocess`; the graphs take normalised inputs).
     ``check``: run every stage in onnxruntime at another batch size than the trace and compare its
     logits with the torch runner's (relative tolerance 1e-4; raises ``RuntimeError`` beyond).
+    ``fused``: also write ``reach<s>.onnx`` for ``s >= 2``, stages ``1..s`` fused into one graph
+    that returns subnet ``s``'s logits and what later stages read: one onnxruntime call reaches
+    subnet ``s`` (``OnnxStepRunner.run(x, until=s)`` and ``max_macs=`` use it) and stepping
+    continues from there; it saves the per-call overhead of ``s - 1`` steps (at batch 1 on
+    LeNet-5 a call costs about as much as the stage's arithmetic; see docs/deploy.md).
     The runner must use the delta layout (``ValueError`` otherwise) and is reset afterwards.
     Returns the manifest's path. The folder may be new, empty or an earlier export (replaced).
     """
@@ -268,33 +279,46 @@ def export_onnx(
         keys += [k for k in [*reads, *writes] if k not in keys]
     state_name = {key: f"state{i}" for i, key in enumerate(keys)}
     _prepare_directory(root)
-    stages: list[dict[str, Any]] = []
-    for s, (reads, writes) in enumerate(io, start=1):
-        function = StageFunction(runner, s, reads, writes).eval()
-        args = (x, *[states[s - 2][k] for k in reads]) if s > 1 else (x,)
+
+    def write(function: StageFunction, path: Path, args: tuple[torch.Tensor, ...], reads: list[str],
+              writes: list[str], label: str) -> dict[str, Any]:
         input_names = [INPUT_NAME, *[state_name[k] for k in reads]]
         output_names = [OUTPUT_NAME, *[f"{state_name[k]}_new" for k in writes]]
-        path = root / f"stage{s}.onnx"
-        logger.info("exporting stage %d of %d (%d kept tensors read, %d written)", s, num, len(reads), len(writes))
+        logger.info("exporting %s (%d kept tensors read, %d written)", label, len(reads), len(writes))
         with torch.no_grad(), _EmptyOperandsMode(), _quiet_exporter():
-            torch.onnx.export(function, args, str(path), input_names=input_names, output_names=output_names,
+            torch.onnx.export(function.eval(), args, str(path), input_names=input_names, output_names=output_names,
                               dynamic_axes={name: {0: "batch"} for name in [*input_names, *output_names]},
                               opset_version=opset, do_constant_folding=True, dynamo=False)
-        # The exporter drops inputs the stage does not use (stages after the first read the image
+        # The exporter drops inputs the graph does not use (stages after the first read the image
         # from the first layer's kept inputs, not from the input).
         graph_inputs, graph_outputs = _graph_io_names(path)
         given = dict(zip(input_names, args))
-        missing = [name for name in graph_inputs if name not in given]
-        if missing or graph_outputs != output_names:
-            raise RuntimeError(f"stage {s}: the exported graph has inputs {graph_inputs} and outputs "
+        if any(name not in given for name in graph_inputs) or graph_outputs != output_names:
+            raise RuntimeError(f"{label}: the exported graph has inputs {graph_inputs} and outputs "
                                f"{graph_outputs[:4]}..., expected a subset of {input_names[:4]}... and "
                                f"{output_names[:4]}...; please report this with the model")
-        inputs = [_spec(name, given[name]) for name in graph_inputs]
-        outs = [_spec(OUTPUT_NAME, outputs[s - 1])] + [
-            _spec(f"{state_name[k]}_new", states[s - 1][k], state=state_name[k]) for k in writes]
-        stages.append({"stage": s, "file": path.name, "sha256": file_sha256(path),
-                       "macs": int(runner.step_macs(s, x)), "macs_cumulative": int(runner.macs(s, x)),
-                       "inputs": inputs, "outputs": outs})
+        last = function.until
+        outs = [_spec(OUTPUT_NAME, outputs[last - 1])] + [
+            _spec(f"{state_name[k]}_new", states[last - 1][k], state=state_name[k]) for k in writes]
+        return {"file": path.name, "sha256": file_sha256(path),
+                "inputs": [_spec(name, given[name]) for name in graph_inputs], "outputs": outs}
+
+    stages: list[dict[str, Any]] = []
+    for s, (reads, writes) in enumerate(io, start=1):
+        args = (x, *[states[s - 2][k] for k in reads]) if s > 1 else (x,)
+        entry = write(StageFunction(runner, s, reads, writes), root / f"stage{s}.onnx", args, reads, writes,
+                      f"stage {s} of {num}")
+        stages.append({"stage": s, "macs": int(runner.step_macs(s, x)), "macs_cumulative": int(runner.macs(s, x)),
+                       **entry})
+    reach: list[dict[str, Any]] = []
+    if fused:
+        for s in range(2, num + 1):
+            # What subnet s leaves for the stages after it (the values after stage s).
+            later = {k for reads, _ in io[s:] for k in reads}
+            writes = [k for k in keys if k in later and k in states[s - 1]]
+            entry = write(StageFunction(runner, 1, [], writes, until=s), root / f"reach{s}.onnx", (x,), [], writes,
+                          f"stages 1..{s} fused")
+            reach.append({"stage": s, "macs_cumulative": int(runner.macs(s, x)), **entry})
     runner.reset()
     logits_shape = [None, *[int(d) for d in outputs[0].shape[1:]]]
     manifest: dict[str, Any] = {
@@ -308,6 +332,7 @@ def export_onnx(
         "normalization": norm,
         "state": [{"name": state_name[k], "key": k} for k in keys],
         "stages": stages,
+        "reach": reach,
         "torch_version": torch.__version__,
     }
     manifest["manifest_sha256"] = manifest_sha256(manifest)

@@ -153,6 +153,32 @@ def test_random_nested_assignments_of_other_sizes(tmp_path: Path, tiny_model: Ca
         assert onnx_runner.macs_spent == net.macs(s)
 
 
+def test_fused_graphs_reach_a_subnet_in_one_call_and_stepping_continues(
+        tmp_path: Path, tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]) -> None:
+    net = SteppingNet(tiny_model("resnet18", seed=1), _inputs(1, seed=3), N, verify=False)
+    _stress(net, random_assignment, seed=5)
+    runner = IncrementalRunner(net)
+    export_onnx(runner, tmp_path / "fused", fused=True, check=False)
+    onnx_runner = OnnxStepRunner(tmp_path / "fused", threads=1)
+    assert [entry["file"] for entry in onnx_runner.manifest["reach"]] == [f"reach{s}.onnx" for s in range(2, N + 1)]
+    x = _inputs(8, seed=12)
+    refs = _torch_stages(runner, x)
+    for s in range(2, N + 1):
+        _close(onnx_runner.run(x.numpy(), until=s), refs[s - 1], f"fused 1..{s}")
+        assert onnx_runner.stage == s and onnx_runner.macs_spent == net.macs(s)
+        for t in range(s + 1, N + 1):                 # stepping goes on from the fused graph's state
+            _close(onnx_runner.step(), refs[t - 1], f"fused 1..{s}, then step to {t}")
+    _close(onnx_runner.run(x.numpy(), max_macs=net.macs(2)), refs[1], "max_macs through reach2")
+    assert onnx_runner.stage == 2
+    # Without the fused graphs the same calls step.
+    plain = OnnxStepRunner(tmp_path / "fused", threads=1, fused=False)
+    _close(plain.run(x.numpy(), until=N), refs[-1], "stepping")
+    # A fused graph is hashed like the stage graphs.
+    (tmp_path / "fused" / "reach2.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ManifestError, match="reach2.onnx is not the graph"):
+        OnnxStepRunner(tmp_path / "fused")
+
+
 def test_manifest_describes_the_graphs(exported: Callable[[str], Exported]) -> None:
     net, runner, directory = exported("lenet5")
     manifest = json.loads((directory / MANIFEST_NAME).read_text())
