@@ -179,6 +179,27 @@ def test_fused_graphs_reach_a_subnet_in_one_call_and_stepping_continues(
         OnnxStepRunner(tmp_path / "fused")
 
 
+def test_traced_stage_graphs_in_torch_equal_the_runner(exported: Callable[[str], Exported]) -> None:
+    from nni_steppingnet.onnx_export import TracedStepRunner
+
+    name = "resnet18"
+    net, runner, _ = exported(name)
+    traced = TracedStepRunner(runner)
+    for batch in (1, 8):
+        x = _inputs(batch, seed=40 + batch)
+        refs = _torch_stages(runner, x)
+        for s in range(1, N + 1):
+            got = traced.start(x) if s == 1 else traced.step()
+            _close(got.numpy(), refs[s - 1], f"traced {name} batch {batch} stage {s}")
+            assert traced.stage == s and traced.macs_spent == net.macs(s)
+    with pytest.raises(RuntimeError, match="last subnet"):
+        traced.step()
+    with pytest.raises(ValueError, match=r"\[batch, 3, 32, 32\]"):
+        traced.start(_inputs(1, seed=1)[:, :, :16])
+    with pytest.raises(ValueError, match="CUDA device"):
+        TracedStepRunner(runner, cuda_graphs=True, batch_size=1)
+
+
 def test_manifest_describes_the_graphs(exported: Callable[[str], Exported]) -> None:
     net, runner, directory = exported("lenet5")
     manifest = json.loads((directory / MANIFEST_NAME).read_text())
