@@ -96,6 +96,11 @@ def _dataset_name(value: Any) -> str | None:
     return None if value in _DATASETS else f"must be one of {', '.join(_DATASETS)}"
 
 
+def _criterion(value: Any) -> str | None:
+    choices = ("gradient", "class", "noise")
+    return None if value in choices else f"must be one of {', '.join(choices)}"
+
+
 def _augmentation(value: Any) -> str | None:
     return None if value in _AUGMENTATIONS else f"must be one of {', '.join(_AUGMENTATIONS)} or null"
 
@@ -188,6 +193,7 @@ class ConstructionSection:
     momentum: float = field(default=0.9, metadata=_meta(_rule["momentum"], "SGD momentum"))
     weight_decay: float = field(default=5e-4, metadata=_meta(_rule["weight_decay"], "SGD weight decay"))
     monitor_samples: int = field(default=1000, metadata=_meta(_non_negative, "test samples evaluated after every iteration (0: off)"))
+    criterion: str = field(default="gradient", metadata=_meta(_criterion, "neuron criterion: gradient (paper eq. 2-3), class or noise (see nni_steppingnet.criteria)"))
 
 
 @dataclass

@@ -98,20 +98,25 @@ def _check_subnet(subnet: int, n: int) -> None:
         raise ValueError(f"subnet must be an int in 1..{n}, got {subnet!r}")
 
 
-def _gate_points(net: SteppingNet) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
-    """``(module, channels, positions)``: where each neuron's output is gated.
+_Point = tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _gate_points(net: SteppingNet) -> list[_Point]:
+    """``(module, channels, positions, all_positions)``: where each neuron's output is gated.
 
     Norm-gated neurons (:func:`norm_gated_modules`) at their norm layer's output, every other
     neuron at its producing Conv/Linear output. ``channels`` index the module's channel axis,
-    ``positions`` are the matching flat neuron positions (the input slot excluded).
+    ``positions`` are the matching flat neuron positions (the input slot excluded) and
+    ``all_positions`` the flat position of every channel of the module (to find, under sliced
+    execution, which channels a narrower tensor holds).
     """
     modules = dict(net.model.named_modules())
     count = net.index.num_neurons
     covered = torch.zeros(count, dtype=torch.bool)
-    points: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    points: list[_Point] = []
     for name, positions in norm_gated_modules(net).items():
         channels = (positions < count).nonzero().flatten()
-        points.append((modules[name], channels, positions[channels]))
+        points.append((modules[name], channels, positions[channels], positions))
         covered[positions[channels]] = True
     for k, layer in enumerate(net.layers):
         if layer.is_logits:
@@ -119,7 +124,7 @@ def _gate_points(net: SteppingNet) -> list[tuple[nn.Module, torch.Tensor, torch.
         positions = net.index.out_positions[k]
         channels = ((positions < count) & ~covered[positions.clamp_max(count - 1)]).nonzero().flatten()
         if channels.numel():
-            points.append((layer.module, channels, positions[channels]))
+            points.append((layer.module, channels, positions[channels], positions))
     return points
 
 
@@ -189,7 +194,7 @@ class _GatedScorer:
         self._subnet: int | None = None
         self._targets: torch.Tensor | None = None
         self._handles = [module.register_forward_hook(self._make_hook(i))
-                         for i, (module, _, _) in enumerate(self._points)]
+                         for i, (module, _, _, _) in enumerate(self._points)]
 
     def _make_hook(self, index: int) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
@@ -201,6 +206,26 @@ class _GatedScorer:
 
     def _transform(self, index: int, module: nn.Module, output: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError
+
+    def _present(self, index: int, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(tensor channels, flat positions)`` of the gated neurons in an output of ``width``
+        channels: all of them at full width (masked execution); under sliced execution the
+        tensor holds the module's channels of neurons in subnets ``<= s`` in ascending order."""
+        _, channels, positions, all_positions = self._points[index]
+        if width == all_positions.numel():
+            return channels, positions
+        assert self._subnet is not None
+        flat = self.net.flat_assignment()  # trailing input slot: subnet 1
+        active = (flat[all_positions] <= self._subnet).nonzero().flatten()
+        if active.numel() != width:
+            logger.warning("%s: output has %d channels, expected %d (full) or %d (subnet %d); not scored",
+                           type(self).__name__, width, all_positions.numel(), active.numel(), self._subnet)
+            return None
+        rank = torch.full((all_positions.numel(),), -1, dtype=torch.long)
+        rank[active] = torch.arange(active.numel())
+        local = rank[channels]
+        keep = local >= 0
+        return local[keep], positions[keep]
 
     @contextlib.contextmanager
     def observe(self, subnet: int, targets: torch.Tensor) -> Iterator[Any]:
@@ -282,16 +307,19 @@ class ClassScorer(_GatedScorer):
         self.num_classes = num_classes
         self.threshold = float(threshold)
         self.per_class = torch.zeros(self.num_subnets, num_classes, self.num_neurons, dtype=torch.float32)
-        self._gates: list[tuple[int, torch.Tensor]] = []
+        self._gates: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _transform(self, index: int, module: nn.Module, output: torch.Tensor) -> torch.Tensor | None:
         if not output.requires_grad:
             return None
-        _, channels, _ = self._points[index]
         dim = _channel_dim(module)
+        present = self._present(index, output.shape[dim])
+        if present is None or present[0].numel() == 0:
+            return None
+        channels, positions = present
         gate = torch.ones(output.shape[0], channels.numel(), device=output.device, dtype=output.dtype,
                           requires_grad=True)
-        self._gates.append((index, gate))
+        self._gates.append((positions, gate))
         if channels.numel() == output.shape[dim]:
             return output * _broadcast(gate, output, dim)
         full = torch.ones(output.shape[0], output.shape[dim], device=output.device, dtype=output.dtype)
@@ -306,11 +334,10 @@ class ClassScorer(_GatedScorer):
         with torch.no_grad():
             onehot = torch.zeros(targets.shape[0], self.num_classes, dtype=torch.float32, device=targets.device)
             onehot.scatter_(1, targets.long().view(-1, 1), 1.0)
-            for index, gate in gates:
+            for positions, gate in gates:
                 if gate.grad is None:
                     continue
                 per_class = (onehot.t() @ gate.grad.float()).abs().cpu()  # [C, channels]
-                positions = self._points[index][2]
                 self.per_class[subnet - 1].index_add_(1, positions, per_class)
 
     @property
@@ -365,8 +392,11 @@ class NoiseScorer(_GatedScorer):
     def _transform(self, index: int, module: nn.Module, output: torch.Tensor) -> torch.Tensor | None:
         if not output.requires_grad or self._subnet is None:
             return None
-        _, channels, positions = self._points[index]
         dim = _channel_dim(module)
+        present = self._present(index, output.shape[dim])
+        if present is None or present[0].numel() == 0:
+            return None
+        channels, positions = present
         rho = self.rho
         if rho.device != output.device:
             rho = rho.to(output.device)

@@ -244,3 +244,50 @@ def test_state_round_trip_and_errors() -> None:
         ClassScorer(net, num_classes=1)
     with pytest.raises(TypeError, match="needs a SteppingNet"):
         ClassScorer(nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["class", "noise"])
+def test_construction_runs_with_each_criterion(name: str) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nni_steppingnet.construction import ConstructionConfig, Constructor
+
+    net = _net()
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(48, 3, 6, 6, generator=gen), torch.arange(48) % 3)
+    reference = net.macs(2)
+    config = ConstructionConfig(budgets=[0.4, 0.8], reference_macs=reference, batches_per_iteration=2,
+                                iterations=4, criterion=name)
+    constructor = Constructor(net, config, DataLoader(data, batch_size=12, shuffle=True))
+    assert type(constructor.tracker).name == name
+    result = constructor.run()
+    assert result.all_met and all(r <= b for r, b in zip(result.mac_ratios, [0.4, 0.8]))
+    assert int(constructor.tracker.batches.sum()) == 0  # reset after the last iteration
+    with pytest.raises(ValueError, match="criterion must be one of gradient, class, noise"):
+        ConstructionConfig(budgets=[0.4, 0.8], reference_macs=reference, criterion="taylor")
+
+
+@pytest.mark.parametrize("name", ["class", "noise"])
+def test_sliced_and_masked_execution_score_alike(name: str) -> None:
+    """Under sliced execution a layer's output holds only the subnet's channels; the scorers map
+    them back to their neurons and score as under masks (up to float rounding)."""
+    results = []
+    for execution in ("masked", "sliced"):
+        net = _net()
+        if not hasattr(net, "set_execution"):
+            pytest.skip("this SteppingNet has a single (masked) execution")
+        net.groups[0].assignment = torch.tensor([1, 2, 1, 2])  # conv/BN channels 1 and 3 in subnet 2
+        net.set_execution(execution)
+        torch.manual_seed(5)
+        scorer = make_scorer(name, net)
+        x, y = _batch()
+        with scorer.observe(1, y):
+            with net.subnet(1):
+                loss = F.cross_entropy(net.model(x), y) + scorer.penalty(1)
+            with scorer.collect(subnet=1):
+                loss.backward()
+        scorer.after_step()
+        results.append(scorer.scores.clone())
+        scorer.close()
+    assert torch.allclose(results[0], results[1], rtol=1e-4, atol=1e-6)
+    assert float(results[0][0].abs().sum()) > 0

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 from ..data import to_device
 from ..errors import CheckpointError
-from ..importance import ImportanceTracker
+from ..criteria import CRITERIA, make_scorer
 from ..stepping import SteppingNet
 from ..train import BetaSuppression, autocast, check_amp, forward_logits, make_optimizer, split_batch
 from ..validation import CONSTRUCTION_RULES, check_budgets, is_int
@@ -122,8 +122,12 @@ class ConstructionConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    #: neuron scorer (:data:`nni_steppingnet.criteria.CRITERIA`): ``gradient`` is the paper's eq. (2)-(3)
+    criterion: str = "gradient"
 
     def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         # The checks live in nni_steppingnet.validation, shared with the recipes and the NNI pruner.
         self.budgets = check_budgets(self.budgets)
         if not is_int(self.reference_macs) or self.reference_macs <= 0:
@@ -240,7 +244,7 @@ class Constructor:
             raise ValueError(f"device must be like 'cpu' or 'cuda', got {device!r}") from exc
         self.amp = check_amp(amp)
         net.model.to(self.device)
-        self.tracker = ImportanceTracker(net)
+        self.tracker = make_scorer(config.criterion, net)
         self.optimizer = make_optimizer(net.model.parameters(), config.lr, config.momentum, config.weight_decay)
         self._stream = BatchStream(() if train_loader is None else train_loader, config.seed)
         self.iteration = 0
@@ -374,12 +378,15 @@ class Constructor:
                 for _ in range(cfg.batches_per_iteration):
                     inputs, targets = split_batch(to_device(self._stream.next(), self.device))
                     self.optimizer.zero_grad(set_to_none=True)
-                    with net.subnet(k), autocast(self.device, self.amp):
-                        logits = forward_logits(model, inputs)
-                    loss = F.cross_entropy(logits.float(), targets)
-                    with self.tracker.collect(subnet=k):
-                        loss.backward()
+                    # The scorer (construction.criterion) may gate or perturb this batch's forward.
+                    with self.tracker.observe(k, targets):
+                        with net.subnet(k), autocast(self.device, self.amp):
+                            logits = forward_logits(model, inputs)
+                        loss = F.cross_entropy(logits.float(), targets)
+                        with self.tracker.collect(subnet=k):
+                            (loss + self.tracker.penalty(k)).backward()
                     self.optimizer.step()
+                    self.tracker.after_step()
                     total += loss.detach()
                     steps += 1
         finally:
