@@ -45,6 +45,7 @@ import onnxruntime as ort
 import timm
 import torch
 import torch.nn as nn
+from runtime import random_budget_assignment  # benchmarks/runtime.py (this script's folder)
 
 import nni_steppingnet.models  # noqa: F401  (registers lenet5, vgg16_cifar with timm)
 from nni_steppingnet import SteppingNet
@@ -53,7 +54,6 @@ from nni_steppingnet.export import export_with_report
 from nni_steppingnet.onnx_export import export_onnx, export_subnet_onnx
 from nni_steppingnet.onnx_runner import OnnxStepRunner
 from nni_steppingnet.runtime import IncrementalRunner
-from runtime import random_budget_assignment  # benchmarks/runtime.py (this script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "onnx_runtime.json"

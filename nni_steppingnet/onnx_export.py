@@ -77,12 +77,13 @@ class _EmptyOperandsMode(TorchFunctionMode):
         leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() >= 2]
         if not leaves or any(t.numel() for t in leaves) or not torch.jit.is_tracing():
             return func(*args, **kwargs)
+        # torch's tracer has no public pause (and its stubs omit the setter).
         tracing = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)
+        torch._C._set_tracing_state(None)  # type: ignore[attr-defined]
         try:
             result = _call_widened(func, args, kwargs, leaves[0])
         finally:
-            torch._C._set_tracing_state(tracing)
+            torch._C._set_tracing_state(tracing)  # type: ignore[attr-defined]
         outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
         if not outputs or any(t.numel() for t in outputs):
             return func(*args, **kwargs)
@@ -130,7 +131,7 @@ class StageFunction(nn.Module):
     (whose caches it overwrites), so one runner serves one stage function at a time.
     """
 
-    def __init__(self, runner: "IncrementalRunner", s: int, reads: Sequence[str], writes: Sequence[str],
+    def __init__(self, runner: IncrementalRunner, s: int, reads: Sequence[str], writes: Sequence[str],
                  until: int | None = None) -> None:
         super().__init__()
         self.runner = runner
@@ -219,7 +220,7 @@ def _prepare_directory(directory: Path) -> None:
 
 
 def export_onnx(
-    runner: "IncrementalRunner",
+    runner: IncrementalRunner,
     directory: str | os.PathLike[str],
     *,
     input_shape: Sequence[int] | None = None,
@@ -348,7 +349,7 @@ def export_onnx(
     return target
 
 
-def check_export(runner: "IncrementalRunner", directory: str | os.PathLike[str], batch: int = _CHECK_BATCH,
+def check_export(runner: IncrementalRunner, directory: str | os.PathLike[str], batch: int = _CHECK_BATCH,
                  rtol: float = _CHECK_RTOL) -> float:
     """Run every stage of the export in ``directory`` with onnxruntime and the torch runner on the
     same random input (``batch`` samples) and return the largest difference relative to the
@@ -358,7 +359,7 @@ def check_export(runner: "IncrementalRunner", directory: str | os.PathLike[str],
     from .onnx_runner import OnnxStepRunner
 
     onnx_runner = OnnxStepRunner(directory, expect_hash=runner.assignment_hash(), threads=1)
-    shape = [int(d) for d in onnx_runner.input_shape[1:]]
+    shape = [int(d) for d in onnx_runner.input_shape[1:] if d is not None]
     device = next((p.device for p in runner.model.parameters()), torch.device("cpu"))
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(1))
     worst = 0.0
@@ -418,7 +419,7 @@ class TracedStepRunner:
     runner's reference shape); ``start(x)`` refuses other shapes. Needs the delta layout.
     """
 
-    def __init__(self, runner: "IncrementalRunner", *, input_shape: Sequence[int] | None = None,
+    def __init__(self, runner: IncrementalRunner, *, input_shape: Sequence[int] | None = None,
                  cuda_graphs: bool = False, batch_size: int | None = None) -> None:
         if input_shape is None:
             reference = runner.reference_shape
