@@ -86,8 +86,8 @@ SCHEDULES: dict[str, dict[str, dict[str, list[str]]]] = {
                       "methods": ["data.train_subset=2000", "construction.iterations=6",
                                   "construction.batches_per_iteration=4", "retraining.epochs=1"]},
         "lenet5": {"teacher": ["teacher.epochs=10"],
-                   "methods": ["data.train_subset=10000", "construction.iterations=20",
-                               "construction.batches_per_iteration=10", "retraining.epochs=2"]},
+                   "methods": ["data.train_subset=2000", "construction.iterations=6",
+                               "construction.batches_per_iteration=4", "retraining.epochs=1"]},
     },
     "paper": {case: {"teacher": [], "methods": []} for case in CASES},
 }
