@@ -87,8 +87,8 @@ class ChannelSlicer:
             self.names += [("b", n, 0) for n, t in module.named_buffers(recurse=False)
                            if t is not None and t.dim() >= 1 and t.shape[0] == width]
         self._saved: list[tuple[str, str, Any]] = []
-        #: buffers to write back after a differentiable swap: (full, slice, its version, index, dim)
-        self._written: list[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, int]] = []
+        #: buffers to write back after a differentiable swap: (full, slice, index, dim)
+        self._written: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
         #: name -> (stamp of the module's tensor, its slice per stage)
         self._cache: dict[str, tuple[tuple[Any, ...], list[torch.Tensor]]] = {}
         self._device_index: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -132,7 +132,7 @@ class ChannelSlicer:
             part = tensor.index_select(dim, index)
             self._saved.append((kind, name, tensor))
             if kind == "b":
-                self._written.append((tensor, part, part._version, index, dim))
+                self._written.append((tensor, part, index, dim))
             table[name] = part
 
     def restore(self) -> None:
@@ -141,11 +141,11 @@ class ChannelSlicer:
         for kind, name, tensor in self._saved:
             (module._parameters if kind == "p" else module._buffers)[name] = tensor
         self._saved = []
-        for full, part, version, index, dim in self._written:
-            if part._version != version:
-                # Through .data: a tracked in-place write into a buffer the graph may have saved
-                # would fail at backward; running statistics are not differentiated.
-                full.data.index_copy_(dim, index, part.detach().to(full.dtype))
+        for full, part, index, dim in self._written:
+            # Always (not only when the version changed): BatchNorm updates its running
+            # statistics in place without bumping the version counter. Through .data: a tracked
+            # in-place write into a buffer the graph may have saved would fail at backward.
+            full.data.index_copy_(dim, index, part.detach().to(full.dtype))
         self._written = []
 
 

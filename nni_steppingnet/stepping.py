@@ -24,6 +24,8 @@ from .errors import CheckpointError, UnsupportedModelError
 from .export import export_subnet
 from .graph import INPUT_SLOT, GraphSpec, LayerSpec, discover_layers
 from .hooks import HookRegistry
+from .sliced import EXECUTIONS, SlicedExecution
+from .sliced import attach as attach_sliced
 from .rules import NESTED, MaskRule
 
 __all__ = ["SteppingNet", "SteppingIndex", "NeuronGroup", "RunningStatsGuard", "STATE_FORMAT"]
@@ -120,7 +122,8 @@ class RunningStatsGuard:
 
     def _pre(self, name: str, positions: torch.Tensor) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            if not module.training:
+            # Sliced execution never touches inactive channels' statistics.
+            if not module.training or self.net.runs_sliced():
                 return None
             mean, var = module.running_mean, module.running_var
             index = self._inactive(name, positions, mean.device)
@@ -249,6 +252,11 @@ class _SubnetMask(nn.Module):
         net = self._net_ref()
         if net is None:
             return weight
+        if net._sliced is not None:
+            # Sliced execution: inside the layer's sliced call this is its gathered block.
+            block = net._sliced.weight(self.index, weight)
+            if block is not None:
+                return block
         return weight * net._weight_mask(self.index, weight)
 
 
@@ -265,6 +273,11 @@ class SteppingNet:
             smaller subnet's activations change when a larger one is active (always under the
             nested rule: the probe looks for channel mixing torch-pruning did not trace).
         rule: the mask rule (:mod:`nni_steppingnet.rules`); baselines pass theirs.
+        execution: ``"sliced"`` (every subnet computes only its own channels, at the dense
+            subnet's cost; :mod:`nni_steppingnet.sliced`), ``"masked"`` (full width, weights
+            multiplied by masks; bitwise isolation) or ``"auto"`` (default: sliced if a wrap-time
+            check finds it equal to masked on a random input, outputs and gradients in training
+            and eval mode, else masked with a logged reason). :attr:`execution` says which runs.
 
     Public read-only views: :attr:`index` (channel -> neuron positions, offsets, flat assignment,
     change signature) and :attr:`hooks` (the ordered hook registry every library hook on the
@@ -281,7 +294,10 @@ class SteppingNet:
         exclude: Sequence[nn.Module] = (),
         verify: bool = True,
         rule: MaskRule = NESTED,
+        execution: str = "auto",
     ) -> None:
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {', '.join(map(repr, EXECUTIONS))}, got {execution!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(num_subnets, bool) or not isinstance(num_subnets, int) or num_subnets < 1:
@@ -320,6 +336,8 @@ class SteppingNet:
         #: Unstructured pruning masks (bool, weight-shaped), by layer name; absent means dense.
         self.prune_masks: dict[str, torch.Tensor] = {}
         self._active: int | None = None
+        self._sliced: SlicedExecution | None = None
+        self._masked_depth = 0
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
         self._device_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
         self._signature: tuple[Any, ...] = ()
@@ -333,8 +351,55 @@ class SteppingNet:
         self._rule = rule
         self.invalidate()
         self.bn_guard = RunningStatsGuard(self)
+        self.set_execution(execution)
 
     # ----------------------------------------------------------------- assignment
+    # ------------------------------------------------------------------ execution
+    @property
+    def execution(self) -> str:
+        """``"sliced"`` or ``"masked"``: how the model computes a subnet (see ``execution=``)."""
+        return "sliced" if self._sliced is not None else "masked"
+
+    def set_execution(self, execution: str) -> str:
+        """Switch to ``"sliced"``, ``"masked"`` or ``"auto"`` (checked, see ``execution=``);
+        returns what runs now."""
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {', '.join(map(repr, EXECUTIONS))}, got {execution!r}")
+        if self._sliced is not None:
+            self._sliced.remove()
+            self._sliced = None
+        self._sliced = attach_sliced(self, execution)
+        return self.execution
+
+    def refresh_execution(self) -> None:
+        """Rebuild the sliced execution's hooks after modules of the model were replaced (the
+        slimmable baseline's switchable BatchNorm does); nothing to do when running masked."""
+        if self._sliced is not None:
+            self._sliced.install()
+
+    def runs_sliced(self) -> bool:
+        """True when a model forward now runs sliced (not inside :meth:`masked_execution`)."""
+        return self._sliced is not None and self._masked_depth == 0
+
+    @contextlib.contextmanager
+    def masked_execution(self) -> Iterator["SteppingNet"]:
+        """Within this context the model runs masked, whatever :attr:`execution` says."""
+        self._masked_depth += 1
+        try:
+            yield self
+        finally:
+            self._masked_depth -= 1
+
+    @contextlib.contextmanager
+    def execution_override(self, sliced: "SlicedExecution | None") -> Iterator["SteppingNet"]:
+        """Run with ``sliced`` (``None``: masked) within this context; the wrap-time check of
+        ``execution="auto"`` uses it to try a candidate before adopting it."""
+        previous, self._sliced = self._sliced, sliced
+        try:
+            yield self
+        finally:
+            self._sliced = previous
+
     @property
     def active_subnet(self) -> int:
         """The subnet the model computes now (N outside any ``subnet()`` context)."""
@@ -563,7 +628,8 @@ class SteppingNet:
             with torch.no_grad():
                 for s in range(1, self.num_subnets + 1):
                     current = {}
-                    with self.subnet(s), torch.random.fork_rng(devices=cuda):
+                    # Masked: the probe compares channels at their original positions.
+                    with self.subnet(s), self.masked_execution(), torch.random.fork_rng(devices=cuda):
                         call_model(self.model, inputs)
                     outputs[s] = current
         finally:
@@ -629,6 +695,8 @@ class SteppingNet:
         # Hooks are copied by reference and would act on the copy with this net's assignment.
         model._forward_pre_hooks.pop(self._root_hook.id, None)
         self.hooks.detach_from(model)
+        if self._sliced is not None:
+            self._sliced.detach_from(model)
         for k, layer in enumerate(self.layers):
             module = model.get_submodule(layer.name)
             trainable = module.parametrizations.weight.original
@@ -707,6 +775,9 @@ class SteppingNet:
         self._root_hook.remove()
         if hasattr(self, "bn_guard"):
             self.bn_guard.remove()
+        if getattr(self, "_sliced", None) is not None:
+            self._sliced.remove()
+            self._sliced = None
         self.hooks.clear()
         return self.model
 

@@ -103,6 +103,8 @@ class SlimmableNet(SlicedNet):
                     self.channel_modules[f"{name}.bns.{s}"] = positions
         if guard is not None:
             self.bn_guard = RunningStatsGuard(self)
+        # Sliced execution hooks the per-width copies too (they replace the hooked originals).
+        self.refresh_execution()
         logger.debug("switchable BN for %d modules: %s", len(names), names)
 
     # --------------------------------------------------------------------- export
