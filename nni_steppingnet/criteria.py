@@ -82,7 +82,7 @@ class GradientScorer(ImportanceTracker):
     name = "gradient"
 
     @contextlib.contextmanager
-    def observe(self, subnet: int, targets: torch.Tensor) -> Iterator["GradientScorer"]:
+    def observe(self, subnet: int, targets: torch.Tensor) -> Iterator[GradientScorer]:
         """Nothing to install: the gradient hooks are always registered."""
         yield self
 
@@ -299,7 +299,10 @@ class ClassScorer(_GatedScorer):
             logits = [layer for layer in net.layers if layer.is_logits]
             if not logits:
                 raise ValueError("ClassScorer needs a logits layer (or num_classes) to know the classes")
-            num_classes = int(logits[-1].module.weight.shape[0])
+            weight = logits[-1].module.weight
+            if not isinstance(weight, torch.Tensor):
+                raise ValueError("ClassScorer: the logits layer has no weight tensor; pass num_classes")
+            num_classes = int(weight.shape[0])
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -49,6 +50,16 @@ def _net(seed: int = 0, num_subnets: int = 2) -> SteppingNet:
 def _batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(12, 3, 6, 6, generator=gen), torch.tensor([0, 1, 2] * 4)
+
+
+def _keep_output(store: dict[str, torch.Tensor]) -> Any:
+    """A forward hook that keeps the module's output (with its gradient) in ``store['h']``."""
+
+    def keep(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+        out.retain_grad()
+        store["h"] = out
+
+    return keep
 
 
 def test_class_scores_hand_computed() -> None:
@@ -100,7 +111,7 @@ def test_class_importance_equals_per_class_gate_gradients() -> None:
     for c in range(3):
         model.zero_grad()
         store: dict[str, torch.Tensor] = {}
-        handle = model.hidden.register_forward_hook(lambda m, i, o: store.__setitem__("h", o) or o.retain_grad())
+        handle = model.hidden.register_forward_hook(_keep_output(store))
         with net.subnet(2):
             logits = model(x)
         handle.remove()
