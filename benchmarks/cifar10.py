@@ -185,8 +185,9 @@ def run_case(case: str, args: argparse.Namespace, base: list[str]) -> dict[str, 
 
 
 def run_ablation(args: argparse.Namespace, base: list[str]) -> dict[str, Any]:
-    """Fig. 7 / Fig. 8 on LeNet-3C1L, first seed, the schedule's method settings."""
-    case, seed = "lenet3c1l", args.seeds[0]
+    """Fig. 7 / Fig. 8 on ``--ablate-case`` (the paper: LeNet-3C1L), first seed, the schedule's
+    method settings."""
+    case, seed = args.ablate_case, args.seeds[0]
     out = Path(args.out)
     teacher_path, _ = _teacher(case, seed, base, args.schedule, out, args.device)
     recipe, overrides = _method_recipe(case, seed, base, args.schedule, teacher_path)
@@ -195,9 +196,9 @@ def run_ablation(args: argparse.Namespace, base: list[str]) -> dict[str, Any]:
                         device=args.device, resume=True, progress=False)
     cli = (f"nni-steppingnet ablate {CASES[case]} --seeds {seed} --expansions {args.expansions} "
            f"--device {args.device} " + " ".join(f"--set {shlex.quote(o)}" for o in overrides))
+    title = f"{PAPER_TABLE_I[case]['network']} ablations (Fig. 7, Fig. 8), seed {seed}, validation split"
     return {"case": case, "seed": seed, "summary": report["summary"], "variants": report["variants"],
-            "expansions": report["expansions"], "cli": cli, "markdown": compare_markdown(
-                report, title="LeNet-3C1L ablations (Fig. 7, Fig. 8)")}
+            "expansions": report["expansions"], "cli": cli, "markdown": compare_markdown(report, title=title)}
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -247,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--criteria", action="store_true", help="also run SteppingNet with the class and noise criteria")
     parser.add_argument("--criteria-cases", default=",".join(CASES),
                         help="cases the --criteria runs cover (default: all)")
-    parser.add_argument("--ablate", action="store_true", help="also run the Fig. 7/8 ablations (LeNet-3C1L, first seed)")
+    parser.add_argument("--ablate", action="store_true", help="also run the Fig. 7/8 ablations (--ablate-case, first seed)")
     parser.add_argument("--ablate-only", action="store_true", help="run only the ablations")
     parser.add_argument("--expansions", default="1.0,1.4,1.8,2.2")
+    parser.add_argument("--ablate-case", choices=list(CASES), default="lenet3c1l",
+                        help="network of the ablations (the paper's Figs. 7-8: lenet3c1l)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "cifar10"), help="run folders (git-ignored)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cifar10.json"))
     parser.add_argument("--docs", default=str(ROOT / "docs" / "results.md"),
