@@ -203,7 +203,8 @@ def test_slimmable_has_private_batchnorm_per_width() -> None:
                                            "features.5.bns.0", "features.5.bns.1"]
     bn = net.model.features[1]
     # the running-statistics guard hooks the per-width copies (and nothing else)
-    hooked = [n for n, m in net.model.named_modules() if m._forward_pre_hooks]
+    hooked = [n for n, m in net.model.named_modules() if m._forward_pre_hooks
+              and (not n or isinstance(m, nn.modules.batchnorm._BatchNorm))]
     assert hooked == ["", "features.1.bns.0", "features.1.bns.1", "features.5.bns.0", "features.5.bns.1"]
     stats = [b.running_mean.clone() for b in bn.bns]
     net.model.train()

@@ -125,7 +125,8 @@ def test_scores_equal_activation_gradient_product_on_cnn(
             if isinstance(module, nn.BatchNorm2d):  # non-trivial gamma and beta
                 module.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
                 module.bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(3))
-    net = SteppingNet(model, torch.randn(2, 1, 12, 12), 3)
+    # Masked: the hooks below read every channel at its original position.
+    net = SteppingNet(model, torch.randn(2, 1, 12, 12), 3, execution="masked")
     random_assignment(net, seed=1)
     tracker = ImportanceTracker(net)
     gated = norm_gated_modules(net)

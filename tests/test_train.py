@@ -287,7 +287,8 @@ def test_train_subnets_epoch_on_steppingnet_with_beta_bf16(net: SteppingNet) -> 
 
 
 def test_running_stats_guard_keeps_inactive_channels(net: SteppingNet) -> None:
-    """Every SteppingNet installs the guard at wrap time, so any training loop gets it."""
+    """Every SteppingNet installs the guard at wrap time, so any training loop gets it (the
+    masked execution needs it; sliced execution never computes inactive channels)."""
     x, _ = _data()
     bn = net.model.features[1]
     name = "features.1"
@@ -295,7 +296,7 @@ def test_running_stats_guard_keeps_inactive_channels(net: SteppingNet) -> None:
     assert inactive.any() and (~inactive).any()
     mean, var = bn.running_mean.clone(), bn.running_var.clone()
     net.model.train()
-    with net.subnet(1):
+    with net.subnet(1), net.masked_execution():
         net.model(x).sum().backward()
     assert torch.equal(bn.running_mean[inactive], mean[inactive])
     assert torch.equal(bn.running_var[inactive], var[inactive])
@@ -304,7 +305,7 @@ def test_running_stats_guard_keeps_inactive_channels(net: SteppingNet) -> None:
     copy = net.plain_copy()
     assert not any(m._forward_pre_hooks for m in copy.modules())
     net.bn_guard.remove()
-    with net.subnet(1):
+    with net.subnet(1), net.masked_execution():
         net.model(x)  # guard removed: the zeros of inactive channels leak in again
     assert not torch.equal(bn.running_mean[inactive], mean[inactive])
 
