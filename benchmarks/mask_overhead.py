@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import nni_steppingnet.models  # noqa: F401  (registers lenet5)
 from nni_steppingnet import SteppingNet
+from nni_steppingnet.testing import fraction_assignment
 
 __all__ = ["measure_pair", "budget_assignment", "main"]
 
@@ -93,12 +94,9 @@ def measure_pair(a: Callable[[], None], b: Callable[[], None], repeats: int,
 
 
 def budget_assignment(net: SteppingNet, seed: int) -> None:
-    """Random per-neuron indices with cumulative channel fractions ``CHANNEL_FRACTIONS``."""
-    generator = torch.Generator().manual_seed(seed)
-    bounds = torch.tensor(CHANNEL_FRACTIONS[:-1])
-    for group in net.groups:
-        u = torch.rand(group.size, generator=generator)
-        group.assignment = 1 + (u.unsqueeze(1) >= bounds).sum(1)
+    """Random per-neuron indices with cumulative channel fractions ``CHANNEL_FRACTIONS``
+    (:func:`nni_steppingnet.testing.fraction_assignment`)."""
+    fraction_assignment(net, CHANNEL_FRACTIONS, seed)
 
 
 def _model(name: str) -> nn.Module:

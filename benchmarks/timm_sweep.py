@@ -111,71 +111,20 @@ def _build(name: str, sizes: Sequence[int]) -> tuple[Any, Any, int]:
 
 
 def _randomize(net: Any, seed: int) -> None:
-    import torch
-    import torch.nn as nn
+    """Random nested assignment and non-trivial BN statistics (``nni_steppingnet.testing``)."""
+    from nni_steppingnet.testing import random_assignment, randomize_bn
 
-    generator = torch.Generator().manual_seed(seed)
-    for group in net.groups:
-        values = torch.randint(1, net.num_subnets + 2, (group.size,), generator=generator)
-        if group.size >= net.num_subnets:
-            slots = torch.randperm(group.size, generator=generator)[: net.num_subnets]
-            values[slots] = torch.arange(1, net.num_subnets + 1)
-        group.assignment = values
-    with torch.no_grad():
-        for module in net.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-                shape = module.running_mean.shape
-                module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+    random_assignment(net, seed=seed)
+    randomize_bn(net.model, seed=seed + 1)
 
 
 def _isolation(net: Any, x: Any, train: bool) -> tuple[int, float, str]:
-    """(channels compared, worst relative difference, where) with our own forward hooks."""
-    import torch
+    """(channels compared, worst relative difference, where): ``nni_steppingnet.testing``'s
+    checker, independent of ``SteppingNet.check_isolation``."""
+    from nni_steppingnet.testing import isolation_report
 
-    model = net.model
-    current: dict[str, Any] = {}
-    handles = []
-    for layer in net.layers:
-        def hook(module: Any, args: Any, output: Any, name: str = layer.name, logits: bool = layer.is_logits) -> None:
-            current.setdefault(name, []).append((args[0] if logits else output).detach().clone())
-        handles.append(layer.module.register_forward_hook(hook))
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    model.train(train)
-    acts = {}
-    try:
-        with torch.no_grad():
-            for s in range(1, net.num_subnets + 1):
-                current.clear()
-                with net.subnet(s), torch.random.fork_rng(devices=[]):
-                    model(x)
-                acts[s] = dict(current)
-    finally:
-        for h in handles:
-            h.remove()
-        model.eval()
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(buffers[k])
-    compared, worst, where = 0, 0.0, ""
-    for k, layer in enumerate(net.layers):
-        a_out, a_in = net.layer_assignment(k)
-        if layer.is_logits:  # a Linear reads features on the last dim, a 1x1-conv head on dim 1
-            index, dim = a_in[0], 1 if isinstance(layer.module, torch.nn.Conv2d) else -1
-        else:
-            index, dim = a_out, 1
-        for s in range(1, net.num_subnets):
-            keep = (index <= s).nonzero().flatten()
-            for call, small in enumerate(acts[s].get(layer.name, [])):
-                small = small.index_select(dim, keep)
-                for t in range(s + 1, net.num_subnets + 1):
-                    large = acts[t][layer.name][call].index_select(dim, keep)
-                    compared += keep.numel()
-                    if not torch.equal(small, large):
-                        err = float((small - large).abs().max() / large.abs().max().clamp_min(1e-12))
-                        if err > worst:
-                            worst, where = err, f"{layer.name} subnet {s} vs {t}"
-    return compared, worst, where
+    report = isolation_report(net, x, train=train)
+    return sum(report.compared), report.worst, report.where
 
 
 def check_model(family: str, name: str, sizes: Sequence[int], export: bool) -> dict[str, Any]:

@@ -45,7 +45,7 @@ _NUMPY_MARK = "__nni_steppingnet_ndarray__"
 _FILE_MODE = 0o644
 
 
-def atomic_write(path: str | os.PathLike[str], writer: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[BinaryIO], object]) -> Path:
     """Call ``writer`` on a temporary file beside ``path``, then move it onto ``path``.
 
     The folder is created if needed. On any error (including ``KeyboardInterrupt``) the

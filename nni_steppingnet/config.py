@@ -248,11 +248,11 @@ class Recipe:
         return out
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], source: str = "<dict>") -> "Recipe":
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "<dict>") -> Recipe:
         """Validate ``raw`` (as read from YAML) and build a recipe; raises :class:`RecipeError`."""
         return _build_recipe(raw, source)
 
-    def with_overrides(self, overrides: Sequence[str]) -> "Recipe":
+    def with_overrides(self, overrides: Sequence[str]) -> Recipe:
         """A copy with ``key=value`` overrides applied (and validated)."""
         return Recipe.from_dict(apply_overrides(self.to_dict(), overrides), self.source)
 

@@ -39,9 +39,9 @@ def _densify_grouped(conv: nn.Conv2d) -> nn.Conv2d:
     torch-pruning cannot drop an arbitrary subset of a grouped conv's channels (each conv group
     must keep equal sizes), so export rebuilds the layer; the zero blocks cost only dense MACs.
     """
-    dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, dilation=conv.dilation, groups=1,
-                      bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    geometry: dict[str, Any] = {"kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding,
+                                "dilation": conv.dilation, "padding_mode": conv.padding_mode}
+    dense = nn.Conv2d(conv.in_channels, conv.out_channels, groups=1, bias=conv.bias is not None, **geometry)
     dense = dense.to(device=conv.weight.device, dtype=conv.weight.dtype)
     weight = torch.zeros_like(dense.weight)
     out_per, in_per = conv.out_channels // conv.groups, conv.in_channels // conv.groups
@@ -49,12 +49,12 @@ def _densify_grouped(conv: nn.Conv2d) -> nn.Conv2d:
         weight[g * out_per:(g + 1) * out_per, g * in_per:(g + 1) * in_per] = conv.weight[g * out_per:(g + 1) * out_per]
     with torch.no_grad():
         dense.weight.copy_(weight)
-        if conv.bias is not None:
+        if conv.bias is not None and dense.bias is not None:
             dense.bias.copy_(conv.bias)
     return dense
 
 
-def export_subnet(net: "SteppingNet", s: int) -> nn.Module:
+def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     """Copy of ``net.model`` computing subnet ``s`` with the inactive channels removed.
 
     Masked synapses are stored as zeros, so the copy computes exactly ``with net.subnet(s)``.
@@ -122,7 +122,7 @@ def _check_runs(model: nn.Module, example_inputs: Any, s: int) -> None:
             handle.remove()
 
 
-def export_with_report(net: "SteppingNet", s: int) -> tuple[nn.Module, ExportReport]:
+def export_with_report(net: SteppingNet, s: int) -> tuple[nn.Module, ExportReport]:
     """:func:`export_subnet` plus its nonzero and dense MAC counts and parameter count."""
     model = export_subnet(net, s)
     # Our own per-sample counter for both numbers (torch-pruning's count_ops_and_params is

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -76,12 +76,12 @@ class LayerSpec:
 
     @property
     def out_channels(self) -> int:
-        return int(self.module.weight.shape[0])
+        return int(cast(torch.Tensor, self.module.weight).shape[0])
 
     @property
     def in_channels(self) -> int:
         m = self.module
-        return int(m.in_channels if isinstance(m, nn.Conv2d) else m.in_features)
+        return int(m.in_channels if isinstance(m, nn.Conv2d) else cast(nn.Linear, m).in_features)
 
 
 @dataclass
@@ -221,7 +221,7 @@ def find_classifier(model: nn.Module, classifier: nn.Module | str | None = None)
                              f"pass one of the names from model.named_modules()")
         return classifier, modules[classifier]
     if classifier is None and hasattr(model, "get_classifier"):
-        candidate = model.get_classifier()
+        candidate = cast(Callable[[], Any], model.get_classifier)()
         if isinstance(candidate, WEIGHTED_TYPES):
             classifier = candidate
     if classifier is None:
@@ -363,7 +363,7 @@ def discover_layers(
         is_logits = module in fixed
         outs = out_pos.get(name)
         if is_logits:
-            outs = torch.full((int(module.weight.shape[0]),), INPUT_SLOT, dtype=torch.long)
+            outs = torch.full((int(cast(torch.Tensor, module.weight).shape[0]),), INPUT_SLOT, dtype=torch.long)
         elif outs is None or bool((outs == -2).any()):
             errors.append((name, "its output channels are not in any neuron group (is it used in "
                                  "forward? pass it in exclude=[...] if it is a second head)"))

@@ -61,7 +61,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -111,7 +111,7 @@ class ImportanceTracker:
         self.norm_gated = torch.zeros(self.num_neurons, dtype=torch.bool)
         norms = norm_gated_modules(net)
         modules = dict(net.model.named_modules())
-        for name, positions in norms.items():
+        for positions in norms.values():
             self.norm_gated[positions] = True
         self._pending: dict[str, torch.Tensor] = {}
         self._norm_index: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -203,7 +203,7 @@ class ImportanceTracker:
 
     # ----------------------------------------------------------------- public
     @contextlib.contextmanager
-    def collect(self, subnet: int) -> Iterator["ImportanceTracker"]:
+    def collect(self, subnet: int) -> Iterator[ImportanceTracker]:
         """Within this context, every backward pass adds ``|dL/dr_j|`` to ``scores[subnet - 1]``.
 
         Run exactly one backward per batch inside it (the absolute value is taken per backward).
@@ -299,7 +299,7 @@ def norm_gated_modules(net: SteppingNet) -> dict[str, torch.Tensor]:
 
 def normalize_scores(
     scores: torch.Tensor,
-    offsets: "list[int] | torch.Tensor",
+    offsets: Sequence[int] | torch.Tensor,
     assignment: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Divide every neuron group's scores by their mean, per subnet row.

@@ -12,7 +12,7 @@ import contextlib
 import copy
 import logging
 import weakref
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -24,9 +24,9 @@ from .errors import CheckpointError, UnsupportedModelError
 from .export import export_subnet
 from .graph import INPUT_SLOT, GraphSpec, LayerSpec, discover_layers
 from .hooks import HookRegistry
+from .rules import NESTED, MaskRule
 from .sliced import EXECUTIONS, SlicedExecution
 from .sliced import attach as attach_sliced
-from .rules import NESTED, MaskRule
 
 __all__ = ["SteppingNet", "SteppingIndex", "NeuronGroup", "RunningStatsGuard", "STATE_FORMAT"]
 
@@ -96,7 +96,7 @@ class RunningStatsGuard:
     assignment at forward time; :meth:`remove` detaches them.
     """
 
-    def __init__(self, net: "SteppingNet") -> None:
+    def __init__(self, net: SteppingNet) -> None:
         self.net = net
         self._handles: list[hooks.HookHandle] = []
         self._saved: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -121,7 +121,7 @@ class RunningStatsGuard:
         return net.assignment_cache(("running_stats_guard", name, s, device), build)
 
     def _pre(self, name: str, positions: torch.Tensor) -> Any:
-        def hook(module: nn.Module, args: Any) -> None:
+        def hook(module: Any, args: Any) -> None:  # a norm layer (running_mean/var tensors)
             # Sliced execution never touches inactive channels' statistics.
             if not module.training or self.net.runs_sliced():
                 return None
@@ -134,7 +134,7 @@ class RunningStatsGuard:
         return hook
 
     def _post(self, name: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+        def hook(module: Any, args: Any, output: Any) -> None:
             saved = self._saved.pop(name, None)
             if saved is not None:
                 index, mean, var = saved
@@ -242,7 +242,7 @@ class SteppingIndex:
 class _SubnetMask(nn.Module):
     """Parametrization ``W -> W * mask`` for the active subnet of its SteppingNet."""
 
-    def __init__(self, net: "SteppingNet", index: int) -> None:
+    def __init__(self, net: SteppingNet, index: int) -> None:
         super().__init__()
         # A weak reference: the model must not own its wrapper (deepcopy/pickle of the model).
         self._net_ref = weakref.ref(net)
@@ -342,7 +342,7 @@ class SteppingNet:
         self._device_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
         self._signature: tuple[Any, ...] = ()
         self._flat = torch.ones(self._num_neurons + 1, dtype=torch.long)
-        self.full_macs = int(sum(layer.module.weight.numel() * layer.positions for layer in self.layers))
+        self.full_macs = int(sum(_trainable(layer.module).numel() * layer.positions for layer in self.layers))
         for k, layer in enumerate(self.layers):
             parametrize.register_parametrization(layer.module, "weight", _SubnetMask(self, k), unsafe=True)
         self._root_hook = model.register_forward_pre_hook(_refresh_hook(self))
@@ -382,7 +382,7 @@ class SteppingNet:
         return self._sliced is not None and self._masked_depth == 0
 
     @contextlib.contextmanager
-    def masked_execution(self) -> Iterator["SteppingNet"]:
+    def masked_execution(self) -> Iterator[SteppingNet]:
         """Within this context the model runs masked, whatever :attr:`execution` says."""
         self._masked_depth += 1
         try:
@@ -391,7 +391,7 @@ class SteppingNet:
             self._masked_depth -= 1
 
     @contextlib.contextmanager
-    def execution_override(self, sliced: "SlicedExecution | None") -> Iterator["SteppingNet"]:
+    def execution_override(self, sliced: SlicedExecution | None) -> Iterator[SteppingNet]:
         """Run with ``sliced`` (``None``: masked) within this context; the wrap-time check of
         ``execution="auto"`` uses it to try a candidate before adopting it."""
         previous, self._sliced = self._sliced, sliced
@@ -416,7 +416,7 @@ class SteppingNet:
         return self.index.num_neurons
 
     @contextlib.contextmanager
-    def subnet(self, s: int) -> Iterator["SteppingNet"]:
+    def subnet(self, s: int) -> Iterator[SteppingNet]:
         """Within this context, calling the model computes subnet ``s`` (1-based)."""
         self._check_subnet(s)
         previous = self._active
@@ -522,7 +522,7 @@ class SteppingNet:
         mask = self._cache.get(key)
         if mask is None:
             layer_spec = self.layers[k]
-            weight = layer_spec.module.parametrizations.weight.original
+            weight = _trainable(layer_spec.module)
             mask = self.structural_mask(k, s)
             mask = mask.reshape(mask.shape + (1,) * (weight.dim() - 2)).expand(weight.shape)
             prune = self.prune_masks.get(layer_spec.name)
@@ -544,7 +544,7 @@ class SteppingNet:
     def original_weight(self, layer: int | str) -> nn.Parameter:
         """The trainable (unmasked) weight of a layer."""
         k = self._layer_index[layer] if isinstance(layer, str) else layer
-        return self.layers[k].module.parametrizations.weight.original
+        return _trainable(self.layers[k].module)
 
     # ----------------------------------------------------------------------- MACs
     def layer_macs(self, s: int) -> dict[str, int]:
@@ -699,7 +699,7 @@ class SteppingNet:
             self._sliced.detach_from(model)
         for k, layer in enumerate(self.layers):
             module = model.get_submodule(layer.name)
-            trainable = module.parametrizations.weight.original
+            trainable = _trainable(module)
             original = trainable.detach().clone()
             if s is not None:
                 original = original * self.weight_mask(k, s).to(original)
@@ -775,8 +775,9 @@ class SteppingNet:
         self._root_hook.remove()
         if hasattr(self, "bn_guard"):
             self.bn_guard.remove()
-        if getattr(self, "_sliced", None) is not None:
-            self._sliced.remove()
+        sliced = getattr(self, "_sliced", None)
+        if sliced is not None:
+            sliced.remove()
             self._sliced = None
         self.hooks.clear()
         return self.model
@@ -791,6 +792,13 @@ class SteppingNet:
 
     def __repr__(self) -> str:
         return f"SteppingNet(num_subnets={self.num_subnets}, groups={len(self.groups)}, layers={len(self.layers)})"
+
+
+def _trainable(module: nn.Module) -> nn.Parameter:
+    """A layer's trainable weight: the parametrization's original once wrapped, else ``weight``."""
+    if parametrize.is_parametrized(module, "weight"):
+        return cast(nn.Parameter, cast(Any, module).parametrizations.weight.original)
+    return cast(nn.Parameter, module.weight)
 
 
 def _weight_first(module: nn.Module) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import nni_steppingnet.models  # noqa: F401  (registers lenet3c1l, lenet5, vgg16_cifar with timm)
-from nni_steppingnet import SteppingNet
+from nni_steppingnet import testing
 
 __all__ = ["tiny_model", "random_assignment", "randomize_bn", "no_orphans", "forget_nni_experiments"]
 
@@ -37,33 +37,9 @@ def _tiny_model(name: str, seed: int = 0, num_classes: int = 10, **kwargs: Any) 
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
-def _random_assignment(net: SteppingNet, seed: int, num_subnets: int | None = None) -> torch.Tensor:
-    n = net.num_subnets if num_subnets is None else num_subnets
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= net.num_subnets:
-        raise ValueError(f"num_subnets must be an int in 1..{net.num_subnets}, got {n!r}")
-    generator = torch.Generator().manual_seed(seed)
-    for group in net.groups:
-        values = torch.randint(1, n + 2, (group.size,), generator=generator)
-        if group.size >= n:
-            # Every subnet gains at least one neuron of every group that is large enough.
-            slots = torch.randperm(group.size, generator=generator)[:n]
-            values[slots] = torch.arange(1, n + 1)
-        group.assignment = values
-    return net.flat_assignment()
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-                shape = module.running_mean.shape
-                module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
-                if module.affine:
-                    module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
-                    module.bias.copy_(torch.randn(shape, generator=generator) * 0.1)
-    return model
+# The helpers live in the library (nni_steppingnet.testing) so benchmarks and users share them.
+_random_assignment = testing.random_assignment
+_randomize_bn = testing.randomize_bn
 
 
 @pytest.fixture(scope="session")

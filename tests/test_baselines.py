@@ -17,6 +17,7 @@ import torch.nn as nn
 
 import nni_steppingnet.models  # noqa: F401  (registers the paper models with timm)
 from nni_steppingnet import macs
+from nni_steppingnet.app import compare, compare_cli
 from nni_steppingnet.baselines import (
     AnyWidthNet,
     SlimmableNet,
@@ -24,7 +25,6 @@ from nni_steppingnet.baselines import (
     search_widths,
     triangular_assignment,
 )
-from nni_steppingnet.app import compare, compare_cli
 from nni_steppingnet.baselines.widths import structural_macs
 
 #: lenet5 at width 1 on 16x16 RGB: groups features.0 (6), features.4 (16), hidden.0 (120), hidden.2 (84)

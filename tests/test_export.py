@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from nni_steppingnet import SteppingNet, macs
 from nni_steppingnet.export import export_with_report
+from nni_steppingnet.testing import FOUNDATION_MODELS
 
 N = 4
 IMG = 32
@@ -18,14 +19,7 @@ IMG = 32
 #: (~3 s each on the shared 2-core machine, ~25 s for all four with the float64 checks); 1 and N
 #: cover both the smallest subnet and the one with only unused neurons removed.
 MODELS: list[tuple[str, dict[str, Any], tuple[int, ...]]] = [
-    ("lenet3c1l", {}, (1, 2, 3, 4)),
-    ("lenet5", {}, (1, 2, 3, 4)),
-    ("vgg16_cifar", {"width": 0.5}, (1, 2, 3, 4)),
-    ("resnet18", {}, (1, 2, 3, 4)),
-    ("mobilenetv3_small_100", {}, (1, 2, 3, 4)),
-    ("efficientnet_b0", {}, (1, 2, 3, 4)),
-    ("regnetx_002", {}, (1, 2, 3, 4)),
-    ("densenet121", {}, (1, 4)),
+    (name, kwargs, (1, 4) if name == "densenet121" else (1, 2, 3, 4)) for name, kwargs in FOUNDATION_MODELS
 ]
 
 

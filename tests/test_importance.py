@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 
 from nni_steppingnet import SteppingNet
-from nni_steppingnet.importance import (ImportanceTracker, criterion, norm_gated_modules,
-                                        normalize_scores)
+from nni_steppingnet.importance import ImportanceTracker, criterion, norm_gated_modules, normalize_scores
 from nni_steppingnet.train import beta_suppression
 
 

@@ -13,22 +13,13 @@ import torch
 import torch.nn as nn
 
 from nni_steppingnet import CheckpointError, SteppingNet, UnsupportedModelError, macs
+from nni_steppingnet.testing import FOUNDATION_MODELS, isolation_report, subnet_activations
 
 N = 4
 IMG = 32
 
-#: (timm name, extra create_model kwargs): the paper models and one timm CNN per family the
-#: design names. vgg16_cifar runs at width 0.5 to stay fast; its structure is unchanged.
-MODELS: list[tuple[str, dict[str, Any]]] = [
-    ("lenet3c1l", {}),
-    ("lenet5", {}),
-    ("vgg16_cifar", {"width": 0.5}),
-    ("resnet18", {}),
-    ("mobilenetv3_small_100", {}),
-    ("efficientnet_b0", {}),
-    ("regnetx_002", {}),
-    ("densenet121", {}),
-]
+#: The paper models and one timm CNN per family the design names (nni_steppingnet.testing).
+MODELS: list[tuple[str, dict[str, Any]]] = list(FOUNDATION_MODELS)
 
 
 def _parametrized(model: nn.Module) -> list[str]:
@@ -51,72 +42,47 @@ def wrapped(request: pytest.FixtureRequest, tiny_model: Callable[..., nn.Module]
 
 
 # ------------------------------------------------------------------ activation isolation
-def _activations(net: SteppingNet, x: torch.Tensor, train: bool) -> dict[int, dict[str, torch.Tensor]]:
-    """Per subnet: every Conv/Linear output (and the classifier's input), from our own hooks."""
-    model = net.model
-    current: dict[str, torch.Tensor] = {}
-    handles = []
-    for layer in net.layers:
-        def hook(module: nn.Module, args: Any, output: torch.Tensor, name: str = layer.name,
-                 logits: bool = layer.is_logits) -> None:
-            assert name not in current, f"{name} is called twice; the test assumes one call"
-            current[name] = (args[0] if logits else output).detach().clone()
-        handles.append(layer.module.register_forward_hook(hook))
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    was_training = model.training
-    model.train(train)
-    result: dict[int, dict[str, torch.Tensor]] = {}
-    try:
-        with torch.no_grad():
-            for s in range(1, net.num_subnets + 1):
-                current.clear()
-                # Same RNG state for every subnet (stochastic layers draw identical masks).
-                with net.subnet(s), torch.random.fork_rng(devices=[]):
-                    model(x)
-                result[s] = dict(current)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(buffers[k])
-    return result
-
-
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_smaller_subnet_activations_are_identical_in_every_larger_subnet(
         wrapped: SteppingNet, train: bool) -> None:
+    """Every Conv/Linear output of subnet s (for the classifier: every input feature of subnet
+    <= s) is bitwise equal in every larger subnet. Exact: a masked weight is an exact 0, 0 * x == 0
+    adds nothing to the sum, the shapes (hence the CPU kernels and their summation order) are the
+    same in every subnet, and BN statistics are per channel."""
     net = wrapped
     x = _inputs(4, seed=4)  # batch >= 2 for batch-statistics BN in train mode
     before = {k: v.clone() for k, v in net.model.named_buffers()}
-    acts = _activations(net, x, train)
-    compared = [0] * net.num_subnets
-    for k, layer in enumerate(net.layers):
-        a_out, a_in = net.layer_assignment(k)
-        if layer.is_logits:
-            # The logits belong to every subnet and change with s by design; what must hold is
-            # that every feature the classifier reads in subnet s is the same in larger subnets.
-            index, dim = a_in[0], 1 if isinstance(layer.module, nn.Conv2d) else -1
-        else:
-            index, dim = a_out, 1
-        for s in range(1, net.num_subnets):
-            keep = (index <= s).nonzero().flatten()
-            small = acts[s][layer.name].index_select(dim, keep)
-            for t in range(s + 1, net.num_subnets + 1):
-                large = acts[t][layer.name].index_select(dim, keep)
-                # Exact: a masked weight is an exact 0, 0 * x == 0 adds nothing to the sum, the
-                # shapes (hence the CPU kernels and their summation order) are the same in every
-                # subnet, and BN statistics are per channel. So bitwise equality holds.
-                assert torch.equal(small, large), (
-                    f"{layer.name}: channels of subnet <= {s} differ in subnet {t} (train={train}); "
-                    f"max abs diff {(small - large).abs().max().item():.3e}")
-            compared[s - 1] += keep.numel()
-    assert all(c > 0 for c in compared[:-1]), f"nothing compared for some subnet: {compared}"
+    report = isolation_report(net, x, train=train)
+    assert report.isolated, f"channels differ in a larger subnet (train={train}): {report.where}, " \
+                            f"relative {report.worst:.3e}"
+    assert all(c > 0 for c in report.compared[:-1]), f"nothing compared for some subnet: {report.compared}"
     # The library's own probe agrees, and BN running stats are restored by both.
     assert net.check_isolation(x, train=train) == []
     after = dict(net.model.named_buffers())
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class _MixChannels(nn.Module):
+    """Adds the mean over channels: mixing that the masks do not capture (a leak)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + x.mean(dim=1, keepdim=True)
+
+
+def test_isolation_checker_reports_a_leak() -> None:
+    """The checker can fail: a channel mean after the first conv lets subnet 2's channels change
+    subnet 1's (the net is wrapped with verify=False, which would have refused the model)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _MixChannels(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    net = SteppingNet(model, _inputs(2, seed=2, size=8), 2, verify=False)
+    for group in net.groups:
+        group.assignment = torch.tensor([1, 1, 2, 2])[: group.size]
+    report = isolation_report(net, _inputs(2, seed=5, size=8))
+    assert not report.isolated and report.worst > 0 and report.where.startswith("2 subnet 1 vs 2")
+    assert net.check_isolation(_inputs(2, seed=5, size=8))  # the library's probe agrees
+    acts = subnet_activations(net, _inputs(2, seed=5, size=8))
+    assert set(acts) == {1, 2} and all(len(calls) == 1 for calls in acts[1].values())
 
 
 def test_macs_strictly_grow_with_the_subnet(wrapped: SteppingNet) -> None:
@@ -398,7 +364,8 @@ def test_nested_and_failing_subnet_contexts(
 
 
 def test_in_place_assignment_edit_is_picked_up(tiny_model: Callable[..., nn.Module]) -> None:
-    net = SteppingNet(tiny_model("lenet5"), _inputs(2, seed=0), N)
+    # Masked: the hook reads conv1's channel 0 at its original position.
+    net = SteppingNet(tiny_model("lenet5"), _inputs(2, seed=0), N, execution="masked")
     conv1, conv2 = net.layers[0], net.layers[1]
     group = net.groups[0]
     assert group.name == conv1.name and group.size == conv1.module.out_channels

@@ -1,11 +1,11 @@
 """SteppingImportance: SteppingNet's criterion M inside torch-pruning's pruners."""
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
-import pytest
 
 import nni_steppingnet.models  # noqa: F401  (registers the paper models)
 from nni_steppingnet import SteppingNet
@@ -117,7 +117,7 @@ def test_scores_come_from_the_tracker_of_the_net() -> None:
 def test_bad_inputs_raise_clear_errors() -> None:
     net, x = _net()
     n = net.num_neurons
-    with pytest.raises(ValueError, match=r"shape \(2, %d\)" % n):
+    with pytest.raises(ValueError, match=rf"shape \(2, {n}\)"):
         SteppingImportance(net, torch.zeros(3, n))
     with pytest.raises(ValueError, match="subnet must be an int in 1..2"):
         SteppingImportance(net, torch.zeros(2, n), subnet=3)

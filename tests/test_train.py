@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from nni_steppingnet import SteppingNet
 from nni_steppingnet.train import (
-    RunningStatsGuard,
     SubnetModel,
     beta_suppression,
     evaluate,

@@ -36,13 +36,28 @@ from ..checkpoint import atomic_write_json, atomic_write_text, load_checkpoint_f
 from ..config import Recipe, load_recipe, recipe_diff
 from ..data import DatasetInfo
 from ..errors import CheckpointError
-from ..flow import (CHECKPOINT_NAME, build_data, build_model, example_inputs, load_teacher, reference_macs,
-                    resolve_device, run_recipe)
+from ..flow import (
+    CHECKPOINT_NAME,
+    build_data,
+    build_model,
+    example_inputs,
+    load_teacher,
+    reference_macs,
+    resolve_device,
+    run_recipe,
+)
 from ..train import check_amp, evaluate, evaluate_model, make_optimizer, train_dense, train_subnets_epoch
 from .compare_plot import plot_compare
 from .compare_report import check_targets, compare_markdown, summarize
-from .compare_spec import (ABLATION_VARIANTS, BASELINE_FORMAT, COMPARE_FORMAT, METHODS, RESULTS_FILE, TEACHER_FILE,
-                           parse_list)
+from .compare_spec import (
+    ABLATION_VARIANTS,
+    BASELINE_FORMAT,
+    COMPARE_FORMAT,
+    METHODS,
+    RESULTS_FILE,
+    TEACHER_FILE,
+    parse_list,
+)
 
 __all__ = [
     "METHODS",
@@ -265,7 +280,7 @@ def run_baseline(
     if teacher is not None:
         teacher_accuracy = evaluate_model(teacher, test_loader, device=dev, amp=amp)
     problems = net.check_isolation()
-    subnets = []
+    subnets: list[dict[str, Any]] = []
     for s in range(1, n + 1):
         m = net.macs(s)
         subnets.append({"index": s, "accuracy": accuracies[s - 1], "macs": m, "mac_ratio": m / ref,
@@ -343,6 +358,17 @@ def _reuse_baseline(out: Path, recipe: Recipe) -> dict[str, Any] | None:
     return results
 
 
+def _seed_setup(recipe: Recipe, seed: int, out: Path, dev: torch.device, amp: str | None,
+                progress: bool) -> tuple[Recipe, Path, tuple[Any, Any, Any], Path]:
+    """One seed's recipe, folder, data and teacher (shared by every method of that seed); the
+    returned recipe names the teacher checkpoint."""
+    seeded = _with(recipe, seed=seed)
+    seed_dir = out / f"seed{seed}"
+    data = build_data(seeded, dev)
+    teacher_path, _ = train_teacher(seeded, seed_dir, device=dev, amp=amp, progress=progress, data=data)
+    return _with(seeded, teacher__checkpoint=str(teacher_path)), seed_dir, data, teacher_path
+
+
 def run_compare(
     recipe: Recipe | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -376,17 +402,13 @@ def run_compare(
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for seed in seeds:
-        seeded = _with(recipe, seed=seed)
-        seed_dir = out / f"seed{seed}"
-        data = build_data(seeded, dev)
-        teacher_path, _ = train_teacher(seeded, seed_dir, device=dev, amp=amp, progress=progress, data=data)
-        seeded = _with(seeded, teacher__checkpoint=str(teacher_path))
+        seeded, seed_dir, data, teacher_path = _seed_setup(recipe, seed, out, dev, amp, progress)
         train_batches = None
         if "steppingnet" in methods:
-            results = _run_steppingnet(seeded, seed_dir / "steppingnet", resume=resume, device=dev, amp=amp,
-                                       progress=progress, reporter=reporter)
-            runs["steppingnet"].append(results)
-            iterations = int(results.get("construction", {}).get("iterations") or seeded.construction.iterations)
+            stepping = _run_steppingnet(seeded, seed_dir / "steppingnet", resume=resume, device=dev, amp=amp,
+                                        progress=progress, reporter=reporter)
+            runs["steppingnet"].append(stepping)
+            iterations = int(stepping.get("construction", {}).get("iterations") or seeded.construction.iterations)
             train_batches = iterations * seeded.construction.batches_per_iteration
         for method in methods:
             if method == "steppingnet":
@@ -465,11 +487,7 @@ def run_ablate(
         plan[name] = (f"expansion-{e:g}", (f"steppingnet.expansion={e}",))
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in plan}
     for seed in seeds:
-        seeded = _with(recipe, seed=seed)
-        seed_dir = out / f"seed{seed}"
-        data = build_data(seeded, dev)
-        teacher_path, _ = train_teacher(seeded, seed_dir, device=dev, amp=amp, progress=progress, data=data)
-        seeded = _with(seeded, teacher__checkpoint=str(teacher_path))
+        seeded, seed_dir, data, teacher_path = _seed_setup(recipe, seed, out, dev, amp, progress)
         for name, (folder, overrides) in plan.items():
             variant = seeded.with_overrides(list(overrides))
             if reporter is not None:

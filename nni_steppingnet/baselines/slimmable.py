@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import weakref
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,7 @@ class SwitchableBatchNorm(nn.Module):
     without a live net it runs the widest copy.
     """
 
-    def __init__(self, bn: nn.Module, net: "SlimmableNet") -> None:
+    def __init__(self, bn: nn.Module, net: SlimmableNet) -> None:
         super().__init__()
         if not isinstance(bn, _BatchNorm):
             raise TypeError(f"SwitchableBatchNorm wraps BatchNorm modules, got {type(bn).__name__}")
@@ -147,4 +147,4 @@ def _unswitch(model: nn.Module, index: int) -> None:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, parent.get_submodule(child).bns[index])
+        setattr(parent, child, cast(SwitchableBatchNorm, parent.get_submodule(child)).bns[index])

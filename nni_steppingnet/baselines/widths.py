@@ -229,7 +229,7 @@ def _macs_with(net: WidthSliced, done: list[list[int]], row: list[int], s: int) 
     return net.macs(s)
 
 
-def structural_macs(net: "SlicedNet", s: int) -> int:
+def structural_macs(net: SlicedNet, s: int) -> int:
     """``net.macs(s)`` of a sliced net without unstructured pruning masks, counted from
     histograms of the subnet indices instead of weight-shaped masks: the width search calls it
     thousands of times. Uses the net's own mask rule (``net.rule``); tests check that it equals

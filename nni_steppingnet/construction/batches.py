@@ -97,7 +97,7 @@ class BatchStream:
 def rng_state() -> dict[str, Any]:
     """Python's, numpy's and torch's global RNG states, in the form construction checkpoints
     store (numpy's key as a tensor, tuples as lists)."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": _to_lists(random.getstate()),

@@ -77,9 +77,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..criteria import CRITERIA, make_scorer
 from ..data import to_device
 from ..errors import CheckpointError
-from ..criteria import CRITERIA, make_scorer
 from ..stepping import SteppingNet
 from ..train import BetaSuppression, autocast, check_amp, forward_logits, make_optimizer, split_batch
 from ..validation import CONSTRUCTION_RULES, check_budgets, is_int
@@ -145,7 +145,7 @@ class ConstructionConfig:
         reference_macs: int,
         settings: Mapping[str, Any],
         **overrides: Any,
-    ) -> "ConstructionConfig":
+    ) -> ConstructionConfig:
         """Build from a mapping of settings (e.g. a recipe's ``construction`` section as a dict):
         the keys that are fields of this class are taken, others (settings of the application
         such as ``monitor_samples``) are ignored; ``overrides`` (e.g. ``seed=``) win."""
@@ -308,7 +308,7 @@ class Constructor:
                 macs = self._current_macs()
                 met = self._budgets_met(macs)
         self._all_met = all(met)
-        entry = {
+        entry: dict[str, Any] = {
             "iteration": self.iteration,
             "macs": macs,
             "mac_ratios": [m / self.config.reference_macs for m in macs],

@@ -427,7 +427,7 @@ def trials_markdown(trials: Sequence[Mapping[str, Any]], best: Mapping[str, Any]
     header = ["trial", "status", "default", "mean acc.", "auc", "budgets met", *keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for t in trials:
-        final = t.get("final") if isinstance(t.get("final"), dict) else {}
+        final: dict[str, Any] = t["final"] if isinstance(t.get("final"), dict) else {}
         mark = " (best)" if best is not None and t["trial_id"] == best["trial_id"] else ""
         row = [f"{t['trial_id']}{mark}", str(t["status"]), _fmt(t.get("default")),
                _fmt(final.get("mean_accuracy")), _fmt(t.get("auc")), _fmt(final.get("budgets_met")),

@@ -223,7 +223,7 @@ class SteppingNetPruner(Pruner):
 
         if reference_macs is not None:
             POSITIVE_INT.check("reference_macs", reference_macs)
-        settings = {
+        settings: dict[str, Any] = {
             "budgets": list(budgets),
             "batches_per_iteration": batches_per_iteration,
             "iterations": iterations,
@@ -358,7 +358,7 @@ class SteppingNetPruner(Pruner):
         net.remove()
         self.net = None
         # Trained weights go into NNI's wrappers, then NNI's masks take over from the parametrization.
-        for name, wrapper in self._module_wrappers.items():
+        for wrapper in self._module_wrappers.values():
             for target_name, target_space in wrapper.pruning_target_spaces.items():
                 if target_space.type is not TargetType.PARAMETER or target_space.target is None:
                     continue
@@ -534,6 +534,6 @@ def _no_training(constructor: Constructor) -> float:
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
