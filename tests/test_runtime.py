@@ -23,22 +23,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nni_steppingnet import CheckpointError, SteppingNet, UnsupportedModelError
 from nni_steppingnet.runtime import IncrementalRunner
+from nni_steppingnet.testing import FOUNDATION_MODELS
 
 N = 4
 IMG = 32
 RTOL = 1e-5
 
 #: The foundation's model list (tests/test_stepping.py): paper models and one timm CNN per family.
-MODELS: list[tuple[str, dict[str, Any]]] = [
-    ("lenet3c1l", {}),
-    ("lenet5", {}),
-    ("vgg16_cifar", {"width": 0.5}),
-    ("resnet18", {}),
-    ("mobilenetv3_small_100", {}),
-    ("efficientnet_b0", {}),
-    ("regnetx_002", {}),
-    ("densenet121", {}),
-]
+MODELS: list[tuple[str, dict[str, Any]]] = list(FOUNDATION_MODELS)
 
 Builder = Callable[[str], SteppingNet]
 
