@@ -77,11 +77,12 @@ class SlimmableNet(SlicedNet):
         classifier: nn.Module | str | None = None,
         exclude: Sequence[nn.Module] = (),
         verify: bool = True,
+        execution: str = "auto",
     ) -> None:
         # SteppingNet runs the tracing probe under the nested rule (it only has to find untraced
         # channel mixing, which breaks either rule) and switches to ``mask_rule`` after it.
         super().__init__(model, example_inputs, num_subnets, width_fractions, classifier=classifier,
-                         exclude=exclude, verify=verify)
+                         exclude=exclude, verify=verify, execution=execution)
         self._switch_batchnorm()
 
     def _switch_batchnorm(self) -> None:

@@ -176,9 +176,10 @@ class SlicedNet(SteppingNet):
         classifier: nn.Module | str | None = None,
         exclude: Sequence[nn.Module] = (),
         verify: bool = True,
+        execution: str = "auto",
     ) -> None:
         super().__init__(model, example_inputs, num_subnets, classifier=classifier, exclude=exclude,
-                         verify=verify, rule=self.mask_rule)
+                         verify=verify, rule=self.mask_rule, execution=execution)
         if width_fractions is None:
             width_fractions = [s / num_subnets for s in range(1, num_subnets + 1)]
         self.set_width_fractions(width_fractions)
