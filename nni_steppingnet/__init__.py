@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 # Light modules load eagerly; ``macs`` must, or importing the submodule would shadow the function.
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
+
 try:
     from .macs import macs
 except ImportError as exc:
