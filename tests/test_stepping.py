@@ -517,3 +517,24 @@ def test_replacing_an_assignment_twice_never_serves_stale_masks(lenet: SteppingN
         group.assignment = values  # replaced again with no forward in between
         expected = lenet.structural_mask(0, 1, lenet.flat_assignment()).sum()
         assert lenet.weight_mask(0, 1).sum() == expected * lenet.weight_mask(0, 1)[0, 0].numel()
+
+
+def test_hook_registry_orders_by_priority_and_removes_its_dispatcher() -> None:
+    from nni_steppingnet.hooks import OBSERVE, SCALE, HookRegistry
+
+    registry = HookRegistry()
+    param = nn.Parameter(torch.ones(3))
+    seen: list[tuple[str, torch.Tensor]] = []
+    scale = registry.add_gradient_hook(param, lambda g: seen.append(("scale", g.clone())) or g * 2, priority=SCALE)
+    observe = registry.add_gradient_hook(param, lambda g: seen.append(("observe", g.clone())), priority=OBSERVE)
+    (param * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert [name for name, _ in seen] == ["observe", "scale"]  # created second, runs first
+    assert torch.equal(seen[0][1], torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(param.grad, torch.tensor([2.0, 4.0, 6.0]))
+    assert registry.count() == 2
+    scale.remove()
+    observe.remove()
+    observe.remove()  # idempotent
+    assert registry.count() == 0 and not param._backward_hooks
+    with pytest.raises(TypeError, match="priority must be an int"):
+        registry.add_gradient_hook(param, lambda g: None, priority="first")  # type: ignore[arg-type]
