@@ -157,11 +157,11 @@ def run_case(case: str, args: argparse.Namespace, base: list[str]) -> dict[str, 
     for seed in args.seeds:
         t0 = time.perf_counter()
         teacher_path, teacher_acc = _teacher(case, seed, base, args.schedule, out, args.device)
-        teachers[seed] = {"path": str(teacher_path), "accuracy": teacher_acc,
+        teachers[seed] = {"path": args.public(str(teacher_path)), "accuracy": teacher_acc,
                           "time_s": time.perf_counter() - t0}
         recipe, overrides = _method_recipe(case, seed, base, args.schedule, teacher_path)
-        cli = (f"nni-steppingnet compare {CASES[case]} --seeds {seed} --device {args.device} "
-               + " ".join(f"--set {shlex.quote(o)}" for o in overrides))
+        cli = args.public(f"nni-steppingnet compare {CASES[case]} --seeds {seed} --device {args.device} "
+                          + " ".join(f"--set {shlex.quote(o)}" for o in overrides))
         folder = out / case / f"seed{seed}" / "compare"
         run_compare(recipe, folder, seeds=[seed], device=args.device, resume=True, progress=False)
         for method in METHODS:
@@ -196,8 +196,8 @@ def run_ablation(args: argparse.Namespace, base: list[str]) -> dict[str, Any]:
     expansions = [float(e) for e in args.expansions.split(",") if e.strip()]
     report = run_ablate(recipe, out / case / f"seed{seed}" / "ablate", seeds=[seed], expansions=expansions,
                         device=args.device, resume=True, progress=False)
-    cli = (f"nni-steppingnet ablate {CASES[case]} --seeds {seed} --expansions {args.expansions} "
-           f"--device {args.device} " + " ".join(f"--set {shlex.quote(o)}" for o in overrides))
+    cli = args.public(f"nni-steppingnet ablate {CASES[case]} --seeds {seed} --expansions {args.expansions} "
+                      f"--device {args.device} " + " ".join(f"--set {shlex.quote(o)}" for o in overrides))
     title = f"{PAPER_TABLE_I[case]['network']} ablations (Fig. 7, Fig. 8), seed {seed}, validation split"
     return {"case": case, "seed": seed, "summary": report["summary"], "variants": report["variants"],
             "expansions": report["expansions"], "cli": cli, "markdown": compare_markdown(report, title=title)}
@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cifar10.json"))
     parser.add_argument("--docs", default=str(ROOT / "docs" / "results.md"),
                         help="markdown file whose generated block is rewritten ('none' to skip)")
+    parser.add_argument("--data-label", default=None,
+                        help="how reports spell the --data path (e.g. DATA_ROOT/cifar10/cifar10-train.npz)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -274,8 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.criteria_cases = [c.strip() for c in args.criteria_cases.split(",") if c.strip()]
     base = _data_overrides(str(data.resolve()), args.val_fraction)
-    command = "python3 benchmarks/cifar10.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    label = args.data_label
+
+    def public(text: str) -> str:
+        """Reports name the data by its label and run folders relative to the repository."""
+        if label:
+            text = text.replace(str(data.resolve()), label).replace(args.data, label)
+        return text.replace(str(Path(args.out).resolve()) + "/", "RUNS/")
+
+    args.public = public
+    command = public("python3 benchmarks/cifar10.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     json_path = Path(args.json)
     previous = _read(json_path) if json_path.is_file() else {}
     results: dict[str, Any] = {"command": command, "machine": _machine(), "code": _code_state(),
