@@ -89,6 +89,21 @@ def _wrap(name: str, execution: str, seed: int = 0) -> SteppingNet:
     return net
 
 
+def _runs(net: SteppingNet, dense: nn.Module, s: int, x: torch.Tensor, y: torch.Tensor,
+          opt_net: torch.optim.Optimizer, opt_dense: torch.optim.Optimizer) -> dict[str, Callable[[], None]]:
+    def masked_ctx() -> Any:
+        stack = contextlib.ExitStack()
+        stack.enter_context(net.masked_execution())
+        stack.enter_context(net.subnet(s))
+        return stack
+
+    return {
+        "sliced": lambda: _train_step(net.model, opt_net, x, y, lambda: net.subnet(s)),
+        "masked": lambda: _train_step(net.model, opt_net, x, y, masked_ctx),
+        "dense": lambda: _train_step(dense, opt_dense, x, y, contextlib.nullcontext),
+    }
+
+
 def measure_steps(name: str, batch: int, repeats: int, iters: int,
                   clock: Callable[[], float]) -> list[dict[str, Any]]:
     net = _wrap(name, "sliced")
@@ -99,19 +114,8 @@ def measure_steps(name: str, batch: int, repeats: int, iters: int,
     for s in range(1, NUM_SUBNETS + 1):
         dense = net.export_subnet(s).train()
         sgd = lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)  # noqa: E731
-        opt_net, opt_dense = sgd(net.model.parameters()), sgd(dense.parameters())
 
-        def masked_ctx() -> Any:
-            stack = contextlib.ExitStack()
-            stack.enter_context(net.masked_execution())
-            stack.enter_context(net.subnet(s))
-            return stack
-
-        runs = {
-            "sliced": lambda: _train_step(net.model, opt_net, x, y, lambda: net.subnet(s)),
-            "masked": lambda: _train_step(net.model, opt_net, x, y, masked_ctx),
-            "dense": lambda: _train_step(dense, opt_dense, x, y, contextlib.nullcontext),
-        }
+        runs = _runs(net, dense, s, x, y, sgd(net.model.parameters()), sgd(dense.parameters()))
         for fn in runs.values():
             fn()  # warm-up (plans, allocator)
         times: dict[str, list[float]] = {k: [] for k in runs}

@@ -104,7 +104,7 @@ class ChannelSlicer:
         module = self.module
         saved = self._saved
         for kind, name, dim in self.names:
-            table = module._parameters if kind == "p" else module._buffers
+            table: dict[str, Any] = module._parameters if kind == "p" else module._buffers
             tensor = table[name]
             assert tensor is not None
             stamp = (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device)
@@ -124,7 +124,7 @@ class ChannelSlicer:
             return
         module = self.module
         for kind, name, dim in self.names:
-            table = module._parameters if kind == "p" else module._buffers
+            table: dict[str, Any] = module._parameters if kind == "p" else module._buffers
             tensor = table[name]
             if tensor is None:
                 continue

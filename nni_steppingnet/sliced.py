@@ -127,7 +127,7 @@ class SlicedExecution:
     (call it after replacing modules, as the slimmable baseline does).
     """
 
-    def __init__(self, net: "SteppingNet") -> None:
+    def __init__(self, net: SteppingNet) -> None:
         self._net_ref = weakref.ref(net)
         self._handles: list[Any] = []
         self._live: dict[int, _Live] = {}
@@ -150,12 +150,12 @@ class SlicedExecution:
             module = modules.get(name)
             if module is not None:
                 channel_entries.append((name, module, None, positions))
-        for name, positions in net.channel_parameters.items():
-            owner, _, attr = name.rpartition(".")
+        for qualified, positions in net.channel_parameters.items():
+            owner, _, bare = qualified.rpartition(".")
             module = modules.get(owner)
             if module is not None:
-                channel_entries.append((name, module, attr, positions))
-        for index, (name, module, attr, positions) in enumerate(channel_entries):
+                channel_entries.append((qualified, module, bare, positions))
+        for index, (_, module, attr, positions) in enumerate(channel_entries):
             self._hook_module(module, self._channel_pre(index, module, attr, positions), self._channel_post(index))
         root = net.model
         self._handles.append(root.register_forward_pre_hook(self._root_pre))
@@ -183,13 +183,13 @@ class SlicedExecution:
                 module._forward_pre_hooks.pop(hook_id, None)
                 module._forward_hooks.pop(hook_id, None)
 
-    def _net(self) -> "SteppingNet":
+    def _net(self) -> SteppingNet:
         net = self._net_ref()
         if net is None:
             raise RuntimeError("the SteppingNet of this sliced execution no longer exists")
         return net
 
-    def _active(self, module: nn.Module, expected: "weakref.ref[nn.Module]") -> "SteppingNet | None":
+    def _active(self, module: nn.Module, expected: weakref.ref[nn.Module]) -> SteppingNet | None:
         # A deep copy of the model carries these hooks too; they act only on the wrapped modules.
         net = self._net_ref()
         if net is None or module is not expected() or not net.runs_sliced():
@@ -223,15 +223,16 @@ class SlicedExecution:
             weight = net.original_weight(k)
             device_slice = self._device_slice(net, k, weight)
             plan = device_slice.plan
-            bias = mod._parameters.get("bias")
+            params: dict[str, Any] = mod._parameters
+            bias = params.get("bias")
             if bias is not None:
                 if plan.empty_out:
-                    mod._parameters["bias"] = bias.index_select(0, device_slice.first) * 0
+                    params["bias"] = bias.index_select(0, device_slice.first) * 0
                 elif device_slice.rows is not None:
-                    mod._parameters["bias"] = bias.index_select(0, device_slice.rows)
+                    params["bias"] = bias.index_select(0, device_slice.rows)
             groups = None
             if self._kinds[k] == "conv" and plan.groups != self._groups[k]:
-                groups = mod.groups
+                groups = int(mod.groups)
                 mod.groups = plan.groups
             self._live[k] = _Live(weight, device_slice, bias, groups)
             if plan.widen_in and args and isinstance(args[0], torch.Tensor):
@@ -249,7 +250,8 @@ class SlicedExecution:
             if live is None:
                 return None
             if live.bias is not None:
-                mod._parameters["bias"] = live.bias
+                params: dict[str, Any] = mod._parameters
+                params["bias"] = live.bias
             if live.groups is not None:
                 mod.groups = live.groups
             if live.slice.plan.empty_out and isinstance(output, torch.Tensor):
@@ -321,20 +323,20 @@ class SlicedExecution:
         return hook
 
     # ---------------------------------------------------------------- planning
-    def _device_slice(self, net: "SteppingNet", k: int, weight: torch.Tensor) -> _DeviceSlice:
+    def _device_slice(self, net: SteppingNet, k: int, weight: torch.Tensor) -> _DeviceSlice:
         s = net.active_subnet
         return net.assignment_cache(
             ("sliced-layer", id(self), s, k, weight.device, weight.dtype),
             lambda flat: _DeviceSlice(self._layer_plans(net, s)[k], weight.device, weight.dtype))
 
-    def _layer_plans(self, net: "SteppingNet", s: int) -> list[LayerSlice]:
+    def _layer_plans(self, net: SteppingNet, s: int) -> list[LayerSlice]:
         """Every layer's :class:`LayerSlice` in subnet ``s`` (cached until the assignment or the
         pruning masks change)."""
         return net.assignment_cache(
             ("sliced-plans", id(self), s),
             lambda flat: [self._plan(net, k, s, flat) for k in range(len(net.layers))])
 
-    def _plan(self, net: "SteppingNet", k: int, s: int, flat: torch.Tensor) -> LayerSlice:
+    def _plan(self, net: SteppingNet, k: int, s: int, flat: torch.Tensor) -> LayerSlice:
         layer = net.layers[k]
         a_out, a_in = net.layer_assignment(k, flat)
         mask = net.weight_mask(k, s) > 0                                    # [out, in/groups, *kernel]
@@ -399,7 +401,7 @@ def _loss_weights(output: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return torch.randn(output.shape, generator=generator, dtype=torch.float32).to(output)
 
 
-def _run(net: "SteppingNet", inputs: Any, s: int, train: bool, sliced: bool, seed: int,
+def _run(net: SteppingNet, inputs: Any, s: int, train: bool, sliced: bool, seed: int,
          gradients: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     model = net.model
     model.train(train)
@@ -454,7 +456,7 @@ def relative_error(reference: torch.Tensor, other: torch.Tensor, floor: float = 
 
 
 def compare_executions(
-    net: "SteppingNet",
+    net: SteppingNet,
     inputs: Any,
     *,
     subnets: Sequence[int] | None = None,
@@ -522,7 +524,7 @@ def compare_executions(
     return ""
 
 
-def attach(net: "SteppingNet", execution: str) -> SlicedExecution | None:
+def attach(net: SteppingNet, execution: str) -> SlicedExecution | None:
     """Build the sliced execution of ``net`` for ``execution`` (:data:`EXECUTIONS`).
 
     ``"masked"``: none. ``"sliced"``: unchecked. ``"auto"``: checked with
@@ -593,7 +595,7 @@ def _check_batch(inputs: Any) -> int:
     return 8 if sizes and max(sizes) <= 64 * 64 else 2
 
 
-def nested_assignment(net: "SteppingNet", seed: int = 0,
+def nested_assignment(net: SteppingNet, seed: int = 0,
                       fractions: Sequence[float] | None = None) -> torch.Tensor:
     """A flat assignment (without the input slot) keeping ``fractions[s-1]`` of every group in
     subnets ``<= s`` (default: ``0.1 + 0.8 * s / N``, i.e. 30/50/70/90% for N = 4; at least one
