@@ -83,8 +83,8 @@ SCHEDULES: dict[str, dict[str, dict[str, list[str]]]] = {
         # teacher.lr 0.02: at the recipe's 0.05 the 2-epoch teacher diverged in its first epoch
         # (mean loss 2.45-2.65 > ln 10; validation accuracy 29-42% over three seeds).
         "lenet3c1l": {"teacher": ["teacher.epochs=2", "teacher.lr=0.02"],
-                      "methods": ["data.train_subset=2000", "construction.iterations=6",
-                                  "construction.batches_per_iteration=4", "retraining.epochs=1"]},
+                      "methods": ["data.train_subset=3000", "construction.iterations=10",
+                                  "construction.batches_per_iteration=2", "retraining.epochs=2"]},
         # 6 iterations of m = 4 left SteppingNet's subnet 4 at 1.13x the original MACs (budget 0.85):
         # more, shorter iterations reach the budgets with the same number of subnet-batches.
         "lenet5": {"teacher": ["teacher.epochs=10"],
@@ -159,7 +159,7 @@ def run_case(case: str, args: argparse.Namespace, base: list[str]) -> dict[str, 
         teacher_path, teacher_acc = _teacher(case, seed, base, args.schedule, out, args.device)
         teachers[seed] = {"path": args.public(str(teacher_path)), "accuracy": teacher_acc,
                           "time_s": time.perf_counter() - t0}
-        recipe, overrides = _method_recipe(case, seed, base, args.schedule, teacher_path)
+        recipe, overrides = _method_recipe(case, seed, base, args.schedule, teacher_path, args.method_overrides)
         cli = args.public(f"nni-steppingnet compare {CASES[case]} --seeds {seed} --device {args.device} "
                           + " ".join(f"--set {shlex.quote(o)}" for o in overrides))
         folder = out / case / f"seed{seed}" / "compare"
@@ -171,7 +171,7 @@ def run_case(case: str, args: argparse.Namespace, base: list[str]) -> dict[str, 
         if criteria:
             for criterion in CRITERIA_EXTRA:
                 variant, _ = _method_recipe(case, seed, base, args.schedule, teacher_path,
-                                            [f"construction.criterion={criterion}"])
+                                            args.method_overrides + [f"construction.criterion={criterion}"])
                 sub = out / case / f"seed{seed}" / f"criterion-{criterion}"
                 run_compare(variant, sub, methods=["steppingnet"], seeds=[seed], device=args.device,
                             resume=True, progress=False)
@@ -192,7 +192,7 @@ def run_ablation(args: argparse.Namespace, base: list[str]) -> dict[str, Any]:
     case, seed = args.ablate_case, args.seeds[0]
     out = Path(args.out)
     teacher_path, _ = _teacher(case, seed, base, args.schedule, out, args.device)
-    recipe, overrides = _method_recipe(case, seed, base, args.schedule, teacher_path)
+    recipe, overrides = _method_recipe(case, seed, base, args.schedule, teacher_path, args.method_overrides)
     expansions = [float(e) for e in args.expansions.split(",") if e.strip()]
     report = run_ablate(recipe, out / case / f"seed{seed}" / "ablate", seeds=[seed], expansions=expansions,
                         device=args.device, resume=True, progress=False)
@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cifar10.json"))
     parser.add_argument("--docs", default=str(ROOT / "docs" / "results.md"),
                         help="markdown file whose generated block is rewritten ('none' to skip)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra recipe override for every method (not the teacher), e.g. retraining.epochs=6")
     parser.add_argument("--data-label", default=None,
                         help="how reports spell the --data path (e.g. DATA_ROOT/cifar10/cifar10-train.npz)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.criteria_cases = [c.strip() for c in args.criteria_cases.split(",") if c.strip()]
     base = _data_overrides(str(data.resolve()), args.val_fraction)
+    args.method_overrides = list(args.overrides)
     label = args.data_label
 
     def public(text: str) -> str:
