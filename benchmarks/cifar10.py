@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cases the --criteria runs cover (default: all)")
     parser.add_argument("--ablate", action="store_true", help="also run the Fig. 7/8 ablations (--ablate-case, first seed)")
     parser.add_argument("--ablate-only", action="store_true", help="run only the ablations")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other cases already in --json (e.g. cases run with different --seeds)")
     parser.add_argument("--expansions", default="1.0,1.4,1.8,2.2")
     parser.add_argument("--ablate-case", choices=list(CASES), default="lenet3c1l",
                         help="network of the ablations (the paper's Figs. 7-8: lenet3c1l)")
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "schedule": args.schedule, "eval_split": "validation split",
                                "val_fraction": args.val_fraction,
-                               "cases": dict(previous.get("cases", {})) if args.ablate_only else {},
+                               "cases": dict(previous.get("cases", {})) if args.ablate_only or args.merge else {},
                                "ablation": previous.get("ablation")}
     sections: list[str] = []
     if not args.ablate_only:
