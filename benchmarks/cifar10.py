@@ -183,7 +183,7 @@ def run_case(case: str, args: argparse.Namespace, base: list[str]) -> dict[str, 
     return {"recipe": CASES[case], "schedule": args.schedule, "overrides": SCHEDULES[args.schedule][case],
             "seeds": list(args.seeds), "teachers": teachers, "summary": summary, "targets": targets,
             "wall_time_s": times, "cli_per_seed": cli, "paper_table_i": PAPER_TABLE_I[case],
-            "eval_split": "validation split"}
+            "eval_split": "validation split", "extra_overrides": list(args.method_overrides)}
 
 
 def run_ablation(args: argparse.Namespace, base: list[str]) -> dict[str, Any]:
@@ -236,7 +236,8 @@ def _case_markdown(case: str, record: dict[str, Any]) -> str:
         f"Teachers (original network, trained once per seed and shared): {teacher_accs}. Mean wall time "
         f"per run: {times}.", "",
         f"Schedule `{record['schedule']}`: teacher {' '.join(record['overrides']['teacher']) or 'as the recipe'}; "
-        f"methods {' '.join(record['overrides']['methods']) or 'as the recipe'}.", "",
+        f"methods {' '.join(record['overrides']['methods'] + record.get('extra_overrides', [])) or 'as the recipe'}"
+        " (later keys win).", "",
         f"One seed's equivalent CLI: `{record['cli_per_seed']}`", ""])
 
 
