@@ -26,6 +26,7 @@ block between the ``BEGIN GENERATED`` / ``END GENERATED`` markers of docs/result
     python3 benchmarks/cifar10.py --data DATA_ROOT/cifar10/cifar10-train.npz --schedule paper --device cuda
     python3 benchmarks/cifar10.py --data DATA_ROOT/cifar10/cifar10-train.npz --schedule smoke --docs none
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,10 +61,16 @@ END = "<!-- END GENERATED: benchmarks/cifar10.py -->"
 
 #: the paper's Table I rows: original accuracy and (A_i, M_i/M_t) in %
 PAPER_TABLE_I: dict[str, dict[str, Any]] = {
-    "lenet3c1l": {"network": "LeNet-3C1L", "original": 83.36,
-                  "subnets": [(68.5, 9.65), (77.38, 29.55), (79.81, 48.62), (80.4, 78.52)]},
-    "lenet5": {"network": "LeNet-5", "original": 74.96,
-               "subnets": [(51.8, 13.64), (59.56, 26.54), (68.64, 55.07), (72.03, 82.74)]},
+    "lenet3c1l": {
+        "network": "LeNet-3C1L",
+        "original": 83.36,
+        "subnets": [(68.5, 9.65), (77.38, 29.55), (79.81, 48.62), (80.4, 78.52)],
+    },
+    "lenet5": {
+        "network": "LeNet-5",
+        "original": 74.96,
+        "subnets": [(51.8, 13.64), (59.56, 26.54), (68.64, 55.07), (72.03, 82.74)],
+    },
 }
 #: case -> bundled recipe (its budgets and expansion are Section IV's)
 CASES: dict[str, str] = {"lenet3c1l": "lenet3c1l_cifar10", "lenet5": "lenet5_cifar10"}
@@ -72,9 +79,15 @@ CRITERIA_EXTRA: tuple[str, ...] = ("class", "noise")
 #: schedule -> case -> {"teacher": overrides of the teacher run, "methods": overrides of every method}
 SCHEDULES: dict[str, dict[str, dict[str, list[str]]]] = {
     "smoke": {
-        case: {"teacher": ["teacher.epochs=1", "data.train_subset=1000"],
-               "methods": ["data.train_subset=1000", "construction.iterations=2",
-                           "construction.batches_per_iteration=2", "retraining.epochs=1"]}
+        case: {
+            "teacher": ["teacher.epochs=1", "data.train_subset=1000"],
+            "methods": [
+                "data.train_subset=1000",
+                "construction.iterations=2",
+                "construction.batches_per_iteration=2",
+                "retraining.epochs=1",
+            ],
+        }
         for case in CASES
     },
     # Sized for 2 CPU cores shared with other jobs (about an hour for everything): a LeNet-3C1L
@@ -82,14 +95,26 @@ SCHEDULES: dict[str, dict[str, dict[str, list[str]]]] = {
     "reduced": {
         # teacher.lr 0.02: at the recipe's 0.05 the 2-epoch teacher diverged in its first epoch
         # (mean loss 2.45-2.65 > ln 10; validation accuracy 29-42% over three seeds).
-        "lenet3c1l": {"teacher": ["teacher.epochs=2", "teacher.lr=0.02"],
-                      "methods": ["data.train_subset=3000", "construction.iterations=10",
-                                  "construction.batches_per_iteration=2", "retraining.epochs=2"]},
+        "lenet3c1l": {
+            "teacher": ["teacher.epochs=2", "teacher.lr=0.02"],
+            "methods": [
+                "data.train_subset=3000",
+                "construction.iterations=10",
+                "construction.batches_per_iteration=2",
+                "retraining.epochs=2",
+            ],
+        },
         # 6 iterations of m = 4 left SteppingNet's subnet 4 at 1.13x the original MACs (budget 0.85):
         # more, shorter iterations reach the budgets with the same number of subnet-batches.
-        "lenet5": {"teacher": ["teacher.epochs=10"],
-                   "methods": ["data.train_subset=3000", "construction.iterations=10",
-                               "construction.batches_per_iteration=2", "retraining.epochs=2"]},
+        "lenet5": {
+            "teacher": ["teacher.epochs=10"],
+            "methods": [
+                "data.train_subset=3000",
+                "construction.iterations=10",
+                "construction.batches_per_iteration=2",
+                "retraining.epochs=2",
+            ],
+        },
     },
     "paper": {case: {"teacher": [], "methods": []} for case in CASES},
 }
@@ -104,19 +129,30 @@ def _machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def _code_state() -> str:
     import subprocess
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "nni_steppingnet"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "nni_steppingnet"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return commit + (" + uncommitted changes" if dirty else "")
@@ -128,8 +164,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _data_overrides(data: str, val_fraction: float) -> list[str]:
-    return ["data.name=npz", f"data.root={data}", f"data.val_fraction={val_fraction}",
-            "construction.monitor_samples=0"]
+    return ["data.name=npz", f"data.root={data}", f"data.val_fraction={val_fraction}", "construction.monitor_samples=0"]
 
 
 def _teacher(case: str, seed: int, base: list[str], schedule: str, out: Path, device: str) -> tuple[Path, float]:
@@ -137,10 +172,16 @@ def _teacher(case: str, seed: int, base: list[str], schedule: str, out: Path, de
     return train_teacher(recipe, out / case / f"seed{seed}", device=device)
 
 
-def _method_recipe(case: str, seed: int, base: list[str], schedule: str, teacher: Path,
-                   extra: list[str] | None = None) -> tuple[Recipe, list[str]]:
-    overrides = (base + SCHEDULES[schedule][case]["teacher"] + SCHEDULES[schedule][case]["methods"]
-                 + [f"seed={seed}", f"teacher.checkpoint={teacher}"] + list(extra or []))
+def _method_recipe(
+    case: str, seed: int, base: list[str], schedule: str, teacher: Path, extra: list[str] | None = None
+) -> tuple[Recipe, list[str]]:
+    overrides = (
+        base
+        + SCHEDULES[schedule][case]["teacher"]
+        + SCHEDULES[schedule][case]["methods"]
+        + [f"seed={seed}", f"teacher.checkpoint={teacher}"]
+        + list(extra or [])
+    )
     return load_recipe(CASES[case], overrides), overrides
 
 
@@ -157,11 +198,16 @@ def run_case(case: str, args: argparse.Namespace, base: list[str]) -> dict[str, 
     for seed in args.seeds:
         t0 = time.perf_counter()
         teacher_path, teacher_acc = _teacher(case, seed, base, args.schedule, out, args.device)
-        teachers[seed] = {"path": args.public(str(teacher_path)), "accuracy": teacher_acc,
-                          "time_s": time.perf_counter() - t0}
+        teachers[seed] = {
+            "path": args.public(str(teacher_path)),
+            "accuracy": teacher_acc,
+            "time_s": time.perf_counter() - t0,
+        }
         recipe, overrides = _method_recipe(case, seed, base, args.schedule, teacher_path, args.method_overrides)
-        cli = args.public(f"nni-steppingnet compare {CASES[case]} --seeds {seed} --device {args.device} "
-                          + " ".join(f"--set {shlex.quote(o)}" for o in overrides))
+        cli = args.public(
+            f"nni-steppingnet compare {CASES[case]} --seeds {seed} --device {args.device} "
+            + " ".join(f"--set {shlex.quote(o)}" for o in overrides)
+        )
         folder = out / case / f"seed{seed}" / "compare"
         run_compare(recipe, folder, seeds=[seed], device=args.device, resume=True, progress=False)
         for method in METHODS:
@@ -170,20 +216,37 @@ def run_case(case: str, args: argparse.Namespace, base: list[str]) -> dict[str, 
             times.setdefault(method, []).append(float(result.get("wall_time_s") or 0.0))
         if criteria:
             for criterion in CRITERIA_EXTRA:
-                variant, _ = _method_recipe(case, seed, base, args.schedule, teacher_path,
-                                            args.method_overrides + [f"construction.criterion={criterion}"])
+                variant, _ = _method_recipe(
+                    case,
+                    seed,
+                    base,
+                    args.schedule,
+                    teacher_path,
+                    args.method_overrides + [f"construction.criterion={criterion}"],
+                )
                 sub = out / case / f"seed{seed}" / f"criterion-{criterion}"
-                run_compare(variant, sub, methods=["steppingnet"], seeds=[seed], device=args.device,
-                            resume=True, progress=False)
+                run_compare(
+                    variant, sub, methods=["steppingnet"], seeds=[seed], device=args.device, resume=True, progress=False
+                )
                 result = _read(sub / f"seed{seed}" / "steppingnet" / "results.json")
                 runs[f"steppingnet ({criterion})"].append(result)
                 times.setdefault(f"steppingnet ({criterion})", []).append(float(result.get("wall_time_s") or 0.0))
     summary = summarize(runs)
     targets = check_targets({m: summary[m] for m in METHODS if m in summary})
-    return {"recipe": CASES[case], "schedule": args.schedule, "overrides": SCHEDULES[args.schedule][case],
-            "seeds": list(args.seeds), "teachers": teachers, "summary": summary, "targets": targets,
-            "wall_time_s": times, "cli_per_seed": cli, "paper_table_i": PAPER_TABLE_I[case],
-            "eval_split": "validation split", "extra_overrides": list(args.method_overrides)}
+    return {
+        "recipe": CASES[case],
+        "schedule": args.schedule,
+        "overrides": SCHEDULES[args.schedule][case],
+        "seeds": list(args.seeds),
+        "teachers": teachers,
+        "summary": summary,
+        "targets": targets,
+        "wall_time_s": times,
+        "cli_per_seed": cli,
+        "paper_table_i": PAPER_TABLE_I[case],
+        "eval_split": "validation split",
+        "extra_overrides": list(args.method_overrides),
+    }
 
 
 def run_ablation(args: argparse.Namespace, base: list[str]) -> dict[str, Any]:
@@ -194,51 +257,82 @@ def run_ablation(args: argparse.Namespace, base: list[str]) -> dict[str, Any]:
     teacher_path, _ = _teacher(case, seed, base, args.schedule, out, args.device)
     recipe, overrides = _method_recipe(case, seed, base, args.schedule, teacher_path, args.method_overrides)
     expansions = [float(e) for e in args.expansions.split(",") if e.strip()]
-    report = run_ablate(recipe, out / case / f"seed{seed}" / "ablate", seeds=[seed], expansions=expansions,
-                        device=args.device, resume=True, progress=False)
-    cli = args.public(f"nni-steppingnet ablate {CASES[case]} --seeds {seed} --expansions {args.expansions} "
-                      f"--device {args.device} " + " ".join(f"--set {shlex.quote(o)}" for o in overrides))
+    report = run_ablate(
+        recipe,
+        out / case / f"seed{seed}" / "ablate",
+        seeds=[seed],
+        expansions=expansions,
+        device=args.device,
+        resume=True,
+        progress=False,
+    )
+    cli = args.public(
+        f"nni-steppingnet ablate {CASES[case]} --seeds {seed} --expansions {args.expansions} "
+        f"--device {args.device} " + " ".join(f"--set {shlex.quote(o)}" for o in overrides)
+    )
     title = f"{PAPER_TABLE_I[case]['network']} ablations (Fig. 7, Fig. 8), seed {seed}, validation split"
-    return {"case": case, "seed": seed, "summary": report["summary"], "variants": report["variants"],
-            "expansions": report["expansions"], "cli": cli, "markdown": compare_markdown(report, title=title)}
+    return {
+        "case": case,
+        "seed": seed,
+        "summary": report["summary"],
+        "variants": report["variants"],
+        "expansions": report["expansions"],
+        "cli": cli,
+        "markdown": compare_markdown(report, title=title),
+    }
 
 
 # ------------------------------------------------------------------------------ reporting
 def _paper_rows(case: str, record: dict[str, Any]) -> list[str]:
     """Table I layout: the paper's row, then ours per method (mean of the seeds)."""
     paper = PAPER_TABLE_I[case]
-    header = ("| source | Orig. Acc. | " + " | ".join(f"A_{i} | M_{i}/M_t" for i in range(1, 5))
-              + " | mean error |")
+    header = "| source | Orig. Acc. | " + " | ".join(f"A_{i} | M_{i}/M_t" for i in range(1, 5)) + " | mean error |"
     rows = [header, "|" + "---|" * 11]
     cells = " | ".join(f"{a:.2f} | {m:.2f}" for a, m in paper["subnets"])
     paper_error = sum(100 - a for a, _ in paper["subnets"]) / 4
-    rows.append(f"| paper Table I ({paper['network']}, CIFAR-10 test set) | {paper['original']:.2f} | {cells} | "
-                f"{paper_error:.2f} |")
+    rows.append(
+        f"| paper Table I ({paper['network']}, CIFAR-10 test set) | {paper['original']:.2f} | {cells} | "
+        f"{paper_error:.2f} |"
+    )
     for method, data in record["summary"].items():
-        cells = " | ".join(f"{100 * s['accuracy_mean']:.2f} | {100 * s['mac_ratio_mean']:.2f}"
-                           for s in data["subnets"])
+        cells = " | ".join(f"{100 * s['accuracy_mean']:.2f} | {100 * s['mac_ratio_mean']:.2f}" for s in data["subnets"])
         original = data.get("original_accuracy")
-        rows.append(f"| ours, {method} ({len(data['seeds'])} seeds, validation split) | "
-                    f"{'n/a' if original is None else f'{100 * original:.2f}'} | {cells} | "
-                    f"{100 * data['mean_error']:.2f} |")
+        rows.append(
+            f"| ours, {method} ({len(data['seeds'])} seeds, validation split) | "
+            f"{'n/a' if original is None else f'{100 * original:.2f}'} | {cells} | "
+            f"{100 * data['mean_error']:.2f} |"
+        )
     return rows
 
 
 def _case_markdown(case: str, record: dict[str, Any]) -> str:
-    report = {"summary": record["summary"], "seeds": record["seeds"], "targets": record["targets"],
-              "recipe": {"name": record["recipe"]}}
+    report = {
+        "summary": record["summary"],
+        "seeds": record["seeds"],
+        "targets": record["targets"],
+        "recipe": {"name": record["recipe"]},
+    }
     teacher_accs = ", ".join(f"seed {s}: {100 * t['accuracy']:.2f}%" for s, t in record["teachers"].items())
     times = ", ".join(f"{m} {sum(v) / len(v):.0f} s" for m, v in record["wall_time_s"].items())
-    return "\n".join([
-        compare_markdown(report, title=f"{PAPER_TABLE_I[case]['network']} on CIFAR-10 (validation split)").rstrip(),
-        "", "Table I layout (accuracies and M_i/M_t in %; ours on the validation split, the paper's on the "
-        "test set):", "", *_paper_rows(case, record), "",
-        f"Teachers (original network, trained once per seed and shared): {teacher_accs}. Mean wall time "
-        f"per run: {times}.", "",
-        f"Schedule `{record['schedule']}`: teacher {' '.join(record['overrides']['teacher']) or 'as the recipe'}; "
-        f"methods {' '.join(record['overrides']['methods'] + record.get('extra_overrides', [])) or 'as the recipe'}"
-        " (later keys win).", "",
-        f"One seed's equivalent CLI: `{record['cli_per_seed']}`", ""])
+    return "\n".join(
+        [
+            compare_markdown(report, title=f"{PAPER_TABLE_I[case]['network']} on CIFAR-10 (validation split)").rstrip(),
+            "",
+            "Table I layout (accuracies and M_i/M_t in %; ours on the validation split, the paper's on the test set):",
+            "",
+            *_paper_rows(case, record),
+            "",
+            f"Teachers (original network, trained once per seed and shared): {teacher_accs}. Mean wall time "
+            f"per run: {times}.",
+            "",
+            f"Schedule `{record['schedule']}`: teacher {' '.join(record['overrides']['teacher']) or 'as the recipe'}; "
+            f"methods {' '.join(record['overrides']['methods'] + record.get('extra_overrides', [])) or 'as the recipe'}"
+            " (later keys win).",
+            "",
+            f"One seed's equivalent CLI: `{record['cli_per_seed']}`",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,24 +342,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedule", choices=list(SCHEDULES), default="reduced")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--criteria", action="store_true", help="also run SteppingNet with the class and noise criteria")
-    parser.add_argument("--criteria-cases", default=",".join(CASES),
-                        help="cases the --criteria runs cover (default: all)")
-    parser.add_argument("--ablate", action="store_true", help="also run the Fig. 7/8 ablations (--ablate-case, first seed)")
+    parser.add_argument(
+        "--criteria", action="store_true", help="also run SteppingNet with the class and noise criteria"
+    )
+    parser.add_argument(
+        "--criteria-cases", default=",".join(CASES), help="cases the --criteria runs cover (default: all)"
+    )
+    parser.add_argument(
+        "--ablate", action="store_true", help="also run the Fig. 7/8 ablations (--ablate-case, first seed)"
+    )
     parser.add_argument("--ablate-only", action="store_true", help="run only the ablations")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the other cases already in --json (e.g. cases run with different --seeds)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other cases already in --json (e.g. cases run with different --seeds)",
+    )
     parser.add_argument("--expansions", default="1.0,1.4,1.8,2.2")
-    parser.add_argument("--ablate-case", choices=list(CASES), default="lenet3c1l",
-                        help="network of the ablations (the paper's Figs. 7-8: lenet3c1l)")
+    parser.add_argument(
+        "--ablate-case",
+        choices=list(CASES),
+        default="lenet3c1l",
+        help="network of the ablations (the paper's Figs. 7-8: lenet3c1l)",
+    )
     parser.add_argument("--out", default=str(ROOT / "runs" / "cifar10"), help="run folders (git-ignored)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cifar10.json"))
-    parser.add_argument("--docs", default=str(ROOT / "docs" / "results.md"),
-                        help="markdown file whose generated block is rewritten ('none' to skip)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra recipe override for every method (not the teacher), e.g. retraining.epochs=6")
-    parser.add_argument("--data-label", default=None,
-                        help="how reports spell the --data path (e.g. DATA_ROOT/cifar10/cifar10-train.npz)")
+    parser.add_argument(
+        "--docs",
+        default=str(ROOT / "docs" / "results.md"),
+        help="markdown file whose generated block is rewritten ('none' to skip)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra recipe override for every method (not the teacher), e.g. retraining.epochs=6",
+    )
+    parser.add_argument(
+        "--data-label",
+        default=None,
+        help="how reports spell the --data path (e.g. DATA_ROOT/cifar10/cifar10-train.npz)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -291,16 +409,23 @@ def main(argv: list[str] | None = None) -> int:
         return text.replace(str(Path(args.out).resolve()) + "/", "RUNS/")
 
     args.public = public
-    command = public("python3 benchmarks/cifar10.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
+    command = public(
+        "python3 benchmarks/cifar10.py "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    )
     json_path = Path(args.json)
     previous = _read(json_path) if json_path.is_file() else {}
-    results: dict[str, Any] = {"command": command, "machine": _machine(), "code": _code_state(),
-                               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                               "schedule": args.schedule, "eval_split": "validation split",
-                               "val_fraction": args.val_fraction,
-                               "cases": dict(previous.get("cases", {})) if args.ablate_only or args.merge else {},
-                               "ablation": previous.get("ablation")}
+    results: dict[str, Any] = {
+        "command": command,
+        "machine": _machine(),
+        "code": _code_state(),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "schedule": args.schedule,
+        "eval_split": "validation split",
+        "val_fraction": args.val_fraction,
+        "cases": dict(previous.get("cases", {})) if args.ablate_only or args.merge else {},
+        "ablation": previous.get("ablation"),
+    }
     sections: list[str] = []
     if not args.ablate_only:
         for case in cases:
@@ -324,14 +449,21 @@ def main(argv: list[str] | None = None) -> int:
         panels.append((f"{PAPER_TABLE_I[case]['network']}, CIFAR-10 validation split", names))
     if panels:
         plot_compare(panels_summary, json_path.with_suffix(".png"), panels=panels)
-    block = "\n".join([BEGIN, "",
-                       f"Generated by `{command}`; machine: {results['machine']['cpu']}, "
-                       f"{results['machine']['cores']} cores shared with other jobs, torch "
-                       f"{results['machine']['torch']} on {args.device} with {args.threads} thread(s); code "
-                       f"{results['code']}, started {results['started']}. Every accuracy is on a seeded, "
-                       f"stratified validation split ({100 * args.val_fraction:g}%) of the CIFAR-10 training "
-                       "images; the test set was not used. Plot: `benchmarks/results/cifar10.png`.", "",
-                       *sections, END])
+    block = "\n".join(
+        [
+            BEGIN,
+            "",
+            f"Generated by `{command}`; machine: {results['machine']['cpu']}, "
+            f"{results['machine']['cores']} cores shared with other jobs, torch "
+            f"{results['machine']['torch']} on {args.device} with {args.threads} thread(s); code "
+            f"{results['code']}, started {results['started']}. Every accuracy is on a seeded, "
+            f"stratified validation split ({100 * args.val_fraction:g}%) of the CIFAR-10 training "
+            "images; the test set was not used. Plot: `benchmarks/results/cifar10.png`.",
+            "",
+            *sections,
+            END,
+        ]
+    )
     if args.docs.lower() != "none":
         docs = Path(args.docs)
         text = docs.read_text(encoding="utf-8") if docs.is_file() else ""

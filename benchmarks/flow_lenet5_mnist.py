@@ -12,6 +12,7 @@
 Writes ``benchmarks/results/flow_lenet5_mnist.json`` (atomically). The recipe's settings are
 modest so that the run finishes in about 15 minutes on 2 CPU cores; change them with ``--set``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from nni_steppingnet.checkpoint import atomic_write_json, seed_everything
 from nni_steppingnet.config import load_recipe
 from nni_steppingnet.construct import ConstructionConfig, Constructor
-from nni_steppingnet.flow import build_stepping_net, build_data, build_model, reference_macs, resolve_device, run_recipe
+from nni_steppingnet.flow import build_data, build_model, build_stepping_net, reference_macs, resolve_device, run_recipe
 from nni_steppingnet.flow_cli import CliReporter
 from nni_steppingnet.report import results_markdown
 from nni_steppingnet.train import make_optimizer
@@ -81,7 +82,7 @@ def measure_iteration_cost(recipe: Any, device: torch.device, repeats: int) -> d
     for r in range(repeats):
         plain_first = r % 2 == 0  # alternate the order so neither side always runs first
 
-        def plain_run() -> None:
+        def plain_run(r: int = r) -> None:
             seed_everything(recipe.seed + r)
             plain = build_model(recipe, info, width=recipe.steppingnet.expansion).to(device)
             plain_s.append(_plain_steps(plain, train_loader, steps, c.lr, device))
@@ -90,10 +91,19 @@ def measure_iteration_cost(recipe: Any, device: torch.device, repeats: int) -> d
             plain_run()
         seed_everything(recipe.seed + r)
         net = build_stepping_net(recipe, info)
-        config = ConstructionConfig(budgets=list(recipe.steppingnet.budgets), reference_macs=ref,
-                                    batches_per_iteration=c.batches_per_iteration, iterations=c.iterations,
-                                    alpha_growth=c.alpha_growth, beta=c.beta, prune_threshold=c.prune_threshold,
-                                    lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, seed=recipe.seed)
+        config = ConstructionConfig(
+            budgets=list(recipe.steppingnet.budgets),
+            reference_macs=ref,
+            batches_per_iteration=c.batches_per_iteration,
+            iterations=c.iterations,
+            alpha_growth=c.alpha_growth,
+            beta=c.beta,
+            prune_threshold=c.prune_threshold,
+            lr=c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            seed=recipe.seed,
+        )
         constructor = Constructor(net, config, train_loader, device=device)
         constructor.step()  # warm-up (and the first, all-in-subnet-1 iteration)
         if device.type == "cuda":
@@ -106,9 +116,12 @@ def measure_iteration_cost(recipe: Any, device: torch.device, repeats: int) -> d
         constructor.close()
         if not plain_first:
             plain_run()
-        print(f"  repeat {r + 1}/{repeats}: construction iteration {construct_s[-1]:.3f} s, "
-              f"plain training of the same {steps} subnet-batches {plain_s[-1]:.3f} s "
-              f"(ratio {construct_s[-1] / plain_s[-1]:.2f})", flush=True)
+        print(
+            f"  repeat {r + 1}/{repeats}: construction iteration {construct_s[-1]:.3f} s, "
+            f"plain training of the same {steps} subnet-batches {plain_s[-1]:.3f} s "
+            f"(ratio {construct_s[-1] / plain_s[-1]:.2f})",
+            flush=True,
+        )
     ratios = [a / b for a, b in zip(construct_s, plain_s)]
     return {
         "subnet_batches_per_iteration": steps,
@@ -143,8 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "benchmark": "flow_lenet5_mnist",
         "date": stamp,
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)},
+        "machine": {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(device),
+        },
         "recipe": recipe.to_dict(),
         "run_dir": str(out),
     }
@@ -158,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             reporter.close()
         wall = time.perf_counter() - start
         print(results_markdown(results))
-        print(f"wall time of the whole flow: {wall:.1f} s "
-              f"(stages: {', '.join(f'{k} {v:.1f} s' for k, v in results['stage_times_s'].items())})")
+        print(
+            f"wall time of the whole flow: {wall:.1f} s "
+            f"(stages: {', '.join(f'{k} {v:.1f} s' for k, v in results['stage_times_s'].items())})"
+        )
         summary = {k: v for k, v in results.items() if k != "construction"}
         summary["construction"] = {k: v for k, v in results["construction"].items() if k != "history"}
         report["results"] = summary
@@ -170,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| measurement | median (s) |")
     print("|---|---|")
-    print(f"| construction iteration ({timing['subnet_batches_per_iteration']} subnet-batches) | "
-          f"{timing['median_construction_iteration_s']:.3f} |")
+    print(
+        f"| construction iteration ({timing['subnet_batches_per_iteration']} subnet-batches) | "
+        f"{timing['median_construction_iteration_s']:.3f} |"
+    )
     print(f"| plain training, same subnet-batches | {timing['median_plain_training_s']:.3f} |")
     print(f"| ratio of medians | {timing['ratio_of_medians']:.2f}x |")
     print(f"| median of per-repeat ratios | {timing['median_ratio']:.2f}x |")

@@ -16,6 +16,7 @@ Usage::
     python benchmarks/mask_overhead.py --repeats 9 --threads 1 --clock thread   # shared machine
     python benchmarks/mask_overhead.py --repeats 9 --threads 1,2                # wall clock
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,9 @@ def _timed(fn: Callable[[], None], iters: int, clock: Callable[[], float]) -> fl
     return (clock() - start) / iters
 
 
-def measure_pair(a: Callable[[], None], b: Callable[[], None], repeats: int,
-                 min_seconds: float = 0.3, clock: str = "wall") -> dict[str, Any]:
+def measure_pair(
+    a: Callable[[], None], b: Callable[[], None], repeats: int, min_seconds: float = 0.3, clock: str = "wall"
+) -> dict[str, Any]:
     """Alternate ``a`` and ``b`` (ABBA), return per-step medians and the median ratio a/b."""
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
@@ -123,8 +125,17 @@ def run_model(name: str, batch: int, img: int, repeats: int, clock: str = "wall"
             _step(net.model, x, y)
 
     result = measure_pair(masked_full, lambda: _step(plain, x, y), repeats, clock=clock)
-    rows.append({"model": name, "case": "a", "subnet": NUM_SUBNETS, "mac_fraction": 1.0,
-                 "versus": "plain_copy", "outputs_equal": same, **result})
+    rows.append(
+        {
+            "model": name,
+            "case": "a",
+            "subnet": NUM_SUBNETS,
+            "mac_fraction": 1.0,
+            "versus": "plain_copy",
+            "outputs_equal": same,
+            **result,
+        }
+    )
 
     # (b) budget-like subnets: masked vs exported dense.
     net.remove()
@@ -139,11 +150,17 @@ def run_model(name: str, batch: int, img: int, repeats: int, clock: str = "wall"
             with net.subnet(s):
                 _step(net.model, x, y)
 
-        result = measure_pair(masked_s, lambda exported=exported: _step(exported, x, y), repeats,
-                              clock=clock)
-        rows.append({"model": name, "case": "b", "subnet": s,
-                     "mac_fraction": round(net.macs(s) / net.full_macs, 4),
-                     "versus": "export_subnet", **result})
+        result = measure_pair(masked_s, lambda exported=exported: _step(exported, x, y), repeats, clock=clock)
+        rows.append(
+            {
+                "model": name,
+                "case": "b",
+                "subnet": s,
+                "mac_fraction": round(net.macs(s) / net.full_macs, 4),
+                "versus": "export_subnet",
+                **result,
+            }
+        )
     return rows
 
 
@@ -161,13 +178,17 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'threads':>7s} {'model':10s} {'case':4s} {'s':>2s} {'MACs':>6s} {'masked ms':>10s} "
-             f"{'other ms':>9s} {'other':14s} {'ratio':>6s} {'median r':>8s}"]
+    lines = [
+        f"{'threads':>7s} {'model':10s} {'case':4s} {'s':>2s} {'MACs':>6s} {'masked ms':>10s} "
+        f"{'other ms':>9s} {'other':14s} {'ratio':>6s} {'median r':>8s}"
+    ]
     for r in rows:
-        lines.append(f"{r['threads']:>7d} {r['model']:10s} {r['case']:4s} {r['subnet']:>2d} "
-                     f"{100 * r['mac_fraction']:5.1f}% {1000 * r['a_median_s']:10.1f} "
-                     f"{1000 * r['b_median_s']:9.1f} {r['versus']:14s} {r['ratio_of_medians']:6.3f} "
-                     f"{r['median_ratio']:8.3f}")
+        lines.append(
+            f"{r['threads']:>7d} {r['model']:10s} {r['case']:4s} {r['subnet']:>2d} "
+            f"{100 * r['mac_fraction']:5.1f}% {1000 * r['a_median_s']:10.1f} "
+            f"{1000 * r['b_median_s']:9.1f} {r['versus']:14s} {r['ratio_of_medians']:6.3f} "
+            f"{r['median_ratio']:8.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -178,8 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7, help="alternating repeats per pair (>= 5)")
     parser.add_argument("--threads", default="1", help="comma-separated torch thread counts to run")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="thread: CPU time of the calling thread (only with --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="thread: CPU time of the calling thread (only with --threads 1)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.repeats < 5:
@@ -198,12 +223,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["threads"] = t
                 row["clock"] = args.clock
                 rows.append(row)
-    payload = {"versions": {"torch": torch.__version__, "timm": timm.__version__},
-               "settings": {"batch": args.batch, "img_size": args.img_size, "repeats": args.repeats,
-                            "num_subnets": NUM_SUBNETS, "channel_fractions": CHANNEL_FRACTIONS,
-                            "device": "cpu", "cpu_count": os.cpu_count(),
-                            "clock": args.clock},
-               "rows": rows}
+    payload = {
+        "versions": {"torch": torch.__version__, "timm": timm.__version__},
+        "settings": {
+            "batch": args.batch,
+            "img_size": args.img_size,
+            "repeats": args.repeats,
+            "num_subnets": NUM_SUBNETS,
+            "channel_fractions": CHANNEL_FRACTIONS,
+            "device": "cpu",
+            "cpu_count": os.cpu_count(),
+            "clock": args.clock,
+        },
+        "rows": rows,
+    }
     _write_json(args.output, payload)
     print(_table(rows))
     print(f"wrote {args.output}")

@@ -26,6 +26,7 @@ and a shared machine's preemptions do not count); with more threads it is wall t
     python3 benchmarks/onnx_runtime.py --models lenet5 --batches 1 --threads 1 --repeats 5   # quick
     python3 benchmarks/onnx_runtime.py --markdown benchmarks/results/onnx_runtime.json        # the table
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,9 @@ def _median_time(fn: Callable[[], Any], inner: int, clock: Callable[[], float]) 
     return statistics.median(times)
 
 
-def _stage_times(start: Callable[[], Any], step: Callable[[], Any], n_sub: int, inner: int,
-                 clock: Callable[[], float]) -> list[float]:
+def _stage_times(
+    start: Callable[[], Any], step: Callable[[], Any], n_sub: int, inner: int, clock: Callable[[], float]
+) -> list[float]:
     """Per stage, the median over ``inner`` runs to subnet N of the stage's time."""
     runs = []
     for _ in range(inner):
@@ -101,9 +103,19 @@ def _session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def measure(net: SteppingNet, runner: IncrementalRunner, stage_dir: Path, dense_paths: list[Path],
-            dense_modules: list[nn.Module], threads: int, batch: int, repeats: int, warmup: int, inner: int,
-            seed: int) -> dict[str, Any]:
+def measure(
+    net: SteppingNet,
+    runner: IncrementalRunner,
+    stage_dir: Path,
+    dense_paths: list[Path],
+    dense_modules: list[nn.Module],
+    threads: int,
+    batch: int,
+    repeats: int,
+    warmup: int,
+    inner: int,
+    seed: int,
+) -> dict[str, Any]:
     n_sub = net.num_subnets
     clock = time.thread_time if threads == 1 else time.perf_counter
     torch.set_num_threads(threads)
@@ -113,18 +125,23 @@ def measure(net: SteppingNet, runner: IncrementalRunner, stage_dir: Path, dense_
     xn = x.numpy()
     errors = {"ort_vs_torch_runner": 0.0, "ort_dense_vs_torch_dense": 0.0}
     with torch.inference_mode():
-        for s in range(n_sub):                       # correctness of what is timed
+        for s in range(n_sub):  # correctness of what is timed
             ref = runner.start(x) if s == 0 else runner.step()
             got = stepper.start(xn) if s == 0 else stepper.step()
             scale = float(ref.abs().max())
-            errors["ort_vs_torch_runner"] = max(errors["ort_vs_torch_runner"],
-                                                float(np.abs(got - ref.numpy()).max()) / scale)
+            errors["ort_vs_torch_runner"] = max(
+                errors["ort_vs_torch_runner"], float(np.abs(got - ref.numpy()).max()) / scale
+            )
             dense_ref = dense_modules[s](x).numpy()
             dense_got = dense[s].run(None, {"input": xn})[0]
-            errors["ort_dense_vs_torch_dense"] = max(errors["ort_dense_vs_torch_dense"], float(
-                np.abs(dense_got - dense_ref).max()) / float(np.abs(dense_ref).max()))
-        series: dict[str, list[list[float]]] = {key: [[] for _ in range(n_sub)] for key in (
-            "ort_step", "ort_reach", "ort_fused", "ort_dense", "torch_step", "torch_reach", "torch_dense")}
+            errors["ort_dense_vs_torch_dense"] = max(
+                errors["ort_dense_vs_torch_dense"],
+                float(np.abs(dense_got - dense_ref).max()) / float(np.abs(dense_ref).max()),
+            )
+        series: dict[str, list[list[float]]] = {
+            key: [[] for _ in range(n_sub)]
+            for key in ("ort_step", "ort_reach", "ort_fused", "ort_dense", "torch_step", "torch_reach", "torch_dense")
+        }
         for r in range(warmup + repeats):
             ort_steps = _stage_times(lambda: stepper.start(xn), stepper.step, n_sub, inner, clock)
             ort_dense = [_median_time(lambda d=d: d.run(None, {"input": xn}), inner, clock) for d in dense]
@@ -135,11 +152,11 @@ def measure(net: SteppingNet, runner: IncrementalRunner, stage_dir: Path, dense_
                 continue
             for s in range(n_sub):
                 series["ort_step"][s].append(ort_steps[s])
-                series["ort_reach"][s].append(sum(ort_steps[:s + 1]))
+                series["ort_reach"][s].append(sum(ort_steps[: s + 1]))
                 series["ort_dense"][s].append(ort_dense[s])
                 series["ort_fused"][s].append(ort_fused[s])
                 series["torch_step"][s].append(torch_steps[s])
-                series["torch_reach"][s].append(sum(torch_steps[:s + 1]))
+                series["torch_reach"][s].append(sum(torch_steps[: s + 1]))
                 series["torch_dense"][s].append(torch_dense[s])
 
     def ratio(top: str, bottom: str, s: int) -> float:
@@ -147,18 +164,27 @@ def measure(net: SteppingNet, runner: IncrementalRunner, stage_dir: Path, dense_
 
     rows = []
     for s in range(n_sub):
-        rows.append({
-            "subnet": s + 1,
-            "ort_reach_over_export": ratio("ort_reach", "ort_dense", s),
-            "ort_fused_over_export": ratio("ort_fused", "ort_dense", s),
-            "ort_step_over_scratch": ratio("ort_step", "ort_dense", s),
-            "torch_reach_over_export": ratio("torch_reach", "torch_dense", s),
-            "torch_step_over_scratch": ratio("torch_step", "torch_dense", s),
-            "ort_reach_over_torch_reach": ratio("ort_reach", "torch_reach", s),
-            **{f"{key}_s": statistics.median(values[s]) for key, values in series.items()},
-        })
-    return {"threads": threads, "batch": batch, "repeats": repeats, "inner": inner,
-            "clock": "thread" if threads == 1 else "wall", "max_rel_errors": errors, "rows": rows}
+        rows.append(
+            {
+                "subnet": s + 1,
+                "ort_reach_over_export": ratio("ort_reach", "ort_dense", s),
+                "ort_fused_over_export": ratio("ort_fused", "ort_dense", s),
+                "ort_step_over_scratch": ratio("ort_step", "ort_dense", s),
+                "torch_reach_over_export": ratio("torch_reach", "torch_dense", s),
+                "torch_step_over_scratch": ratio("torch_step", "torch_dense", s),
+                "ort_reach_over_torch_reach": ratio("ort_reach", "torch_reach", s),
+                **{f"{key}_s": statistics.median(values[s]) for key, values in series.items()},
+            }
+        )
+    return {
+        "threads": threads,
+        "batch": batch,
+        "repeats": repeats,
+        "inner": inner,
+        "clock": "thread" if threads == 1 else "wall",
+        "max_rel_errors": errors,
+        "rows": rows,
+    }
 
 
 def _join(values: list[float], fmt: str) -> str:
@@ -167,23 +193,40 @@ def _join(values: list[float], fmt: str) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """The results as the markdown table of benchmarks/README.md (values for s = 1 / 2 / ...)."""
-    head = ["model", "threads", "batch", "MACs/full", "floor (nonzero/dense MACs)", "ort reach/export",
-            "ort fused/export", "ort step/scratch", "torch reach/export", "torch step/scratch", "ort dense ms", "ort reach ms",
-            "torch reach ms"]
+    head = [
+        "model",
+        "threads",
+        "batch",
+        "MACs/full",
+        "floor (nonzero/dense MACs)",
+        "ort reach/export",
+        "ort fused/export",
+        "ort step/scratch",
+        "torch reach/export",
+        "torch step/scratch",
+        "ort dense ms",
+        "ort reach ms",
+        "torch reach ms",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case in results["cases"]:
         for result in case["results"]:
             rows = result["rows"]
-            cells = [case["model"], str(result["threads"]), str(result["batch"]),
-                     _join(case["mac_ratio_of_full"], ".2f"), _join(case["floor"], ".2f"),
-                     _join([r["ort_reach_over_export"] for r in rows], ".2f"),
-                     _join([r["ort_fused_over_export"] for r in rows], ".2f"),
-                     _join([r["ort_step_over_scratch"] for r in rows], ".2f"),
-                     _join([r["torch_reach_over_export"] for r in rows], ".2f"),
-                     _join([r["torch_step_over_scratch"] for r in rows], ".2f"),
-                     _join([1e3 * r["ort_dense_s"] for r in rows], ".2f"),
-                     _join([1e3 * r["ort_reach_s"] for r in rows], ".2f"),
-                     _join([1e3 * r["torch_reach_s"] for r in rows], ".2f")]
+            cells = [
+                case["model"],
+                str(result["threads"]),
+                str(result["batch"]),
+                _join(case["mac_ratio_of_full"], ".2f"),
+                _join(case["floor"], ".2f"),
+                _join([r["ort_reach_over_export"] for r in rows], ".2f"),
+                _join([r["ort_fused_over_export"] for r in rows], ".2f"),
+                _join([r["ort_step_over_scratch"] for r in rows], ".2f"),
+                _join([r["torch_reach_over_export"] for r in rows], ".2f"),
+                _join([r["torch_step_over_scratch"] for r in rows], ".2f"),
+                _join([1e3 * r["ort_dense_s"] for r in rows], ".2f"),
+                _join([1e3 * r["ort_reach_s"] for r in rows], ".2f"),
+                _join([1e3 * r["torch_reach_s"] for r in rows], ".2f"),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -192,31 +235,47 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
-                        help="onnxruntime intra-op threads (torch uses as many)")
+    parser.add_argument(
+        "--threads", nargs="+", type=int, default=[1, 2], help="onnxruntime intra-op threads (torch uses as many)"
+    )
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.15, 0.3, 0.45, 0.6])
     parser.add_argument("--repeats", type=int, default=9, help="timed repeats at batch 1 (batch >= 16: a third)")
-    parser.add_argument("--inner", type=int, default=3, help="runs in a row per method and repeat at batch 1 "
-                                                             "(batch >= 16: 1)")
+    parser.add_argument(
+        "--inner", type=int, default=3, help="runs in a row per method and repeat at batch 1 (batch >= 16: 1)"
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--img", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--markdown", type=Path, metavar="JSON",
-                        help="print the markdown table of a results file and exit (measures nothing)")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="JSON",
+        help="print the markdown table of a results file and exit (measures nothing)",
+    )
     args = parser.parse_args(argv)
     if args.markdown is not None:
         print(markdown(json.loads(args.markdown.read_text(encoding="utf-8"))))
         return 0
-    if any(b <= 0 for b in args.batches) or any(t <= 0 for t in args.threads) or args.repeats < 1 \
-            or args.inner < 1 or args.warmup < 0:
+    if (
+        any(b <= 0 for b in args.batches)
+        or any(t <= 0 for t in args.threads)
+        or args.repeats < 1
+        or args.inner < 1
+        or args.warmup < 0
+    ):
         parser.error("batches, threads, repeats and inner must be positive, warmup >= 0")
     logging.basicConfig(level=logging.WARNING)
     results: dict[str, Any] = {
         "command": "python3 benchmarks/onnx_runtime.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "device": "cpu", "torch": torch.__version__, "onnxruntime": ort.__version__,
-        "platform": platform.platform(), "processor": platform.processor(),
-        "budgets": args.budgets, "img": args.img, "cases": [],
+        "device": "cpu",
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "budgets": args.budgets,
+        "img": args.img,
+        "cases": [],
     }
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:
@@ -235,27 +294,45 @@ def main(argv: list[str] | None = None) -> int:
                 module, report = export_with_report(net, s)
                 module.eval()
                 dense_modules.append(module)
-                dense_paths.append(export_subnet_onnx(module, Path(scratch) / name / f"dense{s}.onnx",
-                                                      net.example_inputs))
+                dense_paths.append(
+                    export_subnet_onnx(module, Path(scratch) / name / f"dense{s}.onnx", net.example_inputs)
+                )
                 floors.append(report.nonzero_macs / report.dense_macs)
             case: dict[str, Any] = {
-                "model": name, "kwargs": kwargs, "full_macs": net.full_macs,
+                "model": name,
+                "kwargs": kwargs,
+                "full_macs": net.full_macs,
                 "macs": [net.macs(s) for s in range(1, net.num_subnets + 1)],
                 "mac_ratio_of_full": [net.macs(s) / net.full_macs for s in range(1, net.num_subnets + 1)],
-                "floor": floors, "results": []}
+                "floor": floors,
+                "results": [],
+            }
             for threads in args.threads:
                 for batch in args.batches:
                     big = batch >= 16
-                    result = measure(net, runner, stage_dir, dense_paths, dense_modules, threads, batch,
-                                     max(3, args.repeats // 3) if big else args.repeats, args.warmup,
-                                     1 if big else args.inner, args.seed)
+                    result = measure(
+                        net,
+                        runner,
+                        stage_dir,
+                        dense_paths,
+                        dense_modules,
+                        threads,
+                        batch,
+                        max(3, args.repeats // 3) if big else args.repeats,
+                        args.warmup,
+                        1 if big else args.inner,
+                        args.seed,
+                    )
                     case["results"].append(result)
                     rows = result["rows"]
-                    print(f"{name} threads {threads} batch {batch}: floor {_join(floors, '.2f')}; ort reach/export "
-                          f"{_join([r['ort_reach_over_export'] for r in rows], '.2f')}; fused "
-                          f"{_join([r['ort_fused_over_export'] for r in rows], '.2f')}; torch reach/export "
-                          f"{_join([r['torch_reach_over_export'] for r in rows], '.2f')}; errors "
-                          f"{result['max_rel_errors']}", flush=True)
+                    print(
+                        f"{name} threads {threads} batch {batch}: floor {_join(floors, '.2f')}; ort reach/export "
+                        f"{_join([r['ort_reach_over_export'] for r in rows], '.2f')}; fused "
+                        f"{_join([r['ort_fused_over_export'] for r in rows], '.2f')}; torch reach/export "
+                        f"{_join([r['torch_reach_over_export'] for r in rows], '.2f')}; errors "
+                        f"{result['max_rel_errors']}",
+                        flush=True,
+                    )
             results["cases"].append(case)
             net.remove()
     atomic_write_json(args.output, results)

@@ -24,6 +24,7 @@ itself works on CUDA (``runner.to("cuda")``).
     python3 benchmarks/runtime.py                       # lenet5 (width 2), vgg16_cifar, resnet18
     python3 benchmarks/runtime.py --models lenet5 --batches 1 --repeats 5   # quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,20 +95,21 @@ def random_budget_assignment(net: SteppingNet, budgets: list[float], seed: int) 
     return fractions
 
 
-def construct_assignment(net: SteppingNet, budgets: list[float], seed: int, img: int,
-                         iterations: int) -> None:
+def construct_assignment(net: SteppingNet, budgets: list[float], seed: int, img: int, iterations: int) -> None:
     from nni_steppingnet.construct import ConstructionConfig, Constructor
 
     generator = torch.Generator().manual_seed(seed)
-    loader = [(torch.randn(16, 3, img, img, generator=generator), torch.randint(0, 10, (16,), generator=generator))
-              for _ in range(4)]
-    config = ConstructionConfig(budgets=budgets, reference_macs=net.full_macs, batches_per_iteration=1,
-                                iterations=iterations, seed=seed)
+    loader = [
+        (torch.randn(16, 3, img, img, generator=generator), torch.randint(0, 10, (16,), generator=generator))
+        for _ in range(4)
+    ]
+    config = ConstructionConfig(
+        budgets=budgets, reference_macs=net.full_macs, batches_per_iteration=1, iterations=iterations, seed=seed
+    )
     result = Constructor(net, config, loader).run()
     net.model.eval()
     if not result.all_met:
-        print(f"  construction met budgets {result.budgets_met} after {result.iterations} iterations",
-              file=sys.stderr)
+        print(f"  construction met budgets {result.budgets_met} after {result.iterations} iterations", file=sys.stderr)
 
 
 #: the clock of the measurement (set by main): thread CPU time is immune to the preemptions a
@@ -121,15 +123,17 @@ def _timed(fn: Callable[[], Any]) -> float:
     return CLOCK() - begin
 
 
-def measure(net: SteppingNet, batch: int, repeats: int, warmup: int, seed: int,
-            layouts: tuple[str, ...] = ("auto",)) -> dict[str, Any]:
+def measure(
+    net: SteppingNet, batch: int, repeats: int, warmup: int, seed: int, layouts: tuple[str, ...] = ("auto",)
+) -> dict[str, Any]:
     """Time the runner (one per layout; the first is reported in full, the others as ratios)
     against the exported dense subnets, interleaved in every repeat."""
     n_sub = net.num_subnets
     runners = [IncrementalRunner(net, layout=layout) for layout in layouts]
     runner = runners[0]
     others: dict[str, tuple[list[list[float]], list[list[float]]]] = {
-        layout: ([[] for _ in range(n_sub)], [[] for _ in range(n_sub)]) for layout in layouts[1:]}
+        layout: ([[] for _ in range(n_sub)], [[] for _ in range(n_sub)]) for layout in layouts[1:]
+    }
     exported = [net.export_subnet(s).eval() for s in range(1, n_sub + 1)]
     x = torch.randn(batch, 3, *net.example_inputs.shape[2:], generator=torch.Generator().manual_seed(seed))
     macs = [net.macs(s) for s in range(1, n_sub + 1)]
@@ -138,7 +142,7 @@ def measure(net: SteppingNet, batch: int, repeats: int, warmup: int, seed: int,
     export: list[list[float]] = [[] for _ in range(n_sub)]
     max_err = 0.0
     with torch.inference_mode():
-        for s in range(n_sub):                       # correctness of what is timed
+        for s in range(n_sub):  # correctness of what is timed
             out = runner.start(x) if s == 0 else runner.step()
             ref = exported[s](x)
             max_err = max(max_err, float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
@@ -173,61 +177,97 @@ def measure(net: SteppingNet, batch: int, repeats: int, warmup: int, seed: int,
         # Ratios per repeat (side by side), then the median.
         reach_ratio = statistics.median(a / b for a, b in zip(reach[s], export[s]))
         step_ratio = statistics.median(a / b for a, b in zip(steps[s], export[s]))
-        rows.append({
-            "subnet": s + 1,
-            "macs": macs[s],
-            "step_macs": macs[s] - (macs[s - 1] if s else 0),
-            "mac_ratio_of_full": macs[s] / net.full_macs,
-            "step_s": step_med,
-            "reach_s": reach_med,
-            "export_s": export_med,
-            "reach_over_export": reach_ratio,
-            "step_over_scratch": step_ratio,
-            "time_share": step_med / med_reach_n,
-            "mac_share": (macs[s] - (macs[s - 1] if s else 0)) / macs[-1],
-        })
+        rows.append(
+            {
+                "subnet": s + 1,
+                "macs": macs[s],
+                "step_macs": macs[s] - (macs[s - 1] if s else 0),
+                "mac_ratio_of_full": macs[s] / net.full_macs,
+                "step_s": step_med,
+                "reach_s": reach_med,
+                "export_s": export_med,
+                "reach_over_export": reach_ratio,
+                "step_over_scratch": step_ratio,
+                "time_share": step_med / med_reach_n,
+                "mac_share": (macs[s] - (macs[s - 1] if s else 0)) / macs[-1],
+            }
+        )
         for layout, (o_steps, o_reach) in others.items():
             rows[-1][f"reach_over_export_{layout}"] = statistics.median(o_reach[s])
             rows[-1][f"step_over_scratch_{layout}"] = statistics.median(o_steps[s])
-    return {"batch": batch, "repeats": repeats, "max_rel_error_vs_export": max_err, "layout": runner.layout,
-            "compared_layouts": [r.layout for r in runners[1:]], "rows": rows}
+    return {
+        "batch": batch,
+        "repeats": repeats,
+        "max_rel_error_vs_export": max_err,
+        "layout": runner.layout,
+        "compared_layouts": [r.layout for r in runners[1:]],
+        "rows": rows,
+    }
 
 
 def _table(title: str, result: dict[str, Any]) -> str:
-    extra = [k[len("reach_over_export_"):] for k in result["rows"][0] if k.startswith("reach_over_export_")]
-    lines = [f"{title}  batch {result['batch']}  layout {result['layout']}  (median of {result['repeats']}; "
-             f"max rel. error vs export {result['max_rel_error_vs_export']:.1e})",
-             "  s   MACs/full  step ms  reach ms  export ms  reach/export  step/scratch  time share  MAC share"
-             + "".join(f"  {layout} reach/export" for layout in extra)]
+    extra = [k[len("reach_over_export_") :] for k in result["rows"][0] if k.startswith("reach_over_export_")]
+    lines = [
+        f"{title}  batch {result['batch']}  layout {result['layout']}  (median of {result['repeats']}; "
+        f"max rel. error vs export {result['max_rel_error_vs_export']:.1e})",
+        "  s   MACs/full  step ms  reach ms  export ms  reach/export  step/scratch  time share  MAC share"
+        + "".join(f"  {layout} reach/export" for layout in extra),
+    ]
     for row in result["rows"]:
-        lines.append(f"  {row['subnet']}   {row['mac_ratio_of_full']:8.3f}  {1e3 * row['step_s']:7.2f}  "
-                     f"{1e3 * row['reach_s']:8.2f}  {1e3 * row['export_s']:9.2f}  {row['reach_over_export']:12.2f}  "
-                     f"{row['step_over_scratch']:12.2f}  {row['time_share']:10.3f}  {row['mac_share']:9.3f}"
-                     + "".join(f"  {row['reach_over_export_' + layout]:{len(layout) + 13}.2f}" for layout in extra))
+        lines.append(
+            f"  {row['subnet']}   {row['mac_ratio_of_full']:8.3f}  {1e3 * row['step_s']:7.2f}  "
+            f"{1e3 * row['reach_s']:8.2f}  {1e3 * row['export_s']:9.2f}  {row['reach_over_export']:12.2f}  "
+            f"{row['step_over_scratch']:12.2f}  {row['time_share']:10.3f}  {row['mac_share']:9.3f}"
+            + "".join(f"  {row['reach_over_export_' + layout]:{len(layout) + 13}.2f}" for layout in extra)
+        )
     return "\n".join(lines)
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The results as the markdown table of benchmarks/README.md (values for s = 1 / 2 / ...)."""
+
     def join(values: list[float], fmt: str) -> str:
         return " / ".join(format(v, fmt) for v in values)
 
-    extra = sorted({k[len("reach_over_export_"):] for case in results["cases"] for r in case["results"]
-                    for k in r["rows"][0] if k.startswith("reach_over_export_")})
-    head = ["model", "assignment", "batch", "layout", "MACs/full", "reach/export", "step/scratch",
-            "time share", "MAC share", "export ms", "reach ms"] + [f"{layout} reach/export" for layout in extra]
+    extra = sorted(
+        {
+            k[len("reach_over_export_") :]
+            for case in results["cases"]
+            for r in case["results"]
+            for k in r["rows"][0]
+            if k.startswith("reach_over_export_")
+        }
+    )
+    head = [
+        "model",
+        "assignment",
+        "batch",
+        "layout",
+        "MACs/full",
+        "reach/export",
+        "step/scratch",
+        "time share",
+        "MAC share",
+        "export ms",
+        "reach ms",
+    ] + [f"{layout} reach/export" for layout in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case in results["cases"]:
         for result in case["results"]:
             rows = result["rows"]
-            cells = [case["model"], case["assignment"], str(result["batch"]), str(result.get("layout")),
-                     join([r["mac_ratio_of_full"] for r in rows], ".2f"),
-                     join([r["reach_over_export"] for r in rows], ".2f"),
-                     join([r["step_over_scratch"] for r in rows], ".2f"),
-                     join([r["time_share"] for r in rows], ".2f"),
-                     join([r["mac_share"] for r in rows], ".2f"),
-                     join([1e3 * r["export_s"] for r in rows], ".1f"),
-                     join([1e3 * r["reach_s"] for r in rows], ".1f")]
+            cells = [
+                case["model"],
+                case["assignment"],
+                str(result["batch"]),
+                str(result.get("layout")),
+                join([r["mac_ratio_of_full"] for r in rows], ".2f"),
+                join([r["reach_over_export"] for r in rows], ".2f"),
+                join([r["step_over_scratch"] for r in rows], ".2f"),
+                join([r["time_share"] for r in rows], ".2f"),
+                join([r["mac_share"] for r in rows], ".2f"),
+                join([1e3 * r["export_s"] for r in rows], ".1f"),
+                join([1e3 * r["reach_s"] for r in rows], ".1f"),
+            ]
             cells += [join([r[f"reach_over_export_{layout}"] for r in rows], ".2f") for layout in extra]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -238,23 +278,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--assignments", nargs="+", default=["random", "construct"], choices=["random", "construct"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.15, 0.3, 0.45, 0.6],
-                        help="MAC budgets as fractions of the full model (all reachable under the mask rule)")
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        type=float,
+        default=[0.15, 0.3, 0.45, 0.6],
+        help="MAC budgets as fractions of the full model (all reachable under the mask rule)",
+    )
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats (batch 1); batch >= 16 uses a third")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: the machine is shared, more threads add contention)")
-    parser.add_argument("--clock", choices=["thread", "wall"], default="thread",
-                        help="thread: CPU time of the calling thread (needs --threads 1; not disturbed by "
-                             "other jobs on a shared machine); wall: time.perf_counter")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: the machine is shared, more threads add contention)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["thread", "wall"],
+        default="thread",
+        help="thread: CPU time of the calling thread (needs --threads 1; not disturbed by "
+        "other jobs on a shared machine); wall: time.perf_counter",
+    )
     parser.add_argument("--construct-iterations", type=int, default=4)
     parser.add_argument("--img", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layouts", nargs="+", default=["auto", "full"], choices=["auto", "delta", "full"],
-                        help="runner layouts, timed side by side; the first is reported in full")
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["auto", "full"],
+        choices=["auto", "delta", "full"],
+        help="runner layouts, timed side by side; the first is reported in full",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--markdown", type=Path, metavar="JSON",
-                        help="print the markdown table of a results file and exit (measures nothing)")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="JSON",
+        help="print the markdown table of a results file and exit (measures nothing)",
+    )
     args = parser.parse_args(argv)
     if args.markdown is not None:
         print(markdown(json.loads(args.markdown.read_text(encoding="utf-8"))))
@@ -269,9 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {
         "command": "python3 benchmarks/runtime.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "device": "cpu", "threads": args.threads, "clock": args.clock, "torch": torch.__version__,
-        "platform": platform.platform(), "processor": platform.processor(),
-        "budgets": args.budgets, "img": args.img, "cases": [],
+        "device": "cpu",
+        "threads": args.threads,
+        "clock": args.clock,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "budgets": args.budgets,
+        "img": args.img,
+        "cases": [],
     }
     for name in args.models:
         timm_name, kwargs = MODELS[name]
@@ -284,10 +352,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 construct_assignment(net, args.budgets, args.seed, args.img, args.construct_iterations)
             model.eval()
-            case: dict[str, Any] = {"model": name, "kwargs": kwargs, "assignment": assignment,
-                                    "full_macs": net.full_macs, "pruned_entries": int(
-                                        sum(int((~m).sum()) for m in net.prune_masks.values())),
-                                    "results": []}
+            case: dict[str, Any] = {
+                "model": name,
+                "kwargs": kwargs,
+                "assignment": assignment,
+                "full_macs": net.full_macs,
+                "pruned_entries": int(sum(int((~m).sum()) for m in net.prune_masks.values())),
+                "results": [],
+            }
             for batch in args.batches:
                 repeats = args.repeats if batch < 16 else max(3, args.repeats // 3)
                 result = measure(net, batch, repeats, args.warmup, args.seed, tuple(args.layouts))

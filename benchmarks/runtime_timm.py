@@ -11,6 +11,7 @@ at every stage. One torch thread; nothing is timed.
 
     python3 benchmarks/runtime_timm.py                  # writes results/runtime_timm.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,14 @@ def check(model_name: str, shape: list[int], seed: int) -> dict[str, Any]:
             errors.append(float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
             macs_ok &= runner.macs_spent == net.macs(s)
     net.remove()
-    return {"model": model_name, "input": shape, "layout": runner.layout, "max_rel_error": max(errors),
-            "macs_exact": macs_ok, "seconds": round(time.perf_counter() - begin, 1)}
+    return {
+        "model": model_name,
+        "input": shape,
+        "layout": runner.layout,
+        "max_rel_error": max(errors),
+        "macs_exact": macs_ok,
+        "seconds": round(time.perf_counter() - begin, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,12 +102,22 @@ def main(argv: list[str] | None = None) -> int:
         if row["layout"] == "error":
             print(f"{name:28} error   {row['error'][:100]}", flush=True)
         else:
-            print(f"{name:28} {row['layout']:7} {row['max_rel_error']:15.1e} {str(row['macs_exact']):>11} "
-                  f"{row['seconds']:6.1f}", flush=True)
+            print(
+                f"{name:28} {row['layout']:7} {row['max_rel_error']:15.1e} {str(row['macs_exact']):>11} "
+                f"{row['seconds']:6.1f}",
+                flush=True,
+            )
     summary = {layout: sum(r["layout"] == layout for r in rows) for layout in ("delta", "full", "error")}
-    atomic_write_json(args.output, {"command": "python3 benchmarks/runtime_timm.py " + " ".join(argv or sys.argv[1:]),
-                                    "torch": torch.__version__, "timm": timm.__version__,
-                                    "summary": summary, "results": rows})
+    atomic_write_json(
+        args.output,
+        {
+            "command": "python3 benchmarks/runtime_timm.py " + " ".join(argv or sys.argv[1:]),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "summary": summary,
+            "results": rows,
+        },
+    )
     print(f"summary: {summary}; wrote {args.output}")
     return 0
 

@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/timm_sweep.py --max-models 200 --timeout 120 --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,21 @@ RESULTS = Path(__file__).resolve().parent / "results" / "timm_sweep.json"
 NUM_SUBNETS = 4
 #: Name fragments that mark a small variant, best first.
 SMALL_MARKERS: tuple[str, ...] = (
-    "002", "18", "_b0", "atto", "femto", "pico", "nano", "xxs", "tiny", "small", "mini", "xs",
-    "lite", "050", "_s",
+    "002",
+    "18",
+    "_b0",
+    "atto",
+    "femto",
+    "pico",
+    "nano",
+    "xxs",
+    "tiny",
+    "small",
+    "mini",
+    "xs",
+    "lite",
+    "050",
+    "_s",
 )
 #: timm families we never pick from: local test-only architectures.
 _SKIP_PREFIX = "test_"
@@ -146,8 +160,12 @@ def check_model(family: str, name: str, sizes: Sequence[int], export: bool) -> d
         net = SteppingNet(model, x[:1], NUM_SUBNETS)
     except UnsupportedModelError as exc:
         kinds = sorted({_kind(reason) for _, reason in exc.problems})
-        record.update(status="unsupported", kinds=kinds, problems=len(exc.problems),
-                      reason=f"{exc.problems[0][0]}: {exc.problems[0][1]}"[:300])
+        record.update(
+            status="unsupported",
+            kinds=kinds,
+            problems=len(exc.problems),
+            reason=f"{exc.problems[0][0]}: {exc.problems[0][1]}"[:300],
+        )
         return record
     except _Timeout:
         raise
@@ -178,8 +196,11 @@ def check_model(family: str, name: str, sizes: Sequence[int], export: bool) -> d
                 if not str(exc).startswith("export_subnet("):
                     raise
                 # Masked subnets work; export names the module torch-pruning cannot shrink.
-                record.update(status="export-unsupported" if not problems else "violation",
-                              problems=problems, reason=str(exc)[:300])
+                record.update(
+                    status="export-unsupported" if not problems else "violation",
+                    problems=problems,
+                    reason=str(exc)[:300],
+                )
                 return record
             exported.eval()
             with torch.no_grad(), net.subnet(2):
@@ -202,14 +223,21 @@ def check_model(family: str, name: str, sizes: Sequence[int], export: bool) -> d
 
 
 def _kind(reason: str) -> str:
-    for key, kind in (("LayerNorm", "LayerNorm"), ("GroupNorm", "GroupNorm"), ("attention", "attention"),
-                      ("LocalResponseNorm", "LocalResponseNorm"), ("Conv1d", "Conv1d"),
-                      ("shuffle", "channel/pixel shuffle"), ("transposed", "ConvTranspose"),
-                      ("could not trace", "torch-pruning trace failed"),
-                      ("not in any neuron group", "untraced output channels"),
-                      ("mapped channel", "untraced concat/reshape"),
-                      ("claimed by two", "ambiguous concat/reshape"),
-                      ("change by", "isolation probe"), ("never called", "layer never called")):
+    for key, kind in (
+        ("LayerNorm", "LayerNorm"),
+        ("GroupNorm", "GroupNorm"),
+        ("attention", "attention"),
+        ("LocalResponseNorm", "LocalResponseNorm"),
+        ("Conv1d", "Conv1d"),
+        ("shuffle", "channel/pixel shuffle"),
+        ("transposed", "ConvTranspose"),
+        ("could not trace", "torch-pruning trace failed"),
+        ("not in any neuron group", "untraced output channels"),
+        ("mapped channel", "untraced concat/reshape"),
+        ("claimed by two", "ambiguous concat/reshape"),
+        ("change by", "isolation probe"),
+        ("never called", "layer never called"),
+    ):
         if key in reason:
             return kind
     return reason[:80]
@@ -235,8 +263,7 @@ def _worker(args: argparse.Namespace) -> int:
         try:
             record = check_model(family, name, sizes, export=not args.no_export)
         except _Timeout:
-            record = {"family": family, "model": name, "status": "timeout",
-                      "reason": f"over {args.timeout} s"}
+            record = {"family": family, "model": name, "status": "timeout", "reason": f"over {args.timeout} s"}
         finally:
             signal.alarm(0)
         record["seconds"] = round(time.perf_counter() - start, 2)
@@ -248,8 +275,19 @@ def _run_all(models: list[tuple[str, str]], args: argparse.Namespace) -> list[di
     results: list[dict[str, Any]] = []
     pending = list(models)
     while pending:
-        command = [sys.executable, __file__, "--worker", "--models", ",".join(f"{f}:{n}" for f, n in pending),
-                   "--timeout", str(args.timeout), "--threads", str(args.threads), "--sizes", args.sizes]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--models",
+            ",".join(f"{f}:{n}" for f, n in pending),
+            "--timeout",
+            str(args.timeout),
+            "--threads",
+            str(args.threads),
+            "--sizes",
+            args.sizes,
+        ]
         if args.no_export:
             command.append("--no-export")
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -263,9 +301,14 @@ def _run_all(models: list[tuple[str, str]], args: argparse.Namespace) -> list[di
                 if hung:
                     proc.kill()
                 proc.wait()
-                record = {"family": family, "model": name, "status": "timeout" if hung else "crash",
-                          "reason": "worker hung past the limit" if hung else
-                          f"worker process died (exit code {proc.returncode})"}
+                record = {
+                    "family": family,
+                    "model": name,
+                    "status": "timeout" if hung else "crash",
+                    "reason": "worker hung past the limit"
+                    if hung
+                    else f"worker process died (exit code {proc.returncode})",
+                }
                 results.append(record)
                 _progress(len(results), len(models), record)
                 break
@@ -280,8 +323,12 @@ def _run_all(models: list[tuple[str, str]], args: argparse.Namespace) -> list[di
 
 def _progress(done: int, total: int, record: dict[str, Any]) -> None:
     detail = record.get("reason") or "; ".join(record.get("problems", [])) or ""
-    print(f"[{done:3d}/{total}] {record['status']:12s} {record['model']:36s} "
-          f"{record.get('seconds', 0):6.1f}s {detail[:90]}", file=sys.stderr, flush=True)
+    print(
+        f"[{done:3d}/{total}] {record['status']:12s} {record['model']:36s} "
+        f"{record.get('seconds', 0):6.1f}s {detail[:90]}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -305,14 +352,17 @@ def _table(results: list[dict[str, Any]]) -> str:
             detail = ", ".join(r.get("kinds", []))
         if r["status"] == "crash" and r.get("traceback"):
             detail = r["traceback"].strip().splitlines()[-1]
-        rows.append(f"{r['family']:26s} {r['model']:34s} {r['status']:12s} {r.get('groups', ''):>6} "
-                    f"{r.get('seconds', 0):5.1f}  {detail[:100]}")
+        rows.append(
+            f"{r['family']:26s} {r['model']:34s} {r['status']:12s} {r.get('groups', ''):>6} "
+            f"{r.get('seconds', 0):5.1f}  {detail[:100]}"
+        )
     counts: dict[str, int] = {}
     for r in results:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     rows.append("")
-    rows.append("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) +
-                f" (of {len(results)} families)")
+    rows.append(
+        "summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(results)} families)"
+    )
     return "\n".join(rows)
 
 
@@ -336,8 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = pick_models(args.max_models, families)
     if not models:
         parser.error(f"no timm family matches --families {args.families!r}")
-    print(f"sweeping {len(models)} timm families ({args.threads} thread(s), {args.timeout} s per model)",
-          file=sys.stderr)
+    print(
+        f"sweeping {len(models)} timm families ({args.threads} thread(s), {args.timeout} s per model)", file=sys.stderr
+    )
     start = time.perf_counter()
     results = _run_all(models, args)
     import timm
@@ -346,13 +397,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     payload = {
         "versions": {"timm": timm.__version__, "torch": torch.__version__, "torch_pruning": torch_pruning.__version__},
-        "settings": {"num_subnets": NUM_SUBNETS, "threads": args.threads, "timeout_s": args.timeout,
-                     "sizes": args.sizes, "export_check": not args.no_export,
-                     "families_total": len(__import__("timm").list_modules())},
+        "settings": {
+            "num_subnets": NUM_SUBNETS,
+            "threads": args.threads,
+            "timeout_s": args.timeout,
+            "sizes": args.sizes,
+            "export_check": not args.no_export,
+            "families_total": len(__import__("timm").list_modules()),
+        },
         "wall_s": round(time.perf_counter() - start, 1),
-        "counts": {k: sum(r["status"] == k for r in results) for k in
-                   ("ok", "export-unsupported", "unsupported", "cannot-build", "crash", "violation",
-                    "timeout")},
+        "counts": {
+            k: sum(r["status"] == k for r in results)
+            for k in ("ok", "export-unsupported", "unsupported", "cannot-build", "crash", "violation", "timeout")
+        },
         "results": results,
     }
     _write_json(args.output, payload)

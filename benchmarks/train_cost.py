@@ -22,6 +22,7 @@ Usage::
 
 Writes ``benchmarks/results/train_cost.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,9 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                context: Callable[[], Any]) -> None:
+def _train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, context: Callable[[], Any]
+) -> None:
     optimizer.zero_grad(set_to_none=True)
     with context():
         loss = F.cross_entropy(model(x), y)
@@ -89,8 +91,15 @@ def _wrap(name: str, execution: str, seed: int = 0) -> SteppingNet:
     return net
 
 
-def _runs(net: SteppingNet, dense: nn.Module, s: int, x: torch.Tensor, y: torch.Tensor,
-          opt_net: torch.optim.Optimizer, opt_dense: torch.optim.Optimizer) -> dict[str, Callable[[], None]]:
+def _runs(
+    net: SteppingNet,
+    dense: nn.Module,
+    s: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opt_net: torch.optim.Optimizer,
+    opt_dense: torch.optim.Optimizer,
+) -> dict[str, Callable[[], None]]:
     def masked_ctx() -> Any:
         stack = contextlib.ExitStack()
         stack.enter_context(net.masked_execution())
@@ -104,8 +113,7 @@ def _runs(net: SteppingNet, dense: nn.Module, s: int, x: torch.Tensor, y: torch.
     }
 
 
-def measure_steps(name: str, batch: int, repeats: int, iters: int,
-                  clock: Callable[[], float]) -> list[dict[str, Any]]:
+def measure_steps(name: str, batch: int, repeats: int, iters: int, clock: Callable[[], float]) -> list[dict[str, Any]]:
     net = _wrap(name, "sliced")
     net.model.train()
     x = torch.randn(batch, 3, 32, 32)
@@ -121,45 +129,70 @@ def measure_steps(name: str, batch: int, repeats: int, iters: int,
         times: dict[str, list[float]] = {k: [] for k in runs}
         order = ["sliced", "masked", "dense"]
         for r in range(repeats):
-            for key in (order if r % 2 == 0 else order[::-1]):
+            for key in order if r % 2 == 0 else order[::-1]:
                 times[key].append(_time(runs[key], iters, clock))
         ratio_dense = statistics.median(a / b for a, b in zip(times["sliced"], times["dense"]))
         ratio_masked = statistics.median(a / b for a, b in zip(times["masked"], times["sliced"]))
-        rows.append({"model": name, "subnet": s, "mac_fraction": net.macs(s) / net.full_macs,
-                     "sliced_s": statistics.median(times["sliced"]),
-                     "masked_s": statistics.median(times["masked"]),
-                     "dense_s": statistics.median(times["dense"]),
-                     "sliced_over_dense": ratio_dense, "masked_over_sliced": ratio_masked})
-        print(f"{name:22s} s={s} MACs {100 * rows[-1]['mac_fraction']:5.1f}%  sliced "
-              f"{rows[-1]['sliced_s'] * 1e3:8.1f} ms  masked {rows[-1]['masked_s'] * 1e3:8.1f} ms  dense "
-              f"{rows[-1]['dense_s'] * 1e3:8.1f} ms  sliced/dense {ratio_dense:5.2f}  masked/sliced "
-              f"{ratio_masked:5.2f}", flush=True)
+        rows.append(
+            {
+                "model": name,
+                "subnet": s,
+                "mac_fraction": net.macs(s) / net.full_macs,
+                "sliced_s": statistics.median(times["sliced"]),
+                "masked_s": statistics.median(times["masked"]),
+                "dense_s": statistics.median(times["dense"]),
+                "sliced_over_dense": ratio_dense,
+                "masked_over_sliced": ratio_masked,
+            }
+        )
+        print(
+            f"{name:22s} s={s} MACs {100 * rows[-1]['mac_fraction']:5.1f}%  sliced "
+            f"{rows[-1]['sliced_s'] * 1e3:8.1f} ms  masked {rows[-1]['masked_s'] * 1e3:8.1f} ms  dense "
+            f"{rows[-1]['dense_s'] * 1e3:8.1f} ms  sliced/dense {ratio_dense:5.2f}  masked/sliced "
+            f"{ratio_masked:5.2f}",
+            flush=True,
+        )
     return rows
 
 
-def measure_construction(name: str, batch: int, batches: int, repeats: int,
-                         clock: Callable[[], float]) -> dict[str, Any]:
+def measure_construction(
+    name: str, batch: int, batches: int, repeats: int, clock: Callable[[], float]
+) -> dict[str, Any]:
     """One construction iteration (``batches`` batches per subnet, importance, moves), masked and
     sliced, each from a fresh copy of the same start."""
     generator = torch.Generator().manual_seed(1)
-    data = [(torch.randn(batch, 3, 32, 32, generator=generator), torch.randint(0, 10, (batch,), generator=generator))
-            for _ in range(batches)]
+    data = [
+        (torch.randn(batch, 3, 32, 32, generator=generator), torch.randint(0, 10, (batch,), generator=generator))
+        for _ in range(batches)
+    ]
     times: dict[str, list[float]] = {"masked": [], "sliced": []}
     order = ["sliced", "masked"]
     for r in range(repeats):
-        for execution in (order if r % 2 == 0 else order[::-1]):
+        for execution in order if r % 2 == 0 else order[::-1]:
             net = _wrap(name, execution)
-            config = ConstructionConfig(budgets=[0.05, 0.15, 0.3, 0.5], reference_macs=net.full_macs,
-                                        batches_per_iteration=batches, iterations=50, prune_threshold=0.0)
+            config = ConstructionConfig(
+                budgets=[0.05, 0.15, 0.3, 0.5],
+                reference_macs=net.full_macs,
+                batches_per_iteration=batches,
+                iterations=50,
+                prune_threshold=0.0,
+            )
             constructor = Constructor(net, config, data)
             start = clock()
             constructor.step()
             times[execution].append(clock() - start)
-    result = {"model": name, "batches_per_subnet": batches,
-              "masked_s": statistics.median(times["masked"]), "sliced_s": statistics.median(times["sliced"]),
-              "masked_over_sliced": statistics.median(a / b for a, b in zip(times["masked"], times["sliced"]))}
-    print(f"{name:22s} construction iteration ({batches} batches/subnet): masked {result['masked_s']:.2f} s  "
-          f"sliced {result['sliced_s']:.2f} s  masked/sliced {result['masked_over_sliced']:.2f}", flush=True)
+    result = {
+        "model": name,
+        "batches_per_subnet": batches,
+        "masked_s": statistics.median(times["masked"]),
+        "sliced_s": statistics.median(times["sliced"]),
+        "masked_over_sliced": statistics.median(a / b for a, b in zip(times["masked"], times["sliced"])),
+    }
+    print(
+        f"{name:22s} construction iteration ({batches} batches/subnet): masked {result['masked_s']:.2f} s  "
+        f"sliced {result['sliced_s']:.2f} s  masked/sliced {result['masked_over_sliced']:.2f}",
+        flush=True,
+    )
     return result
 
 
@@ -167,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="thread: CPU time of the main thread (use with --threads 1 on a shared machine)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="thread: CPU time of the main thread (use with --threads 1 on a shared machine)",
+    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=1, help="train steps per timing")
@@ -187,12 +224,25 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         steps += measure_steps(name, args.batch, args.repeats, args.iters, CLOCKS[args.clock])
     for name in names:
-        construction.append(measure_construction(name, args.batch, args.construction_batches,
-                                                  args.construction_repeats, CLOCKS[args.clock]))
-    payload = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-               "threads": args.threads, "clock": args.clock, "batch": args.batch, "repeats": args.repeats, "iters": args.iters,
-               "fractions": list(FRACTIONS), "torch": torch.__version__, "machine": platform.machine(),
-               "cpus": os.cpu_count(), "steps": steps, "construction": construction}
+        construction.append(
+            measure_construction(
+                name, args.batch, args.construction_batches, args.construction_repeats, CLOCKS[args.clock]
+            )
+        )
+    payload = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "threads": args.threads,
+        "clock": args.clock,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "iters": args.iters,
+        "fractions": list(FRACTIONS),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "steps": steps,
+        "construction": construction,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -3,6 +3,7 @@
 Public names load lazily, so ``IncrementalRunner.load`` (inference) does not import the training
 path (torch-pruning, construction) and ``import nni_steppingnet`` stays cheap.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """``python -m nni_steppingnet``: the ``nni-steppingnet`` command."""
+
 from __future__ import annotations
 
 from .cli import main

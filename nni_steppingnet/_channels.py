@@ -1,4 +1,5 @@
 """Where the channels of a bare per-channel parameter are (shared by the graph and the runtime)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """How example inputs are passed to a model (tensor, tuple or dict, as torch-pruning accepts)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,8 +20,10 @@ def batch_size(example_inputs: Any) -> int:
         return batch_size(example_inputs[0])
     if isinstance(example_inputs, dict) and example_inputs:
         return batch_size(next(iter(example_inputs.values())))
-    raise ValueError("example_inputs must be a tensor (or a tuple/dict of tensors) with a batch "
-                     f"dimension, got {type(example_inputs).__name__}")
+    raise ValueError(
+        "example_inputs must be a tensor (or a tuple/dict of tensors) with a batch "
+        f"dimension, got {type(example_inputs).__name__}"
+    )
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
@@ -77,8 +80,10 @@ def check_forward(model: nn.Module, example_inputs: Any) -> None:
         expected = expected_input(model)
         hint = f"; the model expects {expected}" if expected else ""
         cause = " ".join(str(exc).split())
-        raise ValueError(f"example_inputs of shape {describe_shapes(example_inputs)} do not fit the model"
-                         f"{hint}: its forward raised {type(exc).__name__}: {cause[:400]}. Pass a batch "
-                         "shaped like the model's real input") from exc
+        raise ValueError(
+            f"example_inputs of shape {describe_shapes(example_inputs)} do not fit the model"
+            f"{hint}: its forward raised {type(exc).__name__}: {cause[:400]}. Pass a batch "
+            "shaped like the model's real input"
+        ) from exc
     finally:
         model.train(was_training)

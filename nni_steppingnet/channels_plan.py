@@ -14,6 +14,7 @@ still run. This module holds the pieces both need:
   (training);
 * :class:`EmptyChannelsMode` -- lets channel-local ops run on tensors with zero channels.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,12 +66,20 @@ class ChannelSlicer:
     ``layout`` (:data:`CHANNEL_LAYOUTS`) chooses which channels stage ``s`` holds.
     """
 
-    def __init__(self, module: nn.Module, assignment: torch.Tensor, num_subnets: int,
-                 parameter: str | None = None, *, layout: str = "delta") -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        assignment: torch.Tensor,
+        num_subnets: int,
+        parameter: str | None = None,
+        *,
+        layout: str = "delta",
+    ) -> None:
         self.module = module
         width = int(assignment.numel())
         self.index = [torch.empty(0, dtype=torch.long)] + [
-            channel_index(assignment, s, layout) for s in range(1, num_subnets + 1)]
+            channel_index(assignment, s, layout) for s in range(1, num_subnets + 1)
+        ]
         #: stages whose slice is every channel in order (nothing to swap)
         self.whole = [False] + [int(index.numel()) == width for index in self.index[1:]]
         #: (table kind, attribute name, channel dim)
@@ -78,14 +87,19 @@ class ChannelSlicer:
         if parameter is not None:
             param = module._parameters[parameter]
             if param is None:
-                raise ValueError(f"parameter {parameter!r} of {type(module).__name__} is None; "
-                                 "nothing to slice")
+                raise ValueError(f"parameter {parameter!r} of {type(module).__name__} is None; nothing to slice")
             self.names = [("p", parameter, parameter_channel_dim(param))]
         else:
-            self.names = [("p", n, 0) for n, t in module.named_parameters(recurse=False)
-                          if t is not None and t.dim() >= 1 and t.shape[0] == width]
-            self.names += [("b", n, 0) for n, t in module.named_buffers(recurse=False)
-                           if t is not None and t.dim() >= 1 and t.shape[0] == width]
+            self.names = [
+                ("p", n, 0)
+                for n, t in module.named_parameters(recurse=False)
+                if t is not None and t.dim() >= 1 and t.shape[0] == width
+            ]
+            self.names += [
+                ("b", n, 0)
+                for n, t in module.named_buffers(recurse=False)
+                if t is not None and t.dim() >= 1 and t.shape[0] == width
+            ]
         self._saved: list[tuple[str, str, Any]] = []
         #: buffers to write back after a differentiable swap: (full, slice, index, dim)
         self._written: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []

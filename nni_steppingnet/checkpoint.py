@@ -9,6 +9,7 @@ pickled code. :func:`save_checkpoint` therefore accepts only tensors, numbers, s
 and lists / tuples / dicts of them; numpy arrays and numpy scalars (random-number-generator
 states) are encoded as tensors on save and decoded back on load.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -107,16 +108,19 @@ def _encode(obj: Any, where: str) -> Any:
         out: dict[Any, Any] = {}
         for key, value in obj.items():
             if not isinstance(key, (str, int)):
-                raise TypeError(f"checkpoint key {key!r} at {where or '<root>'} must be a str or "
-                                f"int, got {type(key).__name__}")
+                raise TypeError(
+                    f"checkpoint key {key!r} at {where or '<root>'} must be a str or int, got {type(key).__name__}"
+                )
             out[key] = _encode(value, f"{where}.{key}" if where else str(key))
         return out
     if isinstance(obj, (list, tuple)):
         items = [_encode(value, f"{where}[{i}]") for i, value in enumerate(obj)]
         return items if isinstance(obj, list) else tuple(items)
-    raise TypeError(f"checkpoint value at {where or '<root>'} has type {type(obj).__name__}, which "
-                    "cannot be loaded back safely; store tensors, numbers, strings, None and "
-                    "lists/tuples/dicts of them")
+    raise TypeError(
+        f"checkpoint value at {where or '<root>'} has type {type(obj).__name__}, which "
+        "cannot be loaded back safely; store tensors, numbers, strings, None and "
+        "lists/tuples/dicts of them"
+    )
 
 
 def _decode(obj: Any) -> Any:
@@ -148,8 +152,9 @@ def load_checkpoint_file(path: str | os.PathLike[str], map_location: str | torch
     try:
         state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError/RuntimeError/EOFError for bad files
-        raise CheckpointError(f"cannot read checkpoint {source}: {type(exc).__name__}: {exc}. "
-                              "Is it a file written by nni-steppingnet?") from exc
+        raise CheckpointError(
+            f"cannot read checkpoint {source}: {type(exc).__name__}: {exc}. Is it a file written by nni-steppingnet?"
+        ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{source} does not hold a checkpoint dict (got {type(state).__name__})")
     return _decode(state)

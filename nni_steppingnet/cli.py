@@ -4,6 +4,7 @@ Each subcommand lives in the module that owns the capability; that module expose
 ``add_arguments(parser, name)`` and ``main(args) -> int``. Modules import heavy dependencies (NNI)
 inside functions, so building the parser stays fast.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -14,6 +14,7 @@ Every key is checked: an unknown key, a value of the wrong type or out of range 
 Relative paths in a recipe (``data.root``, ``teacher.checkpoint``) are resolved against the
 current working directory, not the recipe file.
 """
+
 from __future__ import annotations
 
 import copy
@@ -124,8 +125,10 @@ def _plain_name(value: Any) -> str | None:
     # The name becomes a folder (runs/<name>): a separator or '..' would put outputs elsewhere.
     if _PLAIN_NAME.match(value) and ".." not in value and value != ".":
         return None
-    return ("must be a plain name of letters, digits, '-', '_' and '.' (no path separators, no '..'), "
-            "because the run folder is runs/<name>")
+    return (
+        "must be a plain name of letters, digits, '-', '_' and '.' (no path separators, no '..'), "
+        "because the run folder is runs/<name>"
+    )
 
 
 def _meta(check: Check | None = None, doc: str = "") -> dict[str, Any]:
@@ -138,16 +141,39 @@ class DataSection:
     """Where the images come from."""
 
     name: str = field(default="digits", metadata=_meta(_dataset_name, "dataset name"))
-    root: str | None = field(default=None, metadata=_meta(None, "local dataset folder, or the .npz file for npz (null for digits/synthetic)"))
+    root: str | None = field(
+        default=None, metadata=_meta(None, "local dataset folder, or the .npz file for npz (null for digits/synthetic)")
+    )
     batch_size: int = field(default=64, metadata=_meta(_at_least_one, "batch size of every loader"))
-    num_workers: int | None = field(default=None, metadata=_meta(_optional_non_negative, "loader workers (null: 0 on CPU, up to 8 on CUDA)"))
+    num_workers: int | None = field(
+        default=None, metadata=_meta(_optional_non_negative, "loader workers (null: 0 on CPU, up to 8 on CUDA)")
+    )
     synthetic_size: int = field(default=512, metadata=_meta(_at_least_one, "training samples of the synthetic dataset"))
     img_size: int | None = field(default=None, metadata=_meta(_optional_positive, "resize images (null: native size)"))
-    val_fraction: float = field(default=0.0, metadata=_meta(_fraction_below_one, "evaluate on this held-out share of the training set instead of the test set (for tuning)"))
+    val_fraction: float = field(
+        default=0.0,
+        metadata=_meta(
+            _fraction_below_one,
+            "evaluate on this held-out share of the training set instead of the test set (for tuning)",
+        ),
+    )
     download: bool = field(default=False, metadata=_meta(None, "allow downloading the dataset (network access)"))
-    augment: str | None = field(default=None, metadata=_meta(_augmentation, "training augmentation: crop_flip or none (null: crop_flip for cifar10/cifar100, none otherwise)"))
-    layout: str = field(default="auto", metadata=_meta(_layout, "npz image layout: auto (inferred from the shape), nhwc or nchw"))
-    train_subset: int | None = field(default=None, metadata=_meta(_optional_positive, "train on a seeded, stratified subset of about this many training images (null: all)"))
+    augment: str | None = field(
+        default=None,
+        metadata=_meta(
+            _augmentation,
+            "training augmentation: crop_flip or none (null: crop_flip for cifar10/cifar100, none otherwise)",
+        ),
+    )
+    layout: str = field(
+        default="auto", metadata=_meta(_layout, "npz image layout: auto (inferred from the shape), nhwc or nchw")
+    )
+    train_subset: int | None = field(
+        default=None,
+        metadata=_meta(
+            _optional_positive, "train on a seeded, stratified subset of about this many training images (null: all)"
+        ),
+    )
 
 
 @dataclass
@@ -164,9 +190,13 @@ class SteppingSection:
     """The nested subnets."""
 
     num_subnets: int = field(default=4, metadata=_meta(_at_least_one, "number of subnets N"))
-    budgets: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.85],
-                                 metadata=_meta(None, "MAC budget of each subnet, fraction of the original's MACs"))
-    expansion: float = field(default=1.0, metadata=_meta(_positive, "width ratio of the constructed network to the original"))
+    budgets: list[float] = field(
+        default_factory=lambda: [0.1, 0.3, 0.5, 0.85],
+        metadata=_meta(None, "MAC budget of each subnet, fraction of the original's MACs"),
+    )
+    expansion: float = field(
+        default=1.0, metadata=_meta(_positive, "width ratio of the constructed network to the original")
+    )
 
 
 @dataclass
@@ -177,23 +207,36 @@ class TeacherSection:
     lr: float = field(default=0.05, metadata=_meta(_positive, "SGD learning rate (cosine schedule)"))
     momentum: float = field(default=0.9, metadata=_meta(_momentum, "SGD momentum"))
     weight_decay: float = field(default=5e-4, metadata=_meta(_non_negative, "SGD weight decay"))
-    checkpoint: str | None = field(default=None, metadata=_meta(None, "local teacher weights to load instead of training"))
+    checkpoint: str | None = field(
+        default=None, metadata=_meta(None, "local teacher weights to load instead of training")
+    )
 
 
 @dataclass
 class ConstructionSection:
     """The Fig. 3 construction loop (paper Section III-A)."""
 
-    batches_per_iteration: int = field(default=250, metadata=_meta(_rule["batches_per_iteration"], "m: training batches per subnet per iteration"))
+    batches_per_iteration: int = field(
+        default=250, metadata=_meta(_rule["batches_per_iteration"], "m: training batches per subnet per iteration")
+    )
     iterations: int = field(default=300, metadata=_meta(_rule["iterations"], "N_t: number of iterations"))
     alpha_growth: float = field(default=1.5, metadata=_meta(_rule["alpha_growth"], "alpha_{k+1} / alpha_k in eq. (3)"))
     beta: float = field(default=0.9, metadata=_meta(_rule["beta"], "learning-rate suppression of smaller subnets"))
-    prune_threshold: float = field(default=1e-5, metadata=_meta(_rule["prune_threshold"], "unstructured pruning threshold"))
+    prune_threshold: float = field(
+        default=1e-5, metadata=_meta(_rule["prune_threshold"], "unstructured pruning threshold")
+    )
     lr: float = field(default=0.01, metadata=_meta(_rule["lr"], "SGD learning rate"))
     momentum: float = field(default=0.9, metadata=_meta(_rule["momentum"], "SGD momentum"))
     weight_decay: float = field(default=5e-4, metadata=_meta(_rule["weight_decay"], "SGD weight decay"))
-    monitor_samples: int = field(default=1000, metadata=_meta(_non_negative, "test samples evaluated after every iteration (0: off)"))
-    criterion: str = field(default="gradient", metadata=_meta(_criterion, "neuron criterion: gradient (paper eq. 2-3), class or noise (see nni_steppingnet.criteria)"))
+    monitor_samples: int = field(
+        default=1000, metadata=_meta(_non_negative, "test samples evaluated after every iteration (0: off)")
+    )
+    criterion: str = field(
+        default="gradient",
+        metadata=_meta(
+            _criterion, "neuron criterion: gradient (paper eq. 2-3), class or noise (see nni_steppingnet.criteria)"
+        ),
+    )
 
 
 @dataclass
@@ -266,7 +309,9 @@ def _did_you_mean(key: str, choices: Sequence[str]) -> str:
 
 
 def _type_name(annotation: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(annotation, str(annotation))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        annotation, str(annotation)
+    )
 
 
 def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
@@ -361,8 +406,10 @@ def _build_recipe(raw: Mapping[str, Any], source: str) -> Recipe:
         if not stem:
             raise RecipeError(f"{source}: the recipe needs a 'name'")
         if _plain_name(stem):
-            raise RecipeError(f"{source}: the recipe has no 'name' and its file name {stem!r} is not a plain "
-                              "name (letters, digits, '-', '_', '.'); add a 'name:' line")
+            raise RecipeError(
+                f"{source}: the recipe has no 'name' and its file name {stem!r} is not a plain "
+                "name (letters, digits, '-', '_', '.'); add a 'name:' line"
+            )
         top["name"] = stem
     sections = {name: _build_section(cls, raw.get(name), name, source) for name, cls in _SECTIONS.items()}
     recipe = Recipe(**top, **sections, source=source)
@@ -376,24 +423,32 @@ def _check_recipe(recipe: Recipe) -> None:
     sn = recipe.steppingnet
     budgets = sn.budgets
     if len(budgets) != sn.num_subnets:
-        raise RecipeError(f"{source}: steppingnet.num_subnets is {sn.num_subnets} but steppingnet.budgets "
-                          f"has {len(budgets)} entries {budgets}; give one budget per subnet")
+        raise RecipeError(
+            f"{source}: steppingnet.num_subnets is {sn.num_subnets} but steppingnet.budgets "
+            f"has {len(budgets)} entries {budgets}; give one budget per subnet"
+        )
     try:  # the same check as ConstructionConfig's and the NNI pruner's
         check_budgets(budgets, name="steppingnet.budgets")
     except ValueError as exc:
         raise RecipeError(f"{source}: {exc}") from None
     if recipe.teacher.epochs == 0 and recipe.teacher.checkpoint is None:
-        raise RecipeError(f"{source}: teacher.epochs is 0 and teacher.checkpoint is null; train the "
-                          "teacher (teacher.epochs >= 1) or give a local checkpoint file")
+        raise RecipeError(
+            f"{source}: teacher.epochs is 0 and teacher.checkpoint is null; train the "
+            "teacher (teacher.epochs >= 1) or give a local checkpoint file"
+        )
     _check_model_name(recipe)
     if "pretrained" in recipe.model.kwargs:
-        raise RecipeError(f"{source}: model.kwargs.pretrained is not supported (no network access at run "
-                          "time); put local weights in teacher.checkpoint instead")
+        raise RecipeError(
+            f"{source}: model.kwargs.pretrained is not supported (no network access at run "
+            "time); put local weights in teacher.checkpoint instead"
+        )
     for reserved in ("num_classes", "in_chans", "img_size", "width"):
         if reserved in recipe.model.kwargs:
-            raise RecipeError(f"{source}: model.kwargs.{reserved} is set by the flow (num_classes, "
-                              "in_chans and img_size come from the data, width from model.width and "
-                              "steppingnet.expansion); remove it")
+            raise RecipeError(
+                f"{source}: model.kwargs.{reserved} is set by the flow (num_classes, "
+                "in_chans and img_size come from the data, width from model.width and "
+                "steppingnet.expansion); remove it"
+            )
 
 
 def _check_model_name(recipe: Recipe) -> None:
@@ -405,8 +460,10 @@ def _check_model_name(recipe: Recipe) -> None:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.7)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise RecipeError(f"{recipe.source}: model.name {name!r} is not a timm model{hint}; the paper "
-                          "models are lenet3c1l, lenet5 and vgg16_cifar")
+        raise RecipeError(
+            f"{recipe.source}: model.name {name!r} is not a timm model{hint}; the paper "
+            "models are lenet3c1l, lenet5 and vgg16_cifar"
+        )
 
 
 # ------------------------------------------------------------------------------- overrides
@@ -418,8 +475,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     parts = key.split(".")
     if not key or any(not p or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
-        raise RecipeError(f"bad override {text!r}: the key must be dotted names like "
-                          "'construction.beta' or 'seed'")
+        raise RecipeError(f"bad override {text!r}: the key must be dotted names like 'construction.beta' or 'seed'")
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else None
     except yaml.YAMLError as exc:
@@ -437,8 +493,10 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
         parts, value = parse_override(text)
         if len(parts) == 1:
             if parts[0] in _SECTIONS:
-                raise RecipeError(f"bad override {text!r}: {parts[0]!r} is a section; set one of its "
-                                  f"keys, e.g. {parts[0]}.{dataclasses.fields(_SECTIONS[parts[0]])[0].name}=...")
+                raise RecipeError(
+                    f"bad override {text!r}: {parts[0]!r} is a section; set one of its "
+                    f"keys, e.g. {parts[0]}.{dataclasses.fields(_SECTIONS[parts[0]])[0].name}=..."
+                )
             out[parts[0]] = value
             continue
         section = parts[0]
@@ -452,8 +510,9 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
             raise RecipeError(f"bad override {text!r}: section {section!r} is not a mapping")
         fields = {f.name for f in dataclasses.fields(_SECTIONS[section])}
         if parts[1] not in fields:
-            raise RecipeError(f"bad override {text!r}: unknown key '{section}.{parts[1]}'"
-                              f"{_did_you_mean(parts[1], sorted(fields))}")
+            raise RecipeError(
+                f"bad override {text!r}: unknown key '{section}.{parts[1]}'{_did_you_mean(parts[1], sorted(fields))}"
+            )
         for part in parts[1:-1]:
             child = node.get(part)
             if child is None:
@@ -534,8 +593,10 @@ def recipe_path(name_or_path: str | os.PathLike[str]) -> Path:
     names = list_recipes()
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise RecipeError(f"unknown recipe {name!r}{hint}; bundled recipes: {', '.join(names) or 'none'}. "
-                      "Pass a path ending in .yaml to use your own file")
+    raise RecipeError(
+        f"unknown recipe {name!r}{hint}; bundled recipes: {', '.join(names) or 'none'}. "
+        "Pass a path ending in .yaml to use your own file"
+    )
 
 
 def load_recipe(name_or_path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Recipe:

@@ -44,6 +44,7 @@ backward of a batch (it installs the gates or the noise) and :meth:`penalty`/:me
             loss.backward()
     optimizer.step(); scorer.after_step()
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -193,8 +194,9 @@ class _GatedScorer:
         self._points = _gate_points(net)
         self._subnet: int | None = None
         self._targets: torch.Tensor | None = None
-        self._handles = [module.register_forward_hook(self._make_hook(i))
-                         for i, (module, _, _, _) in enumerate(self._points)]
+        self._handles = [
+            module.register_forward_hook(self._make_hook(i)) for i, (module, _, _, _) in enumerate(self._points)
+        ]
 
     def _make_hook(self, index: int) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
@@ -218,8 +220,14 @@ class _GatedScorer:
         flat = self.net.flat_assignment()  # trailing input slot: subnet 1
         active = (flat[all_positions] <= self._subnet).nonzero().flatten()
         if active.numel() != width:
-            logger.warning("%s: output has %d channels, expected %d (full) or %d (subnet %d); not scored",
-                           type(self).__name__, width, all_positions.numel(), active.numel(), self._subnet)
+            logger.warning(
+                "%s: output has %d channels, expected %d (full) or %d (subnet %d); not scored",
+                type(self).__name__,
+                width,
+                all_positions.numel(),
+                active.numel(),
+                self._subnet,
+            )
             return None
         rank = torch.full((all_positions.numel(),), -1, dtype=torch.long)
         rank[active] = torch.arange(active.numel())
@@ -320,8 +328,9 @@ class ClassScorer(_GatedScorer):
         if present is None or present[0].numel() == 0:
             return None
         channels, positions = present
-        gate = torch.ones(output.shape[0], channels.numel(), device=output.device, dtype=output.dtype,
-                          requires_grad=True)
+        gate = torch.ones(
+            output.shape[0], channels.numel(), device=output.device, dtype=output.dtype, requires_grad=True
+        )
         self._gates.append((positions, gate))
         if channels.numel() == output.shape[dim]:
             return output * _broadcast(gate, output, dim)
@@ -348,8 +357,10 @@ class ClassScorer(_GatedScorer):
         """``[N, num_neurons]``: :func:`class_scores` of each subnet row (0 outside the subnet)."""
         offsets = list(self.net.index.offsets)
         assignment = self.net.flat_assignment()[:-1]
-        rows = [class_scores(self.per_class[k - 1], offsets, assignment <= k, self.threshold)
-                for k in range(1, self.num_subnets + 1)]
+        rows = [
+            class_scores(self.per_class[k - 1], offsets, assignment <= k, self.threshold)
+            for k in range(1, self.num_subnets + 1)
+        ]
         return torch.stack(rows)
 
     def reset(self) -> None:
@@ -362,8 +373,10 @@ class ClassScorer(_GatedScorer):
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         per_class = torch.as_tensor(state["per_class"], dtype=torch.float32)
         if per_class.shape != self.per_class.shape:
-            raise ValueError(f"class-criterion state has shape {tuple(per_class.shape)}, this scorer "
-                             f"needs {tuple(self.per_class.shape)}")
+            raise ValueError(
+                f"class-criterion state has shape {tuple(per_class.shape)}, this scorer "
+                f"needs {tuple(self.per_class.shape)}"
+            )
         self.per_class = per_class.clone()
         self.batches = torch.as_tensor(state["batches"], dtype=torch.long).clone()
 
@@ -380,8 +393,9 @@ class NoiseScorer(_GatedScorer):
 
     name = "noise"
 
-    def __init__(self, net: SteppingNet, noise_weight: float = 0.5, noise_lr: float = 0.05,
-                 init_noise: float = 0.05) -> None:
+    def __init__(
+        self, net: SteppingNet, noise_weight: float = 0.5, noise_lr: float = 0.05, init_noise: float = 0.05
+    ) -> None:
         super().__init__(net)
         for label, value in (("noise_weight", noise_weight), ("noise_lr", noise_lr), ("init_noise", init_noise)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -405,8 +419,12 @@ class NoiseScorer(_GatedScorer):
             rho = rho.to(output.device)
         scale = rho[self._subnet - 1].index_select(0, positions.to(output.device)).exp()  # [channels]
         with torch.no_grad():
-            moved = output.movedim(dim, -1).reshape(-1, output.shape[dim]).index_select(
-                1, channels.to(output.device)).float()
+            moved = (
+                output.movedim(dim, -1)
+                .reshape(-1, output.shape[dim])
+                .index_select(1, channels.to(output.device))
+                .float()
+            )
             std = moved.std(0) if moved.shape[0] > 1 else torch.zeros(channels.numel(), device=output.device)
         eps = torch.randn(output.shape[0], channels.numel(), device=output.device)
         # One draw per sample and channel, broadcast over positions: the whole feature map of a
@@ -447,14 +465,18 @@ class NoiseScorer(_GatedScorer):
         self.batches.zero_()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rho": self.rho.detach().cpu().clone(), "batches": self.batches.clone(),
-                "optimizer": self.optimizer.state_dict()}
+        return {
+            "rho": self.rho.detach().cpu().clone(),
+            "batches": self.batches.clone(),
+            "optimizer": self.optimizer.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         rho = torch.as_tensor(state["rho"], dtype=torch.float32)
         if rho.shape != self.rho.shape:
-            raise ValueError(f"noise-criterion state has shape {tuple(rho.shape)}, this scorer needs "
-                             f"{tuple(self.rho.shape)}")
+            raise ValueError(
+                f"noise-criterion state has shape {tuple(rho.shape)}, this scorer needs {tuple(self.rho.shape)}"
+            )
         with torch.no_grad():
             self.rho.copy_(rho.to(self.rho.device))
         self.batches = torch.as_tensor(state["batches"], dtype=torch.long).clone()

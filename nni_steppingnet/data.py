@@ -89,8 +89,7 @@ class TensorImageDataset(Dataset):
     def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         if images.ndim != 4 or targets.ndim != 1 or images.shape[0] != targets.shape[0]:
             raise ValueError(
-                f"expected images N x C x H x W and targets N, got {tuple(images.shape)} "
-                f"and {tuple(targets.shape)}"
+                f"expected images N x C x H x W and targets N, got {tuple(images.shape)} and {tuple(targets.shape)}"
             )
         self.images = images.float().contiguous()
         self.targets = targets.long().contiguous()
@@ -126,8 +125,10 @@ class AugmentedImageDataset(Dataset):
         img_size: int | None = None,
     ) -> None:
         if images.ndim != 4 or not (images.dtype == torch.uint8 or images.is_floating_point()):
-            raise ValueError("AugmentedImageDataset expects uint8 or floating images of shape N x C x H x W, "
-                             f"got {images.dtype} of shape {tuple(images.shape)}")
+            raise ValueError(
+                "AugmentedImageDataset expects uint8 or floating images of shape N x C x H x W, "
+                f"got {images.dtype} of shape {tuple(images.shape)}"
+            )
         self.images = images.contiguous()
         self.targets = targets.long().contiguous()
         chans = images.shape[1]
@@ -499,11 +500,11 @@ def _load_npz(
     size = int(x_train.shape[-1])
     resize_to = None if img_size is None or img_size == size else img_size
     num_classes = int(torch.cat([y_train, y_test]).max()) + 1
-    train = AugmentedImageDataset(x_train, y_train, mean, std, augment=augment == "crop_flip",
-                                  img_size=resize_to)
+    train = AugmentedImageDataset(x_train, y_train, mean, std, augment=augment == "crop_flip", img_size=resize_to)
     test = AugmentedImageDataset(x_test, y_test, mean, std, augment=False, img_size=resize_to)
-    logger.info("npz: %d train / %d %s images (%d classes) from %s", len(train), len(test), eval_split,
-                num_classes, root)
+    logger.info(
+        "npz: %d train / %d %s images (%d classes) from %s", len(train), len(test), eval_split, num_classes, root
+    )
     info = DatasetInfo("npz", num_classes, int(x_train.shape[1]), resize_to or size, eval_split)
     return train, test, info
 
@@ -522,17 +523,17 @@ def _load_imagefolder(
             f"missing: {', '.join(missing)}"
         )
     size = img_size if img_size is not None else 32
-    tf = transforms.Compose([
-        transforms.Resize((size, size)),
-        transforms.ToTensor(),
-        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    ])
+    tf = transforms.Compose(
+        [
+            transforms.Resize((size, size)),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
     train = ImageFolder(str(train_dir), transform=tf)
     test = ImageFolder(str(val_dir), transform=tf)
     if train.classes != test.classes:
-        raise ValueError(
-            f"class folders differ between {train_dir} ({train.classes}) and {val_dir} ({test.classes})"
-        )
+        raise ValueError(f"class folders differ between {train_dir} ({train.classes}) and {val_dir} ({test.classes})")
     num_classes = len(train.classes)
     train_ds: Dataset = train
     test_ds: Dataset = test
@@ -573,8 +574,10 @@ def _load_synthetic(
 def _subset(train: Dataset, count: int, seed: int) -> Dataset:
     targets = getattr(train, "targets", None)
     if not isinstance(targets, torch.Tensor):
-        raise ValueError("train_subset needs a dataset with a targets tensor (digits, mnist, cifar10, "
-                         "cifar100, synthetic, npz); imagefolder is not supported")
+        raise ValueError(
+            "train_subset needs a dataset with a targets tensor (digits, mnist, cifar10, "
+            "cifar100, synthetic, npz); imagefolder is not supported"
+        )
     total = int(targets.numel())
     if count >= total:
         logger.info("train_subset=%d >= %d training images: using all", count, total)
@@ -621,12 +624,15 @@ def load_dataset(
     if augment is not None and augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)} (or None), got {augment!r}")
     if augment == "crop_flip" and key not in ("cifar10", "cifar100", "npz"):
-        raise ValueError(f"augment='crop_flip' is available for cifar10, cifar100 and npz, not {key!r}; "
-                         "use augment='none' (or leave it unset)")
+        raise ValueError(
+            f"augment='crop_flip' is available for cifar10, cifar100 and npz, not {key!r}; "
+            "use augment='none' (or leave it unset)"
+        )
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if train_subset is not None and (isinstance(train_subset, bool) or not isinstance(train_subset, int)
-                                     or train_subset < 1):
+    if train_subset is not None and (
+        isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < 1
+    ):
         raise ValueError(f"train_subset must be a positive int or None, got {train_subset!r}")
     if layout != "auto" and key != "npz":
         raise ValueError(f"layout applies to npz arrays only; dataset {key!r} has a fixed layout (leave it 'auto')")

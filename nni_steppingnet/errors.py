@@ -1,4 +1,5 @@
 """Exceptions raised by nni_steppingnet."""
+
 from __future__ import annotations
 
 from typing import Sequence

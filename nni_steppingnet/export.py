@@ -1,4 +1,5 @@
 """Standalone subnets: physically remove inactive channels with torch-pruning."""
+
 from __future__ import annotations
 
 import logging
@@ -39,14 +40,21 @@ def _densify_grouped(conv: nn.Conv2d) -> nn.Conv2d:
     torch-pruning cannot drop an arbitrary subset of a grouped conv's channels (each conv group
     must keep equal sizes), so export rebuilds the layer; the zero blocks cost only dense MACs.
     """
-    geometry: dict[str, Any] = {"kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding,
-                                "dilation": conv.dilation, "padding_mode": conv.padding_mode}
+    geometry: dict[str, Any] = {
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "padding_mode": conv.padding_mode,
+    }
     dense = nn.Conv2d(conv.in_channels, conv.out_channels, groups=1, bias=conv.bias is not None, **geometry)
     dense = dense.to(device=conv.weight.device, dtype=conv.weight.dtype)
     weight = torch.zeros_like(dense.weight)
     out_per, in_per = conv.out_channels // conv.groups, conv.in_channels // conv.groups
     for g in range(conv.groups):
-        weight[g * out_per:(g + 1) * out_per, g * in_per:(g + 1) * in_per] = conv.weight[g * out_per:(g + 1) * out_per]
+        weight[g * out_per : (g + 1) * out_per, g * in_per : (g + 1) * in_per] = conv.weight[
+            g * out_per : (g + 1) * out_per
+        ]
     with torch.no_grad():
         dense.weight.copy_(weight)
         if conv.bias is not None and dense.bias is not None:
@@ -65,8 +73,11 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
         # Only a true depthwise conv (groups == in == out) stays grouped: torch-pruning keeps its
         # in/out channels in step. A depthwise conv with a channel multiplier (out = k * in,
         # e.g. timm FastViT) is densified like any grouped conv.
-        if isinstance(module, nn.Conv2d) and module.groups > 1 and not (
-                module.groups == module.in_channels == module.out_channels):
+        if (
+            isinstance(module, nn.Conv2d)
+            and module.groups > 1
+            and not (module.groups == module.in_channels == module.out_channels)
+        ):
             parent_name, _, child = layer.name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, _densify_grouped(module))
@@ -103,8 +114,11 @@ def _check_runs(model: nn.Module, example_inputs: Any, s: int) -> None:
     later with a bare shape error.
     """
     entered: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: entered.append(name))
-               for name, m in model.named_modules() if name and not list(m.children())]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: entered.append(name))
+        for name, m in model.named_modules()
+        if name and not list(m.children())
+    ]
     try:
         with torch.no_grad():
             call_model(model, example_inputs)
@@ -116,7 +130,8 @@ def _check_runs(model: nn.Module, example_inputs: Any, s: int) -> None:
             f"({kind}) still expects the original channel count ({exc}). It holds per-channel "
             "state torch-pruning does not know how to shrink; run the masked model "
             "(with net.subnet(s): ...) instead, or register a torch-pruning pruner for that "
-            "module type") from exc
+            "module type"
+        ) from exc
     finally:
         for handle in handles:
             handle.remove()
@@ -127,11 +142,19 @@ def export_with_report(net: SteppingNet, s: int) -> tuple[nn.Module, ExportRepor
     model = export_subnet(net, s)
     # Our own per-sample counter for both numbers (torch-pruning's count_ops_and_params is
     # already per sample and also counts BN/pooling ops, so it is not comparable).
-    report = ExportReport(subnet=s, nonzero_macs=count_macs(model, net.example_inputs, nonzero=True),
-                          dense_macs=count_macs(model, net.example_inputs),
-                          torch_pruning_macs=int(tp.utils.count_ops_and_params(model, net.example_inputs)[0]),
-                          params=sum(p.numel() for p in model.parameters()))
-    logger.info("exported subnet %d: %s nonzero MACs, %s dense MACs (torch-pruning: %s), %s params", s,
-                f"{report.nonzero_macs:,}", f"{report.dense_macs:,}", f"{report.torch_pruning_macs:,}",
-                f"{report.params:,}")
+    report = ExportReport(
+        subnet=s,
+        nonzero_macs=count_macs(model, net.example_inputs, nonzero=True),
+        dense_macs=count_macs(model, net.example_inputs),
+        torch_pruning_macs=int(tp.utils.count_ops_and_params(model, net.example_inputs)[0]),
+        params=sum(p.numel() for p in model.parameters()),
+    )
+    logger.info(
+        "exported subnet %d: %s nonzero MACs, %s dense MACs (torch-pruning: %s), %s params",
+        s,
+        f"{report.nonzero_macs:,}",
+        f"{report.dense_macs:,}",
+        f"{report.torch_pruning_macs:,}",
+        f"{report.params:,}",
+    )
     return model, report

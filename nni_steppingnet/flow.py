@@ -17,6 +17,7 @@ after every retraining epoch and after every stage; ``run_recipe(..., resume=Tru
 from it and ends with the same assignment and weights as an uninterrupted run on the same device
 (all random generators and the data position are part of the checkpoint).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -103,12 +104,15 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} was requested but CUDA is not available here; use "
-                             "--device cpu (or auto)")
+            raise ValueError(
+                f"device {spec!r} was requested but CUDA is not available here; use --device cpu (or auto)"
+            )
         device = torch.device(text)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are "
-                             f"visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            raise ValueError(
+                f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are "
+                f"visible (cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
         return device
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:K', got {spec!r}")
 
@@ -172,9 +176,11 @@ def model_spec(recipe: Recipe, info: DatasetInfo, width: float = 1.0) -> tuple[s
             if "stem_width" in kwargs:
                 kwargs["stem_width"] = scale_width(int(kwargs["stem_width"]), total)
         else:
-            raise RecipeError(f"model {name!r} has no width parameter, so it cannot be widened by "
-                              f"{total:g} (model.width x expansion); set model.width: 1.0 and "
-                              "steppingnet.expansion: 1.0, or use a model that takes width")
+            raise RecipeError(
+                f"model {name!r} has no width parameter, so it cannot be widened by "
+                f"{total:g} (model.width x expansion); set model.width: 1.0 and "
+                "steppingnet.expansion: 1.0, or use a model that takes width"
+            )
     return name, kwargs
 
 
@@ -184,12 +190,21 @@ def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> tuple[Data
     stratified hold-out of the training set (for tuning) instead of the test set. On CUDA the
     loaders use pinned memory and worker processes."""
     d = recipe.data
-    train, test, info = load_dataset(d.name, d.root, download=d.download, seed=recipe.seed,
-                                     synthetic_size=d.synthetic_size, val_fraction=d.val_fraction,
-                                     img_size=d.img_size, augment=d.augment, layout=d.layout,
-                                     train_subset=d.train_subset)
-    train_loader, test_loader = make_loaders(train, test, batch_size=d.batch_size, device=device,
-                                             num_workers=d.num_workers, seed=recipe.seed)
+    train, test, info = load_dataset(
+        d.name,
+        d.root,
+        download=d.download,
+        seed=recipe.seed,
+        synthetic_size=d.synthetic_size,
+        val_fraction=d.val_fraction,
+        img_size=d.img_size,
+        augment=d.augment,
+        layout=d.layout,
+        train_subset=d.train_subset,
+    )
+    train_loader, test_loader = make_loaders(
+        train, test, batch_size=d.batch_size, device=device, num_workers=d.num_workers, seed=recipe.seed
+    )
     return train_loader, test_loader, info
 
 
@@ -206,14 +221,26 @@ def _monitor_loader(test_loader: DataLoader, samples: int) -> DataLoader | None:
     dataset = test_loader.dataset
     count = min(samples, len(dataset))  # type: ignore[arg-type]
     subset = Subset(dataset, range(count))
-    return DataLoader(subset, batch_size=test_loader.batch_size, shuffle=False, num_workers=0,
-                      pin_memory=test_loader.pin_memory, generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        subset,
+        batch_size=test_loader.batch_size,
+        shuffle=False,
+        num_workers=0,
+        pin_memory=test_loader.pin_memory,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 # ------------------------------------------------------------------------------- teacher
 def _teacher_meta(recipe: Recipe, info: DatasetInfo) -> dict[str, Any]:
-    return {"model": recipe.model.name, "width": float(recipe.model.width), "kwargs": dict(recipe.model.kwargs),
-            "num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size}
+    return {
+        "model": recipe.model.name,
+        "width": float(recipe.model.width),
+        "kwargs": dict(recipe.model.kwargs),
+        "num_classes": info.num_classes,
+        "in_chans": info.in_chans,
+        "img_size": info.img_size,
+    }
 
 
 def load_teacher(path: str | os.PathLike[str], recipe: Recipe, info: DatasetInfo) -> tuple[nn.Module, dict[str, Any]]:
@@ -225,22 +252,29 @@ def load_teacher(path: str | os.PathLike[str], recipe: Recipe, info: DatasetInfo
     """
     source = Path(path).expanduser()
     if not source.is_file():
-        raise FileNotFoundError(f"teacher checkpoint not found: {source} (teacher.checkpoint must be a "
-                                "local file; relative paths are resolved against the working directory)")
+        raise FileNotFoundError(
+            f"teacher checkpoint not found: {source} (teacher.checkpoint must be a "
+            "local file; relative paths are resolved against the working directory)"
+        )
     try:
         raw = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError for foreign files
-        raise CheckpointError(f"cannot read teacher checkpoint {source}: {type(exc).__name__}: {exc}. "
-                              "Save the teacher with torch.save(model.state_dict(), path)") from exc
+        raise CheckpointError(
+            f"cannot read teacher checkpoint {source}: {type(exc).__name__}: {exc}. "
+            "Save the teacher with torch.save(model.state_dict(), path)"
+        ) from exc
     meta: dict[str, Any] = {}
     if isinstance(raw, Mapping) and raw.get("format") == TEACHER_FORMAT:
         meta = dict(raw.get("meta") or {})
         expected = _teacher_meta(recipe, info)
         differ = [f"{k}: file {meta.get(k)!r} vs recipe {v!r}" for k, v in expected.items() if meta.get(k) != v]
         if differ:
-            raise CheckpointError(f"teacher checkpoint {source} was saved for another network ("
-                                  + "; ".join(differ) + "); point teacher.checkpoint at a teacher of "
-                                  "this recipe's model or train one (teacher.checkpoint: null)")
+            raise CheckpointError(
+                f"teacher checkpoint {source} was saved for another network ("
+                + "; ".join(differ)
+                + "); point teacher.checkpoint at a teacher of "
+                "this recipe's model or train one (teacher.checkpoint: null)"
+            )
         state = raw["state_dict"]
         meta["accuracy"] = raw.get("accuracy")
     elif isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
@@ -250,25 +284,37 @@ def load_teacher(path: str | os.PathLike[str], recipe: Recipe, info: DatasetInfo
     elif isinstance(raw, Mapping) and all(isinstance(v, torch.Tensor) for v in raw.values()):
         state = raw
     else:
-        raise CheckpointError(f"teacher checkpoint {source} holds no state_dict (found "
-                              f"{type(raw).__name__} with keys {list(raw)[:6] if isinstance(raw, Mapping) else '-'}); "
-                              "save it with torch.save(model.state_dict(), path)")
+        raise CheckpointError(
+            f"teacher checkpoint {source} holds no state_dict (found "
+            f"{type(raw).__name__} with keys {list(raw)[:6] if isinstance(raw, Mapping) else '-'}); "
+            "save it with torch.save(model.state_dict(), path)"
+        )
     model = build_model(recipe, info, width=1.0)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
-        raise CheckpointError(f"teacher checkpoint {source} does not fit model {recipe.model.name!r} "
-                              f"(width {recipe.model.width}, {info.num_classes} classes, {info.in_chans} "
-                              f"input channels): {detail[:600]}") from exc
+        raise CheckpointError(
+            f"teacher checkpoint {source} does not fit model {recipe.model.name!r} "
+            f"(width {recipe.model.width}, {info.num_classes} classes, {info.in_chans} "
+            f"input channels): {detail[:600]}"
+        ) from exc
     return model, meta
 
 
-def _save_teacher(path: Path, model: nn.Module, recipe: Recipe, info: DatasetInfo, accuracy: float | None,
-                  losses: Sequence[float]) -> None:
-    save_checkpoint({"format": TEACHER_FORMAT, "meta": _teacher_meta(recipe, info),
-                     "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                     "accuracy": accuracy, "losses": list(losses)}, path)
+def _save_teacher(
+    path: Path, model: nn.Module, recipe: Recipe, info: DatasetInfo, accuracy: float | None, losses: Sequence[float]
+) -> None:
+    save_checkpoint(
+        {
+            "format": TEACHER_FORMAT,
+            "meta": _teacher_meta(recipe, info),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "accuracy": accuracy,
+            "losses": list(losses),
+        },
+        path,
+    )
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -329,8 +375,7 @@ class _RunState:
 def _read_run_state(path: Path) -> _RunState:
     raw = load_checkpoint_file(path)
     if raw.get("format") != RUN_FORMAT:
-        raise CheckpointError(f"{path} is not a run checkpoint (format {raw.get('format')!r}, expected "
-                              f"{RUN_FORMAT!r})")
+        raise CheckpointError(f"{path} is not a run checkpoint (format {raw.get('format')!r}, expected {RUN_FORMAT!r})")
     names = {f.name for f in dataclasses.fields(_RunState)}
     missing = sorted({"recipe", "info", "device", "reference_macs"} - set(raw))
     if missing:
@@ -352,9 +397,16 @@ def build_stepping_net(recipe: Recipe, info: DatasetInfo, verify: bool = True) -
     return SteppingNet(model, example_inputs(info), recipe.steppingnet.num_subnets, verify=verify)
 
 
-def _evaluate_net(net: SteppingNet, recipe: Recipe, info: DatasetInfo, test_loader: DataLoader,
-                  device: torch.device, amp: str | None, ref_macs: int,
-                  teacher_accuracy: float | None) -> dict[str, Any]:
+def _evaluate_net(
+    net: SteppingNet,
+    recipe: Recipe,
+    info: DatasetInfo,
+    test_loader: DataLoader,
+    device: torch.device,
+    amp: str | None,
+    ref_macs: int,
+    teacher_accuracy: float | None,
+) -> dict[str, Any]:
     from .train import evaluate
 
     accuracies = evaluate(net, test_loader, device=device, amp=amp)
@@ -362,8 +414,16 @@ def _evaluate_net(net: SteppingNet, recipe: Recipe, info: DatasetInfo, test_load
     subnets = []
     for s in range(1, net.num_subnets + 1):
         m = net.macs(s)
-        subnets.append({"index": s, "accuracy": accuracies[s - 1], "macs": m, "mac_ratio": m / ref_macs,
-                        "budget": budgets[s - 1], "budget_gap": m / ref_macs - budgets[s - 1]})
+        subnets.append(
+            {
+                "index": s,
+                "accuracy": accuracies[s - 1],
+                "macs": m,
+                "mac_ratio": m / ref_macs,
+                "budget": budgets[s - 1],
+                "budget_gap": m / ref_macs - budgets[s - 1],
+            }
+        )
     met = [sub["macs"] <= sub["budget"] * ref_macs for sub in subnets]
     return {
         "original": {"accuracy": teacher_accuracy, "macs": ref_macs},
@@ -380,8 +440,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_stepping(net: SteppingNet, loader: DataLoader, *, device: str | torch.device = "cpu",
-                     reference_macs: int | None = None, repeats: int = 1) -> dict[str, Any]:
+def measure_stepping(
+    net: SteppingNet,
+    loader: DataLoader,
+    *,
+    device: str | torch.device = "cpu",
+    reference_macs: int | None = None,
+    repeats: int = 1,
+) -> dict[str, Any]:
     """Anytime inference over ``loader``: stepping with the runtime against recomputing.
 
     Every batch is run twice. (a) An :class:`~nni_steppingnet.runtime.IncrementalRunner` starts
@@ -525,16 +591,36 @@ def run_recipe(
     started = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    run = _FlowRun(recipe, Path(out_dir), resume=resume, device=device, amp=amp, progress=progress,
-                   reporter=reporter, stages=stages, started=started)
+    run = _FlowRun(
+        recipe,
+        Path(out_dir),
+        resume=resume,
+        device=device,
+        amp=amp,
+        progress=progress,
+        reporter=reporter,
+        stages=stages,
+        started=started,
+    )
     return run.run()
 
 
 class _FlowRun:
     """One call of :func:`run_recipe`: the stages as methods sharing the run state."""
 
-    def __init__(self, recipe: Recipe, out: Path, *, resume: bool, device: str | torch.device, amp: str | None,
-                 progress: bool, reporter: Reporter | None, stages: Sequence[str], started: float) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        out: Path,
+        *,
+        resume: bool,
+        device: str | torch.device,
+        amp: str | None,
+        progress: bool,
+        reporter: Reporter | None,
+        stages: Sequence[str],
+        started: float,
+    ) -> None:
         from .train import check_amp
 
         self.recipe = recipe
@@ -558,21 +644,29 @@ class _FlowRun:
     def _previous_state(self, resume: bool) -> _RunState | None:
         if self.ckpt_path.exists():
             if not resume:
-                raise ValueError(f"{self.out} already holds a run ({CHECKPOINT_NAME}); pass --resume "
-                                 "(resume=True) to continue it, or choose another --out folder")
+                raise ValueError(
+                    f"{self.out} already holds a run ({CHECKPOINT_NAME}); pass --resume "
+                    "(resume=True) to continue it, or choose another --out folder"
+                )
             previous = _read_run_state(self.ckpt_path)
             differ = recipe_diff(previous.recipe, self.recipe.to_dict())
             if differ:
-                raise ValueError(f"cannot resume {self.out}: the recipe differs from the one it was started "
-                                 "with (" + "; ".join(differ[:8]) + "); resume with the same recipe and "
-                                 "--set values, or start a new run with another --out")
+                raise ValueError(
+                    f"cannot resume {self.out}: the recipe differs from the one it was started "
+                    "with (" + "; ".join(differ[:8]) + "); resume with the same recipe and "
+                    "--set values, or start a new run with another --out"
+                )
             if previous.device != str(self.dev):
-                logger.warning("resuming a run started on %s on %s: the result may differ from an "
-                               "uninterrupted run", previous.device, self.dev)
+                logger.warning(
+                    "resuming a run started on %s on %s: the result may differ from an uninterrupted run",
+                    previous.device,
+                    self.dev,
+                )
             return previous
         if resume:
-            raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_NAME} in {self.out}; run without "
-                                    "--resume to start the recipe there")
+            raise FileNotFoundError(
+                f"cannot resume: no {CHECKPOINT_NAME} in {self.out}; run without --resume to start the recipe there"
+            )
         return None
 
     def report(self, kind: str, payload: dict[str, Any]) -> None:
@@ -608,11 +702,14 @@ class _FlowRun:
         check_writable_dir(self.out)
         for stale in remove_stale_temporaries(self.out):
             logger.info("removed %s, left by an interrupted write", stale)
-        self.state = self.previous or _RunState(recipe=recipe.to_dict(), info=dataclasses.asdict(self.info),
-                                                device=str(dev), reference_macs=self.ref_macs)
+        self.state = self.previous or _RunState(
+            recipe=recipe.to_dict(), info=dataclasses.asdict(self.info), device=str(dev), reference_macs=self.ref_macs
+        )
         if self.state.reference_macs != self.ref_macs:
-            raise CheckpointError(f"{self.ckpt_path}: reference MACs {self.state.reference_macs} differ from "
-                                  f"this recipe's original network ({self.ref_macs}); the model or data changed")
+            raise CheckpointError(
+                f"{self.ckpt_path}: reference MACs {self.state.reference_macs} differ from "
+                f"this recipe's original network ({self.ref_macs}); the model or data changed"
+            )
         self.state.recipe = recipe.to_dict()  # runtime keys (data.root, ...) follow the current call
         self.elapsed_before = self.state.wall_time_s
         self.setup_s = time.perf_counter() - self.started
@@ -624,8 +721,7 @@ class _FlowRun:
         self.retraining_stage()
         self.restore_once()
         if "evaluation" not in self.chosen:
-            return {"completed": list(self.state.completed), "stage": self.state.stage,
-                    "recipe": recipe.to_dict()}
+            return {"completed": list(self.state.completed), "stage": self.state.stage, "recipe": recipe.to_dict()}
         return self.evaluation_stage()
 
     # -------------------------------------------------------------------------- stages
@@ -646,8 +742,17 @@ class _FlowRun:
             else:
                 teacher = build_model(recipe, info, width=1.0)
                 t = recipe.teacher
-                losses = train_dense(teacher, self.train_loader, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
-                                     weight_decay=t.weight_decay, device=dev, amp=self.amp, progress=self.progress)
+                losses = train_dense(
+                    teacher,
+                    self.train_loader,
+                    epochs=t.epochs,
+                    lr=t.lr,
+                    momentum=t.momentum,
+                    weight_decay=t.weight_decay,
+                    device=dev,
+                    amp=self.amp,
+                    progress=self.progress,
+                )
             state.teacher_accuracy = evaluate_model(teacher, self.test_loader, device=dev, amp=self.amp)
             state.teacher_losses = [float(v) for v in losses]
             _save_teacher(self.teacher_path, teacher, recipe, info, state.teacher_accuracy, losses)
@@ -682,14 +787,17 @@ class _FlowRun:
         if "construction" in state.completed:
             return
         if "construction" not in self.chosen:
-            raise ValueError("the 'construction' stage is skipped but the run has no completed "
-                             "construction to continue from; include it in the stages")
+            raise ValueError(
+                "the 'construction' stage is skipped but the run has no completed "
+                "construction to continue from; include it in the stages"
+            )
         if self.net is None:
             self.net = build_stepping_net(recipe, info)
         net = self.net
         c = recipe.construction
-        config = ConstructionConfig.from_settings(recipe.steppingnet.budgets, self.ref_macs,
-                                                  dataclasses.asdict(c), seed=recipe.seed)
+        config = ConstructionConfig.from_settings(
+            recipe.steppingnet.budgets, self.ref_macs, dataclasses.asdict(c), seed=recipe.seed
+        )
         constructor = Constructor(net, config, self.train_loader, device=dev, amp=self.amp)
         try:
             if in_progress:
@@ -715,9 +823,12 @@ class _FlowRun:
         finally:
             constructor.close()
         if not result.all_met:
-            logger.warning("construction ended after %d iterations without meeting every budget: MAC "
-                           "ratios %s vs budgets %s", result.iterations,
-                           [round(r, 4) for r in result.mac_ratios], recipe.steppingnet.budgets)
+            logger.warning(
+                "construction ended after %d iterations without meeting every budget: MAC ratios %s vs budgets %s",
+                result.iterations,
+                [round(r, 4) for r in result.mac_ratios],
+                recipe.steppingnet.budgets,
+            )
         state.completed.append("construction")
         state.stage = "retraining"
         state.stage_state = None
@@ -749,18 +860,31 @@ class _FlowRun:
                 if isinstance(generator, torch.Generator):
                     # Epoch e always sees the same batch order, however the run was interrupted.
                     generator.manual_seed(recipe.seed + 1_000_003 * (epoch + 1))
-                loss = train_subnets_epoch(net, self.train_loader, optimizer, beta=r.beta, teacher=self.teacher,
-                                           gamma=r.gamma, device=dev, amp=self.amp, progress=self.progress,
-                                           temperature=r.temperature)
+                loss = train_subnets_epoch(
+                    net,
+                    self.train_loader,
+                    optimizer,
+                    beta=r.beta,
+                    teacher=self.teacher,
+                    gamma=r.gamma,
+                    device=dev,
+                    amp=self.amp,
+                    progress=self.progress,
+                    temperature=r.temperature,
+                )
                 scheduler.step()
                 state.retraining_losses.append(float(loss))
                 state.net = net.state_dict()
-                state.stage_state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict()}
+                state.stage_state = {
+                    "epoch": epoch + 1,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                }
                 self.add_time("retraining", time.perf_counter() - t_epoch)
                 self.save()
-                self.report("epoch", {"stage": "retraining", "epoch": epoch + 1, "epochs": r.epochs,
-                                      "loss": float(loss)})
+                self.report(
+                    "epoch", {"stage": "retraining", "epoch": epoch + 1, "epochs": r.epochs, "loss": float(loss)}
+                )
                 logger.info("retraining epoch %d/%d: loss %.4f", epoch + 1, r.epochs, loss)
         if "retraining" in self.chosen or r.epochs == 0:
             state.completed.append("retraining")
@@ -773,8 +897,9 @@ class _FlowRun:
         recipe, state, dev, net = self.recipe, self.state, self.dev, self.net
         assert net is not None
         t0 = time.perf_counter()
-        results = _evaluate_net(net, recipe, self.info, self.test_loader, dev, self.amp, self.ref_macs,
-                                state.teacher_accuracy)
+        results = _evaluate_net(
+            net, recipe, self.info, self.test_loader, dev, self.amp, self.ref_macs, state.teacher_accuracy
+        )
         problems = net.check_isolation()
         if problems:
             logger.error("subnet isolation check failed: %s", problems[:4])
@@ -782,41 +907,51 @@ class _FlowRun:
         try:
             # Median of 3 passes on small test sets (digits: 360 images take milliseconds).
             repeats = 3 if len(self.test_loader.dataset) <= 5000 else 1  # type: ignore[arg-type]
-            stepping = measure_stepping(net, self.test_loader, device=dev, reference_macs=self.ref_macs,
-                                        repeats=repeats)
+            stepping = measure_stepping(
+                net, self.test_loader, device=dev, reference_macs=self.ref_macs, repeats=repeats
+            )
         except Exception as exc:  # the runtime or export may not support a model: report, don't fail the run
-            logger.warning("anytime measurement (IncrementalRunner vs exported subnets) skipped: %s: %s",
-                           type(exc).__name__, exc)
+            logger.warning(
+                "anytime measurement (IncrementalRunner vs exported subnets) skipped: %s: %s", type(exc).__name__, exc
+            )
         else:
             for step in stepping["steps"]:
-                logger.info("step %d: accuracy %.4f, %d MACs by stepping vs %d recomputing, %.3f s vs %.3f s",
-                            step["subnet"], step["accuracy"], step["macs_stepping"], step["macs_recompute"],
-                            step["time_stepping_s"], step["time_recompute_s"])
+                logger.info(
+                    "step %d: accuracy %.4f, %d MACs by stepping vs %d recomputing, %.3f s vs %.3f s",
+                    step["subnet"],
+                    step["accuracy"],
+                    step["macs_stepping"],
+                    step["macs_recompute"],
+                    step["time_stepping_s"],
+                    step["time_recompute_s"],
+                )
         self.add_time("evaluation", time.perf_counter() - t0)
         state.wall_time_s = self.elapsed_before + (time.perf_counter() - self.started)
         last = state.history[-1] if state.history else {}
-        results = _jsonable({
-            "format": RESULTS_FORMAT,
-            "recipe": recipe.to_dict(),
-            **results,
-            "isolation_ok": not problems,
-            "stepping": stepping,
-            "construction": {
-                "iterations": len(state.history),
-                "final_macs": last.get("macs"),
-                "final_mac_ratios": last.get("mac_ratios"),
-                "budgets_met": last.get("budgets_met"),
-                "time_s": state.stage_times_s.get("construction"),
-                "history": state.history,
-            },
-            "retraining": {"epochs": len(state.retraining_losses), "losses": state.retraining_losses},
-            "teacher": {"epochs": len(state.teacher_losses), "losses": state.teacher_losses},
-            "device": str(dev),
-            "amp": self.amp,
-            "wall_time_s": state.wall_time_s,
-            "stage_times_s": dict(state.stage_times_s),
-            "setup_time_s": self.setup_s,
-        })
+        results = _jsonable(
+            {
+                "format": RESULTS_FORMAT,
+                "recipe": recipe.to_dict(),
+                **results,
+                "isolation_ok": not problems,
+                "stepping": stepping,
+                "construction": {
+                    "iterations": len(state.history),
+                    "final_macs": last.get("macs"),
+                    "final_mac_ratios": last.get("mac_ratios"),
+                    "budgets_met": last.get("budgets_met"),
+                    "time_s": state.stage_times_s.get("construction"),
+                    "history": state.history,
+                },
+                "retraining": {"epochs": len(state.retraining_losses), "losses": state.retraining_losses},
+                "teacher": {"epochs": len(state.teacher_losses), "losses": state.teacher_losses},
+                "device": str(dev),
+                "amp": self.amp,
+                "wall_time_s": state.wall_time_s,
+                "stage_times_s": dict(state.stage_times_s),
+                "setup_time_s": self.setup_s,
+            }
+        )
         if "evaluation" not in state.completed:
             state.completed.append("evaluation")
         state.stage = "done"
@@ -853,13 +988,23 @@ def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
     info = DatasetInfo(**state.info)
     net_state = _net_state(state)
     if net_state is None:
-        raise CheckpointError(f"{source} was saved before construction started (stage {state.stage!r}); "
-                              "there is no SteppingNet in it yet: resume the run first")
+        raise CheckpointError(
+            f"{source} was saved before construction started (stage {state.stage!r}); "
+            "there is no SteppingNet in it yet: resume the run first"
+        )
     net = build_stepping_net(recipe, info, verify=False)
     net.load_state_dict(net_state)
-    return LoadedCheckpoint(net=net, recipe=recipe, info=info, stage=state.stage, completed=list(state.completed),
-                            reference_macs=int(state.reference_macs), teacher_accuracy=state.teacher_accuracy,
-                            results=state.results, path=source)
+    return LoadedCheckpoint(
+        net=net,
+        recipe=recipe,
+        info=info,
+        stage=state.stage,
+        completed=list(state.completed),
+        reference_macs=int(state.reference_macs),
+        teacher_accuracy=state.teacher_accuracy,
+        results=state.results,
+        path=source,
+    )
 
 
 def evaluate_checkpoint(
@@ -885,8 +1030,7 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     _, test_loader, info = build_data(recipe, dev)
     if dataclasses.asdict(info) != dataclasses.asdict(loaded.info):
-        raise CheckpointError(f"the dataset now reads as {info} but the checkpoint was trained on "
-                              f"{loaded.info}")
+        raise CheckpointError(f"the dataset now reads as {info} but the checkpoint was trained on {loaded.info}")
     teacher_accuracy = loaded.teacher_accuracy
     teacher_file = loaded.path.parent / TEACHER_NAME
     if teacher_accuracy is None and teacher_file.is_file():
@@ -898,5 +1042,6 @@ def evaluate_checkpoint(
             teacher_accuracy = evaluate_model(teacher, test_loader, device=dev, amp=amp)
     loaded.net.model.to(dev)
     results = _evaluate_net(loaded.net, recipe, info, test_loader, dev, amp, loaded.reference_macs, teacher_accuracy)
-    return _jsonable({"format": RESULTS_FORMAT, "recipe": recipe.to_dict(), **results, "stage": loaded.stage,
-                      "device": str(dev)})
+    return _jsonable(
+        {"format": RESULTS_FORMAT, "recipe": recipe.to_dict(), **results, "stage": loaded.stage, "device": str(dev)}
+    )

@@ -4,6 +4,7 @@
 which dispatches on ``args.command``. Only this module prints and shows progress bars; the flow
 itself (:mod:`nni_steppingnet.flow`) only logs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["add_arguments", "main", "CliReporter", "check_output_not_input", "export_inputs", "resume_command",
-           "RUN_FILES"]
+__all__ = [
+    "add_arguments",
+    "main",
+    "CliReporter",
+    "check_output_not_input",
+    "export_inputs",
+    "resume_command",
+    "RUN_FILES",
+]
 
 #: the files a run writes into its folder (flow.CHECKPOINT_NAME, flow.TEACHER_NAME and
 #: report.RESULTS_*; spelled out so building the parser imports neither)
@@ -30,8 +38,9 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def check_output_not_input(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None],
-                           *, option: str = "--out") -> None:
+def check_output_not_input(
+    out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], *, option: str = "--out"
+) -> None:
     """Refuse to write ``out`` when it is one of ``inputs`` (the same file, links and relative
     paths resolved): a command never overwrites what it reads. Every export kind and ``run``
     call it before writing anything. Raises ``ValueError`` naming both paths and the fix."""
@@ -41,23 +50,32 @@ def check_output_not_input(out: str | os.PathLike[str], inputs: Iterable[str | o
             continue
         source = Path(item).expanduser()
         if _same_file(target, source):
-            raise ValueError(f"{option}: writing {target} would overwrite {source}, an input of this command; "
-                             f"choose another {option}")
+            raise ValueError(
+                f"{option}: writing {target} would overwrite {source}, an input of this command; "
+                f"choose another {option}"
+            )
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """Add the arguments of subcommand ``name`` (run, eval, export or recipes) to ``parser``."""
     if name == "run":
         parser.add_argument("recipe", help="bundled recipe name (see `nni-steppingnet recipes`) or a YAML file")
-        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                            help="override a recipe value, e.g. --set construction.beta=0.8 (repeatable; "
-                                 "values are YAML: --set steppingnet.budgets=[0.2,0.4,0.6,0.8])")
+        parser.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a recipe value, e.g. --set construction.beta=0.8 (repeatable; "
+            "values are YAML: --set steppingnet.budgets=[0.2,0.4,0.6,0.8])",
+        )
         parser.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>)")
         parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
         _device_argument(parser)
         parser.add_argument("--amp", choices=["bf16"], default=None, help="bfloat16 autocast")
-        parser.add_argument("--download", action="store_true",
-                            help="allow downloading the dataset into data.root (network access)")
+        parser.add_argument(
+            "--download", action="store_true", help="allow downloading the dataset into data.root (network access)"
+        )
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     elif name == "eval":
         parser.add_argument("checkpoint", help="a run's checkpoint.pt (or its folder)")
@@ -67,21 +85,35 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("checkpoint", help="a run's checkpoint.pt (or its folder)")
         what = parser.add_mutually_exclusive_group()
         what.add_argument("--subnet", type=int, help="export subnet s (1-based) as a physically smaller module")
-        what.add_argument("--runner", action="store_true",
-                          help="export all subnets as one IncrementalRunner file (anytime inference that "
-                               "steps from subnet s to s+1 computing only the new MACs)")
-        parser.add_argument("--out", default=None,
-                            help="file (.pt/.pth) to write (default: subnet<s>.pt or runner.pt beside the "
-                                 "checkpoint); with --subnet the state_dict goes to <stem>.state_dict.pt "
-                                 "beside it")
-        parser.add_argument("--onnx", default=None, metavar="PATH",
-                            help="write ONNX instead: with --subnet s, the dense subnet as one graph (PATH ends "
-                                 "in .onnx); otherwise one graph per stage of the anytime runner and "
-                                 "manifest.json in folder PATH (run it with OnnxStepRunner or `python -m "
-                                 "nni_steppingnet.onnx_runner PATH IMAGES.npy`, no torch needed)")
-        parser.add_argument("--mean", type=float, nargs="+", default=None,
-                            help="with --onnx: the per-channel mean the inputs were normalised with (recorded "
-                                 "in the manifest)")
+        what.add_argument(
+            "--runner",
+            action="store_true",
+            help="export all subnets as one IncrementalRunner file (anytime inference that "
+            "steps from subnet s to s+1 computing only the new MACs)",
+        )
+        parser.add_argument(
+            "--out",
+            default=None,
+            help="file (.pt/.pth) to write (default: subnet<s>.pt or runner.pt beside the "
+            "checkpoint); with --subnet the state_dict goes to <stem>.state_dict.pt "
+            "beside it",
+        )
+        parser.add_argument(
+            "--onnx",
+            default=None,
+            metavar="PATH",
+            help="write ONNX instead: with --subnet s, the dense subnet as one graph (PATH ends "
+            "in .onnx); otherwise one graph per stage of the anytime runner and "
+            "manifest.json in folder PATH (run it with OnnxStepRunner or `python -m "
+            "nni_steppingnet.onnx_runner PATH IMAGES.npy`, no torch needed)",
+        )
+        parser.add_argument(
+            "--mean",
+            type=float,
+            nargs="+",
+            default=None,
+            help="with --onnx: the per-channel mean the inputs were normalised with (recorded in the manifest)",
+        )
         parser.add_argument("--std", type=float, nargs="+", default=None, help="with --onnx: the per-channel std")
     elif name == "recipes":
         parser.add_argument("--keys", action="store_true", help="list every recipe key with its default")
@@ -90,8 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def _device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:K]",
-                        help="where to run (default auto: CUDA when present)")
+    parser.add_argument(
+        "--device", default="auto", metavar="auto|cpu|cuda[:K]", help="where to run (default auto: CUDA when present)"
+    )
 
 
 class CliReporter:
@@ -107,9 +140,14 @@ class CliReporter:
             if self.enabled and payload.get("stage") in ("construction", "retraining"):
                 from tqdm.auto import tqdm
 
-                self._bar = tqdm(total=payload.get("total"), initial=payload.get("done", 0),
-                                 desc=str(payload["stage"]), unit="it" if payload["stage"] == "construction"
-                                 else "epoch", dynamic_ncols=True, file=sys.stderr)
+                self._bar = tqdm(
+                    total=payload.get("total"),
+                    initial=payload.get("done", 0),
+                    desc=str(payload["stage"]),
+                    unit="it" if payload["stage"] == "construction" else "epoch",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
         elif kind == "iteration" and self._bar is not None:
             ratios = " ".join(f"{r:.3f}" for r in payload.get("mac_ratios", []))
             accs = payload.get("accuracies")
@@ -163,21 +201,31 @@ def _run(args: argparse.Namespace) -> int:
         check_output_not_input(out / name, inputs)
     reporter = CliReporter(enabled=not args.no_progress)
     try:
-        results = run_recipe(recipe, out, resume=args.resume, device=args.device, amp=args.amp,
-                             progress=not args.no_progress, reporter=reporter)
+        results = run_recipe(
+            recipe,
+            out,
+            resume=args.resume,
+            device=args.device,
+            amp=args.amp,
+            progress=not args.no_progress,
+            reporter=reporter,
+        )
     except KeyboardInterrupt:
         reporter.close()
         if (out / CHECKPOINT_NAME).is_file():
             print(f"interrupted; continue the run with: {resume_command(args, out)}", file=sys.stderr)
         else:
-            print(f"interrupted before the first checkpoint; start again with: "
-                  f"{resume_command(args, out, resume=False)}", file=sys.stderr)
+            print(
+                f"interrupted before the first checkpoint; start again with: {resume_command(args, out, resume=False)}",
+                file=sys.stderr,
+            )
         return 130
     finally:
         reporter.close()
     print(results_markdown(results))
-    print(f"results: {out / 'results.json'}, {out / RESULTS_MD}, {out / RESULTS_PNG}; checkpoint: "
-          f"{out / 'checkpoint.pt'}")
+    print(
+        f"results: {out / 'results.json'}, {out / RESULTS_MD}, {out / RESULTS_PNG}; checkpoint: {out / 'checkpoint.pt'}"
+    )
     return 0
 
 
@@ -187,8 +235,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     results = evaluate_checkpoint(args.checkpoint, device=args.device, data_root=args.data_root)
     if results.get("stage") != "done":
-        print(f"note: the run stopped in stage {results.get('stage')!r}; these are its current subnets",
-              file=sys.stderr)
+        print(
+            f"note: the run stopped in stage {results.get('stage')!r}; these are its current subnets", file=sys.stderr
+        )
     print(table_markdown(results))
     print()
     print(subnet_table_markdown(results))
@@ -233,9 +282,11 @@ def _export(args: argparse.Namespace) -> int:
     save_atomic(module, out)
     save_checkpoint({k: v for k, v in module.state_dict().items()}, state_path)
     ratio = report.nonzero_macs / loaded.reference_macs
-    print(f"subnet {args.subnet} of {loaded.recipe.name}: {report.nonzero_macs:,} nonzero MACs "
-          f"({100 * ratio:.2f}% of the original), {report.dense_macs:,} dense MACs "
-          f"(torch-pruning counter: {report.torch_pruning_macs:,}), {report.params:,} params")
+    print(
+        f"subnet {args.subnet} of {loaded.recipe.name}: {report.nonzero_macs:,} nonzero MACs "
+        f"({100 * ratio:.2f}% of the original), {report.dense_macs:,} dense MACs "
+        f"(torch-pruning counter: {report.torch_pruning_macs:,}), {report.params:,} params"
+    )
     print(f"max |exported - subnet| on the example inputs: {max_diff:.3g}")
     print(f"module: {out} (torch.load(path, weights_only=False)); state_dict: {state_path}")
     return 0
@@ -265,12 +316,16 @@ def _export_runner(loaded: Any, out_arg: str | None) -> int:
     runner.save(out)
     name, kwargs = model_spec(loaded.recipe, loaded.info, width=loaded.recipe.steppingnet.expansion)
     shares = ", ".join(f"{100 * net.macs(s) / loaded.reference_macs:.2f}%" for s in range(1, net.num_subnets + 1))
-    print(f"runner for {net.num_subnets} subnets of {loaded.recipe.name} ({runner.layout} layout): MACs per "
-          f"subnet {shares} of the original")
+    print(
+        f"runner for {net.num_subnets} subnets of {loaded.recipe.name} ({runner.layout} layout): MACs per "
+        f"subnet {shares} of the original"
+    )
     print(f"max relative |runner - subnet| on random inputs, over all subnets: {worst:.3g}")
     args_text = ", ".join([repr(name)] + [f"{k}={v!r}" for k, v in kwargs.items()])
-    print(f"runner: {out}; load it with IncrementalRunner.load({str(out)!r}, timm.create_model({args_text})) "
-          "after `import nni_steppingnet.models` for the paper models")
+    print(
+        f"runner: {out}; load it with IncrementalRunner.load({str(out)!r}, timm.create_model({args_text})) "
+        "after `import nni_steppingnet.models` for the paper models"
+    )
     return 0
 
 
@@ -292,20 +347,28 @@ def _export_onnx(loaded: Any, args: argparse.Namespace) -> int:
         net.check_subnet(args.subnet)
         module = net.export_subnet(args.subnet).eval()
         export_subnet_onnx(module, target, net.example_inputs)
-        print(f"subnet {args.subnet} of {loaded.recipe.name} ({net.macs(args.subnet):,} MACs per sample): {target} "
-              f"(input 'input' {[None, *net.example_inputs.shape[1:]]}, output 'logits', dynamic batch)")
+        print(
+            f"subnet {args.subnet} of {loaded.recipe.name} ({net.macs(args.subnet):,} MACs per sample): {target} "
+            f"(input 'input' {[None, *net.example_inputs.shape[1:]]}, output 'logits', dynamic batch)"
+        )
         return 0
     if target.suffix == ".onnx":
-        raise ValueError(f"--onnx without --subnet writes a folder of stage graphs, got the file name {target}; "
-                         "pass a folder, or add --subnet s for one dense subnet")
+        raise ValueError(
+            f"--onnx without --subnet writes a folder of stage graphs, got the file name {target}; "
+            "pass a folder, or add --subnet s for one dense subnet"
+        )
     runner = IncrementalRunner(net)
     manifest = export_onnx(runner, target, normalization=normalization, model_name=loaded.recipe.model.name)
     shares = ", ".join(f"{100 * net.macs(s) / loaded.reference_macs:.2f}%" for s in range(1, net.num_subnets + 1))
-    print(f"{net.num_subnets} stage graphs of {loaded.recipe.name} in {target} (checked against the torch runner); "
-          f"MACs per subnet {shares} of the original; manifest: {manifest}")
+    print(
+        f"{net.num_subnets} stage graphs of {loaded.recipe.name} in {target} (checked against the torch runner); "
+        f"MACs per subnet {shares} of the original; manifest: {manifest}"
+    )
     if normalization is None:
-        print("note: no --mean/--std given, so the manifest records no input normalisation; the graphs take "
-              "inputs normalised as in training")
+        print(
+            "note: no --mean/--std given, so the manifest records no input normalisation; the graphs take "
+            "inputs normalised as in training"
+        )
     print(f"run it without torch: python -m nni_steppingnet.onnx_runner {target} IMAGES.npy")
     return 0
 

@@ -8,6 +8,7 @@ runtime, export) reads only these maps.
 
 The functional core is :func:`discover_layers`; it knows nothing about subnets.
 """
+
 from __future__ import annotations
 
 import logging
@@ -103,15 +104,20 @@ class GraphSpec:
 
 # Modules whose computation mixes channels in ways a per-channel subnet index cannot respect.
 _MIXING_REASONS: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.LayerNorm, "LayerNorm normalises over channels, so a larger subnet's channels would change "
-     "a smaller subnet's statistics"),
+    (
+        nn.LayerNorm,
+        "LayerNorm normalises over channels, so a larger subnet's channels would change a smaller subnet's statistics",
+    ),
     (nn.LocalResponseNorm, "LocalResponseNorm mixes neighbouring channels"),
     (nn.MultiheadAttention, "attention mixes all channels of every token"),
     (nn.ChannelShuffle, "channel shuffle permutes channels across groups"),
     (nn.PixelShuffle, "pixel shuffle folds channels into space"),
     (nn.PixelUnshuffle, "pixel unshuffle folds space into channels"),
-    (nn.Conv1d, "Conv1d layers are not supported (only Conv2d and Linear); in CNNs they usually "
-     "convolve across channels (ECA attention)"),
+    (
+        nn.Conv1d,
+        "Conv1d layers are not supported (only Conv2d and Linear); in CNNs they usually "
+        "convolve across channels (ECA attention)",
+    ),
     (nn.Conv3d, "Conv3d layers are not supported (only Conv2d and Linear)"),
     (nn.ConvTranspose2d, "transposed convolutions are not supported (only Conv2d and Linear)"),
 )
@@ -123,15 +129,19 @@ def unsupported_modules(model: nn.Module) -> list[tuple[str, str]]:
     for name, module in model.named_modules():
         reason = None
         if isinstance(module, nn.GroupNorm) and module.num_groups != module.num_channels:
-            reason = (f"GroupNorm with {module.num_groups} groups over {module.num_channels} "
-                      "channels normalises across channels")
+            reason = (
+                f"GroupNorm with {module.num_groups} groups over {module.num_channels} "
+                "channels normalises across channels"
+            )
         else:
             for kind, why in _MIXING_REASONS:
                 if isinstance(module, kind):
                     reason = why
                     break
-        if reason is None and "attention" in type(module).__name__.lower() and any(
-            isinstance(child, nn.Linear) for child in module.children()
+        if (
+            reason is None
+            and "attention" in type(module).__name__.lower()
+            and any(isinstance(child, nn.Linear) for child in module.children())
         ):
             reason = f"{type(module).__name__} is attention: it mixes all channels of every token"
         if reason is not None:
@@ -141,8 +151,13 @@ def unsupported_modules(model: nn.Module) -> list[tuple[str, str]]:
 
 # Ops that mix channels when both operands are activations (attention built from convs).
 _ACTIVATION_PRODUCTS = {
-    torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul",
-    torch.bmm: "bmm", torch.Tensor.bmm: "bmm", torch.baddbmm: "baddbmm", torch.einsum: "einsum",
+    torch.matmul: "matmul",
+    torch.Tensor.matmul: "matmul",
+    torch.Tensor.__matmul__: "matmul",
+    torch.bmm: "bmm",
+    torch.Tensor.bmm: "bmm",
+    torch.baddbmm: "baddbmm",
+    torch.einsum: "einsum",
     F.scaled_dot_product_attention: "scaled_dot_product_attention",
 }
 
@@ -175,6 +190,7 @@ def activation_products(model: nn.Module, example_inputs: Any) -> list[tuple[str
     def enter(name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
             stack.append(name)
+
         return hook
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:
@@ -207,8 +223,14 @@ def activation_products(model: nn.Module, example_inputs: Any) -> list[tuple[str
     seen: dict[str, str] = {}
     for module_name, op in probe.found:
         seen.setdefault(module_name or type(model).__name__, op)
-    return [(name, f"it multiplies two activations ({op}): attention-like channel mixing a per-channel "
-                   "subnet index cannot respect") for name, op in seen.items()]
+    return [
+        (
+            name,
+            f"it multiplies two activations ({op}): attention-like channel mixing a per-channel "
+            "subnet index cannot respect",
+        )
+        for name, op in seen.items()
+    ]
 
 
 def find_classifier(model: nn.Module, classifier: nn.Module | str | None = None) -> tuple[str, nn.Module]:
@@ -217,8 +239,10 @@ def find_classifier(model: nn.Module, classifier: nn.Module | str | None = None)
     if isinstance(classifier, str):
         modules = dict(model.named_modules())
         if classifier not in modules:
-            raise ValueError(f"classifier {classifier!r} is not a module of the model; "
-                             f"pass one of the names from model.named_modules()")
+            raise ValueError(
+                f"classifier {classifier!r} is not a module of the model; "
+                f"pass one of the names from model.named_modules()"
+            )
         return classifier, modules[classifier]
     if classifier is None and hasattr(model, "get_classifier"):
         candidate = cast(Callable[[], Any], model.get_classifier)()
@@ -227,8 +251,10 @@ def find_classifier(model: nn.Module, classifier: nn.Module | str | None = None)
     if classifier is None:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not linears:
-            raise ValueError("could not find the final classifier (no nn.Linear in the model); "
-                             "pass classifier=<module or module name>")
+            raise ValueError(
+                "could not find the final classifier (no nn.Linear in the model); "
+                "pass classifier=<module or module name>"
+            )
         classifier = linears[-1]
     if classifier not in names or not isinstance(classifier, WEIGHTED_TYPES):
         raise ValueError("classifier must be an nn.Linear or nn.Conv2d inside the model")
@@ -336,7 +362,8 @@ def discover_layers(
             elif isinstance(module, WEIGHTED_TYPES):
                 width = _width(module, side)
                 table = (out_pos if side == "out" else in_pos).setdefault(
-                    name, torch.full((width,), -2, dtype=torch.long))
+                    name, torch.full((width,), -2, dtype=torch.long)
+                )
             else:
                 if side != "out":
                     continue
@@ -346,15 +373,25 @@ def discover_layers(
                     continue
                 table = channel_modules.setdefault(name, torch.full((width,), -2, dtype=torch.long))
             if idxs.numel() and (int(idxs.max()) >= width or int(roots.max()) >= g.size):
-                errors.append((name, f"torch-pruning mapped channel {int(idxs.max())} of a layer with "
-                                     f"{width} {side}put channels (untraceable concat/reshape before it)"))
+                errors.append(
+                    (
+                        name,
+                        f"torch-pruning mapped channel {int(idxs.max())} of a layer with "
+                        f"{width} {side}put channels (untraceable concat/reshape before it)",
+                    )
+                )
                 continue
             flat = roots + offsets[gi]
             previous = table[idxs]
             clash = (previous != -2) & (previous != flat)
             if bool(clash.any()):
-                errors.append((name, f"{side}put channels are claimed by two neuron groups "
-                                     "(torch-pruning traced an ambiguous concat/reshape)"))
+                errors.append(
+                    (
+                        name,
+                        f"{side}put channels are claimed by two neuron groups "
+                        "(torch-pruning traced an ambiguous concat/reshape)",
+                    )
+                )
                 continue
             table[idxs] = flat
 
@@ -365,14 +402,24 @@ def discover_layers(
         if is_logits:
             outs = torch.full((int(cast(torch.Tensor, module.weight).shape[0]),), INPUT_SLOT, dtype=torch.long)
         elif outs is None or bool((outs == -2).any()):
-            errors.append((name, "its output channels are not in any neuron group (is it used in "
-                                 "forward? pass it in exclude=[...] if it is a second head)"))
+            errors.append(
+                (
+                    name,
+                    "its output channels are not in any neuron group (is it used in "
+                    "forward? pass it in exclude=[...] if it is a second head)",
+                )
+            )
             continue
         ins = in_pos.get(name)
         if ins is None:
             ins = torch.full((_width(module, "in"),), -2, dtype=torch.long)
-        if (isinstance(module, nn.Conv2d) and module.groups > 1 and not is_logits
-                and module.groups == module.in_channels == module.out_channels and bool((ins == -2).all())):
+        if (
+            isinstance(module, nn.Conv2d)
+            and module.groups > 1
+            and not is_logits
+            and module.groups == module.in_channels == module.out_channels
+            and bool((ins == -2).all())
+        ):
             # torch-pruning couples a depthwise conv's inputs with its outputs and does not list the
             # input side: input channel c is the neuron of output channel c.
             ins = outs.clone()
@@ -388,8 +435,13 @@ def discover_layers(
         for name, table in tables.items():
             tables[name] = torch.where(table == -2, torch.full_like(table, INPUT_SLOT), table)
     _record_positions(model, layers, example_inputs)
-    return GraphSpec(groups=groups, layers=layers, offsets=offsets, channel_modules=channel_modules,
-                     channel_parameters=channel_parameters)
+    return GraphSpec(
+        groups=groups,
+        layers=layers,
+        offsets=offsets,
+        channel_modules=channel_modules,
+        channel_parameters=channel_parameters,
+    )
 
 
 def _width(module: nn.Module, side: str) -> int:

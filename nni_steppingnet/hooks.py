@@ -19,6 +19,7 @@ A gradient hook returns ``None`` (observe) or the new gradient, which later hook
 module-swapping execution mode registers its hooks on the modules it runs through the same
 registry, so the order holds there as well.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -87,8 +88,7 @@ class HookRegistry:
     def add_gradient_hook(self, tensor: torch.Tensor, hook: GradientHook, *, priority: int) -> HookHandle:
         """Call ``hook(grad)`` when the gradient of ``tensor`` is computed, in ``priority`` order."""
         if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
-            raise ValueError("add_gradient_hook needs a tensor that requires grad, got "
-                             f"{type(tensor).__name__}")
+            raise ValueError(f"add_gradient_hook needs a tensor that requires grad, got {type(tensor).__name__}")
         slot = self._slot("grad", tensor)
         if not slot.handles:
             slot.handles.append(tensor.register_hook(_gradient_dispatcher(slot)))
@@ -127,8 +127,9 @@ class HookRegistry:
     def detach_from(self, model: nn.Module) -> None:
         """Drop the dispatchers from a deep copy of a hooked model (module hooks are copied by
         reference; tensor hooks are not copied with parameters)."""
-        ids = {handle.id for table in ("pre", "post") for slot in self._tables[table].values()
-               for handle in slot.handles}
+        ids = {
+            handle.id for table in ("pre", "post") for slot in self._tables[table].values() for handle in slot.handles
+        }
         for module in model.modules():
             for hook_id in ids:
                 module._forward_pre_hooks.pop(hook_id, None)

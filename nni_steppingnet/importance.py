@@ -56,6 +56,7 @@ The absolute value is taken per backward pass (one batch) and accumulated over t
 iteration into ``scores[k - 1, j]`` for the subnet ``k`` whose loss was back-propagated.
 :func:`criterion` turns the (normalised) scores into eq. (3).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -120,12 +121,16 @@ class ImportanceTracker:
             channels = (positions < self.num_neurons).nonzero().flatten()
             full = channels.numel() == positions.numel()
             self._norm_index[name] = (positions if full else positions[channels], None if full else channels)
-            self._handles.append(net.hooks.add_gradient_hook(
-                module.weight, self._make_norm_hook(name, positions, "weight"), priority=OBSERVE))
+            self._handles.append(
+                net.hooks.add_gradient_hook(
+                    module.weight, self._make_norm_hook(name, positions, "weight"), priority=OBSERVE
+                )
+            )
             bias = getattr(module, "bias", None)
             if isinstance(bias, nn.Parameter) and bias.requires_grad:
-                self._handles.append(net.hooks.add_gradient_hook(
-                    bias, self._make_norm_hook(name, positions, "bias"), priority=OBSERVE))
+                self._handles.append(
+                    net.hooks.add_gradient_hook(bias, self._make_norm_hook(name, positions, "bias"), priority=OBSERVE)
+                )
         for k, layer in enumerate(net.layers):
             if layer.is_logits:
                 continue
@@ -232,8 +237,9 @@ class ImportanceTracker:
     def scores(self, value: torch.Tensor) -> None:
         value = torch.as_tensor(value)
         if tuple(value.shape) != (self.num_subnets, self.num_neurons):
-            raise ValueError(f"scores must have shape ({self.num_subnets}, {self.num_neurons}), "
-                             f"got {tuple(value.shape)}")
+            raise ValueError(
+                f"scores must have shape ({self.num_subnets}, {self.num_neurons}), got {tuple(value.shape)}"
+            )
         self._scores = value.detach().to(dtype=torch.float32).clone()
 
     def reset(self) -> None:
@@ -264,8 +270,7 @@ class ImportanceTracker:
         self._scores = self._scores.to(device)
         batches = torch.as_tensor(state["batches"], dtype=torch.long)
         if batches.shape != self.batches.shape:
-            raise ValueError(f"importance state is for {batches.numel()} subnets, this tracker has "
-                             f"{self.num_subnets}")
+            raise ValueError(f"importance state is for {batches.numel()} subnets, this tracker has {self.num_subnets}")
         self.batches = batches.clone()
 
     def __del__(self) -> None:
@@ -289,8 +294,12 @@ def norm_gated_modules(net: SteppingNet) -> dict[str, torch.Tensor]:
         if not isinstance(module, nn.modules.batchnorm._NormBase) or not module.affine:
             continue
         weight = getattr(module, "weight", None)
-        if (not isinstance(weight, nn.Parameter) or not weight.requires_grad or weight.dim() != 1
-                or weight.numel() != positions.numel()):
+        if (
+            not isinstance(weight, nn.Parameter)
+            or not weight.requires_grad
+            or weight.dim() != 1
+            or weight.numel() != positions.numel()
+        ):
             continue
         if bool((positions < net.index.num_neurons).any()):
             found[name] = positions
@@ -365,15 +374,23 @@ def criterion(scores: torch.Tensor, assignment: torch.Tensor, alpha_growth: floa
         raise ValueError(f"scores must be [N, num_neurons], got shape {tuple(scores.shape)}")
     n, count = scores.shape
     if assignment.dim() != 1 or assignment.numel() != count:
-        raise ValueError(f"assignment must be 1-D with {count} entries (one per neuron), got shape "
-                         f"{tuple(assignment.shape)}; pass net.flat_assignment()[:-1]")
+        raise ValueError(
+            f"assignment must be 1-D with {count} entries (one per neuron), got shape "
+            f"{tuple(assignment.shape)}; pass net.flat_assignment()[:-1]"
+        )
     if assignment.dtype.is_floating_point or assignment.dtype == torch.bool:
         raise ValueError(f"assignment must hold integers, got {assignment.dtype}")
     if count and (int(assignment.min()) < 1 or int(assignment.max()) > n + 1):
-        raise ValueError(f"assignment values must be in 1..{n + 1}, got [{int(assignment.min())}, "
-                         f"{int(assignment.max())}]")
-    if not (isinstance(alpha_growth, (int, float)) and not isinstance(alpha_growth, bool)
-            and alpha_growth > 0 and alpha_growth == alpha_growth and alpha_growth != float("inf")):
+        raise ValueError(
+            f"assignment values must be in 1..{n + 1}, got [{int(assignment.min())}, {int(assignment.max())}]"
+        )
+    if not (
+        isinstance(alpha_growth, (int, float))
+        and not isinstance(alpha_growth, bool)
+        and alpha_growth > 0
+        and alpha_growth == alpha_growth
+        and alpha_growth != float("inf")
+    ):
         raise ValueError(f"alpha_growth must be a positive finite number, got {alpha_growth!r}")
     scores = scores.detach().to(device="cpu", dtype=torch.float64)
     assignment = assignment.to(device="cpu", dtype=torch.long)

@@ -1,4 +1,5 @@
 """Exact multiply-accumulate counts for Conv2d/Linear layers."""
+
 from __future__ import annotations
 
 from typing import Any, cast
@@ -18,9 +19,11 @@ def layer_positions(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
+
             def hook(mod: nn.Module, args: Any, output: torch.Tensor, name: str = name) -> None:
                 channels = mod.out_channels if isinstance(mod, nn.Conv2d) else cast(nn.Linear, mod).out_features
                 seen[name] = seen.get(name, 0) + output.numel() // (batch * int(channels))
+
             handles.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()

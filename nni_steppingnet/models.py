@@ -35,14 +35,29 @@ logger = logging.getLogger(__name__)
 
 # Standard CIFAR VGG-16 layout; "M" is a 2x2 max pool.
 VGG16_CFG: Final[tuple[int | str, ...]] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
 )
 
 # Keyword arguments timm.create_model forwards to every entry point; they carry
 # hub/pretrained metadata that has no meaning for these local models.
-_TIMM_PASSTHROUGH: Final[frozenset[str]] = frozenset(
-    {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
-)
+_TIMM_PASSTHROUGH: Final[frozenset[str]] = frozenset({"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"})
 
 
 def scale_width(channels: int, width: float) -> int:
@@ -103,18 +118,14 @@ class _ClassifierMixin:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         old = self.classifier
-        self.classifier = nn.Linear(
-            old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype
-        )
+        self.classifier = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
         self.num_classes = num_classes
 
 
 class LeNet3C1L(_ClassifierMixin, nn.Module):
     """LeNet-3C1L as in Any-Width Networks: three conv layers and one linear layer."""
 
-    def __init__(
-        self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32, width: float = 1.0
-    ) -> None:
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32, width: float = 1.0) -> None:
         super().__init__()
         _check_common(num_classes, in_chans, img_size)
         if img_size < 4:
@@ -145,9 +156,7 @@ class LeNet3C1L(_ClassifierMixin, nn.Module):
 class LeNet5(_ClassifierMixin, nn.Module):
     """LeNet-5 with batch norm: two conv layers, two hidden linear layers, classifier."""
 
-    def __init__(
-        self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32, width: float = 1.0
-    ) -> None:
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32, width: float = 1.0) -> None:
         super().__init__()
         _check_common(num_classes, in_chans, img_size)
         # conv5 pad2 -> pool -> conv5 (valid) -> pool must leave at least 1x1.
@@ -186,9 +195,7 @@ class LeNet5(_ClassifierMixin, nn.Module):
 class VGG16CIFAR(_ClassifierMixin, nn.Module):
     """The usual CIFAR VGG-16 (13 conv+BN+ReLU, global average pool, one linear layer)."""
 
-    def __init__(
-        self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32, width: float = 1.0
-    ) -> None:
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int = 32, width: float = 1.0) -> None:
         super().__init__()
         _check_common(num_classes, in_chans, img_size)
         if img_size < 32:
@@ -241,7 +248,11 @@ def _build(
     model = cls(num_classes=num_classes, in_chans=in_chans, img_size=img_size, width=width)
     logger.debug(
         "built %s (num_classes=%d, in_chans=%d, img_size=%d, width=%g)",
-        name, num_classes, in_chans, img_size, width,
+        name,
+        num_classes,
+        in_chans,
+        img_size,
+        width,
     )
     return model
 

@@ -28,6 +28,7 @@ zero-sized constants whose batch dimension follows the input.
 
 :func:`export_subnet_onnx` writes one dense subnet (``net.export_subnet(s)``) as a single graph.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,16 @@ from .onnx_runner import MANIFEST_NAME, ONNX_FORMAT, file_sha256, manifest_sha25
 if TYPE_CHECKING:
     from .runtime import IncrementalRunner
 
-__all__ = ["StageFunction", "TracedStepRunner", "export_onnx", "check_export", "export_subnet_onnx", "DEFAULT_OPSET",
-           "INPUT_NAME", "OUTPUT_NAME"]
+__all__ = [
+    "StageFunction",
+    "TracedStepRunner",
+    "export_onnx",
+    "check_export",
+    "export_subnet_onnx",
+    "DEFAULT_OPSET",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +121,16 @@ def _call_widened(func: Any, args: Any, kwargs: Mapping[str, Any], empty: torch.
 
         def widen(item: Any) -> Any:
             if isinstance(item, torch.Tensor) and item.numel() == 0 and item.dim() > 0:
-                return torch.zeros([1 if size == 0 else size for size in item.shape], dtype=item.dtype,
-                                   device=item.device)
+                return torch.zeros(
+                    [1 if size == 0 else size for size in item.shape], dtype=item.dtype, device=item.device
+                )
             return item
 
         result = func(*tree_map(widen, args), **tree_map(widen, dict(kwargs)))
-        return tree_map(lambda t: t.narrow(dim, 0, 0) if isinstance(t, torch.Tensor) and t.dim() > dim
-                        and t.shape[dim] == 1 else t, result)
+        return tree_map(
+            lambda t: t.narrow(dim, 0, 0) if isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] == 1 else t,
+            result,
+        )
 
 
 class StageFunction(nn.Module):
@@ -131,8 +143,9 @@ class StageFunction(nn.Module):
     (whose caches it overwrites), so one runner serves one stage function at a time.
     """
 
-    def __init__(self, runner: IncrementalRunner, s: int, reads: Sequence[str], writes: Sequence[str],
-                 until: int | None = None) -> None:
+    def __init__(
+        self, runner: IncrementalRunner, s: int, reads: Sequence[str], writes: Sequence[str], until: int | None = None
+    ) -> None:
         super().__init__()
         self.runner = runner
         self.s = int(s)
@@ -142,14 +155,17 @@ class StageFunction(nn.Module):
 
     def forward(self, x: torch.Tensor, *kept: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(kept) != len(self.reads):
-            raise ValueError(f"stage {self.s} reads {len(self.reads)} kept tensors ({self.reads[:3]}...), "
-                             f"got {len(kept)}")
+            raise ValueError(
+                f"stage {self.s} reads {len(self.reads)} kept tensors ({self.reads[:3]}...), got {len(kept)}"
+            )
         output = self.runner.resume_stage(x, self.s, dict(zip(self.reads, kept)))
         for _ in range(self.s, self.until):
             output = self.runner.step()
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f"the model returns {type(output).__name__}; ONNX stage export needs a model "
-                            "whose forward returns one logits tensor")
+            raise TypeError(
+                f"the model returns {type(output).__name__}; ONNX stage export needs a model "
+                "whose forward returns one logits tensor"
+            )
         state = self.runner.stage_state()
         return (output, *[state[name] for name in self.writes])
 
@@ -177,8 +193,11 @@ def _graph_io_names(path: Path) -> tuple[list[str], list[str]]:
 
 
 def _spec(name: str, tensor: torch.Tensor, state: str | None = None) -> dict[str, Any]:
-    spec: dict[str, Any] = {"name": name, "shape": [None, *[int(d) for d in tensor.shape[1:]]],
-                            "dtype": str(tensor.dtype).replace("torch.", "")}
+    spec: dict[str, Any] = {
+        "name": name,
+        "shape": [None, *[int(d) for d in tensor.shape[1:]]],
+        "dtype": str(tensor.dtype).replace("torch.", ""),
+    }
     if state is not None:
         spec["state"] = state
     return spec
@@ -188,8 +207,9 @@ def _check_normalization(normalization: Mapping[str, Any] | None, channels: int)
     if normalization is None:
         return None
     if not isinstance(normalization, Mapping) or set(normalization) != {"mean", "std"}:
-        raise ValueError("normalization must be a mapping with keys 'mean' and 'std' (per-channel lists), "
-                         f"got {normalization!r}")
+        raise ValueError(
+            f"normalization must be a mapping with keys 'mean' and 'std' (per-channel lists), got {normalization!r}"
+        )
     values = {}
     for key in ("mean", "std"):
         raw = normalization[key]
@@ -197,8 +217,9 @@ def _check_normalization(normalization: Mapping[str, Any] | None, channels: int)
         if len(items) == 1:
             items = items * channels
         if len(items) != channels or not all(isinstance(v, (int, float)) for v in items):
-            raise ValueError(f"normalization {key} must be one number or {channels} numbers (one per input "
-                             f"channel), got {raw!r}")
+            raise ValueError(
+                f"normalization {key} must be one number or {channels} numbers (one per input channel), got {raw!r}"
+            )
         values[key] = [float(v) for v in items]
     if any(v <= 0 for v in values["std"]):
         raise ValueError(f"normalization std must be positive, got {values['std']}")
@@ -211,8 +232,9 @@ def _prepare_directory(directory: Path) -> None:
     if directory.is_dir():
         entries = [p.name for p in directory.iterdir()]
         if entries and MANIFEST_NAME not in entries:
-            raise ValueError(f"{directory} is not empty and holds no earlier export ({entries[:3]}...); "
-                             "pass a new or empty folder")
+            raise ValueError(
+                f"{directory} is not empty and holds no earlier export ({entries[:3]}...); pass a new or empty folder"
+            )
         for name in entries:
             if name == MANIFEST_NAME or (name.startswith(("stage", "reach")) and name.endswith(".onnx")):
                 (directory / name).unlink()
@@ -270,11 +292,15 @@ def export_onnx(
             outputs.append(runner.step())
             states.append(runner.stage_state())
     if runner.layout != "delta":
-        raise ValueError(f"ONNX stage export needs the delta layout; this runner uses {runner.layout!r} "
-                         "(its model's forward selects or reorders channels by position)")
+        raise ValueError(
+            f"ONNX stage export needs the delta layout; this runner uses {runner.layout!r} "
+            "(its model's forward selects or reorders channels by position)"
+        )
     if not isinstance(outputs[0], torch.Tensor):
-        raise TypeError(f"the model returns {type(outputs[0]).__name__}; ONNX stage export needs a model whose "
-                        "forward returns one logits tensor")
+        raise TypeError(
+            f"the model returns {type(outputs[0]).__name__}; ONNX stage export needs a model whose "
+            "forward returns one logits tensor"
+        )
     io = [runner.stage_io(s) for s in range(1, num + 1)]
     keys: list[str] = []
     for reads, writes in io:
@@ -282,44 +308,73 @@ def export_onnx(
     state_name = {key: f"state{i}" for i, key in enumerate(keys)}
     _prepare_directory(root)
 
-    def write(function: StageFunction, path: Path, args: tuple[torch.Tensor, ...], reads: list[str],
-              writes: list[str], label: str) -> dict[str, Any]:
+    def write(
+        function: StageFunction,
+        path: Path,
+        args: tuple[torch.Tensor, ...],
+        reads: list[str],
+        writes: list[str],
+        label: str,
+    ) -> dict[str, Any]:
         input_names = [INPUT_NAME, *[state_name[k] for k in reads]]
         output_names = [OUTPUT_NAME, *[f"{state_name[k]}_new" for k in writes]]
         logger.info("exporting %s (%d kept tensors read, %d written)", label, len(reads), len(writes))
         with torch.no_grad(), _EmptyOperandsMode(), _quiet_exporter():
-            torch.onnx.export(function.eval(), args, str(path), input_names=input_names, output_names=output_names,
-                              dynamic_axes={name: {0: "batch"} for name in [*input_names, *output_names]},
-                              opset_version=opset, do_constant_folding=True, dynamo=False)
+            torch.onnx.export(
+                function.eval(),
+                args,
+                str(path),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes={name: {0: "batch"} for name in [*input_names, *output_names]},
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
         # The exporter drops inputs the graph does not use (stages after the first read the image
         # from the first layer's kept inputs, not from the input).
         graph_inputs, graph_outputs = _graph_io_names(path)
         given = dict(zip(input_names, args))
         if any(name not in given for name in graph_inputs) or graph_outputs != output_names:
-            raise RuntimeError(f"{label}: the exported graph has inputs {graph_inputs} and outputs "
-                               f"{graph_outputs[:4]}..., expected a subset of {input_names[:4]}... and "
-                               f"{output_names[:4]}...; please report this with the model")
+            raise RuntimeError(
+                f"{label}: the exported graph has inputs {graph_inputs} and outputs "
+                f"{graph_outputs[:4]}..., expected a subset of {input_names[:4]}... and "
+                f"{output_names[:4]}...; please report this with the model"
+            )
         last = function.until
         outs = [_spec(OUTPUT_NAME, outputs[last - 1])] + [
-            _spec(f"{state_name[k]}_new", states[last - 1][k], state=state_name[k]) for k in writes]
-        return {"file": path.name, "sha256": file_sha256(path),
-                "inputs": [_spec(name, given[name]) for name in graph_inputs], "outputs": outs}
+            _spec(f"{state_name[k]}_new", states[last - 1][k], state=state_name[k]) for k in writes
+        ]
+        return {
+            "file": path.name,
+            "sha256": file_sha256(path),
+            "inputs": [_spec(name, given[name]) for name in graph_inputs],
+            "outputs": outs,
+        }
 
     stages: list[dict[str, Any]] = []
     for s, (reads, writes) in enumerate(io, start=1):
         args = (x, *[states[s - 2][k] for k in reads]) if s > 1 else (x,)
-        entry = write(StageFunction(runner, s, reads, writes), root / f"stage{s}.onnx", args, reads, writes,
-                      f"stage {s} of {num}")
-        stages.append({"stage": s, "macs": int(runner.step_macs(s, x)), "macs_cumulative": int(runner.macs(s, x)),
-                       **entry})
+        entry = write(
+            StageFunction(runner, s, reads, writes), root / f"stage{s}.onnx", args, reads, writes, f"stage {s} of {num}"
+        )
+        stages.append(
+            {"stage": s, "macs": int(runner.step_macs(s, x)), "macs_cumulative": int(runner.macs(s, x)), **entry}
+        )
     reach: list[dict[str, Any]] = []
     if fused:
         for s in range(2, num + 1):
             # What subnet s leaves for the stages after it (the values after stage s).
             later = {k for reads, _ in io[s:] for k in reads}
             writes = [k for k in keys if k in later and k in states[s - 1]]
-            entry = write(StageFunction(runner, 1, [], writes, until=s), root / f"reach{s}.onnx", (x,), [], writes,
-                          f"stages 1..{s} fused")
+            entry = write(
+                StageFunction(runner, 1, [], writes, until=s),
+                root / f"reach{s}.onnx",
+                (x,),
+                [],
+                writes,
+                f"stages 1..{s} fused",
+            )
             reach.append({"stage": s, "macs_cumulative": int(runner.macs(s, x)), **entry})
     runner.reset()
     logits_shape = [None, *[int(d) for d in outputs[0].shape[1:]]]
@@ -349,8 +404,9 @@ def export_onnx(
     return target
 
 
-def check_export(runner: IncrementalRunner, directory: str | os.PathLike[str], batch: int = _CHECK_BATCH,
-                 rtol: float = _CHECK_RTOL) -> float:
+def check_export(
+    runner: IncrementalRunner, directory: str | os.PathLike[str], batch: int = _CHECK_BATCH, rtol: float = _CHECK_RTOL
+) -> float:
     """Run every stage of the export in ``directory`` with onnxruntime and the torch runner on the
     same random input (``batch`` samples) and return the largest difference relative to the
     largest logit of its stage; raises ``RuntimeError`` beyond ``rtol``."""
@@ -372,14 +428,17 @@ def check_export(runner: IncrementalRunner, directory: str | os.PathLike[str], b
             worst = max(worst, error)
             if error > rtol:
                 runner.reset()
-                raise RuntimeError(f"stage {s} of the ONNX export differs from the torch runner by {error:.3g} "
-                                   f"of the largest logit (tolerance {rtol}); please report this with the model")
+                raise RuntimeError(
+                    f"stage {s} of the ONNX export differs from the torch runner by {error:.3g} "
+                    f"of the largest logit (tolerance {rtol}); please report this with the model"
+                )
     runner.reset()
     return worst
 
 
-def export_subnet_onnx(module: nn.Module, path: str | os.PathLike[str], example_input: torch.Tensor, *,
-                       opset: int = DEFAULT_OPSET) -> Path:
+def export_subnet_onnx(
+    module: nn.Module, path: str | os.PathLike[str], example_input: torch.Tensor, *, opset: int = DEFAULT_OPSET
+) -> Path:
     """Write ``module`` (e.g. ``net.export_subnet(s)``, a dense subnet) as one ONNX graph with a
     dynamic batch dimension; ``example_input`` fixes the other dimensions. Returns the path."""
     target = Path(path)
@@ -392,10 +451,17 @@ def export_subnet_onnx(module: nn.Module, path: str | os.PathLike[str], example_
     module.eval()
     try:
         with torch.no_grad(), _quiet_exporter():
-            torch.onnx.export(module, (example_input,), str(target), input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              opset_version=opset, do_constant_folding=True, dynamo=False)
+            torch.onnx.export(
+                module,
+                (example_input,),
+                str(target),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
     finally:
         module.train(was_training)
     return target
@@ -419,8 +485,14 @@ class TracedStepRunner:
     runner's reference shape); ``start(x)`` refuses other shapes. Needs the delta layout.
     """
 
-    def __init__(self, runner: IncrementalRunner, *, input_shape: Sequence[int] | None = None,
-                 cuda_graphs: bool = False, batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        runner: IncrementalRunner,
+        *,
+        input_shape: Sequence[int] | None = None,
+        cuda_graphs: bool = False,
+        batch_size: int | None = None,
+    ) -> None:
         if input_shape is None:
             reference = runner.reference_shape
             if reference is None or len(reference) != 1:
@@ -433,12 +505,14 @@ class TracedStepRunner:
         dtype = parameter.dtype if parameter is not None else torch.float32
         if cuda_graphs:
             if self.device.type != "cuda" or not torch.cuda.is_available():
-                raise ValueError("cuda_graphs=True needs the runner on a CUDA device (runner.to('cuda')); "
-                                 f"it is on {self.device}")
+                raise ValueError(
+                    f"cuda_graphs=True needs the runner on a CUDA device (runner.to('cuda')); it is on {self.device}"
+                )
             if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
                 raise ValueError(f"cuda_graphs=True needs a fixed batch_size (a positive int), got {batch_size!r}")
         x = torch.randn(_TRACE_BATCH, *self.input_shape, generator=torch.Generator().manual_seed(0)).to(
-            device=self.device, dtype=dtype)
+            device=self.device, dtype=dtype
+        )
         with torch.no_grad():
             runner.start(x)
             states = [runner.stage_state()]
@@ -500,7 +574,7 @@ class TracedStepRunner:
     @property
     def macs_spent(self) -> int:
         """MACs per sample computed since :meth:`start` (the runner's ``macs(stage)``)."""
-        return sum(self._macs[1:self._stage + 1])
+        return sum(self._macs[1 : self._stage + 1])
 
     def step_macs(self, s: int) -> int:
         return self._macs[s]
@@ -509,16 +583,19 @@ class TracedStepRunner:
         """Compute subnet 1 on ``x`` (shape ``[batch, *input_shape]``) and return its logits."""
         if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != self.input_shape or x.dim() < 2:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be a tensor of shape [batch, {', '.join(map(str, self.input_shape))}] "
-                             f"(the traced input size), got {got}")
+            raise ValueError(
+                f"x must be a tensor of shape [batch, {', '.join(map(str, self.input_shape))}] "
+                f"(the traced input size), got {got}"
+            )
         self._values = {}
         self._batch = int(x.shape[0])
         self._stage = 0
         if self._cuda is not None:
             assert self._static_input is not None
             if tuple(x.shape) != tuple(self._static_input.shape):
-                raise ValueError(f"the CUDA graphs were captured for batch {self._static_input.shape[0]}, "
-                                 f"got {x.shape[0]}")
+                raise ValueError(
+                    f"the CUDA graphs were captured for batch {self._static_input.shape[0]}, got {x.shape[0]}"
+                )
             self._static_input.copy_(x)
         else:
             self._values["input"] = x

@@ -17,6 +17,7 @@ mix-ups, not an attacker (who can recompute them).
 ``python -m nni_steppingnet.onnx_runner DIR IMAGES.npy`` prints every stage's predictions, time
 and MACs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,34 +83,46 @@ def read_manifest(directory: str | os.PathLike[str], *, expect_hash: str | None 
     root = Path(directory)
     path = root / MANIFEST_NAME
     if not root.is_dir():
-        raise ManifestError(f"{root} is not a directory; pass the folder written by "
-                            "`nni-steppingnet export CKPT --onnx DIR` or runner.export_onnx(DIR)")
+        raise ManifestError(
+            f"{root} is not a directory; pass the folder written by "
+            "`nni-steppingnet export CKPT --onnx DIR` or runner.export_onnx(DIR)"
+        )
     if not path.is_file():
-        raise ManifestError(f"{root} has no {MANIFEST_NAME}; it is not an ONNX stage export (write one with "
-                            "`nni-steppingnet export CKPT --onnx DIR` or runner.export_onnx(DIR))")
+        raise ManifestError(
+            f"{root} has no {MANIFEST_NAME}; it is not an ONNX stage export (write one with "
+            "`nni-steppingnet export CKPT --onnx DIR` or runner.export_onnx(DIR))"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is not readable JSON ({exc}); export the directory again") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != ONNX_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ManifestError(f"{path} has format {found!r}, expected {ONNX_FORMAT!r}; export the directory "
-                            "again with this version of nni_steppingnet")
+        raise ManifestError(
+            f"{path} has format {found!r}, expected {ONNX_FORMAT!r}; export the directory "
+            "again with this version of nni_steppingnet"
+        )
     recorded = manifest.get(_HASH_KEY)
     actual = manifest_sha256(manifest)
     if recorded != actual:
-        raise ManifestError(f"{path} was modified after export (its content hashes to {actual[:12]}..., the "
-                            f"manifest records {str(recorded)[:12]}...); export the directory again instead "
-                            "of editing the manifest")
+        raise ManifestError(
+            f"{path} was modified after export (its content hashes to {actual[:12]}..., the "
+            f"manifest records {str(recorded)[:12]}...); export the directory again instead "
+            "of editing the manifest"
+        )
     if expect_hash is not None and manifest.get("assignment_hash") != expect_hash:
-        raise ManifestError(f"{root} was exported from another model or assignment (assignment hash "
-                            f"{str(manifest.get('assignment_hash'))[:12]}..., expected {expect_hash[:12]}...); "
-                            "export this model's runner with runner.export_onnx(DIR)")
+        raise ManifestError(
+            f"{root} was exported from another model or assignment (assignment hash "
+            f"{str(manifest.get('assignment_hash'))[:12]}..., expected {expect_hash[:12]}...); "
+            "export this model's runner with runner.export_onnx(DIR)"
+        )
     stages = manifest.get("stages")
     num_subnets = manifest.get("num_subnets")
     if not isinstance(stages, list) or not isinstance(num_subnets, int) or len(stages) != num_subnets:
-        raise ManifestError(f"{path} lists {len(stages) if isinstance(stages, list) else 'no'} stages for "
-                            f"num_subnets={num_subnets!r}; export the directory again")
+        raise ManifestError(
+            f"{path} lists {len(stages) if isinstance(stages, list) else 'no'} stages for "
+            f"num_subnets={num_subnets!r}; export the directory again"
+        )
     for index, stage in enumerate(stages, start=1):
         if stage.get("stage") != index:
             raise ManifestError(f"{path}: stage entry {index} is numbered {stage.get('stage')!r}; export again")
@@ -117,13 +130,16 @@ def read_manifest(directory: str | os.PathLike[str], *, expect_hash: str | None 
         index = stage.get("stage")
         graph = root / str(stage.get("file"))
         if not graph.is_file():
-            raise ManifestError(f"{root} lacks {stage.get('file')}, stage {index}'s graph; copy the whole "
-                                "export directory")
+            raise ManifestError(
+                f"{root} lacks {stage.get('file')}, stage {index}'s graph; copy the whole export directory"
+            )
         digest = file_sha256(graph)
         if digest != stage.get("sha256"):
-            raise ManifestError(f"{graph} is not the graph this manifest was written with (sha256 {digest[:12]}..., "
-                                f"manifest {str(stage.get('sha256'))[:12]}...): the directory mixes files of "
-                                "different exports or a graph was modified; export the directory again")
+            raise ManifestError(
+                f"{graph} is not the graph this manifest was written with (sha256 {digest[:12]}..., "
+                f"manifest {str(stage.get('sha256'))[:12]}...): the directory mixes files of "
+                "different exports or a graph was modified; export the directory again"
+            )
     return manifest
 
 
@@ -134,9 +150,9 @@ class _Graph:
 
     def __init__(self, session: Any, inputs: list[str], outputs: list[str], states: list[str | None]) -> None:
         self.session = session
-        self.inputs = inputs              # graph inputs: the image and/or kept tensors
-        self.outputs = outputs            # logits first, then the kept tensors it writes
-        self.states = states              # per output: the kept tensor it replaces (None: logits)
+        self.inputs = inputs  # graph inputs: the image and/or kept tensors
+        self.outputs = outputs  # logits first, then the kept tensors it writes
+        self.states = states  # per output: the kept tensor it replaces (None: logits)
 
 
 class OnnxStepRunner:
@@ -172,8 +188,9 @@ class OnnxStepRunner:
         import onnxruntime as ort
 
         if optimization not in OPTIMIZATION_LEVELS:
-            raise ValueError(f"optimization must be one of {', '.join(map(repr, OPTIMIZATION_LEVELS))}, "
-                             f"got {optimization!r}")
+            raise ValueError(
+                f"optimization must be one of {', '.join(map(repr, OPTIMIZATION_LEVELS))}, got {optimization!r}"
+            )
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive int (or None for onnxruntime's default), got {threads!r}")
         self.directory = Path(directory)
@@ -184,10 +201,12 @@ class OnnxStepRunner:
         self._input_shape = [None if d is None else int(d) for d in spec["shape"]]
         self._input_dtype = np.dtype(_NUMPY_DTYPES.get(str(spec["dtype"]), np.float32))
         self._output_name = str(self.manifest["output"]["name"])
-        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        levels = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }
         if optimized_dir is not None:
             Path(optimized_dir).mkdir(parents=True, exist_ok=True)
         providers = list(providers or ["CPUExecutionProvider"])
@@ -201,22 +220,32 @@ class OnnxStepRunner:
                 options.intra_op_num_threads = threads
             options.log_severity_level = 3
             if optimized_dir is not None:
-                options.optimized_model_filepath = str(Path(optimized_dir) / entry["file"].replace(
-                    ".onnx", ".optimized.onnx"))
+                options.optimized_model_filepath = str(
+                    Path(optimized_dir) / entry["file"].replace(".onnx", ".optimized.onnx")
+                )
             session = ort.InferenceSession(str(self.directory / entry["file"]), options, providers=providers)
             self._check_session(session, entry)
-            outputs = [(str(spec["name"]), None if spec.get("state") is None else str(spec["state"]))
-                       for spec in entry["outputs"]]
+            outputs = [
+                (str(spec["name"]), None if spec.get("state") is None else str(spec["state"]))
+                for spec in entry["outputs"]
+            ]
             if not outputs or outputs[0] != (self._output_name, None):
-                raise ManifestError(f"{entry['file']}: the manifest lists {outputs[:1]} first, expected the "
-                                    f"logits output {self._output_name!r}; export the directory again")
-            return _Graph(session, [str(spec["name"]) for spec in entry["inputs"]], [name for name, _ in outputs],
-                          [state for _, state in outputs])
+                raise ManifestError(
+                    f"{entry['file']}: the manifest lists {outputs[:1]} first, expected the "
+                    f"logits output {self._output_name!r}; export the directory again"
+                )
+            return _Graph(
+                session,
+                [str(spec["name"]) for spec in entry["inputs"]],
+                [name for name, _ in outputs],
+                [state for _, state in outputs],
+            )
 
         self._graphs: list[_Graph | None] = [None] + [load(stage) for stage in self.manifest["stages"]]
         #: fused graphs of stages 1..s (exported with fused=True), by s
-        self._reach: dict[int, _Graph] = {int(entry["stage"]): load(entry)
-                                          for entry in self.manifest.get("reach", [])} if fused else {}
+        self._reach: dict[int, _Graph] = (
+            {int(entry["stage"]): load(entry) for entry in self.manifest.get("reach", [])} if fused else {}
+        )
         self._macs = [0] + [int(stage["macs"]) for stage in self.manifest["stages"]]
         self._values: dict[str, np.ndarray] = {}
         self._stage = 0
@@ -226,20 +255,27 @@ class OnnxStepRunner:
     def _check_session(self, session: Any, stage: Mapping[str, Any]) -> None:
         """The graph's inputs and outputs are those the manifest names, with its shapes (a graph of
         another model, even with recomputed hashes, has other names or shapes)."""
-        for label, specs, found in (("inputs", stage["inputs"], session.get_inputs()),
-                                    ("outputs", stage["outputs"], session.get_outputs())):
+        for label, specs, found in (
+            ("inputs", stage["inputs"], session.get_inputs()),
+            ("outputs", stage["outputs"], session.get_outputs()),
+        ):
             want = {str(spec["name"]): list(spec["shape"]) for spec in specs}
             got = {item.name: list(item.shape) for item in found}
             if sorted(want) != sorted(got):
-                raise ManifestError(f"{stage['file']} has {label} {sorted(got)}, the manifest says {sorted(want)}: "
-                                    "the graph does not belong to this manifest; export the directory again")
+                raise ManifestError(
+                    f"{stage['file']} has {label} {sorted(got)}, the manifest says {sorted(want)}: "
+                    "the graph does not belong to this manifest; export the directory again"
+                )
             for name, dims in want.items():
                 # Dimensions the graph leaves symbolic (strings or None) are not compared.
-                if len(dims) != len(got[name]) or any(isinstance(a, int) and isinstance(b, int) and a != b
-                                                      for a, b in zip(dims, got[name])):
-                    raise ManifestError(f"{stage['file']}: {label[:-1]} {name} has shape {got[name]}, the manifest "
-                                        f"says {dims}: the graph does not belong to this manifest; export the "
-                                        "directory again")
+                if len(dims) != len(got[name]) or any(
+                    isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(dims, got[name])
+                ):
+                    raise ManifestError(
+                        f"{stage['file']}: {label[:-1]} {name} has shape {got[name]}, the manifest "
+                        f"says {dims}: the graph does not belong to this manifest; export the "
+                        "directory again"
+                    )
 
     # ------------------------------------------------------------------ state
     @property
@@ -273,7 +309,7 @@ class OnnxStepRunner:
     def macs(self, s: int) -> int:
         """MACs per sample of subnet ``s`` (stages 1..s) at the exported input size."""
         self._check_stage(s, "s")
-        return sum(self._macs[1:s + 1])
+        return sum(self._macs[1 : s + 1])
 
     def step_macs(self, s: int) -> int:
         """MACs per sample of stage ``s`` (from subnet ``s - 1`` to ``s``)."""
@@ -297,8 +333,10 @@ class OnnxStepRunner:
         first). Raises when the manifest records no normalisation."""
         norm = self.manifest.get("normalization")
         if not norm:
-            raise ValueError("the manifest records no input normalisation (the export did not know it); "
-                             "normalise the images as in training and pass them to start()/run()")
+            raise ValueError(
+                "the manifest records no input normalisation (the export did not know it); "
+                "normalise the images as in training and pass them to start()/run()"
+            )
         array = np.asarray(images)
         channels = self._input_shape[1]
         if array.ndim == 4 and array.shape[1] != channels and array.shape[-1] == channels:
@@ -310,15 +348,21 @@ class OnnxStepRunner:
 
     def _check_input(self, x: Any) -> np.ndarray:
         if not isinstance(x, np.ndarray):
-            raise TypeError(f"x must be a numpy array of shape {self._shape_text()} and dtype "
-                            f"{self._input_dtype}, got {type(x).__name__}")
+            raise TypeError(
+                f"x must be a numpy array of shape {self._shape_text()} and dtype "
+                f"{self._input_dtype}, got {type(x).__name__}"
+            )
         if x.dtype != self._input_dtype:
-            raise TypeError(f"x has dtype {x.dtype}, the graphs take {self._input_dtype}; convert it with "
-                            f"x.astype(np.{self._input_dtype})")
+            raise TypeError(
+                f"x has dtype {x.dtype}, the graphs take {self._input_dtype}; convert it with "
+                f"x.astype(np.{self._input_dtype})"
+            )
         want = self._input_shape
         if x.ndim != len(want) or any(w is not None and w != d for w, d in zip(want, x.shape)) or x.shape[0] < 1:
-            raise ValueError(f"x has shape {tuple(x.shape)}, the graphs take {self._shape_text()} (any batch "
-                             "size >= 1; the other dimensions are fixed at export)")
+            raise ValueError(
+                f"x has shape {tuple(x.shape)}, the graphs take {self._shape_text()} (any batch "
+                "size >= 1; the other dimensions are fixed at export)"
+            )
         return np.ascontiguousarray(x)
 
     def _shape_text(self) -> str:
@@ -356,7 +400,7 @@ class OnnxStepRunner:
         self._batch = int(x.shape[0])
         logits = self._run_graph(graph)
         self._stage = s
-        self._macs_spent = sum(self._macs[1:s + 1])
+        self._macs_spent = sum(self._macs[1 : s + 1])
         return logits
 
     def start(self, x: np.ndarray) -> np.ndarray:
@@ -375,8 +419,9 @@ class OnnxStepRunner:
         if self._stage == 0:
             raise RuntimeError("step() called before start(x); call start(x) first")
         if self._stage >= self.num_subnets:
-            raise RuntimeError(f"the run is already at the last subnet ({self.num_subnets}); call start(x) "
-                               "for a new input")
+            raise RuntimeError(
+                f"the run is already at the last subnet ({self.num_subnets}); call start(x) for a new input"
+            )
         logits = self._run_stage(self._stage + 1)
         self._stage += 1
         self._macs_spent += self._macs[self._stage]
@@ -394,8 +439,11 @@ class OnnxStepRunner:
         :meth:`nni_steppingnet.IncrementalRunner.run` (subnet 1 always runs under a deadline; a
         step is never predicted shorter than the shortest stage so far). Returns the logits of
         the last subnet reached; :attr:`stage` says which."""
-        given = [name for name, value in (("until", until), ("deadline_s", deadline_s),
-                                          ("max_macs", max_macs)) if value is not None]
+        given = [
+            name
+            for name, value in (("until", until), ("deadline_s", deadline_s), ("max_macs", max_macs))
+            if value is not None
+        ]
         if len(given) > 1:
             raise ValueError(f"give at most one of until, deadline_s, max_macs (got {', '.join(given)})")
         if until is not None:
@@ -405,16 +453,22 @@ class OnnxStepRunner:
             if isinstance(max_macs, bool) or not isinstance(max_macs, int) or max_macs <= 0:
                 raise ValueError(f"max_macs must be a positive int (MACs per sample), got {max_macs!r}")
             if self._macs[1] > max_macs:
-                raise ValueError(f"max_macs={max_macs:,} is below subnet 1's {self._macs[1]:,} MACs per sample; "
-                                 f"allow at least {self._macs[1]:,}")
+                raise ValueError(
+                    f"max_macs={max_macs:,} is below subnet 1's {self._macs[1]:,} MACs per sample; "
+                    f"allow at least {self._macs[1]:,}"
+                )
             last, spent = 1, self._macs[1]
             while last < self.num_subnets and spent + self._macs[last + 1] <= max_macs:
                 last += 1
                 spent += self._macs[last]
             return self._reach_stage(x, last)
         if deadline_s is not None:
-            if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or \
-                    not math.isfinite(deadline_s) or deadline_s <= 0:
+            if (
+                isinstance(deadline_s, bool)
+                or not isinstance(deadline_s, (int, float))
+                or not math.isfinite(deadline_s)
+                or deadline_s <= 0
+            ):
                 raise ValueError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
             return self._run_deadline(x, float(deadline_s))
         return self._reach_stage(x, self.num_subnets)
@@ -450,13 +504,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m nni_steppingnet.onnx_runner",
         description="Run an ONNX stage export stage by stage with onnxruntime (no torch) and print every "
-                    "subnet's predictions, time and MACs.")
+        "subnet's predictions, time and MACs.",
+    )
     parser.add_argument("directory", help="folder written by `nni-steppingnet export CKPT --onnx DIR`")
-    parser.add_argument("images", help=".npy file: N x C x H x W float32 inputs (normalised as in training), "
-                                       "or raw images with --raw")
-    parser.add_argument("--raw", action="store_true",
-                        help="the images are raw pixels (uint8 or [0, 1], channels first or last): normalise "
-                             "them with the manifest's mean/std")
+    parser.add_argument(
+        "images", help=".npy file: N x C x H x W float32 inputs (normalised as in training), or raw images with --raw"
+    )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="the images are raw pixels (uint8 or [0, 1], channels first or last): normalise "
+        "them with the manifest's mean/std",
+    )
     parser.add_argument("--until", type=int, default=None, help="last subnet to run (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--expect-hash", default=None, help="refuse the directory unless its assignment hash is this")
@@ -486,10 +545,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logits = runner.start(x) if s == 1 else runner.step()
         spent = time.perf_counter() - begin
         total += spent
-        shown = " ".join(str(int(p)) for p in logits.argmax(axis=-1)[:args.show])
+        shown = " ".join(str(int(p)) for p in logits.argmax(axis=-1)[: args.show])
         more = " ..." if x.shape[0] > args.show else ""
-        print(f"| {s} | {1000 * spent:.3f} | {1000 * total:.3f} | {runner.step_macs(s):,} | {runner.macs_spent:,} "
-              f"| {shown}{more} |")
+        print(
+            f"| {s} | {1000 * spent:.3f} | {1000 * total:.3f} | {runner.step_macs(s):,} | {runner.macs_spent:,} "
+            f"| {shown}{more} |"
+        )
     return 0
 
 

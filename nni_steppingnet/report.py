@@ -4,6 +4,7 @@ Both read the ``results.json`` dict written by :func:`nni_steppingnet.flow.run_r
 (accuracies in [0, 1], ``mac_ratio`` = subnet MACs / original MACs). The plot uses matplotlib's
 object API on the Agg canvas, so it never opens a window or changes the global backend.
 """
+
 from __future__ import annotations
 
 import io
@@ -40,8 +41,9 @@ def _pct(value: float | None, digits: int = 2) -> str:
 def _check_results(results: Mapping[str, Any]) -> None:
     for key in ("original", "subnets"):
         if key not in results:
-            raise ValueError(f"results dict lacks {key!r}; pass the dict returned by run_recipe "
-                             "or read from results.json")
+            raise ValueError(
+                f"results dict lacks {key!r}; pass the dict returned by run_recipe or read from results.json"
+            )
 
 
 def table_markdown(results: Mapping[str, Any]) -> str:
@@ -49,9 +51,11 @@ def table_markdown(results: Mapping[str, Any]) -> str:
     _check_results(results)
     subnets = results["subnets"]
     header = ["Network", "Dataset", "Orig. Acc."]
-    row = [str(results.get("recipe", {}).get("model", {}).get("name", "?")),
-           str(results.get("dataset", {}).get("name", "?")),
-           _pct(results["original"].get("accuracy"))]
+    row = [
+        str(results.get("recipe", {}).get("model", {}).get("name", "?")),
+        str(results.get("dataset", {}).get("name", "?")),
+        _pct(results["original"].get("accuracy")),
+    ]
     for sub in subnets:
         i = sub["index"]
         header += [f"A_{i}", f"M_{i}/M_t"]
@@ -67,8 +71,10 @@ def subnet_table_markdown(results: Mapping[str, Any]) -> str:
     lines = ["| Subnet | Accuracy | MACs | M_i/M_t | Budget | Budget met |", "|---|---|---|---|---|---|"]
     for sub, ok in zip(results["subnets"], met):
         flag = "n/a" if ok is None else ("yes" if ok else "no")
-        lines.append(f"| {sub['index']} | {_pct(sub.get('accuracy'))} | {int(sub['macs']):,} | "
-                     f"{_pct(sub['mac_ratio'])} | {_pct(sub.get('budget'))} | {flag} |")
+        lines.append(
+            f"| {sub['index']} | {_pct(sub.get('accuracy'))} | {int(sub['macs']):,} | "
+            f"{_pct(sub['mac_ratio'])} | {_pct(sub.get('budget'))} | {flag} |"
+        )
     original = results["original"]
     lines.append(f"| original | {_pct(original.get('accuracy'))} | {int(original['macs']):,} | 100.00% | | |")
     return "\n".join(lines)
@@ -87,19 +93,23 @@ def stepping_table_markdown(results: Mapping[str, Any]) -> str:
         return ""
     samples = int(stepping.get("samples", 1))
     ref = (results.get("original") or {}).get("macs")
-    lines = ["| Step to subnet | Accuracy | MACs spent: stepping | MACs: recomputing 1..s | Time stepping "
-             "(ms/image) | Time recomputing 1..s (ms/image) | Subnet s alone (ms/image) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| Step to subnet | Accuracy | MACs spent: stepping | MACs: recomputing 1..s | Time stepping "
+        "(ms/image) | Time recomputing 1..s (ms/image) | Subnet s alone (ms/image) |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def macs(value: int) -> str:
         share = f" ({100.0 * value / ref:.1f}%)" if ref else ""
         return f"{int(value):,}{share}"
 
     for step in stepping["steps"]:
-        lines.append(f"| {step['subnet']} | {_pct(step['accuracy'])} | {macs(step['macs_stepping'])} | "
-                     f"{macs(step['macs_recompute'])} | {_ms_per_image(step['time_stepping_s'], samples)} | "
-                     f"{_ms_per_image(step['time_recompute_s'], samples)} | "
-                     f"{_ms_per_image(step['time_subnet_s'], samples)} |")
+        lines.append(
+            f"| {step['subnet']} | {_pct(step['accuracy'])} | {macs(step['macs_stepping'])} | "
+            f"{macs(step['macs_recompute'])} | {_ms_per_image(step['time_stepping_s'], samples)} | "
+            f"{_ms_per_image(step['time_recompute_s'], samples)} | "
+            f"{_ms_per_image(step['time_subnet_s'], samples)} |"
+        )
     return "\n".join(lines)
 
 
@@ -111,22 +121,34 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     parts = [f"# SteppingNet results: {name}", ""]
     if recipe.get("description"):
         parts += [str(recipe["description"]), ""]
-    parts += ["Accuracy A_i of subnet i and its MACs M_i relative to the original network's MACs M_t "
-              "(as in Table I of the SteppingNet paper).", "", table_markdown(results), "",
-              subnet_table_markdown(results), ""]
+    parts += [
+        "Accuracy A_i of subnet i and its MACs M_i relative to the original network's MACs M_t "
+        "(as in Table I of the SteppingNet paper).",
+        "",
+        table_markdown(results),
+        "",
+        subnet_table_markdown(results),
+        "",
+    ]
     stepping = stepping_table_markdown(results)
     if stepping:
         info = results["stepping"]
-        parts += [f"Anytime inference over the {int(info.get('samples', 0)):,} test images "
-                  f"({info.get('layout')} layout): the IncrementalRunner steps from subnet 1 to s "
-                  "computing only the new neurons, against running the exported subnets 1..s from "
-                  "scratch one after the other (MACs per image, % of the original network).", "",
-                  stepping, ""]
+        parts += [
+            f"Anytime inference over the {int(info.get('samples', 0)):,} test images "
+            f"({info.get('layout')} layout): the IncrementalRunner steps from subnet 1 to s "
+            "computing only the new neurons, against running the exported subnets 1..s from "
+            "scratch one after the other (MACs per image, % of the original network).",
+            "",
+            stepping,
+            "",
+        ]
     facts = []
     expanded = results.get("expanded")
     if expanded:
-        facts.append(f"- constructed network: expansion {expanded.get('expansion')} of the original, "
-                     f"{int(expanded.get('macs', 0)):,} MACs when fully active")
+        facts.append(
+            f"- constructed network: expansion {expanded.get('expansion')} of the original, "
+            f"{int(expanded.get('macs', 0)):,} MACs when fully active"
+        )
     if "budgets_met" in results:
         facts.append(f"- all budgets met: {'yes' if results['budgets_met'] else 'no'}")
     construction = results.get("construction") or {}
@@ -168,12 +190,14 @@ def plot_accuracy_vs_macs(
         ax.annotate(str(s["index"]), (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
     for name, points in (extra or {}).items():
         if points:
-            ax.plot([100.0 * p[0] for p in points], [100.0 * p[1] for p in points], marker="s",
-                    linestyle="--", label=name)
+            ax.plot(
+                [100.0 * p[0] for p in points], [100.0 * p[1] for p in points], marker="s", linestyle="--", label=name
+            )
     original = results["original"].get("accuracy")
     if original is not None:
-        ax.axhline(100.0 * float(original), color="gray", linestyle="--", linewidth=1,
-                   label=f"original ({_pct(original)})")
+        ax.axhline(
+            100.0 * float(original), color="gray", linestyle="--", linewidth=1, label=f"original ({_pct(original)})"
+        )
     for s in results["subnets"]:
         if s.get("budget") is not None:
             ax.axvline(100.0 * float(s["budget"]), color="lightgray", linestyle=":", linewidth=1)
@@ -187,13 +211,13 @@ def plot_accuracy_vs_macs(
         right = fig.add_subplot(1, 2, 2)
         acc = [100.0 * float(step["accuracy"]) for step in steps]
         for key, label, style, offset in (
-                ("macs_stepping", "stepping (IncrementalRunner, reuses earlier subnets)", "-", (4, -12)),
-                ("macs_recompute", "recomputing exported subnets 1..s", "--", (4, 6))):
+            ("macs_stepping", "stepping (IncrementalRunner, reuses earlier subnets)", "-", (4, -12)),
+            ("macs_recompute", "recomputing exported subnets 1..s", "--", (4, 6)),
+        ):
             xs = [100.0 * float(step[key]) / float(ref) for step in steps]
             right.plot(xs, acc, marker="o", linestyle=style, label=label)
             for step, x, y in zip(steps, xs, acc):
-                right.annotate(str(step["subnet"]), (x, y), textcoords="offset points", xytext=offset,
-                               fontsize=8)
+                right.annotate(str(step["subnet"]), (x, y), textcoords="offset points", xytext=offset, fontsize=8)
         right.set_xlabel("cumulative MACs per image to reach subnet s (% of the original)")
         right.set_ylabel("accuracy (%)")
         right.set_title("anytime inference: computation reuse")

@@ -13,6 +13,7 @@ on top of the rule (:meth:`nni_steppingnet.SteppingNet.weight_mask`).
   width is active, so a wider subnet feeds its new channels into the narrower slice (no
   isolation, no reuse).
 """
+
 from __future__ import annotations
 
 import logging

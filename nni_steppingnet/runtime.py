@@ -40,6 +40,7 @@ fingerprint, the per-layer plans, the per-channel assignments of BatchNorm-like 
 weights; :meth:`IncrementalRunner.load` rebuilds it from a freshly constructed model of the same
 definition, without SteppingNet or torch-pruning.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,9 +48,9 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, cast
 
 import torch
@@ -57,16 +58,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
-from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from ._inputs import batch_size, call_model
+from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .checkpoint import atomic_write
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from .stepping import SteppingNet
 
-__all__ = ["IncrementalRunner", "LayerPlan", "LAYOUTS", "LayoutMismatchError", "RUNTIME_FORMAT",
-           "architecture_fingerprint"]
+__all__ = [
+    "IncrementalRunner",
+    "LayerPlan",
+    "LAYOUTS",
+    "LayoutMismatchError",
+    "RUNTIME_FORMAT",
+    "architecture_fingerprint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -104,15 +111,25 @@ class LayerPlan:
     positions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "is_logits": self.is_logits, "a_out": self.a_out.clone(),
-                "a_in": self.a_in.clone(), "positions": int(self.positions),
-                "prune_mask": None if self.prune_mask is None else self.prune_mask.clone()}
+        return {
+            "name": self.name,
+            "is_logits": self.is_logits,
+            "a_out": self.a_out.clone(),
+            "a_in": self.a_in.clone(),
+            "positions": int(self.positions),
+            "prune_mask": None if self.prune_mask is None else self.prune_mask.clone(),
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LayerPlan":
-        return cls(name=str(data["name"]), is_logits=bool(data["is_logits"]), a_out=data["a_out"],
-                   a_in=data["a_in"], prune_mask=data.get("prune_mask"),
-                   positions=int(data.get("positions", 0)))
+    def from_dict(cls, data: dict[str, Any]) -> LayerPlan:
+        return cls(
+            name=str(data["name"]),
+            is_logits=bool(data["is_logits"]),
+            a_out=data["a_out"],
+            a_in=data["a_in"],
+            prune_mask=data.get("prune_mask"),
+            positions=int(data.get("positions", 0)),
+        )
 
 
 def architecture_fingerprint(model: nn.Module) -> list[FingerprintEntry]:
@@ -121,8 +138,9 @@ def architecture_fingerprint(model: nn.Module) -> list[FingerprintEntry]:
     for name, module in model.named_modules():
         kind = type(module)
         tensors: list[list[Any]] = [[p_name, list(p.shape)] for p_name, p in module.named_parameters(recurse=False)]
-        tensors += [[f"buffer:{b_name}", list(b.shape)] for b_name, b in module.named_buffers(recurse=False)
-                    if b is not None]
+        tensors += [
+            [f"buffer:{b_name}", list(b.shape)] for b_name, b in module.named_buffers(recurse=False) if b is not None
+        ]
         # Sorted: parameter order inside a module is not part of the definition.
         entries.append((name, f"{kind.__module__}.{kind.__qualname__}", sorted(tensors)))
     return entries
@@ -135,25 +153,35 @@ def _describe(entry: FingerprintEntry) -> str:
 
 
 def _compare_fingerprints(saved: Sequence[Any], mine: Sequence[FingerprintEntry]) -> None:
-    hint = ("build the model with the same definition (architecture, width, num_classes, in_chans) "
-            "as the model the file was saved from")
+    hint = (
+        "build the model with the same definition (architecture, width, num_classes, in_chans) "
+        "as the model the file was saved from"
+    )
     for old, new in zip(saved, mine):
         old_entry: FingerprintEntry = (str(old[0]), str(old[1]), [[t[0], list(t[1])] for t in old[2]])
         if old_entry != new:
             label = old_entry[0] or "<root>"
             if old_entry[0] != new[0]:
-                raise CheckpointError(f"the runtime file was saved from a different model: module "
-                                      f"{label!r} in the file, {new[0] or '<root>'!r} in this model "
-                                      f"at the same place; {hint}")
-            raise CheckpointError(f"the runtime file was saved from a different model: module {label!r} "
-                                  f"is {_describe(old_entry)} in the file but {_describe(new)} in this "
-                                  f"model; {hint}")
+                raise CheckpointError(
+                    f"the runtime file was saved from a different model: module "
+                    f"{label!r} in the file, {new[0] or '<root>'!r} in this model "
+                    f"at the same place; {hint}"
+                )
+            raise CheckpointError(
+                f"the runtime file was saved from a different model: module {label!r} "
+                f"is {_describe(old_entry)} in the file but {_describe(new)} in this "
+                f"model; {hint}"
+            )
     if len(saved) != len(mine):
         if len(saved) > len(mine):
-            raise CheckpointError(f"the runtime file was saved from a different model: module "
-                                  f"{saved[len(mine)][0]!r} is missing from this model; {hint}")
-        raise CheckpointError(f"the runtime file was saved from a different model: this model has an "
-                              f"extra module {mine[len(saved)][0]!r}; {hint}")
+            raise CheckpointError(
+                f"the runtime file was saved from a different model: module "
+                f"{saved[len(mine)][0]!r} is missing from this model; {hint}"
+            )
+        raise CheckpointError(
+            f"the runtime file was saved from a different model: this model has an "
+            f"extra module {mine[len(saved)][0]!r}; {hint}"
+        )
 
 
 def _tensors_of(inputs: Any) -> list[torch.Tensor]:
@@ -182,7 +210,7 @@ class _RunState:
         self.delta = False
         self.probe = True
         #: (layer, returned tensor, its version after the layer's writes, from the probe)
-        self.watch: list[tuple["_StageLayer", torch.Tensor, int, bool]] = []
+        self.watch: list[tuple[_StageLayer, torch.Tensor, int, bool]] = []
         self.macs = 0
         self.positions: dict[str, int] = {}
 
@@ -192,15 +220,23 @@ class _Bucket:
 
     __slots__ = ("in_idx", "out_idx", "weight", "bias", "groups", "rows", "cols")
 
-    def __init__(self, in_idx: torch.Tensor | None, out_idx: torch.Tensor | None, weight: torch.Tensor,
-                 bias: torch.Tensor | None, groups: int, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        self.in_idx = in_idx      # input channels to gather (None: all, in order)
-        self.out_idx = out_idx    # output channels written (None: all, in order)
-        self.weight = weight      # contiguous slice [groups * R, C, *kernel]
-        self.bias = bias          # bias slice (None for logits layers or no bias)
-        self.groups = groups      # conv groups of the kernel call
-        self.rows = rows          # [groups, R] global output rows (to rebuild the dense weight)
-        self.cols = cols          # [groups, C] weight columns inside each conv group
+    def __init__(
+        self,
+        in_idx: torch.Tensor | None,
+        out_idx: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        groups: int,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+    ) -> None:
+        self.in_idx = in_idx  # input channels to gather (None: all, in order)
+        self.out_idx = out_idx  # output channels written (None: all, in order)
+        self.weight = weight  # contiguous slice [groups * R, C, *kernel]
+        self.bias = bias  # bias slice (None for logits layers or no bias)
+        self.groups = groups  # conv groups of the kernel call
+        self.rows = rows  # [groups, R] global output rows (to rebuild the dense weight)
+        self.cols = cols  # [groups, C] weight columns inside each conv group
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Move/convert the tensors the kernel call uses (``nn.Module._apply`` semantics)."""
@@ -213,12 +249,13 @@ class _Bucket:
 class _Stage:
     __slots__ = ("buckets", "bias_rows", "bias_values", "entries")
 
-    def __init__(self, buckets: list[_Bucket], bias_rows: torch.Tensor | None,
-                 bias_values: torch.Tensor | None, entries: int) -> None:
+    def __init__(
+        self, buckets: list[_Bucket], bias_rows: torch.Tensor | None, bias_values: torch.Tensor | None, entries: int
+    ) -> None:
         self.buckets = buckets
-        self.bias_rows = bias_rows        # new rows without any active input: output = bias
+        self.bias_rows = bias_rows  # new rows without any active input: output = bias
         self.bias_values = bias_values
-        self.entries = entries            # active weight entries computed (MACs per position)
+        self.entries = entries  # active weight entries computed (MACs per position)
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for bucket in self.buckets:
@@ -233,14 +270,24 @@ class _DeltaStage(_Stage):
 
     __slots__ = ("n_in", "in_start", "in_end", "n_new", "direct")
 
-    def __init__(self, buckets: list[_Bucket], bias_rows: torch.Tensor | None, bias_values: torch.Tensor | None,
-                 entries: int, n_in: int, in_start: int, in_end: int, n_new: int, direct: bool) -> None:
+    def __init__(
+        self,
+        buckets: list[_Bucket],
+        bias_rows: torch.Tensor | None,
+        bias_values: torch.Tensor | None,
+        entries: int,
+        n_in: int,
+        in_start: int,
+        in_end: int,
+        n_new: int,
+        direct: bool,
+    ) -> None:
         super().__init__(buckets, bias_rows, bias_values, entries)
-        self.n_in = n_in                  # input channels with index == s (the delta read)
-        self.in_start = in_start          # inputs of earlier stages the layer keeps (stage-major)
-        self.in_end = in_end              # inputs with index <= s, what the kernels read
-        self.n_new = n_new                # output channels with index == s (the delta returned)
-        self.direct = direct              # one kernel call yields the whole delta in order
+        self.n_in = n_in  # input channels with index == s (the delta read)
+        self.in_start = in_start  # inputs of earlier stages the layer keeps (stage-major)
+        self.in_end = in_end  # inputs with index <= s, what the kernels read
+        self.n_new = n_new  # output channels with index == s (the delta returned)
+        self.direct = direct  # one kernel call yields the whole delta in order
 
 
 class _CallCache:
@@ -248,11 +295,17 @@ class _CallCache:
 
     __slots__ = ("inputs", "out", "shape", "positions", "pads")
 
-    def __init__(self, inputs: torch.Tensor | None, out: torch.Tensor | None, shape: list[int],
-                 positions: int, pads: tuple[int, ...] | None) -> None:
-        self.inputs = inputs              # inputs of the stages so far, stage-major (non-logits layers)
-        self.out = out                    # accumulated output (logits layers)
-        self.shape = shape                # output shape with the channel dim set to 0
+    def __init__(
+        self,
+        inputs: torch.Tensor | None,
+        out: torch.Tensor | None,
+        shape: list[int],
+        positions: int,
+        pads: tuple[int, ...] | None,
+    ) -> None:
+        self.inputs = inputs  # inputs of the stages so far, stage-major (non-logits layers)
+        self.out = out  # accumulated output (logits layers)
+        self.shape = shape  # output shape with the channel dim set to 0
         self.positions = positions
         self.pads = pads
 
@@ -270,18 +323,34 @@ def _layer_kind(name: str, module: nn.Module) -> tuple[str, bool]:
         if kind.forward is nn.Linear.forward or (from_timm and kind.__name__ == "Linear"):
             return "linear", False
     else:
-        raise UnsupportedModelError([(name, f"{kind.__name__} is not an nn.Conv2d or nn.Linear; the "
-                                            "runtime only slices those layers")])
-    raise UnsupportedModelError([(name, f"{kind.__module__}.{kind.__qualname__} overrides forward(); the "
-                                        "runtime replaces the layer by sliced F.conv2d/F.linear calls and "
-                                        "cannot know what the custom forward does")])
+        raise UnsupportedModelError(
+            [(name, f"{kind.__name__} is not an nn.Conv2d or nn.Linear; the runtime only slices those layers")]
+        )
+    raise UnsupportedModelError(
+        [
+            (
+                name,
+                f"{kind.__module__}.{kind.__qualname__} overrides forward(); the "
+                "runtime replaces the layer by sliced F.conv2d/F.linear calls and "
+                "cannot know what the custom forward does",
+            )
+        ]
+    )
 
 
 class _StageLayer(nn.Module):
     """A Conv2d/Linear that computes, at stage ``s``, only the synapses that stage activates."""
 
-    def __init__(self, plan: LayerPlan, module: nn.Module, num_subnets: int, state: _RunState, *,
-                 full: bool = True, delta: bool = True) -> None:
+    def __init__(
+        self,
+        plan: LayerPlan,
+        module: nn.Module,
+        num_subnets: int,
+        state: _RunState,
+        *,
+        full: bool = True,
+        delta: bool = True,
+    ) -> None:
         super().__init__()
         kind, same_dynamic = _layer_kind(plan.name, module)
         self.layer_name = plan.name
@@ -295,8 +364,10 @@ class _StageLayer(nn.Module):
         weight = module.weight.detach()
         if plan.prune_mask is not None:
             if tuple(plan.prune_mask.shape) != tuple(weight.shape):
-                raise ValueError(f"layer {plan.name!r}: prune_mask has shape {tuple(plan.prune_mask.shape)}, "
-                                 f"the weight {tuple(weight.shape)}; pass a weight-shaped bool mask")
+                raise ValueError(
+                    f"layer {plan.name!r}: prune_mask has shape {tuple(plan.prune_mask.shape)}, "
+                    f"the weight {tuple(weight.shape)}; pass a weight-shaped bool mask"
+                )
             weight = weight * plan.prune_mask.to(device=weight.device, dtype=weight.dtype)
         bias = module.bias.detach().clone() if module.bias is not None else None
         self.register_buffer("bias", bias)
@@ -313,8 +384,9 @@ class _StageLayer(nn.Module):
             self.kernel_size = tuple(int(k) for k in module.kernel_size)
             self.stride = tuple(int(v) for v in module.stride)
             self.dilation = tuple(int(v) for v in module.dilation)
-            self.padding: Any = module.padding if isinstance(module.padding, str) else tuple(
-                int(v) for v in module.padding)
+            self.padding: Any = (
+                module.padding if isinstance(module.padding, str) else tuple(int(v) for v in module.padding)
+            )
             if module.padding_mode != "zeros":
                 # nn.Conv2d pads explicitly for these modes, then convolves without padding.
                 self._static_pads = tuple(int(v) for v in module._reversed_padding_repeated_twice)
@@ -330,11 +402,18 @@ class _StageLayer(nn.Module):
         # Plans of the layouts the runner may use (``"auto"`` needs both for its check).
         self._stages: list[_Stage | None] = [None] + [
             self._build_stage(plan, weight, bias, prune, a_out, col_assign, s, num_subnets, delta=False)
-            if full else None for s in range(1, num_subnets + 1)]
+            if full
+            else None
+            for s in range(1, num_subnets + 1)
+        ]
         self._delta: list[_DeltaStage | None] = [None] + [
-            cast(_DeltaStage, self._build_stage(plan, weight, bias, prune, a_out, col_assign, s, num_subnets,
-                                                delta=True))
-            if delta else None for s in range(1, num_subnets + 1)]
+            cast(
+                _DeltaStage, self._build_stage(plan, weight, bias, prune, a_out, col_assign, s, num_subnets, delta=True)
+            )
+            if delta
+            else None
+            for s in range(1, num_subnets + 1)
+        ]
         self._cache: list[torch.Tensor | None] = []
         self._call_info: list[tuple[int, tuple[int, ...] | None]] = []
         self._delta_cache: list[_CallCache] = []
@@ -350,27 +429,44 @@ class _StageLayer(nn.Module):
         groups = self.groups
         a_out, a_in = plan.a_out.to(torch.long).cpu(), plan.a_in.to(torch.long).cpu()
         if a_out.dim() != 1 or a_out.numel() != out:
-            raise ValueError(f"layer {plan.name!r}: a_out must have one entry per output channel "
-                             f"({out}), got shape {tuple(a_out.shape)}")
+            raise ValueError(
+                f"layer {plan.name!r}: a_out must have one entry per output channel "
+                f"({out}), got shape {tuple(a_out.shape)}"
+            )
         if a_in.dim() != 2 or a_in.shape[1] != width or a_in.shape[0] not in (1, out):
-            raise ValueError(f"layer {plan.name!r}: a_in must have shape [1, {width}] or [{out}, {width}] "
-                             f"(one entry per weight column), got {tuple(a_in.shape)}")
+            raise ValueError(
+                f"layer {plan.name!r}: a_in must have shape [1, {width}] or [{out}, {width}] "
+                f"(one entry per weight column), got {tuple(a_in.shape)}"
+            )
         for label, values in (("a_out", a_out), ("a_in", a_in)):
             low = 0 if (label == "a_out" and plan.is_logits) else 1
             if values.numel() and (int(values.min()) < low or int(values.max()) > num_subnets + 1):
-                raise ValueError(f"layer {plan.name!r}: {label} has values in [{int(values.min())}, "
-                                 f"{int(values.max())}], allowed are {low}..{num_subnets + 1}")
+                raise ValueError(
+                    f"layer {plan.name!r}: {label} has values in [{int(values.min())}, "
+                    f"{int(values.max())}], allowed are {low}..{num_subnets + 1}"
+                )
         if a_in.shape[0] == 1:
             return a_out, a_in.expand(groups, width)
         grouped = a_in.reshape(groups, out // groups, width)
         if not bool((grouped == grouped[:, :1]).all()):
-            raise ValueError(f"layer {plan.name!r}: a_in must be the same for all output channels of a "
-                             "conv group (it describes the inputs, not the outputs)")
+            raise ValueError(
+                f"layer {plan.name!r}: a_in must be the same for all output channels of a "
+                "conv group (it describes the inputs, not the outputs)"
+            )
         return a_out, grouped[:, 0, :]
 
-    def _build_stage(self, plan: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None,
-                     prune: torch.Tensor | None, a_out: torch.Tensor, col_assign: torch.Tensor,
-                     s: int, num_subnets: int, delta: bool) -> _Stage:
+    def _build_stage(
+        self,
+        plan: LayerPlan,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        prune: torch.Tensor | None,
+        a_out: torch.Tensor,
+        col_assign: torch.Tensor,
+        s: int,
+        num_subnets: int,
+        delta: bool,
+    ) -> _Stage:
         """Kernel calls of stage ``s``: conv groups bucketed by (new rows, active inputs).
 
         Full-width layout: a kernel reads its input channels from the full-width input and writes
@@ -385,7 +481,7 @@ class _StageLayer(nn.Module):
         out, width = weight.shape[0], weight.shape[1]
         groups = self.groups
         rows_per = out // groups
-        in_assign = col_assign.reshape(-1)                       # per input channel
+        in_assign = col_assign.reshape(-1)  # per input channel
         n_in = int((in_assign == s).sum())
         in_start = int((in_assign < s).sum())
         if plan.is_logits:
@@ -424,11 +520,11 @@ class _StageLayer(nn.Module):
         covered = 0
         signatures = sorted({(r, c) for r, c in zip(n_rows.tolist(), n_cols.tolist()) if r > 0 and c > 0})
         for r_count, c_count in signatures:
-            member = (n_rows == r_count) & (n_cols == c_count)             # conv groups in the bucket
+            member = (n_rows == r_count) & (n_cols == c_count)  # conv groups in the bucket
             k = int(member.sum())
             group_ids = member.nonzero().flatten()
             local_rows = (row_new & member.unsqueeze(1)).nonzero()[:, 1].reshape(k, r_count)
-            rows = group_ids.unsqueeze(1) * rows_per + local_rows           # [k, R] global rows
+            rows = group_ids.unsqueeze(1) * rows_per + local_rows  # [k, R] global rows
             cols = (col_ok & member.unsqueeze(1)).nonzero()[:, 1].reshape(k, c_count)  # [k, C] local
             # Columns in the order the source tensor holds them.
             cols = torch.gather(cols, 1, torch.argsort(position[group_ids.unsqueeze(1) * width + cols], dim=1))
@@ -463,10 +559,14 @@ class _StageLayer(nn.Module):
                 bias_values = bias.index_select(0, rows_found.to(bias.device)).contiguous()
         if not delta:
             return _Stage(buckets, bias_rows, bias_values, entries)
-        direct = (not plan.is_logits and len(buckets) == 1 and buckets[0].out_idx is None
-                  and covered == out_width and bias_rows is None)
-        return _DeltaStage(buckets, bias_rows, bias_values, entries, n_in, in_start, in_start + n_in,
-                           out_width, direct)
+        direct = (
+            not plan.is_logits
+            and len(buckets) == 1
+            and buckets[0].out_idx is None
+            and covered == out_width
+            and bias_rows is None
+        )
+        return _DeltaStage(buckets, bias_rows, bias_values, entries, n_in, in_start, in_start + n_in, out_width, direct)
 
     def stage_is_idle(self, s: int, delta: bool) -> bool:
         """True when stage ``s`` computes and writes nothing in this layer (in the given layout)."""
@@ -508,7 +608,7 @@ class _StageLayer(nn.Module):
                 full[rows, cols] = b.weight.reshape(k, r_count, c_count, *kernel)
         return full
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_StageLayer":
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> _StageLayer:
         super()._apply(fn, recurse)
         for stage in [*self._stages[1:], *self._delta[1:]]:
             if stage is not None:
@@ -552,8 +652,10 @@ class _StageLayer(nn.Module):
         kept = self._preload.get(call)
         if self.is_logits:
             if kept is None:
-                raise ValueError(f"no accumulated output given for call {call} of the logits layer "
-                                 f"{self.layer_name!r}; pass the state that stage_state() returned")
+                raise ValueError(
+                    f"no accumulated output given for call {call} of the logits layer "
+                    f"{self.layer_name!r}; pass the state that stage_state() returned"
+                )
             cache.out = kept
         else:
             cache.inputs = kept
@@ -568,8 +670,7 @@ class _StageLayer(nn.Module):
         it receives new input channels)."""
         plan = self._delta[s]
         if plan is None:
-            raise ValueError(f"layer {self.layer_name!r} has no delta-layout plan (the runner uses "
-                             "layout='full')")
+            raise ValueError(f"layer {self.layer_name!r} has no delta-layout plan (the runner uses layout='full')")
         if self.is_logits:
             return s > 1, s > 1, plan.n_in > 0
         return plan.in_start > 0, bool(plan.buckets), plan.n_in > 0
@@ -594,7 +695,11 @@ class _StageLayer(nn.Module):
 
     def _output_shape(self, x: torch.Tensor, pads: tuple[int, ...] | None) -> list[int]:
         """Full-width output shape for a full-width input ``x``."""
-        if x.dim() == 0 or x.shape[self._channel_dim] != self.in_channels or (self.kind == "conv" and x.dim() not in (3, 4)):
+        if (
+            x.dim() == 0
+            or x.shape[self._channel_dim] != self.in_channels
+            or (self.kind == "conv" and x.dim() not in (3, 4))
+        ):
             expected = f"[..., {self.in_channels}]" if self.kind == "linear" else f"[batch, {self.in_channels}, H, W]"
             raise ValueError(f"layer {self.layer_name!r} expects input {expected}, got shape {tuple(x.shape)}")
         shape = self._delta_shape(x, pads)
@@ -616,7 +721,9 @@ class _StageLayer(nn.Module):
                 out += self.bias.to(x.dtype).reshape(view)
         return out
 
-    def _kernel(self, x: torch.Tensor, b: _Bucket, bias: torch.Tensor | None, pads: tuple[int, ...] | None) -> torch.Tensor:
+    def _kernel(
+        self, x: torch.Tensor, b: _Bucket, bias: torch.Tensor | None, pads: tuple[int, ...] | None
+    ) -> torch.Tensor:
         xs = x if b.in_idx is None else x.index_select(self._channel_dim, b.in_idx)
         if self.kind == "linear":
             return F.linear(xs, b.weight, bias)
@@ -625,7 +732,7 @@ class _StageLayer(nn.Module):
         return F.conv2d(xs, b.weight, bias, self.stride, self.padding, self.dilation, b.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        call = self._calls[0]                 # the how-many-th call of this layer in this forward
+        call = self._calls[0]  # the how-many-th call of this layer in this forward
         self._calls[0] = call + 1
         if self._state.delta:
             return self._forward_delta(x, call)
@@ -636,8 +743,9 @@ class _StageLayer(nn.Module):
         if self.kind == "linear":
             return [*x.shape[:-1], 0]
         if x.dim() not in (3, 4):
-            raise ValueError(f"layer {self.layer_name!r} expects input [batch, channels, H, W], "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"layer {self.layer_name!r} expects input [batch, channels, H, W], got shape {tuple(x.shape)}"
+            )
         sizes = [int(x.shape[-2]), int(x.shape[-1])]
         if pads is not None:
             sizes = [sizes[0] + pads[2] + pads[3], sizes[1] + pads[0] + pads[1]]
@@ -645,8 +753,10 @@ class _StageLayer(nn.Module):
             spatial = sizes
         else:
             padding = (0, 0) if self.padding == "valid" else self.padding
-            spatial = [(size + 2 * p - d * (k - 1) - 1) // st + 1 for size, p, d, k, st in
-                       zip(sizes, padding, self.dilation, self.kernel_size, self.stride)]
+            spatial = [
+                (size + 2 * p - d * (k - 1) - 1) // st + 1
+                for size, p, d, k, st in zip(sizes, padding, self.dilation, self.kernel_size, self.stride)
+            ]
         return [*x.shape[:-3], 0, *spatial]
 
     def _delta_allocate(self, x: torch.Tensor) -> _CallCache:
@@ -677,13 +787,16 @@ class _StageLayer(nn.Module):
                     f"layer {self.layer_name!r} got {width} input channels at stage {s}, but subnet {s} "
                     f"gives it {stage.n_in}: either the input does not fit the model (check its shape) "
                     "or the model's forward selects or reorders channels (build the runner with "
-                    "layout='full')")
+                    "layout='full')"
+                )
             # Nothing of this stage reaches the layer: what it got is the model input fed again
             # (every stage runs the model on the original input), which belongs to stage 1.
         if call == len(self._delta_cache):
             if s > 1 and self._preload is None:
-                raise RuntimeError(f"layer {self.layer_name!r} has no cached output of the earlier stages "
-                                   "(was runner.model moved or reset directly?); call runner.start(x) again")
+                raise RuntimeError(
+                    f"layer {self.layer_name!r} has no cached output of the earlier stages "
+                    "(was runner.model moved or reset directly?); call runner.start(x) again"
+                )
             self._delta_cache.append(self._delta_allocate(x))
             if s > 1 and self._preload is not None:
                 self._take_preloaded(call)
@@ -735,8 +848,10 @@ class _StageLayer(nn.Module):
         s = state.stage
         if call == len(self._cache):
             if s > 1:
-                raise RuntimeError(f"layer {self.layer_name!r} has no cached output of the earlier stages "
-                                   "(was runner.model moved or reset directly?); call runner.start(x) again")
+                raise RuntimeError(
+                    f"layer {self.layer_name!r} has no cached output of the earlier stages "
+                    "(was runner.model moved or reset directly?); call runner.start(x) again"
+                )
             self._cache.append(self._allocate(x))
         out = self._cache[call]
         assert out is not None
@@ -777,8 +892,10 @@ class _StageLayer(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (f"{self.layer_name!r}, kind={self.kind}, weight={self.weight_shape}, groups={self.groups}, "
-                f"logits={self.is_logits}")
+        return (
+            f"{self.layer_name!r}, kind={self.kind}, weight={self.weight_shape}, groups={self.groups}, "
+            f"logits={self.is_logits}"
+        )
 
 
 def _random_like(inputs: Any, batch: int) -> Any:
@@ -832,23 +949,41 @@ class IncrementalRunner:
     model: nn.Module
     num_subnets: int
 
-    def __init__(self, net: "SteppingNet", *, layout: str = "auto") -> None:
+    def __init__(self, net: SteppingNet, *, layout: str = "auto") -> None:
         if not hasattr(net, "plain_copy") or not hasattr(net, "layer_assignment"):
-            raise TypeError(f"IncrementalRunner expects a SteppingNet, got {type(net).__name__}; to load "
-                            "a saved runner use IncrementalRunner.load(path, model)")
+            raise TypeError(
+                f"IncrementalRunner expects a SteppingNet, got {type(net).__name__}; to load "
+                "a saved runner use IncrementalRunner.load(path, model)"
+            )
         flat = net.flat_assignment()
         plans = []
         for k, layer in enumerate(net.layers):
             a_out, a_in = net.layer_assignment(k, flat)
             prune = net.prune_masks.get(layer.name)
-            plans.append(LayerPlan(name=layer.name, is_logits=layer.is_logits, a_out=a_out.clone(),
-                                   a_in=a_in.clone(), prune_mask=None if prune is None else prune.bool().cpu(),
-                                   positions=int(layer.positions)))
-        channels = {name: flat[positions].clone() for name, positions in
-                    [*net.channel_modules.items(), *net.channel_parameters.items()]}
+            plans.append(
+                LayerPlan(
+                    name=layer.name,
+                    is_logits=layer.is_logits,
+                    a_out=a_out.clone(),
+                    a_in=a_in.clone(),
+                    prune_mask=None if prune is None else prune.bool().cpu(),
+                    positions=int(layer.positions),
+                )
+            )
+        channels = {
+            name: flat[positions].clone()
+            for name, positions in [*net.channel_modules.items(), *net.channel_parameters.items()]
+        }
         model = net.plain_copy()
-        self._setup(model, plans, net.num_subnets, _shape_key(net.example_inputs), channels, layout,
-                    sample=_random_like(net.example_inputs, batch=2))
+        self._setup(
+            model,
+            plans,
+            net.num_subnets,
+            _shape_key(net.example_inputs),
+            channels,
+            layout,
+            sample=_random_like(net.example_inputs, batch=2),
+        )
 
     # ------------------------------------------------------------- construction
     @classmethod
@@ -861,7 +996,7 @@ class IncrementalRunner:
         channel_assignments: Mapping[str, torch.Tensor] | None = None,
         reference_shape: _ShapeKey | None = None,
         layout: str = "auto",
-    ) -> "IncrementalRunner":
+    ) -> IncrementalRunner:
         """Build a runner from a plain ``model`` (taken over and modified in place) and its plans.
 
         ``channel_assignments`` maps every module with per-channel parameters or buffers
@@ -875,13 +1010,21 @@ class IncrementalRunner:
         if reference_shape is not None:
             shapes = tuple(torch.empty(1, *shape) for shape in reference_shape)
             sample = _random_like(shapes[0] if len(shapes) == 1 else shapes, batch=2)
-        runner._setup(model, plans, num_subnets, reference_shape, dict(channel_assignments or {}), layout,
-                      sample=sample)
+        runner._setup(
+            model, plans, num_subnets, reference_shape, dict(channel_assignments or {}), layout, sample=sample
+        )
         return runner
 
-    def _setup(self, model: nn.Module, plans: Sequence[LayerPlan], num_subnets: int,
-               reference_shape: _ShapeKey | None, channel_assignments: dict[str, torch.Tensor],
-               layout: str, sample: Any = None) -> None:
+    def _setup(
+        self,
+        model: nn.Module,
+        plans: Sequence[LayerPlan],
+        num_subnets: int,
+        reference_shape: _ShapeKey | None,
+        channel_assignments: dict[str, torch.Tensor],
+        layout: str,
+        sample: Any = None,
+    ) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
         if not isinstance(model, nn.Module):
@@ -896,9 +1039,17 @@ class IncrementalRunner:
         self.model = model.eval()
         self.num_subnets = num_subnets
         self._fingerprint = architecture_fingerprint(model)
-        self._plans = [LayerPlan(p.name, p.is_logits, p.a_out.clone(), p.a_in.clone(),
-                                 None if p.prune_mask is None else p.prune_mask.clone(), int(p.positions))
-                       for p in plans]
+        self._plans = [
+            LayerPlan(
+                p.name,
+                p.is_logits,
+                p.a_out.clone(),
+                p.a_in.clone(),
+                None if p.prune_mask is None else p.prune_mask.clone(),
+                int(p.positions),
+            )
+            for p in plans
+        ]
         self._state = _RunState()
         modules = dict(model.named_modules())
         layers: list[_StageLayer] = []
@@ -906,12 +1057,15 @@ class IncrementalRunner:
             module = modules.get(plan.name)
             if module is None:
                 raise ValueError(f"plan for layer {plan.name!r}, but the model has no such module")
-            layers.append(_StageLayer(plan, module, num_subnets, self._state, full=layout != "delta",
-                                      delta=layout != "full"))
+            layers.append(
+                _StageLayer(plan, module, num_subnets, self._state, full=layout != "delta", delta=layout != "full")
+            )
         missing = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in set(names)]
         if missing:
-            raise ValueError(f"no plan for the Conv2d/Linear layers {missing[:5]}; every weighted layer "
-                             "needs one (they would compute the full layer at every stage)")
+            raise ValueError(
+                f"no plan for the Conv2d/Linear layers {missing[:5]}; every weighted layer "
+                "needs one (they would compute the full layer at every stage)"
+            )
         for plan, layer in zip(self._plans, layers):
             _replace(model, plan.name, layer)
         self._layers = layers
@@ -931,16 +1085,19 @@ class IncrementalRunner:
                 module = model.get_submodule(owner) if owner else model
             if module is None:
                 raise ValueError(f"channel assignment for {name!r}, but the model has no such module or parameter")
-            if assignment.dim() != 1 or (assignment.numel() and (int(assignment.min()) < 1 or
-                                                                int(assignment.max()) > num_subnets + 1)):
-                raise ValueError(f"channel assignment of {name!r} must be a 1-D tensor of subnet indices in "
-                                 f"1..{num_subnets + 1}")
+            if assignment.dim() != 1 or (
+                assignment.numel() and (int(assignment.min()) < 1 or int(assignment.max()) > num_subnets + 1)
+            ):
+                raise ValueError(
+                    f"channel assignment of {name!r} must be a 1-D tensor of subnet indices in 1..{num_subnets + 1}"
+                )
             self._slicers.append(ChannelSlicer(module, assignment, num_subnets, parameter))
         #: stages where the delta layout hands some op a tensor with zero channels
-        self._empty_stages = [False] + [any(layer.delta_stage_empty(s) for layer in layers)
-                                        for s in range(1, num_subnets + 1)]
+        self._empty_stages = [False] + [
+            any(layer.delta_stage_empty(s) for layer in layers) for s in range(1, num_subnets + 1)
+        ]
         self._layout: str | None = None
-        self._layout_checked = True       # the layout check itself runs unwrapped errors
+        self._layout_checked = True  # the layout check itself runs unwrapped errors
         self._idle = [False] * (num_subnets + 1)
         self._output: Any = None
         self._inputs: Any = None
@@ -952,8 +1109,12 @@ class IncrementalRunner:
             self._use_layout(layout)
         elif sample is not None:
             self._choose_layout(sample)
-        logger.debug("runner built: %d stage layers, %d subnets, layout %s", len(layers), num_subnets,
-                     self._layout or "auto (chosen at the first input)")
+        logger.debug(
+            "runner built: %d stage layers, %d subnets, layout %s",
+            len(layers),
+            num_subnets,
+            self._layout or "auto (chosen at the first input)",
+        )
 
     # ---------------------------------------------------------------- layout
     @property
@@ -969,8 +1130,9 @@ class IncrementalRunner:
         for layer in self._layers:
             layer.keep_layout(delta)
         #: stages that change no cached value at all (no new synapse, no bias-only neuron)
-        self._idle = [False] + [all(layer.stage_is_idle(s, delta) for layer in self._layers)
-                                for s in range(1, self.num_subnets + 1)]
+        self._idle = [False] + [
+            all(layer.stage_is_idle(s, delta) for layer in self._layers) for s in range(1, self.num_subnets + 1)
+        ]
         self.reset()
 
     def _outputs_of_every_stage(self, sample: Any, delta: bool) -> list[list[torch.Tensor]]:
@@ -988,12 +1150,14 @@ class IncrementalRunner:
         channels by position (``x[:, :k]``, ``split``, channel shuffle) and that every module with
         per-channel tensors is known; the check finds models that break this."""
         reason = ""
-        device = next((t.device for t in self.model.parameters()), None) or \
-            next((t.device for t in self.model.buffers()), None)
+        device = next((t.device for t in self.model.parameters()), None) or next(
+            (t.device for t in self.model.buffers()), None
+        )
         if device is not None:
             # The check input follows the model (a net wrapped on the CPU, then moved to CUDA).
-            sample = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                              else t, sample)
+            sample = tree_map(
+                lambda t: t.to(device) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, sample
+            )
         try:
             with torch.inference_mode():
                 reference = self._outputs_of_every_stage(sample, delta=False)
@@ -1012,8 +1176,11 @@ class IncrementalRunner:
         except (LayoutMismatchError, RuntimeError, ValueError, IndexError, TypeError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         if reason:
-            logger.info("the delta layout does not fit this model (%s); using the full-width layout, "
-                        "whose element-wise work grows with the number of stages", reason)
+            logger.info(
+                "the delta layout does not fit this model (%s); using the full-width layout, "
+                "whose element-wise work grows with the number of stages",
+                reason,
+            )
             self._use_layout("full", checked=True)
         else:
             self._use_layout("delta", checked=True)
@@ -1082,16 +1249,19 @@ class IncrementalRunner:
         for key in (self._key, self._reference_shape):
             if key is not None and key in self._positions:
                 return self._positions[key]
-        raise RuntimeError("MAC counts depend on the input size and none is known yet; pass inputs, "
-                           "run runner.start(x) once, or build the runner with a reference_shape")
+        raise RuntimeError(
+            "MAC counts depend on the input size and none is known yet; pass inputs, "
+            "run runner.start(x) once, or build the runner with a reference_shape"
+        )
 
     def macs(self, s: int, inputs: Any = None) -> int:
         """MACs per sample of subnet ``s`` (cumulative over stages 1..s) for the size of ``inputs``
         (default: the input of the current run, else the reference input)."""
         self._check_stage(s, "s")
         positions = self._positions_for(inputs)
-        return int(sum(entries[t] * positions[name] for name, entries in self._entries.items()
-                       for t in range(1, s + 1)))
+        return int(
+            sum(entries[t] * positions[name] for name, entries in self._entries.items() for t in range(1, s + 1))
+        )
 
     def step_macs(self, s: int, inputs: Any = None) -> int:
         """MACs per sample of the step from subnet ``s - 1`` to ``s`` (``macs(1)`` for ``s == 1``)."""
@@ -1113,7 +1283,7 @@ class IncrementalRunner:
         self._macs_spent = 0
         self._batch = 0
 
-    def to(self, *args: Any, **kwargs: Any) -> "IncrementalRunner":
+    def to(self, *args: Any, **kwargs: Any) -> IncrementalRunner:
         """Move the runner (weights, slices, index tensors) like ``nn.Module.to``; resets it."""
         self.model.to(*args, **kwargs)
         self.reset()
@@ -1134,7 +1304,7 @@ class IncrementalRunner:
         try:
             for slicer in slicers:
                 slicer.swap(stage)
-            with torch.no_grad(), (EmptyChannelsMode() if delta and self._empty_stages[stage] else nullcontext()):
+            with torch.no_grad(), EmptyChannelsMode() if delta and self._empty_stages[stage] else nullcontext():
                 try:
                     output = call_model(self.model, self._inputs)
                 except (RuntimeError, ValueError, IndexError) as exc:
@@ -1143,7 +1313,8 @@ class IncrementalRunner:
                     raise LayoutMismatchError(
                         f"stage {stage} failed in the delta layout, which was forced without the check "
                         f"(layout='delta'): {type(exc).__name__}: {exc}; build the runner with "
-                        "layout='auto' (checks the delta layout and falls back) or layout='full'") from exc
+                        "layout='auto' (checks the delta layout and falls back) or layout='full'"
+                    ) from exc
             ok = True
         finally:
             for slicer in slicers:
@@ -1155,8 +1326,7 @@ class IncrementalRunner:
             if tensor._version != version:
                 if probed:
                     layer.copy_out = True
-                    logger.debug("layer %s: the model modifies its output in place; returning copies",
-                                 layer.layer_name)
+                    logger.debug("layer %s: the model modifies its output in place; returning copies", layer.layer_name)
                 else:
                     corrupted.append(layer.layer_name)
         state.watch = []
@@ -1167,9 +1337,11 @@ class IncrementalRunner:
                 if layer.layer_name in corrupted:
                     layer.copy_out = True
             self.reset()
-            raise RuntimeError(f"the model modified the cached outputs of {corrupted[:5]} in place at "
-                               f"stage {stage} (not seen when the runner probed the model); these layers "
-                               "now return copies: call runner.start(x) again")
+            raise RuntimeError(
+                f"the model modified the cached outputs of {corrupted[:5]} in place at "
+                f"stage {stage} (not seen when the runner probed the model); these layers "
+                "now return copies: call runner.start(x) again"
+            )
         assert self._key is not None
         self._positions[self._key] = dict(state.positions)
         return output
@@ -1194,8 +1366,9 @@ class IncrementalRunner:
         if self._stage == 0:
             raise RuntimeError("runner.step() called before runner.start(x); call start(x) first")
         if self._stage >= self.num_subnets:
-            raise RuntimeError(f"runner is already at the last subnet ({self.num_subnets}); call "
-                               "runner.start(x) for a new input")
+            raise RuntimeError(
+                f"runner is already at the last subnet ({self.num_subnets}); call runner.start(x) for a new input"
+            )
         if self._idle[self._stage + 1]:
             # Nothing any layer would compute or write: rerunning the model would reproduce the
             # previous output exactly, so skip the elementwise work as well.
@@ -1251,8 +1424,11 @@ class IncrementalRunner:
         exceed it (``ValueError`` if subnet 1 alone exceeds it). Give at most one of the three.
         Returns the output of the last subnet reached; ``runner.stage`` says which.
         """
-        given = [name for name, value in (("until", until), ("deadline_s", deadline_s),
-                                          ("max_macs", max_macs)) if value is not None]
+        given = [
+            name
+            for name, value in (("until", until), ("deadline_s", deadline_s), ("max_macs", max_macs))
+            if value is not None
+        ]
         if len(given) > 1:
             raise ValueError(f"give at most one of until, deadline_s, max_macs (got {', '.join(given)})")
         if until is not None:
@@ -1266,16 +1442,20 @@ class IncrementalRunner:
                 raise ValueError(f"max_macs must be a positive int (MACs per sample), got {max_macs!r}")
             first = self.macs(1, x)
             if first > max_macs:
-                raise ValueError(f"max_macs={max_macs:,} is below subnet 1's {first:,} MACs per sample; "
-                                 f"allow at least {first:,}")
+                raise ValueError(
+                    f"max_macs={max_macs:,} is below subnet 1's {first:,} MACs per sample; allow at least {first:,}"
+                )
             output = self.start(x)
-            while self._stage < self.num_subnets and \
-                    self._macs_spent + self.step_macs(self._stage + 1) <= max_macs:
+            while self._stage < self.num_subnets and self._macs_spent + self.step_macs(self._stage + 1) <= max_macs:
                 output = self.step()
             return output
         if deadline_s is not None:
-            if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or \
-                    not math.isfinite(deadline_s) or deadline_s <= 0:
+            if (
+                isinstance(deadline_s, bool)
+                or not isinstance(deadline_s, (int, float))
+                or not math.isfinite(deadline_s)
+                or deadline_s <= 0
+            ):
                 raise ValueError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
             return self._run_deadline(x, float(deadline_s))
         output = self.start(x)
@@ -1306,8 +1486,12 @@ class IncrementalRunner:
             next_macs = self.step_macs(self._stage + 1)
             predicted = max(spent_time / max(spent_macs, 1) * next_macs, shortest) if next_macs else 0.0
             if now + predicted > end:
-                logger.debug("deadline: stopping at subnet %d (next step predicted %.4f s, %.4f s left)",
-                             self._stage, predicted, end - now)
+                logger.debug(
+                    "deadline: stopping at subnet %d (next step predicted %.4f s, %.4f s left)",
+                    self._stage,
+                    predicted,
+                    end - now,
+                )
                 break
             step_begin = now
             output = self.step()
@@ -1322,12 +1506,17 @@ class IncrementalRunner:
     # ----------------------------------------------------------- stage state
     def _kept_names(self) -> list[tuple[_StageLayer, int, str]]:
         if self._layout != "delta":
-            raise ValueError(f"the stage state exists in the delta layout only; this runner uses "
-                             f"layout={self._layout!r} (build it with layout='auto' or 'delta')")
+            raise ValueError(
+                f"the stage state exists in the delta layout only; this runner uses "
+                f"layout={self._layout!r} (build it with layout='auto' or 'delta')"
+            )
         if self._stage == 0:
             raise RuntimeError("the stage state is known after a run; call runner.start(x) first")
-        return [(layer, call, f"{layer.layer_name}:{call}") for layer in self._layers
-                for call in range(len(layer.delta_cached()))]
+        return [
+            (layer, call, f"{layer.layer_name}:{call}")
+            for layer in self._layers
+            for call in range(len(layer.delta_cached()))
+        ]
 
     def stage_state(self) -> dict[str, torch.Tensor]:
         """What the current run keeps for later stages (delta layout), by name ``"<layer>:<call>"``:
@@ -1373,8 +1562,10 @@ class IncrementalRunner:
             for name, tensor in state.items():
                 layer_name, _, call = name.rpartition(":")
                 if layer_name not in by_layer or not call.isdigit():
-                    raise ValueError(f"state entry {name!r} names no layer call of this runner; pass "
-                                     "what runner.stage_state() returned")
+                    raise ValueError(
+                        f"state entry {name!r} names no layer call of this runner; pass "
+                        "what runner.stage_state() returned"
+                    )
                 by_layer[layer_name][int(call)] = tensor
             for layer in self._layers:
                 layer.preload(by_layer[layer.layer_name])
@@ -1416,8 +1607,14 @@ class IncrementalRunner:
         logger.info("saved runner (%d subnets, %d layers) to %s", self.num_subnets, len(self._layers), target)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], model: nn.Module, *,
-             map_location: str | torch.device = "cpu", layout: str = "auto") -> "IncrementalRunner":
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *,
+        map_location: str | torch.device = "cpu",
+        layout: str = "auto",
+    ) -> IncrementalRunner:
         """Rebuild a runner saved with :meth:`save` on ``model``, a freshly built model of the same
         definition (e.g. ``timm.create_model(...)``), which the runner takes over.
 
@@ -1435,8 +1632,10 @@ class IncrementalRunner:
             raise CheckpointError(f"{source} is not a readable runner file: {type(exc).__name__}: {exc}") from exc
         if not isinstance(payload, dict) or payload.get("format") not in _READABLE_FORMATS:
             found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-            raise CheckpointError(f"{source} is not a runner file (format {found!r}, expected "
-                                  f"{RUNTIME_FORMAT!r}); write one with IncrementalRunner.save(path)")
+            raise CheckpointError(
+                f"{source} is not a runner file (format {found!r}, expected "
+                f"{RUNTIME_FORMAT!r}); write one with IncrementalRunner.save(path)"
+            )
         _compare_fingerprints(payload["fingerprint"], architecture_fingerprint(model))
         try:
             model.load_state_dict(payload["state_dict"], strict=True)
@@ -1445,9 +1644,14 @@ class IncrementalRunner:
         plans = [LayerPlan.from_dict(d) for d in payload["plans"]]
         reference = payload.get("reference_shape")
         key = None if reference is None else tuple(tuple(int(d) for d in s) for s in reference)
-        return cls.from_plan(model, plans, int(payload["num_subnets"]), reference_shape=key, layout=layout,
-                             channel_assignments=payload.get("channel_assignments") or {})
+        return cls.from_plan(
+            model,
+            plans,
+            int(payload["num_subnets"]),
+            reference_shape=key,
+            layout=layout,
+            channel_assignments=payload.get("channel_assignments") or {},
+        )
 
     def __repr__(self) -> str:
-        return (f"IncrementalRunner(num_subnets={self.num_subnets}, layers={len(self._layers)}, "
-                f"stage={self._stage})")
+        return f"IncrementalRunner(num_subnets={self.num_subnets}, layers={len(self._layers)}, stage={self._stage})"

@@ -36,6 +36,7 @@ check): floating-point sums run over fewer terms, so logits differ by rounding (
 relative in float32), not bitwise; isolation across subnets holds to the same rounding (the masked
 execution is bitwise isolated). Use ``execution="masked"`` where bitwise results matter.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,8 +54,16 @@ from .channels_plan import ChannelSlicer, EmptyChannelsMode
 if TYPE_CHECKING:
     from .stepping import SteppingNet
 
-__all__ = ["EXECUTIONS", "SlicedExecution", "LayerSlice", "attach", "compare_executions", "nested_assignment",
-           "random_inputs", "relative_error"]
+__all__ = [
+    "EXECUTIONS",
+    "SlicedExecution",
+    "LayerSlice",
+    "attach",
+    "compare_executions",
+    "nested_assignment",
+    "random_inputs",
+    "relative_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -284,14 +293,16 @@ class SlicedExecution:
             w = w.index_select(1, d.cols)
         if d.group_cols is not None:
             index = d.group_cols.reshape(*d.group_cols.shape, *([1] * (w.dim() - 2))).expand(
-                d.group_cols.shape[0], d.group_cols.shape[1], *w.shape[2:])
+                d.group_cols.shape[0], d.group_cols.shape[1], *w.shape[2:]
+            )
             w = torch.gather(w, 1, index)
         if d.mask is not None:
             w = w * d.mask
         if d.dense_cols is not None:
             padded = torch.cat([w, w.new_zeros((w.shape[0], 1, *w.shape[2:]))], 1)
             index = d.dense_cols.reshape(*d.dense_cols.shape, *([1] * (w.dim() - 2))).expand(
-                d.dense_cols.shape[0], d.dense_cols.shape[1], *w.shape[2:])
+                d.dense_cols.shape[0], d.dense_cols.shape[1], *w.shape[2:]
+            )
             w = torch.gather(padded, 1, index)
         return w
 
@@ -306,7 +317,8 @@ class SlicedExecution:
             s = net.active_subnet
             slicer = net.assignment_cache(
                 ("sliced-channels", id(self), index, s),
-                lambda flat: ChannelSlicer(mod, flat[positions], net.num_subnets, attr, layout="cumulative"))
+                lambda flat: ChannelSlicer(mod, flat[positions], net.num_subnets, attr, layout="cumulative"),
+            )
             slicer.swap_differentiable(s)
             self._live_slicers[index] = slicer
             return None
@@ -327,19 +339,20 @@ class SlicedExecution:
         s = net.active_subnet
         return net.assignment_cache(
             ("sliced-layer", id(self), s, k, weight.device, weight.dtype),
-            lambda flat: _DeviceSlice(self._layer_plans(net, s)[k], weight.device, weight.dtype))
+            lambda flat: _DeviceSlice(self._layer_plans(net, s)[k], weight.device, weight.dtype),
+        )
 
     def _layer_plans(self, net: SteppingNet, s: int) -> list[LayerSlice]:
         """Every layer's :class:`LayerSlice` in subnet ``s`` (cached until the assignment or the
         pruning masks change)."""
         return net.assignment_cache(
-            ("sliced-plans", id(self), s),
-            lambda flat: [self._plan(net, k, s, flat) for k in range(len(net.layers))])
+            ("sliced-plans", id(self), s), lambda flat: [self._plan(net, k, s, flat) for k in range(len(net.layers))]
+        )
 
     def _plan(self, net: SteppingNet, k: int, s: int, flat: torch.Tensor) -> LayerSlice:
         layer = net.layers[k]
         a_out, a_in = net.layer_assignment(k, flat)
-        mask = net.weight_mask(k, s) > 0                                    # [out, in/groups, *kernel]
+        mask = net.weight_mask(k, s) > 0  # [out, in/groups, *kernel]
         out = int(a_out.numel())
         if layer.is_logits:
             rows_all = torch.arange(out)
@@ -354,15 +367,22 @@ class SlicedExecution:
             # F.conv2d refuses zero output channels and returns a wrong shape for zero input
             # channels (checked, torch 2.14); F.linear handles both.
             if self._kinds[k] == "conv" and (n_rows == 0 or n_in == 0):
-                return LayerSlice(rows, None, None, 1, empty_out=n_rows == 0, widen_in=n_in == 0,
-                                  n_rows=n_in if n_rows == 0 else n_rows)
+                return LayerSlice(
+                    rows,
+                    None,
+                    None,
+                    1,
+                    empty_out=n_rows == 0,
+                    widen_in=n_in == 0,
+                    n_rows=n_in if n_rows == 0 else n_rows,
+                )
             cols = None if n_in == a_in.shape[1] else cols_all
             block = mask.index_select(0, rows_all).index_select(1, cols_all)
             return LayerSlice(rows, cols, None if bool(block.all()) else block, 1, n_rows=n_rows)
         # Grouped conv: a_in is [out, in/groups], equal within a conv group.
         width = int(a_in.shape[1])
         rows_per = out // groups
-        col_assign = a_in.reshape(groups, rows_per, width)[:, 0, :]         # [G, width]
+        col_assign = a_in.reshape(groups, rows_per, width)[:, 0, :]  # [G, width]
         col_ok = col_assign <= s
         row_ok = torch.zeros(out, dtype=torch.bool)
         row_ok[rows_all] = True
@@ -370,28 +390,40 @@ class SlicedExecution:
         n_c = col_ok.sum(1)
         n_in = int(n_c.sum())
         if n_rows == 0 or n_in == 0:
-            return LayerSlice(rows, None, None, 1, empty_out=n_rows == 0, widen_in=n_in == 0,
-                              n_rows=n_in if n_rows == 0 else n_rows)
-        block = mask.index_select(0, rows_all)                               # [R, width, *kernel]
+            return LayerSlice(
+                rows, None, None, 1, empty_out=n_rows == 0, widen_in=n_in == 0, n_rows=n_in if n_rows == 0 else n_rows
+            )
+        block = mask.index_select(0, rows_all)  # [R, width, *kernel]
         row_group = rows_all // rows_per
         present = (n_r > 0) | (n_c > 0)
         pairs = {(int(r), int(c)) for r, c, p in zip(n_r, n_c, present) if p}
         if len(pairs) == 1 and min(next(iter(pairs))) > 0:
             c = next(iter(pairs))[1]
-            local = col_ok.nonzero()[:, 1].reshape(-1, c)                    # [present groups, C]
+            local = col_ok.nonzero()[:, 1].reshape(-1, c)  # [present groups, C]
             slot = torch.cumsum(present.long(), 0) - 1
-            group_cols = local[slot[row_group]]                              # [R, C]
-            gathered = torch.gather(block, 1, group_cols.reshape(*group_cols.shape, *([1] * (block.dim() - 2)))
-                                    .expand(group_cols.shape[0], c, *block.shape[2:]))
+            group_cols = local[slot[row_group]]  # [R, C]
+            gathered = torch.gather(
+                block,
+                1,
+                group_cols.reshape(*group_cols.shape, *([1] * (block.dim() - 2))).expand(
+                    group_cols.shape[0], c, *block.shape[2:]
+                ),
+            )
             identity = c == width
-            return LayerSlice(rows, None, None if bool(gathered.all()) else gathered, int(present.sum()),
-                              group_cols=None if identity else group_cols, n_rows=n_rows)
+            return LayerSlice(
+                rows,
+                None,
+                None if bool(gathered.all()) else gathered,
+                int(present.sum()),
+                group_cols=None if identity else group_cols,
+                n_rows=n_rows,
+            )
         # Dense block-diagonal: for every row, the local column of each active input (or the
         # padding column ``width`` when the input belongs to another conv group).
-        active_inputs = col_ok.reshape(-1).nonzero().flatten()               # global input channels
+        active_inputs = col_ok.reshape(-1).nonzero().flatten()  # global input channels
         in_group = active_inputs // width
         local_col = active_inputs % width
-        same = row_group.unsqueeze(1) == in_group.unsqueeze(0)                # [R, I]
+        same = row_group.unsqueeze(1) == in_group.unsqueeze(0)  # [R, I]
         dense_cols = torch.where(same, local_col.unsqueeze(0), torch.full_like(same, width, dtype=torch.long))
         return LayerSlice(rows, None, None if bool(block.all()) else block, 1, dense_cols=dense_cols, n_rows=n_rows)
 
@@ -401,8 +433,9 @@ def _loss_weights(output: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return torch.randn(output.shape, generator=generator, dtype=torch.float32).to(output)
 
 
-def _run(net: SteppingNet, inputs: Any, s: int, train: bool, sliced: bool, seed: int,
-         gradients: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _run(
+    net: SteppingNet, inputs: Any, s: int, train: bool, sliced: bool, seed: int, gradients: bool
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     model = net.model
     model.train(train)
     for p in model.parameters():
@@ -425,8 +458,10 @@ def _run(net: SteppingNet, inputs: Any, s: int, train: bool, sliced: bool, seed:
         loss = sum((t.float() * _loss_weights(t, generator)).sum() for t in outputs)
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
             loss.backward()
-        grads = {name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-                 for name, p in model.named_parameters()}
+        grads = {
+            name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for name, p in model.named_parameters()
+        }
         for p in model.parameters():
             p.grad = None
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b.is_floating_point()}
@@ -509,8 +544,7 @@ def compare_executions(
                 for name, r in ref[1].items():
                     err = relative_error(r, got[1][name], grad_floor * largest)
                     if err > grad_rtol:
-                        return (f"subnet {s} ({label} mode): the gradient of {name} differs by {err:.2e} "
-                                "(relative)")
+                        return f"subnet {s} ({label} mode): the gradient of {name} differs by {err:.2e} (relative)"
                 top = max((float(r.abs().max()) for r in ref[2].values() if r.numel()), default=0.0)
                 for name, r in ref[2].items():
                     err = relative_error(r, got[2][name], grad_floor * top)
@@ -553,16 +587,20 @@ def attach(net: SteppingNet, execution: str) -> SlicedExecution | None:
             # subnet holding part of the channels, with errors of the gradients' own size (hence
             # gradients relative to the largest one); eval mode compares outputs only.
             last = {1, net.num_subnets}
-            reason = compare_executions(net, inputs, subnets=sorted(last), modes=(True,), grad_floor=1.0) or \
-                compare_executions(net, inputs, subnets=sorted(last), modes=(False,), gradients=False)
+            reason = compare_executions(
+                net, inputs, subnets=sorted(last), modes=(True,), grad_floor=1.0
+            ) or compare_executions(net, inputs, subnets=sorted(last), modes=(False,), gradients=False)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
     finally:
         net.set_flat_assignment(saved)
     if reason:
         sliced.remove()
-        logger.warning("sliced execution does not reproduce the masked one on this model (%s); "
-                       "training runs masked, at the full width's cost", reason)
+        logger.warning(
+            "sliced execution does not reproduce the masked one on this model (%s); "
+            "training runs masked, at the full width's cost",
+            reason,
+        )
         return None
     logger.debug("sliced execution checked against masks: equal")
     return sliced
@@ -595,8 +633,7 @@ def _check_batch(inputs: Any) -> int:
     return 8 if sizes and max(sizes) <= 64 * 64 else 2
 
 
-def nested_assignment(net: SteppingNet, seed: int = 0,
-                      fractions: Sequence[float] | None = None) -> torch.Tensor:
+def nested_assignment(net: SteppingNet, seed: int = 0, fractions: Sequence[float] | None = None) -> torch.Tensor:
     """A flat assignment (without the input slot) keeping ``fractions[s-1]`` of every group in
     subnets ``<= s`` (default: ``0.1 + 0.8 * s / N``, i.e. 30/50/70/90% for N = 4; at least one
     neuron per subnet), the rest unused; each group's neurons in a random order (``seed``)."""
@@ -610,6 +647,6 @@ def nested_assignment(net: SteppingNet, seed: int = 0,
         order = torch.randperm(group.size, generator=generator)
         values = torch.full((group.size,), n + 1, dtype=torch.long)
         for s in range(n, 0, -1):
-            values[order[:max(1, round(fractions[s - 1] * group.size))]] = s
+            values[order[: max(1, round(fractions[s - 1] * group.size))]] = s
         parts.append(values)
     return torch.cat(parts)

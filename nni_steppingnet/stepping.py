@@ -6,6 +6,7 @@ index ``a`` in 1..N, or N+1 for "unused". Weight ``W[o, i]`` is active in subnet
 outputs belong to every subnet, so its weight is active iff ``a(i) <= s``. Masks multiply the
 weights inside the forward through a parametrization, so weights are never overwritten.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,14 +71,17 @@ class NeuronGroup:
 
 def _check_assignment(name: str, size: int, num_subnets: int, tensor: torch.Tensor) -> None:
     if tensor.dim() != 1 or tensor.numel() != size:
-        raise ValueError(f"assignment of group {name!r} must be a 1-D tensor of length {size}, "
-                         f"got shape {tuple(tensor.shape)}")
+        raise ValueError(
+            f"assignment of group {name!r} must be a 1-D tensor of length {size}, got shape {tuple(tensor.shape)}"
+        )
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
         raise ValueError(f"assignment of group {name!r} must hold integers, got {tensor.dtype}")
     if tensor.numel() and (int(tensor.min()) < 1 or int(tensor.max()) > num_subnets + 1):
-        raise ValueError(f"assignment of group {name!r} has values in [{int(tensor.min())}, "
-                         f"{int(tensor.max())}]; allowed are 1..{num_subnets} (subnets) and "
-                         f"{num_subnets + 1} (unused)")
+        raise ValueError(
+            f"assignment of group {name!r} has values in [{int(tensor.min())}, "
+            f"{int(tensor.max())}]; allowed are 1..{num_subnets} (subnets) and "
+            f"{num_subnets + 1} (unused)"
+        )
 
 
 class RunningStatsGuard:
@@ -107,8 +111,9 @@ class RunningStatsGuard:
                 continue
             if module.running_mean is None or module.running_mean.numel() != positions.numel():
                 continue
-            self._handles.append(net.hooks.add_forward_pre_hook(module, self._pre(name, positions),
-                                                                priority=hooks.GUARD))
+            self._handles.append(
+                net.hooks.add_forward_pre_hook(module, self._pre(name, positions), priority=hooks.GUARD)
+            )
             self._handles.append(net.hooks.add_forward_hook(module, self._post(name), priority=hooks.GUARD))
 
     def _inactive(self, name: str, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -303,11 +308,14 @@ class SteppingNet:
         if isinstance(num_subnets, bool) or not isinstance(num_subnets, int) or num_subnets < 1:
             raise ValueError(f"num_subnets must be a positive int, got {num_subnets!r}")
         if not isinstance(rule, MaskRule):
-            raise TypeError(f"rule must be a nni_steppingnet.rules.MaskRule (e.g. rules.NESTED), got "
-                            f"{type(rule).__name__}")
+            raise TypeError(
+                f"rule must be a nni_steppingnet.rules.MaskRule (e.g. rules.NESTED), got {type(rule).__name__}"
+            )
         if any(parametrize.is_parametrized(m) for m in model.modules()):
-            raise ValueError("model already has parametrizations (is it wrapped by another "
-                             "SteppingNet?); call net.remove() on the old wrapper first")
+            raise ValueError(
+                "model already has parametrizations (is it wrapped by another "
+                "SteppingNet?); call net.remove() on the old wrapper first"
+            )
         self.model = model
         self.num_subnets = num_subnets
         self.example_inputs = example_inputs
@@ -325,8 +333,9 @@ class SteppingNet:
         #: bare per-channel parameters (layer scale): qualified name -> flat positions
         self.channel_parameters = {name: fix(pos) for name, pos in spec.channel_parameters.items()}
         self._layer_index = {layer.name: k for k, layer in enumerate(self.layers)}
-        self.index = SteppingIndex(self.groups, [layer.name for layer in self.layers], self._offsets,
-                                   self._out_pos, self._in_pos)
+        self.index = SteppingIndex(
+            self.groups, [layer.name for layer in self.layers], self._offsets, self._out_pos, self._in_pos
+        )
         #: the ordered registry of gradient and forward hooks on the model (see :mod:`.hooks`)
         self.hooks = HookRegistry()
         # The wrap-time probe looks for untraced channel mixing, which breaks any rule: it runs
@@ -461,10 +470,12 @@ class SteppingNet:
         flat = torch.as_tensor(flat)
         total = self._num_neurons
         if flat.dim() != 1 or flat.numel() not in (total, total + 1):
-            raise ValueError(f"flat assignment must be a 1-D tensor of length {total} (one entry per "
-                             f"neuron, in group order) or {total + 1} (with the trailing input slot "
-                             f"of flat_assignment()), got shape {tuple(flat.shape)}")
-        parts = [flat[start:start + g.size] for g, start in zip(self.groups, self._offsets)]
+            raise ValueError(
+                f"flat assignment must be a 1-D tensor of length {total} (one entry per "
+                f"neuron, in group order) or {total + 1} (with the trailing input slot "
+                f"of flat_assignment()), got shape {tuple(flat.shape)}"
+            )
+        parts = [flat[start : start + g.size] for g, start in zip(self.groups, self._offsets)]
         for g, part in zip(self.groups, parts):
             _check_assignment(g.name, g.size, self.num_subnets, part)
         for g, part in zip(self.groups, parts):
@@ -551,8 +562,9 @@ class SteppingNet:
         """Active MACs per sample of every layer in subnet ``s``."""
         self._check_subnet(s)
         self.refresh()
-        return {layer.name: int(self._bool_mask(k, s).sum().item()) * layer.positions
-                for k, layer in enumerate(self.layers)}
+        return {
+            layer.name: int(self._bool_mask(k, s).sum().item()) * layer.positions for k, layer in enumerate(self.layers)
+        }
 
     def macs(self, s: int) -> int:
         """Exact MACs per sample of subnet ``s`` (active Conv/Linear weight entries x positions)."""
@@ -569,8 +581,10 @@ class SteppingNet:
         """
         rule = self._rule
         if probe and not rule.isolated:
-            raise ValueError(f"subnets under the {rule.name} rule share no activations by design, so "
-                             "there is no isolation to probe; call validate() without probe=True")
+            raise ValueError(
+                f"subnets under the {rule.name} rule share no activations by design, so "
+                "there is no isolation to probe; call validate() without probe=True"
+            )
         flat = self.flat_assignment()
         for k, layer in enumerate(self.layers):
             for s in range(1, self.num_subnets + 1):
@@ -583,8 +597,9 @@ class SteppingNet:
                 if bool(wrong.any()):
                     o, i = (int(v) for v in wrong.nonzero()[0])
                     state = "active" if bool(active[o, i]) else "inactive"
-                    raise ValueError(f"layer {layer.name!r}: weight [{o}, {i}] is {state} in subnet {s} "
-                                     f"{rule.violation()}")
+                    raise ValueError(
+                        f"layer {layer.name!r}: weight [{o}, {i}] is {state} in subnet {s} {rule.violation()}"
+                    )
         if probe:
             self._verify_isolation(self.flat_assignment())
 
@@ -611,12 +626,16 @@ class SteppingNet:
         current: dict[str, torch.Tensor] = {}
         for layer in self.layers:
             if layer.is_logits:
+
                 def in_hook(module: nn.Module, args: Any, output: torch.Tensor, name: str = layer.name) -> None:
                     current[name] = args[0].detach().clone()
+
                 handles.append(layer.module.register_forward_hook(in_hook))
                 continue
+
             def hook(module: nn.Module, args: Any, output: torch.Tensor, name: str = layer.name) -> None:
                 current[name] = output.detach().clone()
+
             handles.append(layer.module.register_forward_hook(hook))
         was_training = self.model.training
         buffers = {k: v.clone() for k, v in self.model.state_dict().items() if "running" in k or "num_batches" in k}
@@ -680,9 +699,16 @@ class SteppingNet:
         if problems:
             self.remove()
             raise UnsupportedModelError(
-                [(name, f"outputs of subnet {s} change by {err:.2e} (relative) when a larger subnet "
+                [
+                    (
+                        name,
+                        f"outputs of subnet {s} change by {err:.2e} (relative) when a larger subnet "
                         "is active: a module before it mixes channels in a way torch-pruning did "
-                        "not trace") for name, s, err in problems[:8]])
+                        "not trace",
+                    )
+                    for name, s, err in problems[:8]
+                ]
+            )
 
     # -------------------------------------------------------------------- export
     def plain_copy(self, s: int | None = None) -> nn.Module:
@@ -742,17 +768,22 @@ class SteppingNet:
     def load_state_dict(self, state: Mapping[str, Any], *, weights: bool = True) -> None:
         """Restore a :meth:`state_dict`; raises :class:`CheckpointError` on a different model."""
         if state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"not a SteppingNet state (format {state.get('format')!r}, "
-                                  f"expected {STATE_FORMAT!r})")
+            raise CheckpointError(
+                f"not a SteppingNet state (format {state.get('format')!r}, expected {STATE_FORMAT!r})"
+            )
         if state["num_subnets"] != self.num_subnets:
             raise CheckpointError(f"state has {state['num_subnets']} subnets, this net {self.num_subnets}")
         saved = [(g["name"], g["size"]) for g in state["groups"]]
         mine = [(g.name, g.size) for g in self.groups]
         if saved != mine:
-            diff = next(((a, b) for a, b in zip(saved, mine) if a != b), (saved[len(mine):][:1], mine[len(saved):][:1]))
-            raise CheckpointError("the state was saved from a different model: neuron groups differ "
-                                  f"(saved {diff[0]} vs this model {diff[1]}); build the same "
-                                  "architecture (and width) before loading")
+            diff = next(
+                ((a, b) for a, b in zip(saved, mine) if a != b), (saved[len(mine) :][:1], mine[len(saved) :][:1])
+            )
+            raise CheckpointError(
+                "the state was saved from a different model: neuron groups differ "
+                f"(saved {diff[0]} vs this model {diff[1]}); build the same "
+                "architecture (and width) before loading"
+            )
         for g, saved_group in zip(self.groups, state["groups"]):
             g.assignment = saved_group["assignment"]
         names = {layer.name for layer in self.layers}
@@ -783,8 +814,10 @@ class SteppingNet:
         return self.model
 
     def summary(self) -> str:
-        lines = [f"SteppingNet: {self.num_subnets} subnets, {len(self.groups)} neuron groups, "
-                 f"{self._num_neurons} neurons, {len(self.layers)} layers, full MACs {self.full_macs:,}"]
+        lines = [
+            f"SteppingNet: {self.num_subnets} subnets, {len(self.groups)} neuron groups, "
+            f"{self._num_neurons} neurons, {len(self.layers)} layers, full MACs {self.full_macs:,}"
+        ]
         for s in range(1, self.num_subnets + 1):
             m = self.macs(s)
             lines.append(f"  subnet {s}: {m:,} MACs ({100.0 * m / self.full_macs:.2f}% of full)")

@@ -17,6 +17,7 @@ The checker is independent of :meth:`SteppingNet.check_isolation` (it hooks ever
 itself, records repeated calls of a module, and compares with exact equality), so the two
 can check each other. The project's tests and benchmarks use these helpers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,8 +80,11 @@ def fraction_assignment(net: SteppingNet, fractions: Sequence[float], seed: int)
     (one non-decreasing value in (0, 1] per subnet; MACs grow roughly with their squares).
     Returns ``net.flat_assignment()``."""
     values = [float(f) for f in fractions]
-    if len(values) != net.num_subnets or any(not 0 < f <= 1 for f in values) \
-            or any(a > b for a, b in zip(values, values[1:])):
+    if (
+        len(values) != net.num_subnets
+        or any(not 0 < f <= 1 for f in values)
+        or any(a > b for a, b in zip(values, values[1:]))
+    ):
         raise ValueError(f"fractions must be {net.num_subnets} non-decreasing values in (0, 1], got {values}")
     generator = torch.Generator().manual_seed(seed)
     bounds = torch.tensor(values[:-1])
@@ -124,9 +128,12 @@ def subnet_activations(net: SteppingNet, x: Any, train: bool = False) -> dict[in
     current: dict[str, list[torch.Tensor]] = {}
     handles = []
     for layer in net.layers:
-        def hook(module: nn.Module, args: Any, output: torch.Tensor, name: str = layer.name,
-                 logits: bool = layer.is_logits) -> None:
+
+        def hook(
+            module: nn.Module, args: Any, output: torch.Tensor, name: str = layer.name, logits: bool = layer.is_logits
+        ) -> None:
             current.setdefault(name, []).append((args[0] if logits else output).detach().clone())
+
         handles.append(layer.module.register_forward_hook(hook))
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     was_training = model.training

@@ -4,6 +4,7 @@ dense teacher training and evaluation.
 Everything here works on any :class:`SubnetModel` (a :class:`SteppingNet` or a baseline that
 offers the same four members); beta suppression needs a SteppingNet's neuron assignment.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,10 @@ def check_amp(amp: str | None) -> str | None:
     if amp is None or amp == "none":
         return None
     if amp not in _AMP_MODES:
-        raise ValueError(f"amp must be None or 'bf16', got {amp!r} (fp16 needs a gradient scaler "
-                         "and is not supported; bf16 autocast works on CPU and recent GPUs)")
+        raise ValueError(
+            f"amp must be None or 'bf16', got {amp!r} (fp16 needs a gradient scaler "
+            "and is not supported; bf16 autocast works on CPU and recent GPUs)"
+        )
     return amp
 
 
@@ -91,8 +94,9 @@ def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
         return batch[0], batch[1]
     if isinstance(batch, dict) and "image" in batch and "label" in batch:
         return batch["image"], batch["label"]
-    raise ValueError("each batch must be (inputs, targets) or a dict with 'image' and 'label', got "
-                     f"{type(batch).__name__}")
+    raise ValueError(
+        f"each batch must be (inputs, targets) or a dict with 'image' and 'label', got {type(batch).__name__}"
+    )
 
 
 def forward_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
@@ -111,8 +115,9 @@ def _progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | No
 
 
 def _batches(loader: Iterable[Any], max_batches: int | None) -> Iterator[Any]:
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                    or max_batches < 1):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
         raise ValueError(f"max_batches must be None or a positive int, got {max_batches!r}")
     for index, batch in enumerate(loader):
         if max_batches is not None and index >= max_batches:
@@ -185,15 +190,18 @@ class BetaSuppression:
                     continue
                 for attr in ("weight", "bias"):
                     param = getattr(module, attr, None)
-                    if (isinstance(param, nn.Parameter) and param.dim() >= 1
-                            and param.shape[0] == positions.numel()):
+                    if isinstance(param, nn.Parameter) and param.dim() >= 1 and param.shape[0] == positions.numel():
                         self._hook(param, positions)
             parameters = dict(net.model.named_parameters())
             for name, positions in net.channel_parameters.items():
                 param = parameters.get(name)
                 # Bare per-channel parameters (layer scale [C, 1, 1]) with channels first.
-                if param is not None and param.dim() >= 1 and parameter_channel_dim(param) == 0 \
-                        and param.shape[0] == positions.numel():
+                if (
+                    param is not None
+                    and param.dim() >= 1
+                    and parameter_channel_dim(param) == 0
+                    and param.shape[0] == positions.numel()
+                ):
                     self._hook(param, positions)
         except BaseException:
             self.remove()
@@ -231,11 +239,8 @@ class BetaSuppression:
         self._handles = []
 
 
-
-
 def _check_beta(beta: float) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) \
-            or not 0.0 < beta <= 1.0:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or not 0.0 < beta <= 1.0:
         raise ValueError(f"beta must be a number in (0, 1], got {beta!r}")
 
 
@@ -281,20 +286,27 @@ def kd_loss(
     """
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape"
+        )
     student = student_logits.float()
     teacher = teacher_logits.detach().float()
     ce = F.cross_entropy(student, targets)
     if gamma == 1.0:
         return ce
     t = float(temperature)
-    kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
-                  reduction="batchmean", log_target=True) * (t * t)
+    kl = F.kl_div(
+        F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), reduction="batchmean", log_target=True
+    ) * (t * t)
     return gamma * ce + (1.0 - gamma) * kl
 
 
@@ -344,8 +356,10 @@ def train_subnets_epoch(
     hooks: BetaSuppression | None = None
     if beta is not None and beta != 1.0:
         if not isinstance(target, SteppingNet):
-            raise ValueError("beta suppression needs a SteppingNet target (it reads the neuron "
-                             f"assignment); got {type(target).__name__}: pass beta=None")
+            raise ValueError(
+                "beta suppression needs a SteppingNet target (it reads the neuron "
+                f"assignment); got {type(target).__name__}: pass beta=None"
+            )
         hooks = BetaSuppression(target, 1, beta)
     total, steps = 0.0, 0
     try:

@@ -5,6 +5,7 @@ optionally ``None``) says both what is wrong (:meth:`Range.problem`, used by the
 which adds the key and the file) and raises it (:meth:`Range.check`, used by the library).
 :func:`check_budgets` is the single check of MAC budgets. Messages say what is allowed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,8 +70,9 @@ class Range:
         if self.integer and self.low == 1 and self.high is None and not self.low_open:
             text = "a positive int"
         elif self.low is not None and self.high is not None:
-            text = (f"in {'(' if self.low_open else '['}{_fmt(self.low)}, {_fmt(self.high)}"
-                    f"{')' if self.high_open else ']'}")
+            text = (
+                f"in {'(' if self.low_open else '['}{_fmt(self.low)}, {_fmt(self.high)}{')' if self.high_open else ']'}"
+            )
         elif self.low is not None:
             text = f"{'>' if self.low_open else '>='} {_fmt(self.low)}"
         elif self.high is not None:
@@ -149,15 +151,17 @@ def check_budgets(budgets: Any, num_subnets: int | None = None, *, name: str = "
         raise ValueError(f"{name} must be a non-empty list of MAC fractions, got {budgets!r}")
     for i, b in enumerate(budgets):
         if not is_number(b) or not 0 < b <= 1:
-            raise ValueError(f"{name}[{i}] = {b!r} must be in (0, 1] (a fraction of the reference "
-                             "network's MACs)")
+            raise ValueError(f"{name}[{i}] = {b!r} must be in (0, 1] (a fraction of the reference network's MACs)")
     for i in range(1, len(budgets)):
         if budgets[i] <= budgets[i - 1]:
-            raise ValueError(f"{name} must be strictly ascending (subnet i+1 contains subnet i), but "
-                             f"{name}[{i - 1}] = {budgets[i - 1]} >= {name}[{i}] = {budgets[i]}")
+            raise ValueError(
+                f"{name} must be strictly ascending (subnet i+1 contains subnet i), but "
+                f"{name}[{i - 1}] = {budgets[i - 1]} >= {name}[{i}] = {budgets[i]}"
+            )
     if num_subnets is not None and len(budgets) != num_subnets:
-        raise ValueError(f"{name} has {len(budgets)} entries but there are {num_subnets} subnets; give one "
-                         "budget per subnet")
+        raise ValueError(
+            f"{name} has {len(budgets)} entries but there are {num_subnets} subnets; give one budget per subnet"
+        )
     return [float(b) for b in budgets]
 
 

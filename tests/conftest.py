@@ -2,6 +2,7 @@
 
 The factories are session-scoped (they hold no state), so module-scoped fixtures may use them.
 """
+
 from __future__ import annotations
 
 import threading

@@ -7,6 +7,7 @@
 * no library module imports an application module;
 * building the command-line parser imports neither torch-pruning nor NNI.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,19 +23,21 @@ CORE = PACKAGE / "stepping.py"
 CORE_CLASSES = ("SteppingNet", "SteppingIndex", "NeuronGroup")
 
 #: The application layer: recipes, the flow, reports, orchestration and the command line.
-APPLICATION = frozenset({
-    "nni_steppingnet.config",
-    "nni_steppingnet.flow",
-    "nni_steppingnet.flow_cli",
-    "nni_steppingnet.report",
-    "nni_steppingnet.cli",
-    "nni_steppingnet.__main__",
-    "nni_steppingnet.baselines.compare",  # re-export of nni_steppingnet.app.compare for one release
-    "nni_steppingnet.nni.experiment",  # `tune`: NNI hyperparameter search over recipes
-    "nni_steppingnet.nni.trial",
-    "nni_steppingnet.nni.search_space",
-    "nni_steppingnet.nni.remote",
-})
+APPLICATION = frozenset(
+    {
+        "nni_steppingnet.config",
+        "nni_steppingnet.flow",
+        "nni_steppingnet.flow_cli",
+        "nni_steppingnet.report",
+        "nni_steppingnet.cli",
+        "nni_steppingnet.__main__",
+        "nni_steppingnet.baselines.compare",  # re-export of nni_steppingnet.app.compare for one release
+        "nni_steppingnet.nni.experiment",  # `tune`: NNI hyperparameter search over recipes
+        "nni_steppingnet.nni.trial",
+        "nni_steppingnet.nni.search_space",
+        "nni_steppingnet.nni.remote",
+    }
+)
 
 
 def _module_name(path: Path) -> str:
@@ -89,9 +92,14 @@ class _Imports(ast.NodeVisitor):
     def visit_Call(self, node: ast.Call) -> None:
         # importlib.import_module("nni_steppingnet.x") with a literal name counts too.
         func = node.func
-        if (isinstance(func, ast.Attribute) and func.attr == "import_module" and node.args
-                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-                and node.args[0].value.startswith("nni_steppingnet")):
+        if (
+            isinstance(func, ast.Attribute)
+            and func.attr == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and node.args[0].value.startswith("nni_steppingnet")
+        ):
             self.found.append((node.lineno, node.args[0].value))
         self.generic_visit(node)
 
@@ -115,8 +123,13 @@ def _private_names() -> set[str]:
         if not (isinstance(node, ast.ClassDef) and node.name in CORE_CLASSES):
             continue
         for sub in ast.walk(node):
-            if (isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self"
-                    and sub.attr.startswith("_") and not sub.attr.startswith("__")):
+            if (
+                isinstance(sub, ast.Attribute)
+                and isinstance(sub.value, ast.Name)
+                and sub.value.id == "self"
+                and sub.attr.startswith("_")
+                and not sub.attr.startswith("__")
+            ):
                 names.add(sub.attr)
             if isinstance(sub, ast.FunctionDef) and sub.name.startswith("_") and not sub.name.startswith("__"):
                 names.add(sub.name)
@@ -146,8 +159,10 @@ def test_no_private_attribute_of_the_core_read_outside_stepping() -> None:
             if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
                 continue
             offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: .{node.attr}")
-    assert not offenders, ("private SteppingNet/NeuronGroup attributes read outside stepping.py (use "
-                           "net.index or other public API):\n" + "\n".join(offenders))
+    assert not offenders, (
+        "private SteppingNet/NeuronGroup attributes read outside stepping.py (use "
+        "net.index or other public API):\n" + "\n".join(offenders)
+    )
 
 
 def _cycles(graph: dict[str, list[tuple[int, str]]]) -> list[list[str]]:
@@ -203,16 +218,21 @@ def test_import_graph_has_no_cycle() -> None:
 def test_library_never_imports_the_application() -> None:
     graph = _import_graph()
     assert set(APPLICATION) - {"nni_steppingnet.__main__"} <= set(graph), "APPLICATION names a missing module"
-    offenders = [f"{source} line {line} imports {target}"
-                 for source, targets in graph.items() if not _is_application(source)
-                 for line, target in targets if _is_application(target)]
+    offenders = [
+        f"{source} line {line} imports {target}"
+        for source, targets in graph.items()
+        if not _is_application(source)
+        for line, target in targets
+        if _is_application(target)
+    ]
     assert not offenders, "library modules import the application layer:\n" + "\n".join(offenders)
 
 
 @pytest.mark.parametrize("heavy", ["torch_pruning", "nni"])
 def test_building_the_cli_parser_imports_no_heavy_dependency(heavy: str) -> None:
-    code = ("import sys\nfrom nni_steppingnet.cli import build_parser\nbuild_parser()\n"
-            f"print({heavy!r} in sys.modules)\n")
+    code = (
+        f"import sys\nfrom nni_steppingnet.cli import build_parser\nbuild_parser()\nprint({heavy!r} in sys.modules)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False", f"building the parser imported {heavy}"

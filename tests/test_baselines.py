@@ -3,6 +3,7 @@
 Structure checks are exact (mask entries, counts, bitwise-equal activations); the end-to-end
 commands run on synthetic data with tiny settings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,10 @@ def _activations(net: Any, s: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for layer in net.layers:
+
         def hook(module: nn.Module, args: Any, output: torch.Tensor, name: str = layer.name) -> None:
             seen[name] = output.detach().clone()
+
         handles.append(layer.module.register_forward_hook(hook))
     try:
         with torch.no_grad(), net.subnet(s):
@@ -199,12 +202,19 @@ def test_slimmable_has_private_batchnorm_per_width() -> None:
     net = _wrap(SlimmableNet)
     switches = [m for m in net.model.modules() if isinstance(m, SwitchableBatchNorm)]
     assert len(switches) == 2 and all(len(m.bns) == 2 for m in switches)
-    assert sorted(net.channel_modules) == ["features.1.bns.0", "features.1.bns.1",
-                                           "features.5.bns.0", "features.5.bns.1"]
+    assert sorted(net.channel_modules) == [
+        "features.1.bns.0",
+        "features.1.bns.1",
+        "features.5.bns.0",
+        "features.5.bns.1",
+    ]
     bn = net.model.features[1]
     # the running-statistics guard hooks the per-width copies (and nothing else)
-    hooked = [n for n, m in net.model.named_modules() if m._forward_pre_hooks
-              and (not n or isinstance(m, nn.modules.batchnorm._BatchNorm))]
+    hooked = [
+        n
+        for n, m in net.model.named_modules()
+        if m._forward_pre_hooks and (not n or isinstance(m, nn.modules.batchnorm._BatchNorm))
+    ]
     assert hooked == ["", "features.1.bns.0", "features.1.bns.1", "features.5.bns.0", "features.5.bns.1"]
     stats = [b.running_mean.clone() for b in bn.bns]
     net.model.train()
@@ -284,11 +294,14 @@ def test_unreachable_budget_is_reported_not_raised() -> None:
     assert plan.mac_ratios[-1] < 0.83
 
 
-@pytest.mark.parametrize(("budgets", "message"), [
-    ([0.3, 0.2], "strictly ascending"),
-    ([0.1, 0.2, 0.3], "one MAC budget per subnet"),
-    ([0.0, 0.5], "positive fractions"),
-])
+@pytest.mark.parametrize(
+    ("budgets", "message"),
+    [
+        ([0.3, 0.2], "strictly ascending"),
+        ([0.1, 0.2, 0.3], "one MAC budget per subnet"),
+        ([0.0, 0.5], "positive fractions"),
+    ],
+)
 def test_search_widths_rejects_bad_budgets(budgets: list[float], message: str) -> None:
     net = _wrap(AnyWidthNet)
     with pytest.raises(ValueError, match=message):
@@ -296,9 +309,18 @@ def test_search_widths_rejects_bad_budgets(budgets: list[float], message: str) -
 
 
 # ---------------------------------------------------------------------- compare / ablate
-TINY = ["data.name=synthetic", "data.synthetic_size=64", "data.batch_size=32", "data.img_size=8",
-        "model.width=0.25", "teacher.epochs=1", "construction.iterations=2",
-        "construction.batches_per_iteration=1", "retraining.epochs=1", "construction.monitor_samples=0"]
+TINY = [
+    "data.name=synthetic",
+    "data.synthetic_size=64",
+    "data.batch_size=32",
+    "data.img_size=8",
+    "model.width=0.25",
+    "teacher.epochs=1",
+    "construction.iterations=2",
+    "construction.batches_per_iteration=1",
+    "retraining.epochs=1",
+    "construction.monitor_samples=0",
+]
 
 
 def _cli(command: str, argv: list[str]) -> argparse.Namespace:
@@ -321,7 +343,8 @@ def test_compare_on_synthetic_writes_table_plot_and_json(tmp_path: Path, capsys:
     assert capsys.readouterr().out.startswith(table)
     rows = [line for line in table.splitlines() if line.startswith("| ") and line.split("|")[2].strip().isdigit()]
     assert [(r.split("|")[1].strip(), int(r.split("|")[2])) for r in rows] == [
-        (m, s) for m in ("steppingnet", "anywidth", "slimmable") for s in (1, 2, 3, 4)]
+        (m, s) for m in ("steppingnet", "anywidth", "slimmable") for s in (1, 2, 3, 4)
+    ]
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "compare.json").read_text())
     assert list(report["summary"]) == ["steppingnet", "anywidth", "slimmable"]
@@ -342,19 +365,51 @@ def test_compare_on_synthetic_writes_table_plot_and_json(tmp_path: Path, capsys:
     # a second run into the same folder needs --resume, and then reuses every finished run
     with pytest.raises(ValueError, match="--resume"):
         compare_cli.main(args)
-    again = _cli("compare", ["quickstart", "--out", str(out), "--device", "cpu", "--no-progress", "--resume",
-                             "--methods", "anywidth", *_sets(TINY)])
+    again = _cli(
+        "compare",
+        [
+            "quickstart",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--resume",
+            "--methods",
+            "anywidth",
+            *_sets(TINY),
+        ],
+    )
     assert compare_cli.main(again) == 0
     assert json.loads((out / "compare.json").read_text())["summary"]["anywidth"] == report["summary"]["anywidth"]
 
 
 def test_ablate_on_synthetic_runs_variants_and_sweep(tmp_path: Path) -> None:
     out = tmp_path / "abl"
-    args = _cli("ablate", ["quickstart", "--out", str(out), "--device", "cpu", "--no-progress",
-                           "--variants", "beta+kd;no kd", "--expansions", "1.8,1.0", *_sets(TINY)])
+    args = _cli(
+        "ablate",
+        [
+            "quickstart",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--variants",
+            "beta+kd;no kd",
+            "--expansions",
+            "1.8,1.0",
+            *_sets(TINY),
+        ],
+    )
     assert compare_cli.main(args) == 0
     report = json.loads((out / "ablate.json").read_text())
-    assert list(report["summary"]) == ["beta+kd", "no kd", "expansion 1.8", "expansion 1", ]
+    assert list(report["summary"]) == [
+        "beta+kd",
+        "no kd",
+        "expansion 1.8",
+        "expansion 1",
+    ]
     # expansion 1.8 is the recipe's own: reused, not rerun
     assert report["summary"]["expansion 1.8"] == report["summary"]["beta+kd"]
     assert sorted(p.name for p in (out / "seed0").iterdir()) == ["beta-kd", "expansion-1", "no-kd", "teacher.pt"]
@@ -362,14 +417,18 @@ def test_ablate_on_synthetic_runs_variants_and_sweep(tmp_path: Path) -> None:
     assert "| no kd | 4 |" in (out / "ablate.md").read_text()
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--methods", "steppingnet,bogus"], "unknown method"),
-    (["--seeds", "0,x"], "--seeds"),
-    (["--seeds", "1,1"], "distinct"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "steppingnet,bogus"], "unknown method"),
+        (["--seeds", "0,x"], "--seeds"),
+        (["--seeds", "1,1"], "distinct"),
+    ],
+)
 def test_compare_rejects_bad_arguments(tmp_path: Path, argv: list[str], message: str) -> None:
-    args = _cli("compare", ["quickstart", "--out", str(tmp_path / "x"), "--device", "cpu", "--no-progress",
-                            *argv, *_sets(TINY)])
+    args = _cli(
+        "compare", ["quickstart", "--out", str(tmp_path / "x"), "--device", "cpu", "--no-progress", *argv, *_sets(TINY)]
+    )
     with pytest.raises(ValueError, match=message):
         compare_cli.main(args)
 

@@ -5,6 +5,7 @@ misuse is reported clearly (wrong example_inputs, a pruner loop that ends early)
 
 Each case checks the exit code, the one-line message and the files on disk before and after.
 """
+
 from __future__ import annotations
 
 import errno
@@ -25,10 +26,16 @@ from nni_steppingnet.cli import main
 
 #: 64 synthetic 16x16 images and a quarter-width LeNet-3C1L: a whole run takes seconds.
 TINY = [
-    "data.name=synthetic", "data.synthetic_size=64", "data.batch_size=16",
-    "model.width=0.25", "steppingnet.expansion=1.5",
-    "teacher.epochs=1", "construction.iterations=4", "construction.batches_per_iteration=2",
-    "construction.monitor_samples=16", "retraining.epochs=2",
+    "data.name=synthetic",
+    "data.synthetic_size=64",
+    "data.batch_size=16",
+    "model.width=0.25",
+    "steppingnet.expansion=1.5",
+    "teacher.epochs=1",
+    "construction.iterations=4",
+    "construction.batches_per_iteration=2",
+    "construction.monitor_samples=16",
+    "retraining.epochs=2",
 ]
 SETS = [arg for item in TINY for arg in ("--set", item)]
 
@@ -37,8 +44,11 @@ def _snapshot(folder: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under ``folder`` (hidden files included)."""
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -65,14 +75,18 @@ def run_copy(finished_run: Path, tmp_path: Path) -> Path:
 
 
 # ------------------------------------------------------------------ 1. inputs are never outputs
-@pytest.mark.parametrize("kind, target", [
-    (["--subnet", "1"], "checkpoint.pt"),
-    (["--runner"], "checkpoint.pt"),
-    (["--subnet", "2"], "teacher.pt"),
-    (["--runner"], "teacher.pt"),
-])
-def test_export_never_overwrites_its_checkpoint_or_teacher(run_copy: Path, kind: list[str], target: str,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "kind, target",
+    [
+        (["--subnet", "1"], "checkpoint.pt"),
+        (["--runner"], "checkpoint.pt"),
+        (["--subnet", "2"], "teacher.pt"),
+        (["--runner"], "teacher.pt"),
+    ],
+)
+def test_export_never_overwrites_its_checkpoint_or_teacher(
+    run_copy: Path, kind: list[str], target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = _snapshot(run_copy)
     code = main(["export", str(run_copy / "checkpoint.pt"), *kind, "--out", str(run_copy / target)])
     line = _error_line(capsys)
@@ -83,7 +97,8 @@ def test_export_never_overwrites_its_checkpoint_or_teacher(run_copy: Path, kind:
 
 
 def test_export_through_another_spelling_of_the_same_file_is_refused(
-        run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     link = tmp_path / "link.pt"
     link.symlink_to(run_copy / "checkpoint.pt")
     monkeypatch.chdir(run_copy)
@@ -93,23 +108,35 @@ def test_export_through_another_spelling_of_the_same_file_is_refused(
     assert _snapshot(run_copy) == before and link.is_symlink()
 
 
-def test_run_never_overwrites_its_teacher_checkpoint(run_copy: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_never_overwrites_its_teacher_checkpoint(
+    run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # A new run whose --out is the folder its teacher.checkpoint lives in would rewrite that teacher.
     out = tmp_path / "second"
     out.mkdir()
     shutil.copy(run_copy / "teacher.pt", out / "teacher.pt")
     before = _snapshot(out)
-    code = main(["run", "quickstart", "--out", str(out), "--no-progress", *SETS,
-                 "--set", f"teacher.checkpoint={out / 'teacher.pt'}"])
+    code = main(
+        [
+            "run",
+            "quickstart",
+            "--out",
+            str(out),
+            "--no-progress",
+            *SETS,
+            "--set",
+            f"teacher.checkpoint={out / 'teacher.pt'}",
+        ]
+    )
     line = _error_line(capsys)
     assert code == 2 and f"would overwrite {out / 'teacher.pt'}, an input of this command" in line
     assert _snapshot(out) == before
 
 
 @pytest.mark.parametrize("name", ["../escaped", "/tmp/absolute", "a/b", "..", ".", "x..y", "with space"])
-def test_recipe_name_must_be_a_plain_name(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recipe_name_must_be_a_plain_name(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     recipe = tmp_path / "shared.yaml"
     recipe.write_text(f"name: {name!r}\nteacher:\n  epochs: 1\n")
@@ -139,21 +166,25 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(train, "train_dense", fail)
 
 
-def test_out_under_a_regular_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                              no_training: None) -> None:
+def test_out_under_a_regular_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     code = main(["run", "quickstart", "--out", str(blocker / "run"), "--no-progress", *SETS])
     line = _error_line(capsys)
     assert code == 2
-    assert line == (f"error: {blocker / 'run'}: Not a directory (a part of this path is a file, not a folder: "
-                    "choose another path (e.g. another --out))")
+    assert line == (
+        f"error: {blocker / 'run'}: Not a directory (a part of this path is a file, not a folder: "
+        "choose another path (e.g. another --out))"
+    )
     assert blocker.read_text() == "not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_out_that_is_a_regular_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                no_training: None) -> None:
+def test_out_that_is_a_regular_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
     assert main(["run", "quickstart", "--out", str(blocker), "--no-progress", *SETS]) == 2
@@ -175,14 +206,23 @@ def _failing_open(folder: Path, code: int, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(os, "open", fake_open)
 
 
-@pytest.mark.parametrize("code, reason, advice", [
-    (errno.EROFS, "Read-only file system", "the file system is read-only: choose a path on a writable disk"),
-    (errno.ENOSPC, "No space left on device", "no space left on the device: free some space"),
-    (errno.EACCES, "Permission denied", "permission denied: choose a path you may write"),
-])
+@pytest.mark.parametrize(
+    "code, reason, advice",
+    [
+        (errno.EROFS, "Read-only file system", "the file system is read-only: choose a path on a writable disk"),
+        (errno.ENOSPC, "No space left on device", "no space left on the device: free some space"),
+        (errno.EACCES, "Permission denied", "permission denied: choose a path you may write"),
+    ],
+)
 def test_unwritable_out_fails_before_training_with_one_line(
-        code: int, reason: str, advice: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch, no_training: None) -> None:
+    code: int,
+    reason: str,
+    advice: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_training: None,
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     _failing_open(out, code, monkeypatch)
@@ -192,8 +232,9 @@ def test_unwritable_out_fails_before_training_with_one_line(
     assert list(out.iterdir()) == []
 
 
-def test_unwritable_export_target_is_one_line(run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unwritable_export_target_is_one_line(
+    run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = tmp_path / "exports"
     target.mkdir()
     _failing_open(target, errno.ENOSPC, monkeypatch)
@@ -228,7 +269,8 @@ def _interrupt_at(kind: str, count: int, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_interrupted_run_prints_the_resume_command_and_resume_clears_stale_files(
-        tmp_path: Path, finished_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, finished_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     out = Path("runs") / "interrupted"
     argv = ["run", "quickstart", "--out", str(out), "--device", "cpu", "--no-progress", *SETS]
@@ -238,8 +280,20 @@ def test_interrupted_run_prints_the_resume_command_and_resume_clears_stale_files
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("interrupted; continue the run with: "), err
     command = err[0].split(": ", 1)[1]
-    assert command == shlex.join(["nni-steppingnet", *argv[:1], "quickstart", *SETS, "--out", str(out),
-                                  "--resume", "--device", "cpu", "--no-progress"])
+    assert command == shlex.join(
+        [
+            "nni-steppingnet",
+            *argv[:1],
+            "quickstart",
+            *SETS,
+            "--out",
+            str(out),
+            "--resume",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert (out / "checkpoint.pt").is_file() and not (out / "results.json").exists()
     # A killed atomic write leaves its temporary file behind; the resumed run removes it.
     stale = [out / ".checkpoint.pt.abcd_123.tmp", out / ".results.json.zz99yy88.tmp"]
@@ -261,7 +315,8 @@ def test_interrupted_run_prints_the_resume_command_and_resume_clears_stale_files
 
 
 def test_interrupt_before_the_first_checkpoint_says_to_start_again(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import nni_steppingnet.train as train
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
@@ -271,14 +326,14 @@ def test_interrupt_before_the_first_checkpoint_says_to_start_again(
     out = tmp_path / "early"
     assert main(["run", "quickstart", "--out", str(out), "--no-progress", *SETS]) == 130
     err = capsys.readouterr().err.strip()
-    assert err.startswith("interrupted before the first checkpoint; start again with: nni-steppingnet run "
-                          "quickstart ")
+    assert err.startswith("interrupted before the first checkpoint; start again with: nni-steppingnet run quickstart ")
     assert "--resume" not in err and f"--out {out}" in err
     assert not (out / "checkpoint.pt").exists()
 
 
-def test_a_new_run_removes_stale_temporaries_of_its_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_new_run_removes_stale_temporaries_of_its_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "fresh"
     out.mkdir()
     stale = out / ".teacher.pt.q1w2e3r4.tmp"
@@ -319,8 +374,10 @@ def test_wrong_example_inputs_name_the_expected_and_the_given_shape(shape: tuple
     with pytest.raises(ValueError) as info:
         SteppingNet(model, torch.randn(*shape), num_subnets=2)
     text = str(info.value)
-    assert text.startswith(f"example_inputs of shape {shape} do not fit the model; the model expects "
-                           "(batch, 3, 16, 16): its forward raised "), text
+    assert text.startswith(
+        f"example_inputs of shape {shape} do not fit the model; the model expects "
+        "(batch, 3, 16, 16): its forward raised "
+    ), text
     assert "cannot wrap this model" not in text
 
 
@@ -339,20 +396,30 @@ def test_pruner_loop_that_returns_early_warns_without_logging_configured() -> No
     def training_step(data: Any, model: torch.nn.Module) -> torch.Tensor:
         return F.cross_entropy(model(data[0]), data[1])
 
-    def training_func(model: torch.nn.Module, optimizers: Any, training_step: Any, lr_schedulers: Any = None,
-                      max_steps: int | None = None, max_epochs: int | None = None) -> None:
+    def training_func(
+        model: torch.nn.Module,
+        optimizers: Any,
+        training_step: Any,
+        lr_schedulers: Any = None,
+        max_steps: int | None = None,
+        max_epochs: int | None = None,
+    ) -> None:
         optimizers.zero_grad()
         training_step(batch, model).backward()
         optimizers.step()  # one step, then the loop returns: construction cannot finish
 
     optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=0.01)
     evaluator = TorchEvaluator(training_func, optimizer, training_step, dummy_input=batch[0])
-    pruner = SteppingNetPruner(model, [{"op_types": ["Conv2d"]}], evaluator, [0.3, 0.6],
-                               batches_per_iteration=2, iterations=2)
+    pruner = SteppingNetPruner(
+        model, [{"op_types": ["Conv2d"]}], evaluator, [0.3, 0.6], batches_per_iteration=2, iterations=2
+    )
     with pytest.warns(UserWarning) as record:
         pruner.compress()
     messages = [str(w.message) for w in record]
-    assert any("training function returned after 1 optimizer steps, before the construction finished (0 of "
-               "at most 2 iterations" in m for m in messages), messages
+    assert any(
+        "training function returned after 1 optimizer steps, before the construction finished (0 of "
+        "at most 2 iterations" in m
+        for m in messages
+    ), messages
     assert any("budgets met [False, False] after 0 iterations" in m for m in messages), messages
     assert pruner.result is not None and not pruner.result.all_met

@@ -1,4 +1,5 @@
 """Recipes: validation errors, overrides, name/path resolution, round trips (no training)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,12 +59,15 @@ def test_unknown_section_and_unknown_key_without_close_match() -> None:
     assert "unknown key 'data.zzzz'" in message and "valid keys: name, root, batch_size" in message
 
 
-@pytest.mark.parametrize("budgets, fragment", [
-    ([0.5, 0.3], "strictly ascending"),
-    ([0.3, 0.3], "strictly ascending"),
-    ([0.0, 0.5], "budgets[0] = 0.0 must be in (0, 1]"),
-    ([0.5, 1.2], "budgets[1] = 1.2 must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "budgets, fragment",
+    [
+        ([0.5, 0.3], "strictly ascending"),
+        ([0.3, 0.3], "strictly ascending"),
+        ([0.0, 0.5], "budgets[0] = 0.0 must be in (0, 1]"),
+        ([0.5, 1.2], "budgets[1] = 1.2 must be in (0, 1]"),
+    ],
+)
 def test_bad_budgets(budgets: list[float], fragment: str) -> None:
     raw = _minimal()
     raw["steppingnet"]["budgets"] = budgets
@@ -77,20 +81,23 @@ def test_num_subnets_must_match_budgets() -> None:
     assert "num_subnets is 3 but steppingnet.budgets has 2 entries" in message
 
 
-@pytest.mark.parametrize("section, key, value, fragment", [
-    ("teacher", "epochs", -1, "teacher.epochs must be >= 0, got -1"),
-    ("retraining", "epochs", -2, "retraining.epochs must be >= 0, got -2"),
-    ("data", "batch_size", "many", "data.batch_size must be an integer, got 'many'"),
-    ("data", "batch_size", True, "data.batch_size must be an integer, got True"),
-    ("construction", "beta", 1.5, "construction.beta must be in (0, 1], got 1.5"),
-    ("construction", "beta", "high", "construction.beta must be a number, got 'high'"),
-    ("retraining", "gamma", -0.1, "retraining.gamma must be in [0, 1], got -0.1"),
-    ("steppingnet", "budgets", 0.5, "steppingnet.budgets must be a list, got 0.5"),
-    ("data", "name", "imagenet", "data.name must be one of digits, mnist"),
-    ("data", "download", "yes", "data.download must be true or false, got 'yes'"),
-    ("model", "kwargs", [1], "model.kwargs must be a mapping with string keys"),
-    ("data", "val_fraction", 1.0, "data.val_fraction must be in [0, 1), got 1.0"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, fragment",
+    [
+        ("teacher", "epochs", -1, "teacher.epochs must be >= 0, got -1"),
+        ("retraining", "epochs", -2, "retraining.epochs must be >= 0, got -2"),
+        ("data", "batch_size", "many", "data.batch_size must be an integer, got 'many'"),
+        ("data", "batch_size", True, "data.batch_size must be an integer, got True"),
+        ("construction", "beta", 1.5, "construction.beta must be in (0, 1], got 1.5"),
+        ("construction", "beta", "high", "construction.beta must be a number, got 'high'"),
+        ("retraining", "gamma", -0.1, "retraining.gamma must be in [0, 1], got -0.1"),
+        ("steppingnet", "budgets", 0.5, "steppingnet.budgets must be a list, got 0.5"),
+        ("data", "name", "imagenet", "data.name must be one of digits, mnist"),
+        ("data", "download", "yes", "data.download must be true or false, got 'yes'"),
+        ("model", "kwargs", [1], "model.kwargs must be a mapping with string keys"),
+        ("data", "val_fraction", 1.0, "data.val_fraction must be in [0, 1), got 1.0"),
+    ],
+)
 def test_wrong_types_and_ranges(section: str, key: str, value: object, fragment: str) -> None:
     raw = _minimal()
     raw.setdefault(section, {})[key] = value
@@ -161,15 +168,18 @@ def test_parse_override_values_are_yaml() -> None:
     assert parse_override("seed=7") == (["seed"], 7)
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("construction.beta", "expected KEY=VALUE"),
-    ("=0.8", "the key must be dotted names"),
-    ("construction..beta=1", "the key must be dotted names"),
-    ("construction.beta=[0.1,", "the value is not valid YAML"),
-    ("constructin.beta=0.8", "unknown section 'constructin' (did you mean 'construction'?)"),
-    ("construction.bta=0.8", "unknown key 'construction.bta' (did you mean 'beta'?)"),
-    ("construction=3", "'construction' is a section"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("construction.beta", "expected KEY=VALUE"),
+        ("=0.8", "the key must be dotted names"),
+        ("construction..beta=1", "the key must be dotted names"),
+        ("construction.beta=[0.1,", "the value is not valid YAML"),
+        ("constructin.beta=0.8", "unknown section 'constructin' (did you mean 'construction'?)"),
+        ("construction.bta=0.8", "unknown key 'construction.bta' (did you mean 'beta'?)"),
+        ("construction=3", "'construction' is a section"),
+    ],
+)
 def test_bad_overrides(text: str, fragment: str) -> None:
     with pytest.raises(RecipeError) as info:
         load_recipe("quickstart", [text])
@@ -177,8 +187,10 @@ def test_bad_overrides(text: str, fragment: str) -> None:
 
 
 def test_overrides_apply_and_validate() -> None:
-    recipe = load_recipe("quickstart", ["construction.beta=0.8", "steppingnet.budgets=[0.2,0.4,0.6,0.8]",
-                                        "model.kwargs.drop_rate=0.0", "seed=3"])
+    recipe = load_recipe(
+        "quickstart",
+        ["construction.beta=0.8", "steppingnet.budgets=[0.2,0.4,0.6,0.8]", "model.kwargs.drop_rate=0.0", "seed=3"],
+    )
     assert recipe.construction.beta == 0.8
     assert recipe.steppingnet.budgets == [0.2, 0.4, 0.6, 0.8]
     assert recipe.model.kwargs == {"drop_rate": 0.0}
@@ -202,8 +214,14 @@ def test_recipe_diff_ignores_runtime_keys() -> None:
 def test_bundled_recipes_resolve_from_any_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     names = list_recipes()
-    expected = {"quickstart", "lenet3c1l_cifar10", "lenet5_cifar10", "vgg16_cifar100", "resnet18_cifar10",
-                "lenet5_mnist"}
+    expected = {
+        "quickstart",
+        "lenet3c1l_cifar10",
+        "lenet5_cifar10",
+        "vgg16_cifar100",
+        "resnet18_cifar10",
+        "lenet5_mnist",
+    }
     assert expected <= set(names)
     for name in names:
         recipe = load_recipe(name)
@@ -250,7 +268,7 @@ def test_every_yaml_in_the_top_level_recipes_folder_is_a_recipe_or_search_space(
         assert isinstance(raw, dict), f"{path.name}: not a YAML mapping"
         if path.stem.startswith("search_space_"):
             assert path.stem not in names
-            space = load_search_space(path.stem[len("search_space_"):])
+            space = load_search_space(path.stem[len("search_space_") :])
             assert space == raw
             validate_search_space(space, load_recipe("quickstart"))
         else:
@@ -289,7 +307,13 @@ def test_paper_recipes_use_section_iv_settings(name: str) -> None:
     assert recipe.steppingnet.budgets == budgets and recipe.steppingnet.num_subnets == 4
     assert recipe.steppingnet.expansion == expansion
     c = recipe.construction
-    assert (c.batches_per_iteration, c.iterations, c.alpha_growth, c.beta, c.prune_threshold) == (m, 300, 1.5, 0.9, 1e-5)
+    assert (c.batches_per_iteration, c.iterations, c.alpha_growth, c.beta, c.prune_threshold) == (
+        m,
+        300,
+        1.5,
+        0.9,
+        1e-5,
+    )
     assert recipe.retraining.gamma == 0.4 and recipe.retraining.beta == 0.9
     assert recipe.data.root is None and recipe.data.download is False
 
@@ -301,8 +325,12 @@ def test_mnist_recipe_has_no_hidden_data_root() -> None:
 
 def test_describe_keys_covers_every_key_with_its_default() -> None:
     rows = {key: (default, doc) for key, default, doc in describe_keys()}
-    flat = {f"{section}.{key}" for section, values in Recipe(name="x").to_dict().items()
-            if isinstance(values, dict) for key in values}
+    flat = {
+        f"{section}.{key}"
+        for section, values in Recipe(name="x").to_dict().items()
+        if isinstance(values, dict)
+        for key in values
+    }
     assert flat | {"name", "description", "seed"} == set(rows)
     assert rows["construction.beta"][0] == 0.9 and rows["construction.iterations"][0] == 300
     assert all(doc for _, doc in rows.values())

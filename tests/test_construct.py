@@ -1,5 +1,6 @@
 """Subnet construction (Fig. 3): movement rules with a controlled criterion, pruning with
 revival, stopping, config validation, and exact resume through state_dict."""
+
 from __future__ import annotations
 
 import io
@@ -58,7 +59,7 @@ def test_quantum_is_just_exceeded(tiny_model: Callable[..., nn.Module]) -> None:
     taken = int(counts[0])
     assert taken >= 1 and counts[1:] == [0, 0]
     assert torch.equal(moved.nonzero().flatten(), order[:taken].sort().values)  # lowest M first
-    assert float(cost[order[:taken]].sum()) >= quantum > float(cost[order[:taken - 1]].sum())
+    assert float(cost[order[:taken]].sum()) >= quantum > float(cost[order[: taken - 1]].sum())
     assert moved_macs[0] == p_t - net.macs(1) == int(cost[order[:taken]].sum())  # estimate exact here
     assert net.flat_assignment()[order[:taken]].tolist() == [2] * taken
 
@@ -140,8 +141,9 @@ def test_pruning_revives_moved_neurons(tiny_model: Callable[..., nn.Module]) -> 
     assert mask[5].all()
     assert not mask[torch.arange(mask.shape[0]) != 5][:, 0].any()
     assert net.prune_masks["features.7"][:, 5].all()
-    assert torch.equal(net.weight_mask(k2, 2)[5].bool(), net.structural_mask(k2, 2)[5].unsqueeze(-1).unsqueeze(-1)
-                       .expand_as(mask[5]))
+    assert torch.equal(
+        net.weight_mask(k2, 2)[5].bool(), net.structural_mask(k2, 2)[5].unsqueeze(-1).unsqueeze(-1).expand_as(mask[5])
+    )
     with pytest.raises(ValueError, match="bool mask of shape"):
         c.prune(torch.zeros(3, dtype=torch.bool))
 
@@ -256,8 +258,9 @@ def test_config_and_constructor_validation(tiny_model: Callable[..., nn.Module])
         c.move(torch.zeros(3))
 
 
-def test_marginal_costs_sum_to_exact_mac_reduction(tiny_model: Callable[..., nn.Module],
-                                                   random_assignment: Callable[..., torch.Tensor]) -> None:
+def test_marginal_costs_sum_to_exact_mac_reduction(
+    tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]
+) -> None:
     from nni_steppingnet.construction.select import CostTable
 
     net = _net(tiny_model, 2)
@@ -265,8 +268,12 @@ def test_marginal_costs_sum_to_exact_mac_reduction(tiny_model: Callable[..., nn.
     flat = net.flat_assignment()
     in_one = (flat[:-1] == 1).nonzero().flatten()
     chosen = in_one[torch.randperm(in_one.numel(), generator=torch.Generator().manual_seed(0))[:6]]
-    layers_hit = {k for k in range(len(net.layers)) for j in chosen.tolist()
-                  if bool((net.index.out_positions[k] == j).any()) and not net.layers[k].is_logits}
+    layers_hit = {
+        k
+        for k in range(len(net.layers))
+        for j in chosen.tolist()
+        if bool((net.index.out_positions[k] == j).any()) and not net.layers[k].is_logits
+    }
     assert len(layers_hit) >= 2  # connected neurons: their shared synapses must count once
     table = CostTable(net, 1)
     alone = sum(table.cost_of(j) for j in chosen.tolist())
@@ -338,9 +345,7 @@ def test_neuron_no_weight_reads_is_retired_with_exact_macs(tiny_model: Callable[
     assert c.retire_dead() == [0, 0, 0]
 
 
-def test_neuron_whose_consumers_sit_in_smaller_subnets_retires_at_the_end(
-    tiny_model: Callable[..., nn.Module]
-) -> None:
+def test_neuron_whose_consumers_sit_in_smaller_subnets_retires_at_the_end(tiny_model: Callable[..., nn.Module]) -> None:
     net = _net(tiny_model, 3)
     c = Constructor(net, _config(net, [0.2, 0.5, 0.9], iterations=5), _batches())
     k2 = _layer(net, "features.3")
@@ -362,13 +367,11 @@ def test_neuron_whose_consumers_sit_in_smaller_subnets_retires_at_the_end(
 
 
 @pytest.mark.parametrize("frozen", [None, 3])
-def test_retiring_keeps_a_group_and_frozen_neurons(tiny_model: Callable[..., nn.Module],
-                                                   frozen: int | None) -> None:
+def test_retiring_keeps_a_group_and_frozen_neurons(tiny_model: Callable[..., nn.Module], frozen: int | None) -> None:
     net = _net(tiny_model, 2)
     c = Constructor(net, _config(net, [0.3, 0.9], iterations=5), _batches())
     k3 = _layer(net, "features.7")
-    net.prune_masks = {"classifier": torch.zeros_like(net.original_weight(_layer(net, "classifier")),
-                                                      dtype=torch.bool)}
+    net.prune_masks = {"classifier": torch.zeros_like(net.original_weight(_layer(net, "classifier")), dtype=torch.bool)}
     net.invalidate()
     # Nothing reads conv3 (the classifier is pruned away): all of it is dead.
     assert bool(c.dead_neurons(final=False)[net.index.out_positions[k3]].all())

@@ -1,4 +1,5 @@
 """Alternative neuron criteria (class-based, trainable noise) against hand computations."""
+
 from __future__ import annotations
 
 import math
@@ -64,14 +65,12 @@ def _keep_output(store: dict[str, torch.Tensor]) -> Any:
 
 def test_class_scores_hand_computed() -> None:
     # two groups: neurons 0-1 and 2-4; three classes
-    per_class = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0],
-                              [4.0, 0.0, 1.0, 0.0, 5.0],
-                              [1.0, 1.0, 0.0, 3.0, 3.0]])
+    per_class = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0], [4.0, 0.0, 1.0, 0.0, 5.0], [1.0, 1.0, 0.0, 3.0, 3.0]])
     member = torch.tensor([True, True, True, True, True])
     # group means per class: g0 [2, 2, 1], g1 [2, 2, 2]
-    ratio = torch.tensor([[0.5, 1.5, 1.0, 1.0, 1.0],
-                          [2.0, 0.0, 0.5, 0.0, 2.5],
-                          [1.0, 1.0, 0.0, 1.5, 1.5]], dtype=torch.float64)
+    ratio = torch.tensor(
+        [[0.5, 1.5, 1.0, 1.0, 1.0], [2.0, 0.0, 0.5, 0.0, 2.5], [1.0, 1.0, 0.0, 1.5, 1.5]], dtype=torch.float64
+    )
     count = (ratio >= 1.0).sum(0).double()
     mean = ratio.mean(0)
     expected = (count + mean / (1 + mean)).float()
@@ -82,8 +81,9 @@ def test_class_scores_hand_computed() -> None:
     member = torch.tensor([True, True, True, True, False])
     got = class_scores(per_class, [0, 2, 5], member)
     assert got[4] == 0.0
-    assert torch.allclose(group_means(per_class, [0, 2, 5], member)[:, 2],
-                          torch.tensor([2.0, 0.5, 1.5], dtype=torch.float64))
+    assert torch.allclose(
+        group_means(per_class, [0, 2, 5], member)[:, 2], torch.tensor([2.0, 0.5, 1.5], dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="threshold must be > 0"):
         class_scores(per_class, [0, 2, 5], member, threshold=0.0)
 
@@ -267,8 +267,9 @@ def test_construction_runs_with_each_criterion(name: str) -> None:
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(48, 3, 6, 6, generator=gen), torch.arange(48) % 3)
     reference = net.macs(2)
-    config = ConstructionConfig(budgets=[0.4, 0.8], reference_macs=reference, batches_per_iteration=2,
-                                iterations=4, criterion=name)
+    config = ConstructionConfig(
+        budgets=[0.4, 0.8], reference_macs=reference, batches_per_iteration=2, iterations=4, criterion=name
+    )
     constructor = Constructor(net, config, DataLoader(data, batch_size=12, shuffle=True))
     assert type(constructor.tracker).name == name
     result = constructor.run()

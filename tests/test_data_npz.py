@@ -12,7 +12,9 @@ from nni_steppingnet.config import RecipeError, load_recipe
 from nni_steppingnet.data import channel_stats, load_dataset, load_npz_arrays, stratified_split
 
 
-def _arrays(n: int = 60, size: int = 8, chans: int = 3, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _arrays(
+    n: int = 60, size: int = 8, chans: int = 3, classes: int = 3, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, size=(n, size, size, chans), dtype=np.uint8)  # NHWC
     y = (np.arange(n) % classes).astype(np.int64)
@@ -36,8 +38,9 @@ def _labels(ds: torch.utils.data.Dataset) -> torch.Tensor:
 @pytest.mark.parametrize("layout", ["nhwc", "nchw", "auto"])
 def test_layouts_give_the_same_images(tmp_path: Path, layout: str) -> None:
     x, y = _arrays()
-    ref_train, ref_test, _ = load_dataset("npz", _write(tmp_path, "a.npz", x_train=x, y_train=y, x_test=x[:9],
-                                                          y_test=y[:9]))
+    ref_train, ref_test, _ = load_dataset(
+        "npz", _write(tmp_path, "a.npz", x_train=x, y_train=y, x_test=x[:9], y_test=y[:9])
+    )
     stored = x if layout != "nchw" else x.transpose(0, 3, 1, 2)
     path = _write(tmp_path, "b.npz", x_train=stored, y_train=y, x_test=stored[:9], y_test=y[:9])
     train, test, info = load_dataset("npz", path, layout=layout)
@@ -46,8 +49,9 @@ def test_layouts_give_the_same_images(tmp_path: Path, layout: str) -> None:
     assert torch.equal(_images(test), _images(ref_test))
     # channel c of sample 0 is the stored NHWC plane x[0, :, :, c]
     stats_mean, stats_std = channel_stats(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
-    expected = (torch.from_numpy(x[0].transpose(2, 0, 1).copy()).float() / 255.0
-                - torch.tensor(stats_mean).view(3, 1, 1)) / torch.tensor(stats_std).view(3, 1, 1)
+    expected = (
+        torch.from_numpy(x[0].transpose(2, 0, 1).copy()).float() / 255.0 - torch.tensor(stats_mean).view(3, 1, 1)
+    ) / torch.tensor(stats_std).view(3, 1, 1)
     assert torch.allclose(train[0][0], expected, atol=1e-6)
 
 
@@ -129,8 +133,9 @@ def test_recipe_runs_on_npz_through_overrides(tmp_path: Path) -> None:
 
     x, y = _arrays(n=40, size=32)
     path = _write(tmp_path, x_train=x, y_train=y)
-    recipe = load_recipe("lenet3c1l_cifar10", ["data.name=npz", f"data.root={path}", "data.val_fraction=0.25",
-                                               "data.batch_size=8"])
+    recipe = load_recipe(
+        "lenet3c1l_cifar10", ["data.name=npz", f"data.root={path}", "data.val_fraction=0.25", "data.batch_size=8"]
+    )
     assert recipe.data.augment == "crop_flip"
     train_loader, test_loader, info = build_data(recipe)
     assert info.eval_split == "validation split" and len(test_loader.dataset) == 10
@@ -178,8 +183,12 @@ def test_missing_keys(tmp_path: Path) -> None:
     ],
 )
 def test_bad_arrays(tmp_path: Path, arrays: dict[str, np.ndarray], message: str) -> None:
-    base = {"x_train": np.zeros((10, 8, 8, 3), np.uint8), "y_train": np.arange(10) % 3,
-            "x_test": np.zeros((4, 8, 8, 3), np.uint8), "y_test": np.arange(4) % 3}
+    base = {
+        "x_train": np.zeros((10, 8, 8, 3), np.uint8),
+        "y_train": np.arange(10) % 3,
+        "x_test": np.zeros((4, 8, 8, 3), np.uint8),
+        "y_test": np.arange(4) % 3,
+    }
     base.update(arrays)
     with pytest.raises(ValueError, match=message):
         load_dataset("npz", _write(tmp_path, **base))

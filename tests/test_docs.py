@@ -17,6 +17,7 @@ not see:
 The reason is required (an empty one fails the test). Blocks in other languages (```bash,
 ```yaml, plain ```) are not run.
 """
+
 from __future__ import annotations
 
 import re
@@ -67,11 +68,16 @@ def python_blocks(text: str) -> list[Block]:
 
 
 def test_the_block_parser_reads_fences_and_opt_outs() -> None:
-    text = ("intro\n```python\na = 1\n```\n<!-- no-run: needs a GPU -->\n```python\nb = 2\n```\n"
-            "```bash\necho no\n```\n<!-- no-run: -->\n```python\nc = 3\n```\n")
+    text = (
+        "intro\n```python\na = 1\n```\n<!-- no-run: needs a GPU -->\n```python\nb = 2\n```\n"
+        "```bash\necho no\n```\n<!-- no-run: -->\n```python\nc = 3\n```\n"
+    )
     blocks = python_blocks(text)
     assert [(b.line, b.code, b.skip_reason) for b in blocks] == [
-        (2, "a = 1", None), (6, "b = 2", "needs a GPU"), (13, "c = 3", "")]
+        (2, "a = 1", None),
+        (6, "b = 2", "needs a GPU"),
+        (13, "c = 3", ""),
+    ]
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
@@ -80,8 +86,10 @@ def test_python_blocks_run(doc: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 
     blocks = python_blocks(doc.read_text(encoding="utf-8"))
     empty = [b.line for b in blocks if b.skip_reason == ""]
-    assert not empty, (f"{doc.name}: the no-run marker before the blocks at lines {empty} needs a reason, "
-                       "e.g. <!-- no-run: needs a CUDA GPU -->")
+    assert not empty, (
+        f"{doc.name}: the no-run marker before the blocks at lines {empty} needs a reason, "
+        "e.g. <!-- no-run: needs a CUDA GPU -->"
+    )
     runnable = [b for b in blocks if b.skip_reason is None]
     if not runnable:
         pytest.skip(f"{doc.name} has no runnable Python block")
@@ -96,8 +104,10 @@ def test_python_blocks_run(doc: Path, tmp_path: Path, monkeypatch: pytest.Monkey
                 with warnings.catch_warnings(record=True):
                     exec(compile(block.code, f"{doc.name}:{block.line}", "exec"), namespace)  # noqa: S102
             except Exception as exc:
-                pytest.fail(f"{doc.relative_to(ROOT)}, the Python block at line {block.line} fails: "
-                            f"{type(exc).__name__}: {exc}. Fix the block, or mark it with "
-                            "<!-- no-run: REASON --> on the line before its fence")
+                pytest.fail(
+                    f"{doc.relative_to(ROOT)}, the Python block at line {block.line} fails: "
+                    f"{type(exc).__name__}: {exc}. Fix the block, or mark it with "
+                    "<!-- no-run: REASON --> on the line before its fence"
+                )
     finally:
         torch.set_num_threads(previous_threads)

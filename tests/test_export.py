@@ -1,4 +1,5 @@
 """export_subnet: a standalone, physically smaller model computing exactly subnet s."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator
@@ -52,9 +53,12 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module", params=MODELS, ids=[name for name, _, _ in MODELS])
-def wrapped(request: pytest.FixtureRequest, tiny_model: Callable[..., nn.Module],
-            random_assignment: Callable[..., torch.Tensor],
-            randomize_bn: Callable[..., nn.Module]) -> Iterator[tuple[SteppingNet, tuple[int, ...]]]:
+def wrapped(
+    request: pytest.FixtureRequest,
+    tiny_model: Callable[..., nn.Module],
+    random_assignment: Callable[..., torch.Tensor],
+    randomize_bn: Callable[..., nn.Module],
+) -> Iterator[tuple[SteppingNet, tuple[int, ...]]]:
     name, kwargs, subnets = request.param
     model = randomize_bn(tiny_model(name, seed=0, **kwargs), seed=1)
     net = SteppingNet(model, _inputs(2, seed=2), N)
@@ -97,8 +101,9 @@ def test_export_matches_masked_forward_and_macs(wrapped: tuple[SteppingNet, tupl
         # which is rounding, not a wrong channel; float64 shows agreement to ~1e-12.
         try:
             net.model.double()
-            err = _relative_error(_run(exported.double(), x.double(), train=True),
-                                  _masked(net, s, x.double(), train=True))
+            err = _relative_error(
+                _run(exported.double(), x.double(), train=True), _masked(net, s, x.double(), train=True)
+            )
         finally:
             net.model.float()
             exported.float()
@@ -108,8 +113,7 @@ def test_export_matches_masked_forward_and_macs(wrapped: tuple[SteppingNet, tupl
     assert all(a < b for a, b in zip(dense_sizes, dense_sizes[1:])), dense_sizes
 
 
-def test_export_is_a_copy(tiny_model: Callable[..., nn.Module],
-                          random_assignment: Callable[..., torch.Tensor]) -> None:
+def test_export_is_a_copy(tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]) -> None:
     net = SteppingNet(tiny_model("lenet5"), _inputs(2, seed=0), N)
     random_assignment(net, seed=5)
     x = _inputs(2, seed=6)
@@ -127,8 +131,10 @@ def test_export_is_a_copy(tiny_model: Callable[..., nn.Module],
 
 
 def test_export_of_groups_entirely_above_s_keeps_one_zeroed_channel(
-        tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor],
-        randomize_bn: Callable[..., nn.Module]) -> None:
+    tiny_model: Callable[..., nn.Module],
+    random_assignment: Callable[..., torch.Tensor],
+    randomize_bn: Callable[..., nn.Module],
+) -> None:
     net = SteppingNet(randomize_bn(tiny_model("lenet5"), seed=1), _inputs(2, seed=0), N)
     random_assignment(net, seed=7)
     names = [g.name for g in net.groups]

@@ -1,4 +1,5 @@
 """End-to-end flow on tiny synthetic data: run, results schema, eval, export, resume, errors."""
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,16 @@ from nni_steppingnet.train import evaluate
 
 #: A recipe small enough for a test: 64 synthetic 16x16 images, a quarter-width LeNet-3C1L.
 TINY = [
-    "data.name=synthetic", "data.synthetic_size=64", "data.batch_size=16",
-    "model.width=0.25", "steppingnet.expansion=1.5",
-    "teacher.epochs=1", "construction.iterations=4", "construction.batches_per_iteration=2",
-    "construction.monitor_samples=16", "retraining.epochs=2",
+    "data.name=synthetic",
+    "data.synthetic_size=64",
+    "data.batch_size=16",
+    "model.width=0.25",
+    "steppingnet.expansion=1.5",
+    "teacher.epochs=1",
+    "construction.iterations=4",
+    "construction.batches_per_iteration=2",
+    "construction.monitor_samples=16",
+    "retraining.epochs=2",
 ]
 SETS = [arg for item in TINY for arg in ("--set", item)]
 
@@ -182,7 +189,7 @@ def test_export_runner_command(cli_run: Path, tmp_path: Path, capsys: pytest.Cap
     assert main(["export", str(cli_run), "--runner", "--out", str(tmp_path / "runner.txt")]) == 2
     assert "must be a file name ending in .pt or .pth" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["export", str(cli_run), "--runner", "--subnet", "2"])       # one or the other
+        main(["export", str(cli_run), "--runner", "--subnet", "2"])  # one or the other
 
 
 def test_existing_out_dir_without_resume_is_an_error(cli_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -227,8 +234,9 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(cli_run: Path,
     reference = _results(cli_run)
     assert results["subnets"] == reference["subnets"]
     assert results["construction"]["final_macs"] == reference["construction"]["final_macs"]
-    assert [h["mac_ratios"] for h in results["construction"]["history"]] == \
-        [h["mac_ratios"] for h in reference["construction"]["history"]]
+    assert [h["mac_ratios"] for h in results["construction"]["history"]] == [
+        h["mac_ratios"] for h in reference["construction"]["history"]
+    ]
     assert results["retraining"]["losses"] == reference["retraining"]["losses"]
     a, b = load_checkpoint(out).net, load_checkpoint(cli_run).net
     assert torch.equal(a.flat_assignment(), b.flat_assignment())
@@ -257,8 +265,7 @@ def test_teacher_checkpoint_of_another_architecture_is_a_clear_error(cli_run: Pa
     with pytest.raises(FileNotFoundError, match="teacher checkpoint not found"):
         load_teacher(tmp_path / "missing.pt", recipe, info)
     with pytest.raises(CheckpointError, match="teacher checkpoint .* was saved for another network"):
-        run_recipe(wider.with_overrides([f"teacher.checkpoint={cli_run / 'teacher.pt'}"]), tmp_path / "w",
-                   device="cpu")
+        run_recipe(wider.with_overrides([f"teacher.checkpoint={cli_run / 'teacher.pt'}"]), tmp_path / "w", device="cpu")
 
 
 # ---------------------------------------------------------------------------- building
@@ -302,8 +309,14 @@ def test_recipes_command_lists_names_and_descriptions(capsys: pytest.CaptureFixt
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in lines]
-    assert {"quickstart", "lenet3c1l_cifar10", "lenet5_cifar10", "vgg16_cifar100", "resnet18_cifar10",
-            "lenet5_mnist"} <= set(names)
+    assert {
+        "quickstart",
+        "lenet3c1l_cifar10",
+        "lenet5_cifar10",
+        "vgg16_cifar100",
+        "resnet18_cifar10",
+        "lenet5_mnist",
+    } <= set(names)
     assert all(len(line.split(None, 1)) == 2 for line in lines)
     assert main(["recipes", "--keys"]) == 0
     keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
@@ -362,10 +375,13 @@ def test_run_ends_with_anytime_inference_stepping_vs_recomputing(cli_run: Path) 
         assert step["macs_stepping"] == sub["macs"]
         assert step["macs_recompute"] == cumulative
         assert step["mac_ratio_recompute"] == pytest.approx(cumulative / res["original"]["macs"])
-        assert step["time_stepping_s"] >= step["time_step_s"] > 0 and step["time_recompute_s"] >= step["time_subnet_s"] > 0
+        assert (
+            step["time_stepping_s"] >= step["time_step_s"] > 0 and step["time_recompute_s"] >= step["time_subnet_s"] > 0
+        )
     steps = stepping["steps"]
-    assert all(b["time_stepping_s"] - a["time_stepping_s"] == pytest.approx(b["time_step_s"])
-               for a, b in zip(steps, steps[1:]))
+    assert all(
+        b["time_stepping_s"] - a["time_stepping_s"] == pytest.approx(b["time_step_s"]) for a, b in zip(steps, steps[1:])
+    )
     md = (cli_run / "results.md").read_text()
     assert "| Step to subnet | Accuracy | MACs spent: stepping | MACs: recomputing 1..s |" in md
     last = steps[-1]

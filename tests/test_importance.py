@@ -1,4 +1,5 @@
 """Neuron importance (eq. 2) and the selection criterion (eq. 3), against hand computations."""
+
 from __future__ import annotations
 
 import math
@@ -144,7 +145,9 @@ def test_scores_equal_activation_gradient_product_on_cnn(
             def grad_hook(grad: torch.Tensor) -> None:
                 dims = [d for d in range(grad.dim()) if d != 1]
                 saved[name] = (positions[keep], (grad.double() * pre.double()).sum(dims)[keep])
+
             output.register_hook(grad_hook)
+
         return hook
 
     handles = []
@@ -153,8 +156,11 @@ def test_scores_equal_activation_gradient_product_on_cnn(
             keep = ~tracker.norm_gated[net.index.out_positions[k]]
             handles.append(layer.module.register_forward_hook(make_hook(layer.name, net.index.out_positions[k], keep)))
     for name, positions in gated.items():
-        handles.append(modules[name].register_forward_hook(
-            make_hook(name, positions, torch.ones(positions.numel(), dtype=torch.bool))))
+        handles.append(
+            modules[name].register_forward_hook(
+                make_hook(name, positions, torch.ones(positions.numel(), dtype=torch.bool))
+            )
+        )
     x = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(5))
     y = torch.tensor([0, 1, 2, 3])
     model.train()

@@ -1,5 +1,6 @@
 """nni-steppingnet tune: search-space checks, a real two-trial local NNI experiment, and the NNI
 manager being stopped after success, failure and Ctrl-C."""
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,17 @@ def tiny_recipe(tmp_path: Path) -> Recipe:
 def test_bundled_search_spaces_validate() -> None:
     for name, recipe in (("quickstart", "quickstart"), ("default", "quickstart")):
         space = validate_search_space(load_search_space(name), load_recipe(recipe))
-        assert set(space) == {"alpha_growth", "beta", "gamma", "expansion", "m", "budget_split_1",
-                              "budget_split_2", "budget_split_3", "budget_split_4"}
+        assert set(space) == {
+            "alpha_growth",
+            "beta",
+            "gamma",
+            "expansion",
+            "m",
+            "budget_split_1",
+            "budget_split_2",
+            "budget_split_3",
+            "budget_split_4",
+        }
 
 
 @pytest.mark.parametrize(
@@ -108,8 +118,10 @@ def test_bundled_search_spaces_validate() -> None:
         ({"budget_split_1": {"_type": "uniform", "_value": [1, 2]}}, r"missing \['budget_split_2'\]"),
         ({"budget_split_3": {"_type": "uniform", "_value": [1, 2]}}, "budget_split_1..budget_split_2"),
         ({"budget_scale": {"_type": "uniform", "_value": [0.5, 1.5]}}, "> 1"),
-        ({"beta": {"_type": "choice", "_value": [0.9]},
-          "construction.beta": {"_type": "choice", "_value": [0.8]}}, "both set construction.beta"),
+        (
+            {"beta": {"_type": "choice", "_value": [0.9]}, "construction.beta": {"_type": "choice", "_value": [0.8]}},
+            "both set construction.beta",
+        ),
         ({"construction.lrr": {"_type": "choice", "_value": [0.1]}}, "not a recipe key"),
         ({"steppingnet.budgets": {"_type": "choice", "_value": [0.1]}}, "budget_scale"),
         ({"expansion": {"_type": "choice", "_value": [[1.0, 2.0]]}}, "nested"),
@@ -121,12 +133,24 @@ def test_bad_search_spaces_are_rejected(tiny_recipe: Recipe, space: dict[str, An
 
 
 def test_params_map_to_recipe_keys(tiny_recipe: Recipe) -> None:
-    params = {"alpha_growth": 1.25, "beta": 0.8, "gamma": 0.3, "m": 2.0, "construction.lr": 0.05,
-              "budget_split_1": 1.0, "budget_split_2": 3.0, "budget_scale": 1.1}
+    params = {
+        "alpha_growth": 1.25,
+        "beta": 0.8,
+        "gamma": 0.3,
+        "m": 2.0,
+        "construction.lr": 0.05,
+        "budget_split_1": 1.0,
+        "budget_split_2": 3.0,
+        "budget_scale": 1.1,
+    }
     overrides = params_to_overrides(params, tiny_recipe)
     assert overrides == [
-        "construction.alpha_growth=1.25", "construction.beta=0.8", "retraining.beta=0.8",
-        "retraining.gamma=0.3", "construction.batches_per_iteration=2", "construction.lr=0.05",
+        "construction.alpha_growth=1.25",
+        "construction.beta=0.8",
+        "retraining.beta=0.8",
+        "retraining.gamma=0.3",
+        "construction.batches_per_iteration=2",
+        "construction.lr=0.05",
         f"steppingnet.budgets={json.dumps([0.8 * 1.1 * 0.25, 0.8 * 1.1])}",
     ]
     recipe = tiny_recipe.with_overrides(overrides)
@@ -137,12 +161,16 @@ def test_params_map_to_recipe_keys(tiny_recipe: Recipe) -> None:
 
 
 def test_anytime_auc_and_intermediate_metric() -> None:
-    subnets = [{"mac_ratio": 0.5, "accuracy": 0.8}, {"mac_ratio": 0.25, "accuracy": 0.6},
-               {"mac_ratio": 1.3, "accuracy": 0.9}]
+    subnets = [
+        {"mac_ratio": 0.5, "accuracy": 0.8},
+        {"mac_ratio": 0.25, "accuracy": 0.6},
+        {"mac_ratio": 1.3, "accuracy": 0.9},
+    ]
     # A(x) = 0 below 0.25, 0.6 up to 0.5, 0.8 up to 1 (the 1.3 subnet never fits in 1).
     assert anytime_auc(subnets) == pytest.approx(0.6 * 0.25 + 0.8 * 0.5)
-    assert intermediate_metric({"iteration": 3, "accuracies": [0.5, 0.7], "mac_ratios": [0.2, 0.4],
-                                "budgets_met": [True, False]})["default"] == pytest.approx(0.6)
+    assert intermediate_metric(
+        {"iteration": 3, "accuracies": [0.5, 0.7], "mac_ratios": [0.2, 0.4], "budgets_met": [True, False]}
+    )["default"] == pytest.approx(0.6)
     assert intermediate_metric({"iteration": 1, "budgets_met": [True, False, False, True]})["default"] == 0.5
 
 
@@ -170,8 +198,9 @@ def test_tuner_port_and_gpu_checks() -> None:
         parse_gpus([1, 1])
 
 
-def test_bad_input_fails_before_nni_starts(tmp_path: Path, tiny_recipe: Recipe,
-                                           no_orphans: dict[int, psutil.Process]) -> None:
+def test_bad_input_fails_before_nni_starts(
+    tmp_path: Path, tiny_recipe: Recipe, no_orphans: dict[int, psutil.Process]
+) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
@@ -181,8 +210,9 @@ def test_bad_input_fails_before_nni_starts(tmp_path: Path, tiny_recipe: Recipe,
     with pytest.raises(ValueError, match="unknown tuner"):
         run_tune(tiny_recipe, SPACE, tmp_path / "b", TuneOptions(tuner="Oracle", gpus="none"))
     with pytest.raises(SearchSpaceError):
-        run_tune(tiny_recipe, {"beta": {"_type": "uniform", "_value": [0, 2]}}, tmp_path / "c",
-                 TuneOptions(gpus="none"))
+        run_tune(
+            tiny_recipe, {"beta": {"_type": "uniform", "_value": [0, 2]}}, tmp_path / "c", TuneOptions(gpus="none")
+        )
     with pytest.raises(ValueError, match="needs machines"):
         run_tune(tiny_recipe, SPACE, tmp_path / "d", TuneOptions(training_service="remote", gpus="none"))
     if not parse_gpus("auto"):
@@ -203,15 +233,17 @@ def test_cli_reports_bad_search_space_as_error(tmp_path: Path, capsys: pytest.Ca
     assert tune == {"trials": 3, "tuner": "Random"} and loaded.construction.iterations == 3
 
 
-def test_prepare_only_writes_the_trial_folder_for_clusters(tmp_path: Path, tiny_recipe: Recipe,
-                                                            no_orphans: dict[int, psutil.Process]) -> None:
+def test_prepare_only_writes_the_trial_folder_for_clusters(
+    tmp_path: Path, tiny_recipe: Recipe, no_orphans: dict[int, psutil.Process]
+) -> None:
     result = run_tune(tiny_recipe, SPACE, tmp_path / "prep", TuneOptions(prepare_only=True, gpus="none"))
     assert result.status == "PREPARED"
     code = tmp_path / "prep" / "trial_code"
     assert load_recipe(code / "recipe.yaml") == tiny_recipe.with_overrides([])
     assert json.loads((tmp_path / "prep" / "search_space.json").read_text()) == SPACE
     assert (code / "trial_command.txt").read_text().strip() == (
-        "python3 -m nni_steppingnet.nni.trial --recipe recipe.yaml --device auto")
+        "python3 -m nni_steppingnet.nni.trial --recipe recipe.yaml --device auto"
+    )
     assert not no_orphans
 
 
@@ -227,8 +259,9 @@ def test_sigterm_becomes_keyboard_interrupt() -> None:
 # ------------------------------------------------------------------ real experiments
 @pytest.mark.nni
 @pytest.mark.parametrize("raised", [KeyboardInterrupt, RuntimeError])
-def test_manager_is_stopped_on_ctrl_c_and_failure(tmp_path: Path, tiny_recipe: Recipe, raised: type[BaseException],
-                                                   no_orphans: dict[int, psutil.Process]) -> None:
+def test_manager_is_stopped_on_ctrl_c_and_failure(
+    tmp_path: Path, tiny_recipe: Recipe, raised: type[BaseException], no_orphans: dict[int, psutil.Process]
+) -> None:
     calls = []
 
     def progress(line: str) -> None:  # runs while NNI's manager is up: Ctrl-C / a crash lands here
@@ -236,9 +269,13 @@ def test_manager_is_stopped_on_ctrl_c_and_failure(tmp_path: Path, tiny_recipe: R
         raise raised("stop here")
 
     with pytest.raises(raised, match="stop here"):
-        run_tune(tiny_recipe, SPACE, tmp_path / "out",
-                 TuneOptions(trials=2, concurrency=1, port=free_port_pair(), gpus="none", poll_interval=0.5),
-                 progress=progress)
+        run_tune(
+            tiny_recipe,
+            SPACE,
+            tmp_path / "out",
+            TuneOptions(trials=2, concurrency=1, port=free_port_pair(), gpus="none", poll_interval=0.5),
+            progress=progress,
+        )
     assert calls
     assert no_orphans  # the manager did start; the fixture checks that it is gone
 
@@ -246,13 +283,25 @@ def test_manager_is_stopped_on_ctrl_c_and_failure(tmp_path: Path, tiny_recipe: R
 @pytest.mark.nni
 @pytest.mark.slow
 def test_two_trial_local_experiment_pairs_metrics_with_parameters(
-        tmp_path: Path, tiny_recipe: Recipe, no_orphans: dict[int, psutil.Process]) -> None:
+    tmp_path: Path, tiny_recipe: Recipe, no_orphans: dict[int, psutil.Process]
+) -> None:
     out = tmp_path / "tune"
     lines: list[str] = []
-    result = run_tune(tiny_recipe, SPACE, out,
-                      TuneOptions(trials=2, concurrency=2, tuner="Random", port=free_port_pair(), gpus="none",
-                                  poll_interval=1.0, timeout_s=600),
-                      progress=lines.append)
+    result = run_tune(
+        tiny_recipe,
+        SPACE,
+        out,
+        TuneOptions(
+            trials=2,
+            concurrency=2,
+            tuner="Random",
+            port=free_port_pair(),
+            gpus="none",
+            poll_interval=1.0,
+            timeout_s=600,
+        ),
+        progress=lines.append,
+    )
     assert result.status == "DONE"
     assert lines and lines[-1].startswith("done")
     assert [t["status"] for t in result.trials] == ["SUCCEEDED", "SUCCEEDED"]

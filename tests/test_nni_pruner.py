@@ -1,4 +1,5 @@
 """SteppingNetPruner: SteppingNet construction through NNI 3.0's compression API."""
+
 from __future__ import annotations
 
 import copy
@@ -22,12 +23,20 @@ from nni_steppingnet.nni import SteppingNetPruner  # noqa: E402
 
 def _data(batches: int, size: int, classes: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(2, 3, size, size, generator=gen), torch.randint(0, classes, (2,), generator=gen))
-            for _ in range(batches)]
+    return [
+        (torch.randn(2, 3, size, size, generator=gen), torch.randint(0, classes, (2,), generator=gen))
+        for _ in range(batches)
+    ]
 
 
-def _evaluator(model: nn.Module, data: list[Any], counter: dict[str, int], dummy: torch.Tensor | None,
-               epochs: int = 1000, weight_decay: float = 0.0) -> TorchEvaluator:
+def _evaluator(
+    model: nn.Module,
+    data: list[Any],
+    counter: dict[str, int],
+    dummy: torch.Tensor | None,
+    epochs: int = 1000,
+    weight_decay: float = 0.0,
+) -> TorchEvaluator:
     """A tiny user training loop that ignores max_steps (the pruner must stop it itself)."""
 
     def training_step(batch: Any, model: nn.Module) -> torch.Tensor:
@@ -35,8 +44,14 @@ def _evaluator(model: nn.Module, data: list[Any], counter: dict[str, int], dummy
         x, y = batch
         return F.cross_entropy(model(x), y)
 
-    def training_func(model: nn.Module, optimizers: torch.optim.Optimizer, training_step: Callable[..., Any],
-                      lr_schedulers: Any = None, max_steps: int | None = None, max_epochs: int | None = None) -> None:
+    def training_func(
+        model: nn.Module,
+        optimizers: torch.optim.Optimizer,
+        training_step: Callable[..., Any],
+        lr_schedulers: Any = None,
+        max_steps: int | None = None,
+        max_epochs: int | None = None,
+    ) -> None:
         counter["max_steps"] = -1 if max_steps is None else max_steps
         model.train()
         for _ in range(epochs):
@@ -69,8 +84,17 @@ def test_compress_resnet18_masks_compute_each_subnet_exactly() -> None:
     counter = {"steps": 0, "loss_calls": 0}
     evaluator = _evaluator(model, _data(3, 16, 4, seed=2), counter, example)
     config_list = [{"op_types": ["Conv2d", "Linear"], "exclude_op_names": ["layer4.1.conv1"]}]
-    pruner = SteppingNetPruner(model, config_list, evaluator, [0.5, 0.8], batches_per_iteration=1, iterations=1,
-                               retraining_steps=2, gamma=0.5, subnet=1)
+    pruner = SteppingNetPruner(
+        model,
+        config_list,
+        evaluator,
+        [0.5, 0.8],
+        batches_per_iteration=1,
+        iterations=1,
+        retraining_steps=2,
+        gamma=0.5,
+        subnet=1,
+    )
     assert pruner.teacher is not None  # gamma < 1 with retraining: a frozen copy distils
     compressed, masks = pruner.compress()
     assert compressed is model
@@ -150,22 +174,32 @@ def test_pruner_loop_is_exactly_the_constructor() -> None:
     base = timm.create_model("lenet3c1l", num_classes=4, img_size=16, width=0.5)
     example = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     data = _data(5, 16, 4, seed=1)
-    loader = DataLoader(TensorDataset(torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])),
-                        batch_size=2, shuffle=False)
+    loader = DataLoader(
+        TensorDataset(torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])), batch_size=2, shuffle=False
+    )
     settings = {"budgets": [0.4, 0.8], "batches_per_iteration": 2, "iterations": 3}
 
     reference = copy.deepcopy(base)
     net = SteppingNet(reference, example, 2)
-    constructor = Constructor(net, ConstructionConfig(reference_macs=net.full_macs, lr=0.01, momentum=0.9,
-                                                      weight_decay=5e-4, **settings), loader)
+    constructor = Constructor(
+        net,
+        ConstructionConfig(reference_macs=net.full_macs, lr=0.01, momentum=0.9, weight_decay=5e-4, **settings),
+        loader,
+    )
     expected = constructor.run()
     constructor.close()
 
     model = copy.deepcopy(base)
     counter = {"steps": 0, "loss_calls": 0}
     evaluator = _evaluator(model, list(loader), counter, example, weight_decay=5e-4)  # the Constructor's SGD
-    pruner = SteppingNetPruner(model, [{"op_types": ["Conv2d", "Linear"]}], evaluator, settings["budgets"],
-                               batches_per_iteration=2, iterations=3)
+    pruner = SteppingNetPruner(
+        model,
+        [{"op_types": ["Conv2d", "Linear"]}],
+        evaluator,
+        settings["budgets"],
+        batches_per_iteration=2,
+        iterations=3,
+    )
     pruner.compress()
     assert pruner.result is not None and expected.iterations == pruner.result.iterations == 3
     assert pruner.result.macs == expected.macs
@@ -188,8 +222,9 @@ def test_training_loop_that_ends_early_leaves_budgets_unmet(caplog: pytest.LogCa
     example = torch.randn(2, 3, 16, 16)
     counter = {"steps": 0, "loss_calls": 0}
     evaluator = _evaluator(model, _data(1, 16, 4, seed=0), counter, example, epochs=1)
-    pruner = SteppingNetPruner(model, [{"op_types": ["Conv2d"]}], evaluator, [0.3, 0.6],
-                               batches_per_iteration=2, iterations=2)
+    pruner = SteppingNetPruner(
+        model, [{"op_types": ["Conv2d"]}], evaluator, [0.3, 0.6], batches_per_iteration=2, iterations=2
+    )
     with caplog.at_level(logging.WARNING, logger="nni_steppingnet.nni.pruner"):
         _, masks = pruner.compress()
     assert counter["steps"] == 1
@@ -204,8 +239,13 @@ def test_budgets_met_at_start_skip_training() -> None:
     counter = {"steps": 0, "loss_calls": 0}
     evaluator = _evaluator(model, _data(1, 16, 4, seed=0), counter, torch.randn(2, 3, 16, 16))
     # A reference of twice the model's MACs: subnet 1 (every neuron) meets 0.5 from the start.
-    pruner = SteppingNetPruner(model, [{"op_types": ["Conv2d", "Linear"]}], evaluator, [0.5, 1.0],
-                               reference_macs=2 * macs(model, torch.randn(2, 3, 16, 16)))
+    pruner = SteppingNetPruner(
+        model,
+        [{"op_types": ["Conv2d", "Linear"]}],
+        evaluator,
+        [0.5, 1.0],
+        reference_macs=2 * macs(model, torch.randn(2, 3, 16, 16)),
+    )
     _, masks = pruner.compress()
     assert counter["steps"] == 0
     assert pruner.result is not None and pruner.result.all_met and pruner.result.iterations == 0
@@ -232,8 +272,9 @@ def test_budgets_met_at_start_skip_training() -> None:
         ([{"op_types": ["Conv2d"]}], {"reference_macs": -5}, ValueError, "reference_macs"),
     ],
 )
-def test_bad_arguments_raise_clear_errors(config_list: list[dict[str, Any]], kwargs: dict[str, Any],
-                                          error: type[Exception], match: str) -> None:
+def test_bad_arguments_raise_clear_errors(
+    config_list: list[dict[str, Any]], kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
     model = _lenet()
     counter = {"steps": 0, "loss_calls": 0}
     dummy = None if kwargs.pop("no_dummy", False) else torch.randn(2, 3, 16, 16)

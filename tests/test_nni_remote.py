@@ -1,5 +1,6 @@
 """NNI's remote (SSH) training service, for real: an OpenSSH server on 127.0.0.1 with throwaway
 keys, and a two-trial ``tune`` experiment whose trials run through it."""
+
 from __future__ import annotations
 
 import getpass
@@ -63,8 +64,9 @@ def _free_port(pair: bool) -> int:
 def sshd(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """An sshd on 127.0.0.1 accepting a throwaway key for the current user (stopped afterwards)."""
     if SSHD is None or KEYGEN is None:
-        pytest.skip("OpenSSH server/client not installed (apt-get install openssh-server openssh-client; "
-                    ".ci/run installs them)")
+        pytest.skip(
+            "OpenSSH server/client not installed (apt-get install openssh-server openssh-client; .ci/run installs them)"
+        )
     folder = tmp_path / "sshd"
     folder.mkdir()
     host_key, user_key = folder / "host_key", folder / "user_key"
@@ -76,12 +78,25 @@ def sshd(tmp_path: Path) -> Iterator[dict[str, Any]]:
     authorized.chmod(0o600)
     port = _free_port(pair=False)
     config = folder / "sshd_config"
-    config.write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}", f"PidFile {folder / 'sshd.pid'}",
-        f"AuthorizedKeysFile {authorized}", "PubkeyAuthentication yes", "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password", "UsePAM no", "StrictModes no",
-        "Subsystem sftp internal-sftp", "",
-    ]))
+    config.write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                "ListenAddress 127.0.0.1",
+                f"HostKey {host_key}",
+                f"PidFile {folder / 'sshd.pid'}",
+                f"AuthorizedKeysFile {authorized}",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PermitRootLogin prohibit-password",
+                "UsePAM no",
+                "StrictModes no",
+                "Subsystem sftp internal-sftp",
+                "",
+            ]
+        )
+    )
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
     log = (folder / "sshd.log").open("w")
@@ -112,9 +127,22 @@ def test_machines_file_is_validated(tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_text("not really a key")
     good = tmp_path / "machines.yaml"
-    good.write_text(yaml.safe_dump({"nni_manager_ip": "10.0.0.1", "machines": [
-        {"host": "10.0.0.2", "user": "alice", "ssh_key_file": str(key), "python_path": "/opt/venv/bin",
-         "gpu_indices": [0, 1]}]}))
+    good.write_text(
+        yaml.safe_dump(
+            {
+                "nni_manager_ip": "10.0.0.1",
+                "machines": [
+                    {
+                        "host": "10.0.0.2",
+                        "user": "alice",
+                        "ssh_key_file": str(key),
+                        "python_path": "/opt/venv/bin",
+                        "gpu_indices": [0, 1],
+                    }
+                ],
+            }
+        )
+    )
     machines, ip = load_machines(good)
     assert ip == "10.0.0.1"
     assert machines[0].host == "10.0.0.2" and machines[0].port == 22 and machines[0].gpu_indices == [0, 1]
@@ -136,11 +164,13 @@ def test_machines_file_is_validated(tmp_path: Path) -> None:
 def test_python_shim_skips_pip_and_runs_everything_else(tmp_path: Path) -> None:
     folder = write_python_shim(tmp_path / "shim")
     for name in ("python", "python3"):
-        ran = subprocess.run([str(folder / name), "-c", "import sys; print(sys.executable)"],
-                             capture_output=True, text=True, check=True)
+        ran = subprocess.run(
+            [str(folder / name), "-c", "import sys; print(sys.executable)"], capture_output=True, text=True, check=True
+        )
         assert ran.stdout.strip() == sys.executable
-        skipped = subprocess.run([str(folder / name), "-m", "pip", "install", "nni", "--upgrade"],
-                                 capture_output=True, text=True, check=True)
+        skipped = subprocess.run(
+            [str(folder / name), "-m", "pip", "install", "nni", "--upgrade"], capture_output=True, text=True, check=True
+        )
         assert "skipped" in skipped.stderr and skipped.stdout == ""
     with pytest.raises(ValueError, match="existing interpreter"):
         write_python_shim(tmp_path / "bad", python=str(tmp_path / "no-python"))
@@ -148,25 +178,48 @@ def test_python_shim_skips_pip_and_runs_everything_else(tmp_path: Path) -> None:
 
 @pytest.mark.nni
 @pytest.mark.slow
-def test_two_trial_experiment_through_ssh(tmp_path: Path, sshd: dict[str, Any],
-                                          no_orphans: dict[int, psutil.Process]) -> None:
+def test_two_trial_experiment_through_ssh(
+    tmp_path: Path, sshd: dict[str, Any], no_orphans: dict[int, psutil.Process]
+) -> None:
     recipe_file = tmp_path / "tiny.yaml"
     recipe_file.write_text(yaml.safe_dump(TINY))
     recipe = load_recipe(recipe_file)
     # NNI's worker setup runs "pip install nni --upgrade" (network): the shim skips it.
     shim = write_python_shim(tmp_path / "python")
     machines_file = tmp_path / "machines.yaml"
-    machines_file.write_text(yaml.safe_dump([{
-        "host": "127.0.0.1", "port": sshd["port"], "user": sshd["user"], "ssh_key_file": sshd["key"],
-        "python_path": str(shim)}]))
+    machines_file.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "host": "127.0.0.1",
+                    "port": sshd["port"],
+                    "user": sshd["user"],
+                    "ssh_key_file": sshd["key"],
+                    "python_path": str(shim),
+                }
+            ]
+        )
+    )
     machines, _ = load_machines(machines_file)
     out = tmp_path / "tune"
     remote_root = Path.home() / "nni-experiments"
     try:
-        result = run_tune(recipe, SPACE, out,
-                          TuneOptions(trials=2, concurrency=2, tuner="Random", training_service="remote",
-                                      machines=machines, port=_free_port(pair=True), gpus="none",
-                                      poll_interval=1.0, timeout_s=600))
+        result = run_tune(
+            recipe,
+            SPACE,
+            out,
+            TuneOptions(
+                trials=2,
+                concurrency=2,
+                tuner="Random",
+                training_service="remote",
+                machines=machines,
+                port=_free_port(pair=True),
+                gpus="none",
+                poll_interval=1.0,
+                timeout_s=600,
+            ),
+        )
         assert result.status == "DONE"
         assert [t["status"] for t in result.trials] == ["SUCCEEDED", "SUCCEEDED"], sshd["log"].read_text()[-2000:]
         assert len({json.dumps(t["params"], sort_keys=True) for t in result.trials}) == 2

@@ -5,6 +5,7 @@ modified export directories, bad inputs, the dense-subnet export and ``export --
 Models are tiny (32x32 inputs, random weights, BN statistics and biases); stage outputs are
 compared with a tolerance of 1e-4 relative to the largest logit.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ import torch
 import torch.nn as nn
 
 pytest.importorskip("onnx", reason="onnx is missing: pip install -e '.[onnx]' (the test extra includes it)")
-pytest.importorskip("onnxruntime", reason="onnxruntime is missing: pip install -e '.[onnx]' (the test extra includes it)")
+pytest.importorskip(
+    "onnxruntime", reason="onnxruntime is missing: pip install -e '.[onnx]' (the test extra includes it)"
+)
 
 from nni_steppingnet import SteppingNet  # noqa: E402
 from nni_steppingnet.cli import main  # noqa: E402
@@ -85,9 +88,12 @@ def _torch_stages(runner: IncrementalRunner, x: torch.Tensor) -> list[torch.Tens
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[..., nn.Module],
-             random_assignment: Callable[..., torch.Tensor], randomize_bn: Callable[..., nn.Module]
-             ) -> Callable[[str], Exported]:
+def exported(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model: Callable[..., nn.Module],
+    random_assignment: Callable[..., torch.Tensor],
+    randomize_bn: Callable[..., nn.Module],
+) -> Callable[[str], Exported]:
     """``exported(name)``: a cached (net, torch runner, export directory) with the stress assignment."""
     cache: dict[str, Exported] = {}
     kwargs = dict(MODELS)
@@ -109,20 +115,23 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[...,
 
 
 # ------------------------------------------------------------------------------ exactness
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
-                                  for name, _ in MODELS])
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name, _ in MODELS]
+)
 def test_every_stage_in_onnxruntime_equals_the_torch_runner(exported: Callable[[str], Exported], name: str) -> None:
     net, runner, directory = exported(name)
     assert runner.layout == "delta"
     flat = net.flat_assignment()
     hidden = [net.layer_assignment(k, flat)[0] for k, layer in enumerate(net.layers) if not layer.is_logits]
-    assert any(int((a == 1).sum()) == 0 < int((a <= N).sum()) for a in hidden), \
+    assert any(int((a == 1).sum()) == 0 < int((a <= N).sum()) for a in hidden), (
         "no layer without a channel in subnet 1: the zero-channel path would go untested"
+    )
     onnx_runner = OnnxStepRunner(directory, threads=1, expect_hash=runner.assignment_hash())
     manifest = onnx_runner.manifest
     # MACs per stage: exactly what the step adds to the masked subnet.
-    assert [stage["macs"] for stage in manifest["stages"]] == [net.macs(s) - (net.macs(s - 1) if s > 1 else 0)
-                                                             for s in range(1, N + 1)]
+    assert [stage["macs"] for stage in manifest["stages"]] == [
+        net.macs(s) - (net.macs(s - 1) if s > 1 else 0) for s in range(1, N + 1)
+    ]
     assert [stage["macs_cumulative"] for stage in manifest["stages"]] == [net.macs(s) for s in range(1, N + 1)]
     for batch in (1, 8):
         x = _inputs(batch, seed=10 + batch)
@@ -136,14 +145,15 @@ def test_every_stage_in_onnxruntime_equals_the_torch_runner(exported: Callable[[
 
 
 @pytest.mark.parametrize("seed", [21, 22])
-def test_random_nested_assignments_of_other_sizes(tmp_path: Path, tiny_model: Callable[..., nn.Module],
-                                                 random_assignment: Callable[..., torch.Tensor], seed: int) -> None:
+def test_random_nested_assignments_of_other_sizes(
+    tmp_path: Path, tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor], seed: int
+) -> None:
     """Other numbers of subnets and plain random assignments (neurons left unused included)."""
     num, name, kwargs = (2, "resnet18", {}) if seed == 21 else (5, "vgg16_cifar", {"width": 0.25})
     net = SteppingNet(tiny_model(name, seed=seed, **kwargs), _inputs(1, seed=3), num, verify=False)
     random_assignment(net, seed=seed)
     runner = IncrementalRunner(net)
-    runner.export_onnx(tmp_path / "stages")             # also checks itself at batch 3
+    runner.export_onnx(tmp_path / "stages")  # also checks itself at batch 3
     onnx_runner = OnnxStepRunner(tmp_path / "stages", threads=1)
     x = _inputs(8, seed=seed)
     refs = _torch_stages(runner, x)
@@ -154,7 +164,8 @@ def test_random_nested_assignments_of_other_sizes(tmp_path: Path, tiny_model: Ca
 
 
 def test_fused_graphs_reach_a_subnet_in_one_call_and_stepping_continues(
-        tmp_path: Path, tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]) -> None:
+    tmp_path: Path, tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]
+) -> None:
     net = SteppingNet(tiny_model("resnet18", seed=1), _inputs(1, seed=3), N, verify=False)
     _stress(net, random_assignment, seed=5)
     runner = IncrementalRunner(net)
@@ -166,7 +177,7 @@ def test_fused_graphs_reach_a_subnet_in_one_call_and_stepping_continues(
     for s in range(2, N + 1):
         _close(onnx_runner.run(x.numpy(), until=s), refs[s - 1], f"fused 1..{s}")
         assert onnx_runner.stage == s and onnx_runner.macs_spent == net.macs(s)
-        for t in range(s + 1, N + 1):                 # stepping goes on from the fused graph's state
+        for t in range(s + 1, N + 1):  # stepping goes on from the fused graph's state
             _close(onnx_runner.step(), refs[t - 1], f"fused 1..{s}, then step to {t}")
     _close(onnx_runner.run(x.numpy(), max_macs=net.macs(2)), refs[1], "max_macs through reach2")
     assert onnx_runner.stage == 2
@@ -222,8 +233,9 @@ def test_manifest_describes_the_graphs(exported: Callable[[str], Exported]) -> N
             assert spec["shape"][0] is None and spec["dtype"] == "float32"
 
 
-def test_another_assignment_gives_another_hash(tiny_model: Callable[..., nn.Module],
-                                               random_assignment: Callable[..., torch.Tensor]) -> None:
+def test_another_assignment_gives_another_hash(
+    tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]
+) -> None:
     net = SteppingNet(tiny_model("lenet5"), _inputs(1, seed=3), N, verify=False)
     random_assignment(net, seed=1)
     first = IncrementalRunner(net).assignment_hash()
@@ -246,7 +258,7 @@ def test_budgets_and_call_order(exported: Callable[[str], Exported]) -> None:
     with pytest.raises(ValueError, match="below subnet 1"):
         onnx_runner.run(x, max_macs=net.macs(1) - 1)
     onnx_runner.run(x, deadline_s=1e-9)
-    assert onnx_runner.stage == 1                      # subnet 1 always runs
+    assert onnx_runner.stage == 1  # subnet 1 always runs
     onnx_runner.run(x, deadline_s=60.0)
     assert onnx_runner.stage == N
     with pytest.raises(RuntimeError, match="last subnet"):
@@ -320,9 +332,12 @@ def test_modified_or_mixed_directories_are_refused(exported: Callable[[str], Exp
         OnnxStepRunner(tmp_path / "nowhere")
 
 
-def test_export_refuses_other_layouts_and_foreign_folders(exported: Callable[[str], Exported], tmp_path: Path,
-                                                          tiny_model: Callable[..., nn.Module],
-                                                          random_assignment: Callable[..., torch.Tensor]) -> None:
+def test_export_refuses_other_layouts_and_foreign_folders(
+    exported: Callable[[str], Exported],
+    tmp_path: Path,
+    tiny_model: Callable[..., nn.Module],
+    random_assignment: Callable[..., torch.Tensor],
+) -> None:
     net = SteppingNet(tiny_model("lenet5"), _inputs(1, seed=3), N, verify=False)
     random_assignment(net, seed=1)
     with pytest.raises(ValueError, match="delta layout"):
@@ -337,8 +352,9 @@ def test_export_refuses_other_layouts_and_foreign_folders(exported: Callable[[st
         export_onnx(IncrementalRunner(net), tmp_path / "norm", normalization={"mean": [0.5, 0.5]}, check=False)
     # An earlier export is replaced.
     target = tmp_path / "again"
-    export_onnx(IncrementalRunner(net), target, check=False,
-                normalization={"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]})
+    export_onnx(
+        IncrementalRunner(net), target, check=False, normalization={"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]}
+    )
     random_assignment(net, seed=2)
     runner = IncrementalRunner(net)
     export_onnx(runner, target)
@@ -354,18 +370,23 @@ import numpy as np
 
 
 def _run_without_torch(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(_NO_TORCH) + textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_NO_TORCH) + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
 
 
-def test_onnx_runner_works_where_torch_cannot_be_imported(exported: Callable[[str], Exported],
-                                                          tmp_path: Path) -> None:
+def test_onnx_runner_works_where_torch_cannot_be_imported(exported: Callable[[str], Exported], tmp_path: Path) -> None:
     net, runner, directory = exported("resnet18")
     x = _inputs(4, seed=7)
     refs = _torch_stages(runner, x)
     np.save(tmp_path / "x.npy", x.numpy())
     np.save(tmp_path / "refs.npy", torch.stack(refs).numpy())
-    result = _run_without_torch(f"""
+    result = _run_without_torch(
+        f"""
         from nni_steppingnet.onnx_runner import OnnxStepRunner
         x = np.load("x.npy")
         refs = np.load("refs.npy")
@@ -376,7 +397,9 @@ def test_onnx_runner_works_where_torch_cannot_be_imported(exported: Callable[[st
             errors.append(float(np.abs(got - refs[s - 1]).max() / np.abs(refs[s - 1]).max()))
         loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.") or m.startswith("torch_"))
         print("errors", max(errors), "macs", runner.macs_spent, "torch modules", loaded, sys.modules["torch"])
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     words = result.stdout.split()
     assert float(words[1]) <= RTOL, result.stdout
@@ -389,11 +412,14 @@ def test_command_line_runner_prints_every_stage(exported: Callable[[str], Export
     x = _inputs(3, seed=8)
     refs = _torch_stages(runner, x)
     np.save(tmp_path / "images.npy", x.numpy())
-    result = _run_without_torch(f"""
+    result = _run_without_torch(
+        f"""
         import runpy
         sys.argv = ["onnx_runner", {str(directory)!r}, "images.npy", "--threads", "1"]
         runpy.run_module("nni_steppingnet.onnx_runner", run_name="__main__")
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == N, result.stdout
@@ -403,12 +429,15 @@ def test_command_line_runner_prints_every_stage(exported: Callable[[str], Export
         assert int(cells[3].replace(",", "")) == net.macs(s) - (net.macs(s - 1) if s > 1 else 0)
         assert int(cells[4].replace(",", "")) == net.macs(s)
         assert cells[5].split() == [str(int(p)) for p in refs[s - 1].argmax(dim=-1)]
-    bad = _run_without_torch(f"""
+    bad = _run_without_torch(
+        f"""
         import runpy
         np.save("wrong.npy", np.zeros((2, 3, 8, 8), dtype=np.float32))
         sys.argv = ["onnx_runner", {str(directory)!r}, "wrong.npy"]
         runpy.run_module("nni_steppingnet.onnx_runner", run_name="__main__")
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert bad.returncode != 0 and "error:" in bad.stderr and "[batch, 3, 32, 32]" in bad.stderr, bad.stderr[-2000:]
 
 
@@ -432,15 +461,22 @@ def test_dense_subnet_export_has_a_dynamic_batch(exported: Callable[[str], Expor
 
 #: A run small enough for a test (as tests/test_flow.py): 64 synthetic 16x16 images, LeNet-3C1L/4.
 TINY = [
-    "data.name=synthetic", "data.synthetic_size=64", "data.batch_size=16",
-    "model.width=0.25", "steppingnet.expansion=1.5",
-    "teacher.epochs=1", "construction.iterations=4", "construction.batches_per_iteration=2",
-    "construction.monitor_samples=16", "retraining.epochs=1",
+    "data.name=synthetic",
+    "data.synthetic_size=64",
+    "data.batch_size=16",
+    "model.width=0.25",
+    "steppingnet.expansion=1.5",
+    "teacher.epochs=1",
+    "construction.iterations=4",
+    "construction.batches_per_iteration=2",
+    "construction.monitor_samples=16",
+    "retraining.epochs=1",
 ]
 
 
-def test_export_command_writes_stage_graphs_of_a_constructed_net(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_command_writes_stage_graphs_of_a_constructed_net(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from nni_steppingnet.flow import load_checkpoint
 
     run = tmp_path / "run"
@@ -473,6 +509,6 @@ def test_export_command_writes_stage_graphs_of_a_constructed_net(tmp_path: Path,
     assert "writes a folder of stage graphs" in capsys.readouterr().err
     assert main(["export", str(run), "--onnx", str(stages), "--out", str(tmp_path / "r.pt")]) == 2
     assert "--out names the .pt file" in capsys.readouterr().err
-    assert main(["export", str(run), "--onnx", str(run)]) == 2     # the run folder holds other files
+    assert main(["export", str(run), "--onnx", str(run)]) == 2  # the run folder holds other files
     assert main(["export", str(run)]) == 2
     assert "one of --subnet s, --runner or --onnx" in capsys.readouterr().err

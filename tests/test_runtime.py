@@ -4,6 +4,7 @@
 Models are tiny (32x32 inputs, random weights and BN statistics); every check is an exact count,
 an exact equality or a tolerance of 1e-5 relative to the largest logit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,8 +74,11 @@ def _assert_close(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def build(tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor],
-          randomize_bn: Callable[..., nn.Module]) -> Builder:
+def build(
+    tiny_model: Callable[..., nn.Module],
+    random_assignment: Callable[..., torch.Tensor],
+    randomize_bn: Callable[..., nn.Module],
+) -> Builder:
     """``build(name)``: a cached SteppingNet over a random-weight model with the stress assignment."""
     cache: dict[str, SteppingNet] = {}
     kwargs = dict(MODELS)
@@ -94,14 +98,14 @@ def build(tiny_model: Callable[..., nn.Module], random_assignment: Callable[...,
 # ------------------------------------------------------------------------------ exactness
 @pytest.mark.parametrize("layout", ["auto", "full"])
 @pytest.mark.parametrize("name", [name for name, _ in MODELS])
-def test_each_step_matches_masked_subnet_and_costs_exactly_its_new_macs(build: Builder, name: str,
-                                                                       layout: str) -> None:
+def test_each_step_matches_masked_subnet_and_costs_exactly_its_new_macs(build: Builder, name: str, layout: str) -> None:
     net = build(name)
     flat = net.flat_assignment()
     hidden = [net.layer_assignment(k, flat)[0] for k, layer in enumerate(net.layers) if not layer.is_logits]
     assert any(int((a == 1).sum()) == 0 for a in hidden), "no layer without a channel in subnet 1"
-    assert any(int((a == s).sum()) == 0 < int((a <= N).sum()) for a in hidden for s in range(2, N + 1)), \
+    assert any(int((a == s).sum()) == 0 < int((a <= N).sum()) for a in hidden for s in range(2, N + 1)), (
         "no stage that adds nothing to a layer"
+    )
     runner = IncrementalRunner(net, layout=layout)
     # Every model of the foundation's list fits the delta layout (the check would fall back).
     assert runner.layout == ("delta" if layout == "auto" else "full")
@@ -128,10 +132,12 @@ def _channels_seen_by_batchnorms(runner: IncrementalRunner, x: torch.Tensor) -> 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             seen[-1][name] = seen[-1].get(name, 0) + int(args[0].shape[1])
+
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in runner.model.named_modules()
-               if isinstance(m, nn.BatchNorm2d)]
+    handles = [
+        m.register_forward_pre_hook(hook(n)) for n, m in runner.model.named_modules() if isinstance(m, nn.BatchNorm2d)
+    ]
     try:
         with torch.inference_mode():
             for s in range(1, N + 1):
@@ -206,7 +212,7 @@ def test_bare_per_channel_parameter_is_sliced_in_the_delta_layout() -> None:
     with torch.inference_mode():
         for s in range(1, N + 1):
             _assert_close(runner.start(x) if s == 1 else runner.step(), _masked(net, x, s), f"layer scale {s}")
-    assert runner.model.scale.shape == (8, 1, 1)          # restored after every stage
+    assert runner.model.scale.shape == (8, 1, 1)  # restored after every stage
 
 
 class _ModifiesConvInput(nn.Module):
@@ -228,7 +234,8 @@ class _ModifiesConvInput(nn.Module):
 
 @pytest.mark.parametrize("model_class", [_BufferScale, _ModifiesConvInput])
 def test_model_outside_the_delta_layout_falls_back_to_full_width(
-        model_class: type[nn.Module], caplog: pytest.LogCaptureFixture) -> None:
+    model_class: type[nn.Module], caplog: pytest.LogCaptureFixture
+) -> None:
     from nni_steppingnet.runtime import LayoutMismatchError
 
     torch.manual_seed(0)
@@ -259,10 +266,17 @@ def test_construction_produced_net_with_pruning(tiny_model: Callable[..., nn.Mod
     x = _inputs(2, seed=1)
     net = SteppingNet(model, x, N)
     generator = torch.Generator().manual_seed(2)
-    loader = [(torch.randn(8, 3, IMG, IMG, generator=generator), torch.randint(0, 10, (8,), generator=generator))
-              for _ in range(2)]
-    config = ConstructionConfig(budgets=[0.1, 0.25, 0.5, 0.8], reference_macs=net.full_macs,
-                                batches_per_iteration=1, iterations=4, prune_threshold=0.02)
+    loader = [
+        (torch.randn(8, 3, IMG, IMG, generator=generator), torch.randint(0, 10, (8,), generator=generator))
+        for _ in range(2)
+    ]
+    config = ConstructionConfig(
+        budgets=[0.1, 0.25, 0.5, 0.8],
+        reference_macs=net.full_macs,
+        batches_per_iteration=1,
+        iterations=4,
+        prune_threshold=0.02,
+    )
     Constructor(net, config, loader).run()
     assert sum(int((~m).sum()) for m in net.prune_masks.values()) > 0, "construction pruned nothing"
     assert int(net.flat_assignment()[:-1].max()) > 1, "construction moved no neuron"
@@ -387,12 +401,20 @@ def test_run_until_and_max_macs(lenet: SteppingNet) -> None:
     _assert_close(out, _masked(lenet, x, 3), "max_macs=macs(3)")
     runner.run(x, max_macs=macs[2] - 1)
     assert runner.stage == 2
-    runner.run(x, max_macs=10 ** 12)
+    runner.run(x, max_macs=10**12)
     assert runner.stage == N
     with pytest.raises(ValueError, match=f"below subnet 1's {macs[0]:,} MACs"):
         runner.run(x, max_macs=macs[0] - 1)
-    for bad in ({"until": 0}, {"until": N + 1}, {"until": 2.0}, {"max_macs": 0}, {"max_macs": True},
-                {"deadline_s": 0.0}, {"deadline_s": float("nan")}, {"until": 2, "max_macs": 10}):
+    for bad in (
+        {"until": 0},
+        {"until": N + 1},
+        {"until": 2.0},
+        {"max_macs": 0},
+        {"max_macs": True},
+        {"deadline_s": 0.0},
+        {"deadline_s": float("nan")},
+        {"until": 2, "max_macs": 10},
+    ):
         with pytest.raises(ValueError):
             runner.run(x, **bad)
 
@@ -400,9 +422,9 @@ def test_run_until_and_max_macs(lenet: SteppingNet) -> None:
 def test_max_macs_at_an_input_size_never_seen(randomize_bn: Callable[..., nn.Module]) -> None:
     net = _structures_net(randomize_bn, seed=10)
     runner = IncrementalRunner(net)
-    x = _inputs(2, seed=0, size=24)                # the net was traced at 16x16
+    x = _inputs(2, seed=0, size=24)  # the net was traced at 16x16
     predicted = [runner.macs(s, x) for s in range(1, N + 1)]
-    assert predicted[0] > net.macs(1)              # more output positions at 24x24
+    assert predicted[0] > net.macs(1)  # more output positions at 24x24
     out = runner.run(x, max_macs=predicted[1])
     assert runner.stage == 2 and runner.macs_spent == predicted[1]
     _assert_close(out, _masked(net, x, 2), "24x24 subnet 2")
@@ -412,14 +434,15 @@ def test_max_macs_at_an_input_size_never_seen(randomize_bn: Callable[..., nn.Mod
 
 
 @pytest.mark.parametrize("layout", ["auto", "full"])
-def test_asking_macs_for_another_size_mid_run_keeps_the_run(randomize_bn: Callable[..., nn.Module],
-                                                             layout: str) -> None:
+def test_asking_macs_for_another_size_mid_run_keeps_the_run(
+    randomize_bn: Callable[..., nn.Module], layout: str
+) -> None:
     net = _structures_net(randomize_bn, seed=20)
     runner = IncrementalRunner(net, layout=layout)
     x = _inputs(2, seed=1, size=16)
     with torch.inference_mode():
         runner.start(x)
-        assert runner.macs(2, _inputs(1, seed=2, size=24)) > runner.macs(2)   # a forward at 24x24
+        assert runner.macs(2, _inputs(1, seed=2, size=24)) > runner.macs(2)  # a forward at 24x24
         out = runner.step()
     assert runner.stage == 2 and runner.macs_spent == net.macs(2)
     _assert_close(out, _masked(net, x, 2), f"{layout}: subnet 2 after a MAC query at another size")
@@ -439,7 +462,8 @@ def test_deadline(lenet: SteppingNet, caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_deadline_never_predicts_a_step_cheaper_than_the_cheapest_stage(
-        tiny_model: Callable[..., nn.Module], monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_model: Callable[..., nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With a clock where every stage takes one second whatever its MACs, a 1.5 s deadline
     allows subnet 1 only; seconds-per-MAC alone would predict the small step 2 to fit."""
     import nni_steppingnet.runtime as runtime_module
@@ -463,11 +487,11 @@ def test_deadline_never_predicts_a_step_cheaper_than_the_cheapest_stage(
 def test_works_without_inference_mode_and_in_float64(lenet: SteppingNet) -> None:
     runner = IncrementalRunner(lenet)
     x = _inputs(2, seed=8)
-    out = runner.start(x)                          # grad mode on: the runner uses no_grad itself
+    out = runner.start(x)  # grad mode on: the runner uses no_grad itself
     assert not out.requires_grad
     _assert_close(out, _masked(lenet, x, 1), "grad mode subnet 1")
     runner.to(torch.float64)
-    assert runner.stage == 0                       # moving resets the caches
+    assert runner.stage == 0  # moving resets the caches
     model64 = lenet.model.double()
     try:
         x64 = x.double()
@@ -477,7 +501,7 @@ def test_works_without_inference_mode_and_in_float64(lenet: SteppingNet) -> None
             ref = _masked(lenet, x64, s)
             assert float((out - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
         runner.start(x64)
-        runner.model.double()                      # moving the model directly drops the caches
+        runner.model.double()  # moving the model directly drops the caches
         with pytest.raises(RuntimeError, match="no cached output of the earlier stages"):
             runner.step()
         assert runner.stage == 0
@@ -486,7 +510,8 @@ def test_works_without_inference_mode_and_in_float64(lenet: SteppingNet) -> None
 
 
 def test_runner_is_independent_of_later_changes_to_the_net(
-        tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]) -> None:
+    tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]
+) -> None:
     net = SteppingNet(tiny_model("lenet5", seed=3), _inputs(1, seed=0), N, verify=False)
     random_assignment(net, seed=1)
     x = _inputs(2, seed=2)
@@ -499,11 +524,12 @@ def test_runner_is_independent_of_later_changes_to_the_net(
 
 
 def test_idle_stage_skips_the_forward_and_returned_logits_are_the_callers(
-        tiny_model: Callable[..., nn.Module], randomize_bn: Callable[..., nn.Module]) -> None:
+    tiny_model: Callable[..., nn.Module], randomize_bn: Callable[..., nn.Module]
+) -> None:
     model = randomize_bn(tiny_model("lenet5", seed=5), seed=6)
     net = SteppingNet(model, _inputs(1, seed=0), N, verify=False)
     generator = torch.Generator().manual_seed(7)
-    choices = torch.tensor([1, 2, 4, 5])                 # no neuron in subnet 3: stage 3 is idle
+    choices = torch.tensor([1, 2, 4, 5])  # no neuron in subnet 3: stage 3 is idle
     for group in net.groups:
         group.assignment = choices[torch.randint(0, 4, (group.size,), generator=generator)]
     assert net.macs(3) == net.macs(2) < net.macs(4)
@@ -514,7 +540,7 @@ def test_idle_stage_skips_the_forward_and_returned_logits_are_the_callers(
     runner.start(x)
     out = runner.step()
     _assert_close(out, _masked(net, x, 2), "subnet 2")
-    out.mul_(0.0)                                        # the caller's tensor, not the runner's cache
+    out.mul_(0.0)  # the caller's tensor, not the runner's cache
     assert len(forwards) == 2
     with FlopCounterMode(display=False) as counter:
         out = runner.step()
@@ -557,9 +583,9 @@ def test_save_load_round_trip(build: Builder, tmp_path: Path) -> None:
     runner = IncrementalRunner(net)
     path = tmp_path / "runner.pt"
     runner.save(path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["runner.pt"]   # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runner.pt"]  # no temp file left
     loaded = IncrementalRunner.load(path, timm.create_model("resnet18", num_classes=10))
-    assert loaded.layout == runner.layout == "delta"          # BatchNorm channel plans travel too
+    assert loaded.layout == runner.layout == "delta"  # BatchNorm channel plans travel too
     x = _inputs(2, seed=11)
     with torch.inference_mode():
         for s in range(1, N + 1):
@@ -567,7 +593,7 @@ def test_save_load_round_trip(build: Builder, tmp_path: Path) -> None:
             b = loaded.start(x) if s == 1 else loaded.step()
             assert torch.equal(a, b), f"subnet {s} differs after save/load"
             assert loaded.macs_spent == net.macs(s)
-    assert loaded.macs(N) == net.macs(N)         # reference input size travels with the file
+    assert loaded.macs(N) == net.macs(N)  # reference input size travels with the file
     with pytest.raises(CheckpointError, match=r"module 'layer2' in the file, 'layer1\.2' in this model"):
         IncrementalRunner.load(path, timm.create_model("resnet34", num_classes=10))
 
@@ -576,8 +602,11 @@ def test_load_into_a_different_width_names_the_module(tiny_model: Callable[..., 
     net = SteppingNet(tiny_model("lenet5", width=2.0), _inputs(1, seed=0), N, verify=False)
     path = tmp_path / "lenet.pt"
     IncrementalRunner(net).save(path)
-    with pytest.raises(CheckpointError, match=r"'features\.0' is torch\.nn\.modules\.conv\.Conv2d with "
-                                              r"weight \(12, 3, 5, 5\).*weight \(9, 3, 5, 5\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'features\.0' is torch\.nn\.modules\.conv\.Conv2d with "
+        r"weight \(12, 3, 5, 5\).*weight \(9, 3, 5, 5\)",
+    ):
         IncrementalRunner.load(path, timm.create_model("lenet5", num_classes=10, width=1.5))
     with pytest.raises(CheckpointError, match="different model"):
         IncrementalRunner.load(path, timm.create_model("lenet5", num_classes=7, width=2.0))
@@ -625,11 +654,17 @@ def test_load_needs_no_training_code(lenet: SteppingNet, tmp_path: Path) -> None
     x = _inputs(2, seed=12)
     torch.save({"x": x, "out": runner.run(x, until=3)}, tmp_path / "expected.pt")
     runner.save(tmp_path / "runner.pt")
-    result = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_TRAINING, str(tmp_path / "runner.pt"),
-                             str(tmp_path / "expected.pt")], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_TRAINING, str(tmp_path / "runner.pt"), str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     if "PACKAGE-NEEDS-TORCH-PRUNING" in result.stdout:
-        pytest.skip("nni_steppingnet/__init__.py imports torch_pruning eagerly (via stepping.py), so the "
-                    "package cannot be imported without it; runtime.py itself does not need it")
+        pytest.skip(
+            "nni_steppingnet/__init__.py imports torch_pruning eagerly (via stepping.py), so the "
+            "package cannot be imported without it; runtime.py itself does not need it"
+        )
     assert "LOADED-OK" in result.stdout

@@ -6,6 +6,7 @@ model's largest gradient: a bias followed by a training-mode BatchNorm has an ex
 0 and carries only rounding noise in both executions), BatchNorm statistics, SGD steps,
 importance scores and construction moves.
 """
+
 from __future__ import annotations
 
 import copy
@@ -80,7 +81,9 @@ def test_grouped_depthwise_concat_and_flatten(counts: str) -> None:
             # The same number of channels of every conv group in every subnet: a grouped kernel.
             group.assignment = torch.tensor([1, 2, 3, 4, 5, 1] * 2)
         else:
-            group.assignment = torch.randint(1, N + 2, (group.size,), generator=torch.Generator().manual_seed(group.size))
+            group.assignment = torch.randint(
+                1, N + 2, (group.size,), generator=torch.Generator().manual_seed(group.size)
+            )
     problem = compare_executions(net, torch.randn(4, 3, 8, 8))
     assert problem == ""
 
@@ -89,8 +92,18 @@ def test_layers_without_active_channels() -> None:
     """A group entirely in subnet 3: its layers compute nothing in subnets 1-2 (empty tensors,
     pooling on zero channels), and the layer after it has outputs but no active input."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 5, 3), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5 * 2 * 2, 7), nn.ReLU(), nn.Linear(7, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 5, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(5 * 2 * 2, 7),
+        nn.ReLU(),
+        nn.Linear(7, 3),
+    )
     net = SteppingNet(model, torch.randn(2, 3, 16, 16), N, execution="sliced")
     sizes = [g.size for g in net.groups]
     assert sizes == [6, 5, 7]
@@ -105,8 +118,9 @@ def test_layers_without_active_channels() -> None:
 
 
 # --------------------------------------------------------------- training steps
-def _pair(name: str, tiny_model: Callable[..., nn.Module], double: bool = False,
-          **kwargs: Any) -> tuple[SteppingNet, SteppingNet]:
+def _pair(
+    name: str, tiny_model: Callable[..., nn.Module], double: bool = False, **kwargs: Any
+) -> tuple[SteppingNet, SteppingNet]:
     """The same random model wrapped masked and sliced (float64 with ``double``: training
     trajectories are compared there, because float32 rounding, which differs between the two
     executions, is amplified by training-mode BatchNorm: measured on resnet18 after one SGD
@@ -134,8 +148,9 @@ def _assert_same_state(masked: SteppingNet, sliced: SteppingNet, rtol: float) ->
 @pytest.mark.parametrize("name", ["lenet3c1l", "resnet18"])
 def test_three_sgd_steps_with_momentum_and_weight_decay(name: str, tiny_model: Callable[..., nn.Module]) -> None:
     masked, sliced = _pair(name, tiny_model, double=True)
-    optimizers = [torch.optim.SGD(net.model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-                  for net in (masked, sliced)]
+    optimizers = [
+        torch.optim.SGD(net.model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for net in (masked, sliced)
+    ]
     for step, s in enumerate((1, 3, 2)):
         x = _inputs(16, seed=10 + step).double()
         y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(step))
@@ -172,8 +187,13 @@ def test_one_construction_iteration_is_equal(tiny_model: Callable[..., nn.Module
     data = [(_inputs(16, seed=30 + i).double(), torch.randint(0, 10, (16,), generator=generator)) for i in range(2)]
     results = []
     for net in (masked, sliced):
-        config = ConstructionConfig(budgets=[0.1, 0.2, 0.3, 0.45], reference_macs=net.full_macs,
-                                    batches_per_iteration=2, iterations=20, prune_threshold=0.0)
+        config = ConstructionConfig(
+            budgets=[0.1, 0.2, 0.3, 0.45],
+            reference_macs=net.full_macs,
+            batches_per_iteration=2,
+            iterations=20,
+            prune_threshold=0.0,
+        )
         constructor = Constructor(net, config, data)
         constructor.tracker.reset()
         constructor.step()
@@ -279,7 +299,7 @@ def test_nested_assignment_fractions(tiny_model: Callable[..., nn.Module]) -> No
     net = _wrap(tiny_model("lenet5", seed=0), "masked")
     flat = nested_assignment(net, seed=0)
     group = net.groups[0]
-    counts = [int((flat[:group.size] <= s).sum()) for s in range(1, N + 1)]
+    counts = [int((flat[: group.size] <= s).sum()) for s in range(1, N + 1)]
     assert counts == [max(1, round(f * group.size)) for f in FRACTIONS]
     with pytest.raises(ValueError, match="fractions"):
         nested_assignment(net, fractions=[0.5, 0.2, 0.7, 0.9])

@@ -3,6 +3,7 @@
 Models are tiny (32x32 inputs, batch <= 4, random weights); every check is an exact equality, an
 exact count or a clear error.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,9 +32,12 @@ def _inputs(batch: int, seed: int, size: int = IMG) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module", params=MODELS, ids=[name for name, _ in MODELS])
-def wrapped(request: pytest.FixtureRequest, tiny_model: Callable[..., nn.Module],
-            random_assignment: Callable[..., torch.Tensor],
-            randomize_bn: Callable[..., nn.Module]) -> Iterator[SteppingNet]:
+def wrapped(
+    request: pytest.FixtureRequest,
+    tiny_model: Callable[..., nn.Module],
+    random_assignment: Callable[..., torch.Tensor],
+    randomize_bn: Callable[..., nn.Module],
+) -> Iterator[SteppingNet]:
     name, kwargs = request.param
     model = randomize_bn(tiny_model(name, seed=0, **kwargs), seed=1)
     net = SteppingNet(model, _inputs(2, seed=2), N)
@@ -43,8 +47,7 @@ def wrapped(request: pytest.FixtureRequest, tiny_model: Callable[..., nn.Module]
 
 # ------------------------------------------------------------------ activation isolation
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_smaller_subnet_activations_are_identical_in_every_larger_subnet(
-        wrapped: SteppingNet, train: bool) -> None:
+def test_smaller_subnet_activations_are_identical_in_every_larger_subnet(wrapped: SteppingNet, train: bool) -> None:
     """Every Conv/Linear output of subnet s (for the classifier: every input feature of subnet
     <= s) is bitwise equal in every larger subnet. Exact: a masked weight is an exact 0, 0 * x == 0
     adds nothing to the sum, the shapes (hence the CPU kernels and their summation order) are the
@@ -53,8 +56,9 @@ def test_smaller_subnet_activations_are_identical_in_every_larger_subnet(
     x = _inputs(4, seed=4)  # batch >= 2 for batch-statistics BN in train mode
     before = {k: v.clone() for k, v in net.model.named_buffers()}
     report = isolation_report(net, x, train=train)
-    assert report.isolated, f"channels differ in a larger subnet (train={train}): {report.where}, " \
-                            f"relative {report.worst:.3e}"
+    assert report.isolated, (
+        f"channels differ in a larger subnet (train={train}): {report.where}, relative {report.worst:.3e}"
+    )
     assert all(c > 0 for c in report.compared[:-1]), f"nothing compared for some subnet: {report.compared}"
     # The library's own probe agrees, and BN running stats are restored by both.
     assert net.check_isolation(x, train=train) == []
@@ -73,8 +77,15 @@ def test_isolation_checker_reports_a_leak() -> None:
     """The checker can fail: a channel mean after the first conv lets subnet 2's channels change
     subnet 1's (the net is wrapped with verify=False, which would have refused the model)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), _MixChannels(), nn.Conv2d(4, 4, 3), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        _MixChannels(),
+        nn.Conv2d(4, 4, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
     net = SteppingNet(model, _inputs(2, seed=2, size=8), 2, verify=False)
     for group in net.groups:
         group.assignment = torch.tensor([1, 1, 2, 2])[: group.size]
@@ -102,12 +113,17 @@ def test_macs_strictly_grow_with_the_subnet(wrapped: SteppingNet) -> None:
 
 
 # ---------------------------------------------------------------- unsupported models
-@pytest.mark.parametrize(("name", "kwargs", "expected"), [
-    ("vit_tiny_patch16_224", {"img_size": IMG}, {"blocks.0.norm1": "LayerNorm", "blocks.0.attn": "attention"}),
-    ("convnext_atto", {}, {"stem.1": "LayerNorm", "stages.0.blocks.0.norm": "LayerNorm"}),
-], ids=["vit", "convnext"])
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected"),
+    [
+        ("vit_tiny_patch16_224", {"img_size": IMG}, {"blocks.0.norm1": "LayerNorm", "blocks.0.attn": "attention"}),
+        ("convnext_atto", {}, {"stem.1": "LayerNorm", "stages.0.blocks.0.norm": "LayerNorm"}),
+    ],
+    ids=["vit", "convnext"],
+)
 def test_norm_and_attention_models_are_rejected_by_module_name(
-        tiny_model: Callable[..., nn.Module], name: str, kwargs: dict[str, Any], expected: dict[str, str]) -> None:
+    tiny_model: Callable[..., nn.Module], name: str, kwargs: dict[str, Any], expected: dict[str, str]
+) -> None:
     model = tiny_model(name, **kwargs)
     with pytest.raises(UnsupportedModelError) as info:
         SteppingNet(model, _inputs(1, seed=0), N)
@@ -168,8 +184,9 @@ class _ConcatFlatten(nn.Module):
         return self.fc(torch.flatten(torch.cat([self.a(x), self.b(x)], 1), 1))
 
 
-@pytest.mark.parametrize(("ca", "cb", "hw"), [(2, 3, 4), (3, 3, 4), (4, 2, 2), (8, 8, 3)],
-                         ids=["2+3ch", "3+3ch", "4+2ch", "8+8ch"])
+@pytest.mark.parametrize(
+    ("ca", "cb", "hw"), [(2, 3, 4), (3, 3, 4), (4, 2, 2), (8, 8, 3)], ids=["2+3ch", "3+3ch", "4+2ch", "8+8ch"]
+)
 def test_mistraced_concat_flatten_linear_raises(ca: int, cb: int, hw: int) -> None:
     model = _ConcatFlatten(ca, cb, hw)
     with pytest.raises(UnsupportedModelError) as info:
@@ -184,11 +201,15 @@ def lenet(tiny_model: Callable[..., nn.Module]) -> SteppingNet:
     return SteppingNet(tiny_model("lenet5"), _inputs(2, seed=0), N)
 
 
-@pytest.mark.parametrize("values", [
-    lambda size: torch.zeros(size, dtype=torch.long),
-    lambda size: torch.full((size,), N + 2, dtype=torch.long),
-    lambda size: torch.full((size,), -1, dtype=torch.long),
-], ids=["zero", "N+2", "negative"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        lambda size: torch.zeros(size, dtype=torch.long),
+        lambda size: torch.full((size,), N + 2, dtype=torch.long),
+        lambda size: torch.full((size,), -1, dtype=torch.long),
+    ],
+    ids=["zero", "N+2", "negative"],
+)
 def test_assignment_values_outside_range_raise(lenet: SteppingNet, values: Callable[[int], torch.Tensor]) -> None:
     group = lenet.groups[0]
     with pytest.raises(ValueError, match=rf"allowed are 1\.\.{N} \(subnets\) and {N + 1} \(unused\)"):
@@ -196,13 +217,17 @@ def test_assignment_values_outside_range_raise(lenet: SteppingNet, values: Calla
     assert torch.equal(group.assignment, torch.ones(group.size, dtype=torch.long)), "a rejected value must not stick"
 
 
-@pytest.mark.parametrize("bad", [
-    lambda size: torch.ones(size + 1, dtype=torch.long),
-    lambda size: torch.ones(size - 1, dtype=torch.long),
-    lambda size: torch.ones(1, size, dtype=torch.long),
-    lambda size: torch.ones(size),
-    lambda size: torch.ones(size, dtype=torch.bool),
-], ids=["too-long", "too-short", "2-D", "float", "bool"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda size: torch.ones(size + 1, dtype=torch.long),
+        lambda size: torch.ones(size - 1, dtype=torch.long),
+        lambda size: torch.ones(1, size, dtype=torch.long),
+        lambda size: torch.ones(size),
+        lambda size: torch.ones(size, dtype=torch.bool),
+    ],
+    ids=["too-long", "too-short", "2-D", "float", "bool"],
+)
 def test_assignment_of_wrong_shape_or_type_raises(lenet: SteppingNet, bad: Callable[[int], torch.Tensor]) -> None:
     group = lenet.groups[0]
     with pytest.raises(ValueError, match=f"group {group.name!r}"):
@@ -269,8 +294,9 @@ def test_wrapping_twice_raises_and_remove_restores_the_plain_model(tiny_model: C
     assert all(torch.equal(v, plain[k]) for k, v in model.state_dict().items())
     assert not _parametrized(model)
     assert len(model._forward_pre_hooks) == 0
-    assert all(type(m).__name__ in {"Conv2d", "Linear"} for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert all(
+        type(m).__name__ in {"Conv2d", "Linear"} for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    )
     with torch.no_grad():
         assert torch.equal(model(x), expected)
     again = SteppingNet(model, x, N)  # a removed wrapper leaves a wrappable model
@@ -279,7 +305,8 @@ def test_wrapping_twice_raises_and_remove_restores_the_plain_model(tiny_model: C
 
 # ----------------------------------------------------------------- masks in forward
 def test_masks_apply_in_forward_and_never_overwrite_weights(
-        tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]) -> None:
+    tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]
+) -> None:
     net = SteppingNet(tiny_model("lenet5"), _inputs(2, seed=0), N)
     random_assignment(net, seed=5)
     model = net.model
@@ -306,7 +333,8 @@ def test_masks_apply_in_forward_and_never_overwrite_weights(
 
 
 def test_training_mode_and_no_grad_inside_subnet(
-        tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]) -> None:
+    tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]
+) -> None:
     net = SteppingNet(tiny_model("resnet18"), _inputs(2, seed=0), N)
     random_assignment(net, seed=7)
     model, x = net.model, _inputs(2, seed=8)
@@ -333,7 +361,8 @@ def _run(net: SteppingNet, s: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_nested_and_failing_subnet_contexts(
-        tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]) -> None:
+    tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor]
+) -> None:
     net = SteppingNet(tiny_model("lenet5"), _inputs(2, seed=0), N)
     random_assignment(net, seed=9)
     net.model.eval()
@@ -464,13 +493,17 @@ def test_macs_helper_counts_nonzero_weights_by_hand() -> None:
 
 # ---------------------------------------------------------------------- state I/O
 def test_state_dict_round_trip_into_a_fresh_wrap(
-        tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor],
-        randomize_bn: Callable[..., nn.Module]) -> None:
+    tiny_model: Callable[..., nn.Module],
+    random_assignment: Callable[..., torch.Tensor],
+    randomize_bn: Callable[..., nn.Module],
+) -> None:
     x = _inputs(2, seed=12)
     net = SteppingNet(randomize_bn(tiny_model("resnet18", seed=1), seed=2), x, N)
     random_assignment(net, seed=13)
     name = net.layers[3].name
-    net.prune_masks[name] = torch.rand(net.original_weight(name).shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    net.prune_masks[name] = (
+        torch.rand(net.original_weight(name).shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    )
     net.invalidate()
     net.model.eval()
     expected = {s: _run(net, s, x) for s in range(1, N + 1)}

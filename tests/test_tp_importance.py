@@ -1,4 +1,5 @@
 """SteppingImportance: SteppingNet's criterion M inside torch-pruning's pruners."""
+
 from __future__ import annotations
 
 import pytest
@@ -50,14 +51,15 @@ def test_base_pruner_removes_the_lowest_criterion_channels(subnet: int) -> None:
     plain = net.plain_copy()
     original = {name: plain.get_submodule(name).weight.detach().clone() for name in CONVS}
     importance = SteppingImportance(net, scores, subnet=subnet, alpha_growth=1.5, model=plain)
-    pruner = tp.pruner.BasePruner(plain, x, importance=importance, pruning_ratio=0.5,
-                                  ignored_layers=[plain.get_classifier()])
+    pruner = tp.pruner.BasePruner(
+        plain, x, importance=importance, pruning_ratio=0.5, ignored_layers=[plain.get_classifier()]
+    )
     pruner.step()
 
     alpha = torch.tensor([1.0, 1.5])
     # eq. (3) for subnet i (k = i..N) of the scores normalised per group and subnet row.
     scores = normalize_scores(scores, net.index.offsets, net.flat_assignment()[:-1])
-    m = (scores * alpha.unsqueeze(1))[subnet - 1:].sum(0)
+    m = (scores * alpha.unsqueeze(1))[subnet - 1 :].sum(0)
     previous_kept: list[int] | None = None
     for k, name in enumerate(CONVS):
         positions = net.index.out_positions[k]
@@ -71,7 +73,7 @@ def test_base_pruner_removes_the_lowest_criterion_channels(subnet: int) -> None:
         assert _kept_rows(weight, source) == expected
         previous_kept = expected
     # Different subnets rank differently: the test would not notice a criterion that ignores it.
-    other = (scores * alpha.unsqueeze(1))[2 - subnet:].sum(0)
+    other = (scores * alpha.unsqueeze(1))[2 - subnet :].sum(0)
     first = net.index.out_positions[0]
     assert torch.argsort(m[first])[:4].tolist() != torch.argsort(other[first])[:4].tolist()
 
@@ -133,8 +135,9 @@ def test_bad_inputs_raise_clear_errors() -> None:
     # After a physical pruning step the channel map is stale: a clear error, not wrong scores.
     plain = net.plain_copy()
     importance = SteppingImportance(net, torch.rand(2, n), model=plain)
-    pruner = tp.pruner.BasePruner(plain, x, importance=importance, pruning_ratio=0.5, iterative_steps=2,
-                                  ignored_layers=[plain.get_classifier()])
+    pruner = tp.pruner.BasePruner(
+        plain, x, importance=importance, pruning_ratio=0.5, iterative_steps=2, ignored_layers=[plain.get_classifier()]
+    )
     pruner.step()
     with pytest.raises(ValueError, match="was pruned since"):
         pruner.step()

@@ -1,5 +1,6 @@
 """Training loops: beta suppression (exact gradient ratios), KD loss (hand computation), the
 per-subnet epoch (order, steps, distillation), evaluation and the BN running-statistics guard."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,11 @@ N = 3
 
 
 @pytest.fixture()
-def net(tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor],
-        randomize_bn: Callable[..., nn.Module]) -> SteppingNet:
+def net(
+    tiny_model: Callable[..., nn.Module],
+    random_assignment: Callable[..., torch.Tensor],
+    randomize_bn: Callable[..., nn.Module],
+) -> SteppingNet:
     model = randomize_bn(tiny_model("lenet5", seed=0, in_chans=1, img_size=12, width=0.5), seed=1)
     wrapped = SteppingNet(model, torch.randn(2, 1, 12, 12), N)
     random_assignment(wrapped, seed=2)
@@ -106,7 +110,7 @@ class _LayerScaleNet(nn.Module):
 def test_beta_suppression_scales_a_bare_layer_scale_parameter() -> None:
     torch.manual_seed(0)
     net = SteppingNet(_LayerScaleNet(), torch.randn(2, 1, 12, 12), N)
-    net.groups[0].assignment = torch.tensor([1, 1, 2, 2, 3, 3, 4, 4])   # N = 3; 4 = unused
+    net.groups[0].assignment = torch.tensor([1, 1, 2, 2, 3, 3, 4, 4])  # N = 3; 4 = unused
     plain = _grads(net, 3, None)["scale"].flatten()
     suppressed = _grads(net, 3, 0.5)["scale"].flatten()
     expected = torch.tensor([0.25, 0.25, 0.5, 0.5, 1, 1, 1, 1])
@@ -346,7 +350,7 @@ def test_train_dense_learns_separable_data() -> None:
     x = torch.randn(64, 4, generator=g)
     x[:, 0] = x[:, 0].sign() * (1.0 + x[:, 0].abs())  # a margin of 2 along the first axis
     y = (x[:, 0] > 0).long()
-    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    loader = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
     model = nn.Linear(4, 2)
     losses = train_dense(model, loader, epochs=15, lr=0.1)
     assert len(losses) == 15 and losses[-1] < losses[0]

@@ -11,6 +11,7 @@ their first-release paths). Here:
 * :mod:`.compare_spec`: the methods, variants and formats (light, for the parser);
 * :mod:`.compare_cli`: the subcommands' arguments and printing.
 """
+
 from __future__ import annotations
 
 __all__: list[str] = []

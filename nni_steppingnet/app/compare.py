@@ -17,6 +17,7 @@ Fairness. Every method of one seed uses the same recipe, data, teacher and budge
 Functions here log; the command line (:mod:`nni_steppingnet.app.compare_cli`) prints tables and
 shows progress bars. Statistics and tables: :mod:`.compare_report`; the figure: :mod:`.compare_plot`.
 """
+
 from __future__ import annotations
 
 import json
@@ -128,8 +129,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _prepare_out(out: Path, resume: bool, what: str) -> None:
     if out.exists() and any(out.iterdir()) and not resume:
-        raise ValueError(f"{out} already holds {what} results; pass --resume (resume=True) to reuse "
-                         "and continue them, or choose another --out folder")
+        raise ValueError(
+            f"{out} already holds {what} results; pass --resume (resume=True) to reuse "
+            "and continue them, or choose another --out folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -163,10 +166,25 @@ def train_teacher(
             seed_everything(recipe.seed)
             model = build_model(recipe, info, width=1.0)
             t = recipe.teacher
-            losses = train_dense(model, train_loader, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
-                                 weight_decay=t.weight_decay, device=dev, amp=amp, progress=progress)
-            save_checkpoint({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                             "losses": [float(v) for v in losses], "seed": recipe.seed}, path)
+            losses = train_dense(
+                model,
+                train_loader,
+                epochs=t.epochs,
+                lr=t.lr,
+                momentum=t.momentum,
+                weight_decay=t.weight_decay,
+                device=dev,
+                amp=amp,
+                progress=progress,
+            )
+            save_checkpoint(
+                {
+                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "losses": [float(v) for v in losses],
+                    "seed": recipe.seed,
+                },
+                path,
+            )
     accuracy = evaluate_model(model, test_loader, device=dev, amp=amp)
     logger.info("teacher (seed %d): accuracy %.4f (%s)", recipe.seed, accuracy, path)
     return path, accuracy
@@ -206,9 +224,18 @@ def train_baseline(
             if isinstance(generator, torch.Generator):
                 generator.manual_seed(recipe.seed + epoch)
             take = min(remaining, per_epoch)
-            phase1.append(train_subnets_epoch(net, train_loader, optimizer,
-                                              beta=c.beta if baseline_beta else None, device=device,
-                                              amp=amp, max_batches=take, progress=progress))
+            phase1.append(
+                train_subnets_epoch(
+                    net,
+                    train_loader,
+                    optimizer,
+                    beta=c.beta if baseline_beta else None,
+                    device=device,
+                    amp=amp,
+                    max_batches=take,
+                    progress=progress,
+                )
+            )
             remaining -= take
             epoch += 1
     phase2: list[float] = []
@@ -218,13 +245,28 @@ def train_baseline(
         for epoch in range(r.epochs):
             if isinstance(generator, torch.Generator):
                 generator.manual_seed(recipe.seed + 1_000_003 * (epoch + 1))
-            phase2.append(train_subnets_epoch(net, train_loader, optimizer,
-                                              beta=r.beta if baseline_beta else None, teacher=teacher,
-                                              gamma=r.gamma, device=device, amp=amp, progress=progress,
-                                              temperature=r.temperature))
+            phase2.append(
+                train_subnets_epoch(
+                    net,
+                    train_loader,
+                    optimizer,
+                    beta=r.beta if baseline_beta else None,
+                    teacher=teacher,
+                    gamma=r.gamma,
+                    device=device,
+                    amp=amp,
+                    progress=progress,
+                    temperature=r.temperature,
+                )
+            )
             scheduler.step()
-    return {"train_batches": train_batches, "subnet_steps": train_batches * net.num_subnets,
-            "losses": phase1, "retraining_losses": phase2, "beta": bool(baseline_beta)}
+    return {
+        "train_batches": train_batches,
+        "subnet_steps": train_batches * net.num_subnets,
+        "losses": phase1,
+        "retraining_losses": phase2,
+        "beta": bool(baseline_beta),
+    }
 
 
 def run_baseline(
@@ -271,8 +313,17 @@ def run_baseline(
     plan = search_widths(net, recipe.steppingnet.budgets, ref, tolerance=tolerance)
     net.model.to(dev)
     t0 = time.perf_counter()
-    training = train_baseline(net, train_loader, recipe, teacher=teacher, train_batches=train_batches,
-                              baseline_beta=baseline_beta, device=dev, amp=amp, progress=progress)
+    training = train_baseline(
+        net,
+        train_loader,
+        recipe,
+        teacher=teacher,
+        train_batches=train_batches,
+        baseline_beta=baseline_beta,
+        device=dev,
+        amp=amp,
+        progress=progress,
+    )
     training["time_s"] = time.perf_counter() - t0
     accuracies = evaluate(net, test_loader, device=dev, amp=amp)
     net.model.to("cpu")
@@ -283,9 +334,17 @@ def run_baseline(
     subnets: list[dict[str, Any]] = []
     for s in range(1, n + 1):
         m = net.macs(s)
-        subnets.append({"index": s, "accuracy": accuracies[s - 1], "macs": m, "mac_ratio": m / ref,
-                        "budget": plan.budgets[s - 1], "budget_gap": m / ref - plan.budgets[s - 1],
-                        "widths": plan.counts[s - 1]})
+        subnets.append(
+            {
+                "index": s,
+                "accuracy": accuracies[s - 1],
+                "macs": m,
+                "mac_ratio": m / ref,
+                "budget": plan.budgets[s - 1],
+                "budget_gap": m / ref - plan.budgets[s - 1],
+                "widths": plan.counts[s - 1],
+            }
+        )
     results: dict[str, Any] = {
         "format": BASELINE_FORMAT,
         "method": method,
@@ -300,17 +359,34 @@ def run_baseline(
         "expanded": {"expansion": recipe.steppingnet.expansion, "macs": net.full_macs},
         "isolation_ok": not problems,
         "training": training,
-        "dataset": {"name": info.name, "num_classes": info.num_classes, "in_chans": info.in_chans,
-                    "img_size": info.img_size},
+        "dataset": {
+            "name": info.name,
+            "num_classes": info.num_classes,
+            "in_chans": info.in_chans,
+            "img_size": info.img_size,
+        },
         "device": str(dev),
         "amp": amp,
         "wall_time_s": time.perf_counter() - started,
     }
-    save_checkpoint({"format": BASELINE_FORMAT, "method": method, "recipe": recipe.to_dict(),
-                     "info": dict(results["dataset"]), "net": net.state_dict()}, out / "checkpoint.pt")
+    save_checkpoint(
+        {
+            "format": BASELINE_FORMAT,
+            "method": method,
+            "recipe": recipe.to_dict(),
+            "info": dict(results["dataset"]),
+            "net": net.state_dict(),
+        },
+        out / "checkpoint.pt",
+    )
     atomic_write_json(out / RESULTS_FILE, results)
-    logger.info("%s (seed %d): accuracies %s at MAC ratios %s", method, recipe.seed,
-                [round(a, 4) for a in accuracies], [round(s["mac_ratio"], 4) for s in subnets])
+    logger.info(
+        "%s (seed %d): accuracies %s at MAC ratios %s",
+        method,
+        recipe.seed,
+        [round(a, 4) for a in accuracies],
+        [round(s["mac_ratio"], 4) for s in subnets],
+    )
     return results
 
 
@@ -322,8 +398,10 @@ def load_baseline(path: str | os.PathLike[str]) -> tuple[SlicedNet, Recipe]:
         source = source / "checkpoint.pt"
     state = load_checkpoint_file(source)
     if state.get("format") != BASELINE_FORMAT or state.get("method") not in BASELINES or "info" not in state:
-        raise CheckpointError(f"{source} is not a baseline checkpoint written by run_baseline (format "
-                              f"{state.get('format')!r}, expected {BASELINE_FORMAT!r} with method and info)")
+        raise CheckpointError(
+            f"{source} is not a baseline checkpoint written by run_baseline (format "
+            f"{state.get('format')!r}, expected {BASELINE_FORMAT!r} with method and info)"
+        )
     recipe = Recipe.from_dict(state["recipe"], source=str(source))
     info = DatasetInfo(**state["info"])
     model = build_model(recipe, info, width=recipe.steppingnet.expansion)
@@ -333,16 +411,31 @@ def load_baseline(path: str | os.PathLike[str]) -> tuple[SlicedNet, Recipe]:
 
 
 # ------------------------------------------------------------------------------ runners
-def _run_steppingnet(recipe: Recipe, out: Path, *, resume: bool, device: str | torch.device, amp: str | None,
-                     progress: bool, reporter: Reporter | None) -> dict[str, Any]:
+def _run_steppingnet(
+    recipe: Recipe,
+    out: Path,
+    *,
+    resume: bool,
+    device: str | torch.device,
+    amp: str | None,
+    progress: bool,
+    reporter: Reporter | None,
+) -> dict[str, Any]:
     results_path = out / RESULTS_FILE
     if results_path.is_file() and (out / CHECKPOINT_NAME).is_file():
         results = _read_json(results_path)
         if results.get("stage", "done") == "done" and not recipe_diff(results.get("recipe", {}), recipe.to_dict()):
             logger.info("reusing finished run %s", out)
             return results
-    return run_recipe(recipe, out, resume=(out / CHECKPOINT_NAME).is_file() and resume, device=device,
-                      amp=amp, progress=progress, reporter=reporter)
+    return run_recipe(
+        recipe,
+        out,
+        resume=(out / CHECKPOINT_NAME).is_file() and resume,
+        device=device,
+        amp=amp,
+        progress=progress,
+        reporter=reporter,
+    )
 
 
 def _reuse_baseline(out: Path, recipe: Recipe) -> dict[str, Any] | None:
@@ -352,14 +445,17 @@ def _reuse_baseline(out: Path, recipe: Recipe) -> dict[str, Any] | None:
     results = _read_json(path)
     differ = recipe_diff(results.get("recipe", {}), recipe.to_dict())
     if differ:
-        raise ValueError(f"cannot resume {out}: its recipe differs ({'; '.join(differ[:6])}); use the "
-                         "same recipe and --set values, or another --out")
+        raise ValueError(
+            f"cannot resume {out}: its recipe differs ({'; '.join(differ[:6])}); use the "
+            "same recipe and --set values, or another --out"
+        )
     logger.info("reusing finished baseline %s", out)
     return results
 
 
-def _seed_setup(recipe: Recipe, seed: int, out: Path, dev: torch.device, amp: str | None,
-                progress: bool) -> tuple[Recipe, Path, tuple[Any, Any, Any], Path]:
+def _seed_setup(
+    recipe: Recipe, seed: int, out: Path, dev: torch.device, amp: str | None, progress: bool
+) -> tuple[Recipe, Path, tuple[Any, Any, Any], Path]:
     """One seed's recipe, folder, data and teacher (shared by every method of that seed); the
     returned recipe names the teacher checkpoint."""
     seeded = _with(recipe, seed=seed)
@@ -405,8 +501,15 @@ def run_compare(
         seeded, seed_dir, data, teacher_path = _seed_setup(recipe, seed, out, dev, amp, progress)
         train_batches = None
         if "steppingnet" in methods:
-            stepping = _run_steppingnet(seeded, seed_dir / "steppingnet", resume=resume, device=dev, amp=amp,
-                                        progress=progress, reporter=reporter)
+            stepping = _run_steppingnet(
+                seeded,
+                seed_dir / "steppingnet",
+                resume=resume,
+                device=dev,
+                amp=amp,
+                progress=progress,
+                reporter=reporter,
+            )
             runs["steppingnet"].append(stepping)
             iterations = int(stepping.get("construction", {}).get("iterations") or seeded.construction.iterations)
             train_batches = iterations * seeded.construction.batches_per_iteration
@@ -418,9 +521,19 @@ def run_compare(
             if results is None:
                 if reporter is not None:
                     reporter("stage", {"stage": method, "seed": seed})
-                results = run_baseline(method, seeded, method_dir, teacher_path=teacher_path,
-                                       train_batches=train_batches, device=dev, amp=amp, progress=progress,
-                                       baseline_beta=baseline_beta, tolerance=tolerance, data=data)
+                results = run_baseline(
+                    method,
+                    seeded,
+                    method_dir,
+                    teacher_path=teacher_path,
+                    train_batches=train_batches,
+                    device=dev,
+                    amp=amp,
+                    progress=progress,
+                    baseline_beta=baseline_beta,
+                    tolerance=tolerance,
+                    data=data,
+                )
             runs[method].append(results)
     summary = summarize(runs)
     report = {
@@ -436,8 +549,13 @@ def run_compare(
         "device": str(dev),
         "wall_time_s": time.perf_counter() - started,
     }
-    _write_report(report, out, "compare", f"{recipe.name}: SteppingNet vs baselines",
-                  [(f"{recipe.name}: accuracy vs MACs", methods)])
+    _write_report(
+        report,
+        out,
+        "compare",
+        f"{recipe.name}: SteppingNet vs baselines",
+        [(f"{recipe.name}: accuracy vs MACs", methods)],
+    )
     return report
 
 
@@ -492,8 +610,11 @@ def run_ablate(
             variant = seeded.with_overrides(list(overrides))
             if reporter is not None:
                 reporter("stage", {"stage": name, "seed": seed})
-            runs[name].append(_run_steppingnet(variant, seed_dir / folder, resume=resume, device=dev, amp=amp,
-                                               progress=progress, reporter=reporter))
+            runs[name].append(
+                _run_steppingnet(
+                    variant, seed_dir / folder, resume=resume, device=dev, amp=amp, progress=progress, reporter=reporter
+                )
+            )
     ordered = {name: runs[name] for name in chosen}
     for name in sweep:
         ordered[name] = runs.get(name, runs.get("beta+kd", []))
@@ -518,8 +639,17 @@ def run_ablate(
 
 
 def _run_digest(results: Mapping[str, Any]) -> dict[str, Any]:
-    keep = ("method", "original", "subnets", "budgets_met", "budgets_met_per_subnet", "isolation_ok",
-            "wall_time_s", "training", "widths")
+    keep = (
+        "method",
+        "original",
+        "subnets",
+        "budgets_met",
+        "budgets_met_per_subnet",
+        "isolation_ok",
+        "wall_time_s",
+        "training",
+        "widths",
+    )
     digest = {k: results[k] for k in keep if k in results}
     digest["seed"] = results.get("recipe", {}).get("seed")
     construction = results.get("construction")
@@ -528,8 +658,9 @@ def _run_digest(results: Mapping[str, Any]) -> dict[str, Any]:
     return digest
 
 
-def _write_report(report: dict[str, Any], out: Path, stem: str, title: str,
-                  panels: Sequence[tuple[str, Sequence[str]]]) -> None:
+def _write_report(
+    report: dict[str, Any], out: Path, stem: str, title: str, panels: Sequence[tuple[str, Sequence[str]]]
+) -> None:
     atomic_write_json(out / f"{stem}.json", report)
     atomic_write_text(out / f"{stem}.md", compare_markdown(report, title=title))
     plot_compare(report["summary"], out / f"{stem}.png", panels=panels)

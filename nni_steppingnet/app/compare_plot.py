@@ -1,4 +1,5 @@
 """The accuracy-vs-MACs figure of ``compare`` / ``ablate`` reports."""
+
 from __future__ import annotations
 
 import io
@@ -47,8 +48,9 @@ def plot_compare(
                 originals.append(data["original_accuracy"])
         if originals:
             original = statistics.fmean(originals)
-            ax.axhline(100 * original, color="gray", linestyle="--", linewidth=1,
-                       label=f"original ({100 * original:.2f}%)")
+            ax.axhline(
+                100 * original, color="gray", linestyle="--", linewidth=1, label=f"original ({100 * original:.2f}%)"
+            )
         ax.set_xlabel("MACs relative to the original network M_i/M_t (%)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(panel_title)

@@ -1,5 +1,6 @@
 """Statistics and markdown of ``compare`` / ``ablate`` reports: mean and spread over seeds, the
 issue's targets, the tables."""
+
 from __future__ import annotations
 
 import logging
@@ -45,24 +46,44 @@ def summarize(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]
             macs = [r["subnets"][i]["macs"] for r in results]
             a_mean, a_std = mean_std(acc)
             r_mean, r_std = mean_std(ratio)
-            subnets.append({"index": i + 1, "budget": results[0]["subnets"][i].get("budget"),
-                            "accuracy_mean": a_mean, "accuracy_std": a_std, "accuracies": acc,
-                            "mac_ratio_mean": r_mean, "mac_ratio_std": r_std,
-                            "macs_mean": statistics.fmean(macs), "macs": macs})
+            subnets.append(
+                {
+                    "index": i + 1,
+                    "budget": results[0]["subnets"][i].get("budget"),
+                    "accuracy_mean": a_mean,
+                    "accuracy_std": a_std,
+                    "accuracies": acc,
+                    "mac_ratio_mean": r_mean,
+                    "mac_ratio_std": r_std,
+                    "macs_mean": statistics.fmean(macs),
+                    "macs": macs,
+                }
+            )
         errors = [statistics.fmean(1.0 - s["accuracy"] for s in r["subnets"]) for r in results]
         e_mean, e_std = mean_std(errors)
         originals = [r["original"]["accuracy"] for r in results if r["original"].get("accuracy") is not None]
         o_mean, o_std = mean_std(originals) if originals else (None, None)
         met = [r.get("budgets_met") for r in results]
-        out[method] = {"seeds": [r["recipe"]["seed"] for r in results], "subnets": subnets,
-                       "mean_error": e_mean, "mean_error_std": e_std, "mean_errors": errors,
-                       "original_accuracy": o_mean, "original_accuracy_std": o_std,
-                       "budgets_met": all(bool(m) for m in met)}
+        out[method] = {
+            "seeds": [r["recipe"]["seed"] for r in results],
+            "subnets": subnets,
+            "mean_error": e_mean,
+            "mean_error_std": e_std,
+            "mean_errors": errors,
+            "original_accuracy": o_mean,
+            "original_accuracy_std": o_std,
+            "budgets_met": all(bool(m) for m in met),
+        }
     return out
 
 
-def check_targets(summary: Mapping[str, Any], *, reference: str = "steppingnet",
-                  error_reduction: float = 0.10, largest_gap: float = 0.01) -> dict[str, Any] | None:
+def check_targets(
+    summary: Mapping[str, Any],
+    *,
+    reference: str = "steppingnet",
+    error_reduction: float = 0.10,
+    largest_gap: float = 0.01,
+) -> dict[str, Any] | None:
     """The issue's targets for ``reference`` against every other method of ``summary``: accuracy at
     or above at every budget, mean error over the subnets at least ``error_reduction`` lower
     (relative), and its largest subnet within ``largest_gap`` of the original accuracy."""
@@ -94,36 +115,60 @@ def compare_markdown(report: Mapping[str, Any], *, title: str = "Comparison") ->
     summary = report["summary"]
     seeds = report.get("seeds", [])
     ns = len(seeds)
-    lines = [f"## {title}", "",
-             f"Recipe `{report.get('recipe', {}).get('name', '?')}`, seeds {', '.join(map(str, seeds))}"
-             + (" (mean ± std)" if ns > 1 else "") + "; accuracy and M_i/M_t in %.", ""]
+    lines = [
+        f"## {title}",
+        "",
+        f"Recipe `{report.get('recipe', {}).get('name', '?')}`, seeds {', '.join(map(str, seeds))}"
+        + (" (mean ± std)" if ns > 1 else "")
+        + "; accuracy and M_i/M_t in %.",
+        "",
+    ]
     lines += ["| method | subnet | budget | M_i/M_t | MACs | accuracy |", "|---|---|---|---|---|---|"]
     for method, data in summary.items():
         for s in data["subnets"]:
-            lines.append(f"| {method} | {s['index']} | {_pct(s['budget'])} | "
-                         f"{_pm(s['mac_ratio_mean'], s['mac_ratio_std'], ns)} | {s['macs_mean']:,.0f} | "
-                         f"{_pm(s['accuracy_mean'], s['accuracy_std'], ns)} |")
-    lines += ["", "| method | mean error over subnets | largest subnet | original | budgets met |",
-              "|---|---|---|---|---|"]
+            lines.append(
+                f"| {method} | {s['index']} | {_pct(s['budget'])} | "
+                f"{_pm(s['mac_ratio_mean'], s['mac_ratio_std'], ns)} | {s['macs_mean']:,.0f} | "
+                f"{_pm(s['accuracy_mean'], s['accuracy_std'], ns)} |"
+            )
+    lines += [
+        "",
+        "| method | mean error over subnets | largest subnet | original | budgets met |",
+        "|---|---|---|---|---|",
+    ]
     for method, data in summary.items():
         last = data["subnets"][-1]
         original = data.get("original_accuracy")
-        lines.append(f"| {method} | {_pm(data['mean_error'], data['mean_error_std'], ns)} | "
-                     f"{_pm(last['accuracy_mean'], last['accuracy_std'], ns)} | "
-                     f"{_pct(original) if original is not None else 'n/a'} | "
-                     f"{'yes' if data['budgets_met'] else 'no'} |")
+        lines.append(
+            f"| {method} | {_pm(data['mean_error'], data['mean_error_std'], ns)} | "
+            f"{_pm(last['accuracy_mean'], last['accuracy_std'], ns)} | "
+            f"{_pct(original) if original is not None else 'n/a'} | "
+            f"{'yes' if data['budgets_met'] else 'no'} |"
+        )
     targets = report.get("targets")
     if targets:
-        lines += ["", f"Targets for {targets['reference']}"
-                  + ("" if summary.get(targets["reference"], {}).get("budgets_met", True)
-                     else " (note: its construction did not meet every budget)") + ":", ""]
+        lines += [
+            "",
+            f"Targets for {targets['reference']}"
+            + (
+                ""
+                if summary.get(targets["reference"], {}).get("budgets_met", True)
+                else " (note: its construction did not meet every budget)"
+            )
+            + ":",
+            "",
+        ]
         for method, t in targets["against"].items():
             gaps = ", ".join(f"{100 * g:+.2f}" for g in t["accuracy_gaps"])
-            lines.append(f"- vs {method}: accuracy difference per subnet (points) {gaps} -> at or above at "
-                         f"every budget: {'met' if t['at_or_above_every_budget'] else 'MISSED'}; relative reduction "
-                         f"of the mean error {100 * t['error_reduction']:+.1f}% (target >= +10%): "
-                         f"{'met' if t['error_reduction_met'] else 'MISSED'}")
+            lines.append(
+                f"- vs {method}: accuracy difference per subnet (points) {gaps} -> at or above at "
+                f"every budget: {'met' if t['at_or_above_every_budget'] else 'MISSED'}; relative reduction "
+                f"of the mean error {100 * t['error_reduction']:+.1f}% (target >= +10%): "
+                f"{'met' if t['error_reduction_met'] else 'MISSED'}"
+            )
         if targets.get("largest_subnet_gap") is not None:
-            lines.append(f"- largest subnet {100 * targets['largest_subnet_gap']:.2f} points below the original "
-                         f"(target <= 1): {'met' if targets['largest_subnet_met'] else 'MISSED'}")
+            lines.append(
+                f"- largest subnet {100 * targets['largest_subnet_gap']:.2f} points below the original "
+                f"(target <= 1): {'met' if targets['largest_subnet_met'] else 'MISSED'}"
+            )
     return "\n".join(lines) + "\n"

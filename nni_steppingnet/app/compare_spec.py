@@ -3,13 +3,21 @@
 A light module (no torch): the command-line parser reads these names without importing the
 training code.
 """
+
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-__all__ = ["METHODS", "ABLATION_VARIANTS", "BASELINE_FORMAT", "COMPARE_FORMAT", "TEACHER_FILE", "RESULTS_FILE",
-           "parse_list"]
+__all__ = [
+    "METHODS",
+    "ABLATION_VARIANTS",
+    "BASELINE_FORMAT",
+    "COMPARE_FORMAT",
+    "TEACHER_FILE",
+    "RESULTS_FILE",
+    "parse_list",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ comparison only the method differs:
 original network's MACs) with the method's own MAC rule. The ``compare`` and ``ablate``
 subcommands live in :mod:`nni_steppingnet.baselines.compare`.
 """
+
 from __future__ import annotations
 
 from .anywidth import AnyWidthNet, make_anywidth

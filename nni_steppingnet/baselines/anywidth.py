@@ -11,6 +11,7 @@ narrower slices' activations do not change when wider slices run). BatchNorm is 
 widths, as in the any-width paper (the triangular structure keeps each channel's statistics
 independent of the width).
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,5 +50,14 @@ def make_anywidth(
 ) -> tuple[AnyWidthNet, WidthPlan]:
     """Wrap ``model`` as an any-width network with one subnet per budget, widths searched so that
     every subnet's MACs are within ``tolerance`` of ``budgets[s-1] * reference_macs``."""
-    return wrap_with_widths(AnyWidthNet, model, example_inputs, budgets, reference_macs, tolerance=tolerance,
-                            classifier=classifier, exclude=exclude, verify=verify)
+    return wrap_with_widths(
+        AnyWidthNet,
+        model,
+        example_inputs,
+        budgets,
+        reference_macs,
+        tolerance=tolerance,
+        classifier=classifier,
+        exclude=exclude,
+        verify=verify,
+    )

@@ -8,6 +8,7 @@ subnet can be reused (no anytime extension), and every width keeps its own Batch
 affine parameters (*switchable BN*): :class:`SwitchableBatchNorm` holds one copy of each BN module
 per width and runs the copy of the subnet that is active.
 """
+
 from __future__ import annotations
 
 import copy
@@ -81,8 +82,16 @@ class SlimmableNet(SlicedNet):
     ) -> None:
         # SteppingNet runs the tracing probe under the nested rule (it only has to find untraced
         # channel mixing, which breaks either rule) and switches to ``mask_rule`` after it.
-        super().__init__(model, example_inputs, num_subnets, width_fractions, classifier=classifier,
-                         exclude=exclude, verify=verify, execution=execution)
+        super().__init__(
+            model,
+            example_inputs,
+            num_subnets,
+            width_fractions,
+            classifier=classifier,
+            exclude=exclude,
+            verify=verify,
+            execution=execution,
+        )
         self._switch_batchnorm()
 
     def _switch_batchnorm(self) -> None:
@@ -138,8 +147,17 @@ def make_slimmable(
 ) -> tuple[SlimmableNet, WidthPlan]:
     """Wrap ``model`` as a slimmable network with one subnet per budget, widths searched so that
     every subnet's MACs are within ``tolerance`` of ``budgets[s-1] * reference_macs``."""
-    return wrap_with_widths(SlimmableNet, model, example_inputs, budgets, reference_macs, tolerance=tolerance,
-                            classifier=classifier, exclude=exclude, verify=verify)
+    return wrap_with_widths(
+        SlimmableNet,
+        model,
+        example_inputs,
+        budgets,
+        reference_macs,
+        tolerance=tolerance,
+        classifier=classifier,
+        exclude=exclude,
+        verify=verify,
+    )
 
 
 def _unswitch(model: nn.Module, index: int) -> None:

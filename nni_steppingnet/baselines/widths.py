@@ -11,6 +11,7 @@ widths with each method's own MAC count (``net.macs``: the very code SteppingNet
 Budgets are fractions of ``reference_macs``, the MACs of the original (unexpanded) network, as in
 the paper's ``M_i / M_t`` columns.
 """
+
 from __future__ import annotations
 
 import logging
@@ -96,8 +97,7 @@ def triangular_assignment(size: int, counts: Sequence[int], num_subnets: int) ->
     for s, k in enumerate(counts, start=1):
         k = int(k)
         if not previous <= k <= size:
-            raise ValueError(f"widths must be non-decreasing and at most the group size {size}; "
-                             f"got {list(counts)}")
+            raise ValueError(f"widths must be non-decreasing and at most the group size {size}; got {list(counts)}")
         assignment[previous:k] = s
         previous = k
     return assignment
@@ -128,9 +128,11 @@ def check_counts(counts: Sequence[Sequence[int]], sizes: Sequence[int], num_subn
         for g, (k, size) in enumerate(zip(row, sizes)):
             low = 1 if s == 1 else out[-1][g]
             if not low <= k <= size:
-                raise ValueError(f"subnet {s}, group {g}: width {k} must be in [{low}, {size}] "
-                                 "(at least 1 in subnet 1, non-decreasing over subnets, at most the "
-                                 "group size)")
+                raise ValueError(
+                    f"subnet {s}, group {g}: width {k} must be in [{low}, {size}] "
+                    "(at least 1 in subnet 1, non-decreasing over subnets, at most the "
+                    "group size)"
+                )
         out.append(row)
     return out
 
@@ -178,8 +180,16 @@ class SlicedNet(SteppingNet):
         verify: bool = True,
         execution: str = "auto",
     ) -> None:
-        super().__init__(model, example_inputs, num_subnets, classifier=classifier, exclude=exclude,
-                         verify=verify, rule=self.mask_rule, execution=execution)
+        super().__init__(
+            model,
+            example_inputs,
+            num_subnets,
+            classifier=classifier,
+            exclude=exclude,
+            verify=verify,
+            rule=self.mask_rule,
+            execution=execution,
+        )
         if width_fractions is None:
             width_fractions = [s / num_subnets for s in range(1, num_subnets + 1)]
         self.set_width_fractions(width_fractions)
@@ -218,8 +228,7 @@ class SlicedNet(SteppingNet):
         return super().summary().replace("SteppingNet:", f"{type(self).__name__}:", 1)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(num_subnets={self.num_subnets}, groups={len(self.groups)}, "
-                f"widths={self.widths})")
+        return f"{type(self).__name__}(num_subnets={self.num_subnets}, groups={len(self.groups)}, widths={self.widths})"
 
 
 def _macs_with(net: WidthSliced, done: list[list[int]], row: list[int], s: int) -> int:
@@ -330,10 +339,24 @@ def search_widths(
     met = [abs(r - b) <= tolerance + 1e-12 for r, b in zip(ratios, budgets)]
     for s, (r, b, ok) in enumerate(zip(ratios, budgets, met), start=1):
         if not ok:
-            logger.warning("subnet %d: MAC ratio %.4f misses budget %.4f by more than %.2f (the net's "
-                           "slices cannot reach it; widen the model or lower the budget)", s, r, b, tolerance)
-    return WidthPlan(counts=done, fractions=fractions, macs=macs, mac_ratios=ratios, budgets=budgets,
-                     reference_macs=int(reference_macs), tolerance=float(tolerance), budgets_met=met)
+            logger.warning(
+                "subnet %d: MAC ratio %.4f misses budget %.4f by more than %.2f (the net's "
+                "slices cannot reach it; widen the model or lower the budget)",
+                s,
+                r,
+                b,
+                tolerance,
+            )
+    return WidthPlan(
+        counts=done,
+        fractions=fractions,
+        macs=macs,
+        mac_ratios=ratios,
+        budgets=budgets,
+        reference_macs=int(reference_macs),
+        tolerance=float(tolerance),
+        budgets_met=met,
+    )
 
 
 SlicedNetT = TypeVar("SlicedNetT", bound=SlicedNet)

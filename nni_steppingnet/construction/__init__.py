@@ -7,6 +7,7 @@
 * :mod:`.loop`: :class:`ConstructionConfig` and :class:`Constructor` with its extension points
   (``train=``, ``scores=``, ``frozen=``, :meth:`Constructor.finish_iteration`).
 """
+
 from __future__ import annotations
 
 from .loop import CONSTRUCTION_FORMAT, ConstructionConfig, ConstructionResult, Constructor, ScoreFn, TrainFn

@@ -1,5 +1,6 @@
 """The construction loop's data and randomness: a seeded, resumable batch stream and the global
 RNG state saved in construction checkpoints."""
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,10 @@ class BatchStream:
                         self._pending = [next(iterator)]
                 except StopIteration:
                     if self.batch == 0:
-                        raise ValueError("train_loader yielded no batches; give it a non-empty "
-                                         "dataset (and drop_last=False for small datasets)") from None
+                        raise ValueError(
+                            "train_loader yielded no batches; give it a non-empty "
+                            "dataset (and drop_last=False for small datasets)"
+                        ) from None
                     self.epoch += 1
                     self.batch = 0
                     continue
@@ -101,8 +104,13 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": _to_lists(random.getstate()),
-        "numpy": [str(np_state[0]), torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-                  int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            str(np_state[0]),
+            torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()

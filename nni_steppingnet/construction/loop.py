@@ -67,6 +67,7 @@ score per neuron, lower moves first), ``frozen=`` marks neurons that never move,
 :meth:`Constructor.finish_iteration` ends an iteration (move, prune, retire, record) without
 training.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,8 +88,7 @@ from .batches import BatchStream, rng_state, set_rng_state
 from .prune import dead_neurons, prune_small_weights, retire_dead
 from .select import move_neurons, neuron_costs, select_neurons
 
-__all__ = ["ConstructionConfig", "ConstructionResult", "Constructor", "CONSTRUCTION_FORMAT", "TrainFn",
-           "ScoreFn"]
+__all__ = ["ConstructionConfig", "ConstructionResult", "Constructor", "CONSTRUCTION_FORMAT", "TrainFn", "ScoreFn"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +131,10 @@ class ConstructionConfig:
         # The checks live in nni_steppingnet.validation, shared with the recipes and the NNI pruner.
         self.budgets = check_budgets(self.budgets)
         if not is_int(self.reference_macs) or self.reference_macs <= 0:
-            raise ValueError(f"reference_macs must be a positive int (e.g. the original network's "
-                             f"net.full_macs), got {self.reference_macs!r}")
+            raise ValueError(
+                f"reference_macs must be a positive int (e.g. the original network's "
+                f"net.full_macs), got {self.reference_macs!r}"
+            )
         for name, rule in CONSTRUCTION_RULES.items():
             value = getattr(self, name)
             if not (name == "beta" and value is None):  # None: no suppression
@@ -167,6 +169,7 @@ class ConstructionResult:
     macs: list[int]
     iterations: int
     mac_ratios: list[float] = field(default_factory=list)
+
 
 #: ``train(constructor) -> mean loss`` of one iteration (see :class:`Constructor`).
 TrainFn = Callable[["Constructor"], float]
@@ -225,8 +228,10 @@ class Constructor:
         if not isinstance(config, ConstructionConfig):
             raise TypeError(f"config must be a ConstructionConfig, got {type(config).__name__}")
         if len(config.budgets) != net.num_subnets:
-            raise ValueError(f"config.budgets has {len(config.budgets)} entries but the net has "
-                             f"{net.num_subnets} subnets; give one budget per subnet")
+            raise ValueError(
+                f"config.budgets has {len(config.budgets)} entries but the net has "
+                f"{net.num_subnets} subnets; give one budget per subnet"
+            )
         for name, fn in (("train", train), ("scores", scores)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable (it gets the Constructor), got {type(fn).__name__}")
@@ -274,8 +279,13 @@ class Constructor:
     def result(self) -> ConstructionResult:
         macs = self._current_macs()
         met = self._budgets_met(macs)
-        return ConstructionResult(budgets_met=met, all_met=all(met), macs=macs, iterations=self.iteration,
-                                  mac_ratios=[m / self.config.reference_macs for m in macs])
+        return ConstructionResult(
+            budgets_met=met,
+            all_met=all(met),
+            macs=macs,
+            iterations=self.iteration,
+            mac_ratios=[m / self.config.reference_macs for m in macs],
+        )
 
     # ------------------------------------------------------------------- loop
     def step(self) -> dict[str, Any]:
@@ -285,8 +295,10 @@ class Constructor:
 
     def _check_not_done(self, what: str) -> None:
         if self.done:
-            raise RuntimeError(f"construction is finished after {self.iteration} iterations "
-                               f"(all budgets met: {self._all_met}); check .done before {what}")
+            raise RuntimeError(
+                f"construction is finished after {self.iteration} iterations "
+                f"(all budgets met: {self._all_met}); check .done before {what}"
+            )
 
     def finish_iteration(self, loss: float) -> dict[str, Any]:
         """End an iteration whose training already ran (elsewhere): move neurons by the
@@ -320,9 +332,14 @@ class Constructor:
             "retired": retired,
         }
         self.history.append(entry)
-        logger.info("construction iteration %d: MACs %s (budgets %s), moved %s, loss %.4f",
-                    self.iteration, [f"{r:.3f}" for r in entry["mac_ratios"]],
-                    [f"{b:.3f}" for b in self.config.budgets], moved_counts, loss)
+        logger.info(
+            "construction iteration %d: MACs %s (budgets %s), moved %s, loss %.4f",
+            self.iteration,
+            [f"{r:.3f}" for r in entry["mac_ratios"]],
+            [f"{b:.3f}" for b in self.config.budgets],
+            moved_counts,
+            loss,
+        )
         return entry
 
     def run(
@@ -338,8 +355,12 @@ class Constructor:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=max(self.config.iterations - self.iteration, 0), desc="construction",
-                       leave=False, dynamic_ncols=True)
+            bar = tqdm(
+                total=max(self.config.iterations - self.iteration, 0),
+                desc="construction",
+                leave=False,
+                dynamic_ncols=True,
+            )
         try:
             while not self.done:
                 entry = self.step()
@@ -353,9 +374,13 @@ class Constructor:
                 bar.close()
         result = self.result()
         if not result.all_met:
-            logger.warning("construction stopped after %d iterations with budgets met %s "
-                           "(MAC ratios %s vs budgets %s)", result.iterations, result.budgets_met,
-                           [round(r, 4) for r in result.mac_ratios], self.config.budgets)
+            logger.warning(
+                "construction stopped after %d iterations with budgets met %s (MAC ratios %s vs budgets %s)",
+                result.iterations,
+                result.budgets_met,
+                [round(r, 4) for r in result.mac_ratios],
+                self.config.budgets,
+            )
         return result
 
     def train_iteration(self) -> float:
@@ -421,8 +446,9 @@ class Constructor:
         excluded = torch.as_tensor(moved, dtype=torch.bool)
         if self.frozen is not None:
             excluded = excluded | torch.as_tensor(self.frozen, dtype=torch.bool).flatten()[: self.net.num_neurons].cpu()
-        return select_neurons(self.net, i, amount, flat, scores, excluded, cap, strict,
-                              group_limit=self.group_move_limit)
+        return select_neurons(
+            self.net, i, amount, flat, scores, excluded, cap, strict, group_limit=self.group_move_limit
+        )
 
     def move(self, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int], list[int]]:
         """The movement phase of one iteration (step 2 of the loop in the module docstring):
@@ -439,9 +465,15 @@ class Constructor:
         """
         if scores is None:
             scores = self.criterion_scores()
-        return move_neurons(self.net, scores, self.budget_macs, self.quantum,
-                            self.config.iterations - self.iteration, frozen=self.frozen,
-                            group_limit=self.group_move_limit)
+        return move_neurons(
+            self.net,
+            scores,
+            self.budget_macs,
+            self.quantum,
+            self.config.iterations - self.iteration,
+            frozen=self.frozen,
+            group_limit=self.group_move_limit,
+        )
 
     # ----------------------------------------------------------- dead neurons
     def dead_neurons(self, final: bool = True) -> torch.Tensor:
@@ -478,15 +510,16 @@ class Constructor:
         """Restore a :meth:`state_dict` (the net, optimizer, data position and RNG states)."""
         if not isinstance(state, Mapping) or state.get("format") != CONSTRUCTION_FORMAT:
             found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
-            raise CheckpointError(f"not a construction state (format {found!r}, expected "
-                                  f"{CONSTRUCTION_FORMAT!r})")
+            raise CheckpointError(f"not a construction state (format {found!r}, expected {CONSTRUCTION_FORMAT!r})")
         saved = dict(state["config"])
         mine = self.config.to_dict()
         differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if differ:
-            raise CheckpointError("the construction state was saved with a different config ("
-                                  + ", ".join(f"{k}: saved {saved.get(k)!r} vs now {mine.get(k)!r}" for k in differ)
-                                  + "); resume with the same settings")
+            raise CheckpointError(
+                "the construction state was saved with a different config ("
+                + ", ".join(f"{k}: saved {saved.get(k)!r} vs now {mine.get(k)!r}" for k in differ)
+                + "); resume with the same settings"
+            )
         self.net.load_state_dict(state["net"])
         self.net.model.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -502,4 +535,3 @@ class Constructor:
     def close(self) -> None:
         """Remove the importance hooks from the model."""
         self.tracker.close()
-

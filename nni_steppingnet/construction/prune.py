@@ -3,6 +3,7 @@
 Both are functions of the net: :func:`prune_small_weights` sets ``net.prune_masks``,
 :func:`retire_dead` moves neurons that no active weight reads to the unused index ``N + 1``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,7 @@ def prune_small_weights(net: SteppingNet, threshold: float, moved: torch.Tensor)
     """
     moved = torch.as_tensor(moved).to(device="cpu", dtype=torch.bool)
     if tuple(moved.shape) != (net.num_neurons,):
-        raise ValueError(f"moved must be a bool mask of shape ({net.num_neurons},), got "
-                         f"{tuple(moved.shape)}")
+        raise ValueError(f"moved must be a bool mask of shape ({net.num_neurons},), got {tuple(moved.shape)}")
     moved_ext = torch.cat([moved, torch.zeros(1, dtype=torch.bool)])
     masks: dict[str, torch.Tensor] = {}
     newly = 0
@@ -35,7 +35,11 @@ def prune_small_weights(net: SteppingNet, threshold: float, moved: torch.Tensor)
         previous = net.prune_masks.get(layer.name)
         if previous is not None:
             keep &= previous.to(device="cpu", dtype=torch.bool)
-        rows = moved_ext[net.index.out_positions[k]] if not layer.is_logits else torch.zeros(keep.shape[0], dtype=torch.bool)
+        rows = (
+            moved_ext[net.index.out_positions[k]]
+            if not layer.is_logits
+            else torch.zeros(keep.shape[0], dtype=torch.bool)
+        )
         revive = rows.unsqueeze(1) | moved_ext[net.index.in_positions[k]]  # [out, in/groups]
         revive = revive.reshape(revive.shape + (1,) * (keep.dim() - 2)).expand(keep.shape)
         keep |= revive
@@ -73,8 +77,11 @@ def dead_neurons(net: SteppingNet, final: bool = True) -> torch.Tensor:
         else:
             prune = net.prune_masks.get(layer.name)
             weight = net.original_weight(k)
-            mask = (torch.ones(weight.shape, dtype=torch.float64) if prune is None
-                    else prune.to(device="cpu", dtype=torch.float64))
+            mask = (
+                torch.ones(weight.shape, dtype=torch.float64)
+                if prune is None
+                else prune.to(device="cpu", dtype=torch.float64)
+            )
             if not layer.is_logits:
                 alive = (flat[net.index.out_positions[k]] <= n).to(torch.float64)
                 mask = mask * alive.reshape((-1,) + (1,) * (mask.dim() - 1))

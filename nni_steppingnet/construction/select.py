@@ -8,6 +8,7 @@
 
 See :mod:`nni_steppingnet.construction.loop` for the loop and the measurements behind the caps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -170,11 +171,11 @@ def select_neurons(
         if total + c <= cap:
             take(j)
             continue
-        ahead = [x for x in order[pos + 1:pos + window] if movable(x)]
+        ahead = [x for x in order[pos + 1 : pos + window] if movable(x)]
         fits = [x for x in ahead if total + table.cost_of(x) <= cap]
         if not fits:
             # Landing near the target comes before the per-group limit.
-            ahead = [x for x in order[pos + 1:pos + window] if movable(x, capped=False)]
+            ahead = [x for x in order[pos + 1 : pos + window] if movable(x, capped=False)]
             fits = [x for x in ahead if total + table.cost_of(x) <= cap]
         if fits:
             take(fits[0])  # the lowest-M neuron that still fits under the target
@@ -186,8 +187,7 @@ def select_neurons(
             take(best)
         break
     if protected:
-        logger.info("subnet %d: kept %d neuron(s) that are the last of their group in the subnet",
-                    i, len(protected))
+        logger.info("subnet %d: kept %d neuron(s) that are the last of their group in the subnet", i, len(protected))
     return chosen
 
 
@@ -233,8 +233,7 @@ def move_neurons(
     n = net.num_subnets
     scores = torch.as_tensor(scores).detach().to(device="cpu", dtype=torch.float64)
     if tuple(scores.shape) != (net.num_neurons,):
-        raise ValueError(f"scores must have shape ({net.num_neurons},) (one per neuron), got "
-                         f"{tuple(scores.shape)}")
+        raise ValueError(f"scores must have shape ({net.num_neurons},) (one per neuron), got {tuple(scores.shape)}")
     if len(budget_macs) != n:
         raise ValueError(f"need one MAC budget per subnet ({n}), got {len(budget_macs)}")
     fixed = torch.zeros(net.num_neurons, dtype=torch.bool)
@@ -269,9 +268,17 @@ def move_neurons(
             flat = net.flat_assignment()
             # The budget (absolute excess) must be met; the share (difference excess) is
             # rounded to the nearest neuron while the smaller subnet is still over budget.
-            chosen = select_neurons(net, i, remaining, flat, scores, moved | fixed,
-                                    cap - (start - macs[i - 1]), strict=excess <= diff_excess,
-                                    group_limit=group_limit)
+            chosen = select_neurons(
+                net,
+                i,
+                remaining,
+                flat,
+                scores,
+                moved | fixed,
+                cap - (start - macs[i - 1]),
+                strict=excess <= diff_excess,
+                group_limit=group_limit,
+            )
             if not chosen:
                 break
             index = torch.tensor(chosen, dtype=torch.long)

@@ -11,6 +11,7 @@
 The names are imported lazily: importing this package does not import NNI (which is slow to
 import), so the command-line parser stays fast.
 """
+
 from __future__ import annotations
 
 import importlib

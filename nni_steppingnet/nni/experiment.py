@@ -23,6 +23,7 @@ A recipe may hold a ``tune:`` section (``trials``, ``concurrency``, ``tuner``, `
 ``training_service``, ``machines``, ``nni_manager_ip``, ``port``, ``gpus``, ``trials_per_gpu``,
 ``max_duration``); command-line options override it. NNI is imported only inside functions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,10 +70,31 @@ logger = logging.getLogger(__name__)
 
 #: NNI built-in tuners that work on a plain hyperparameter search space (the others are for NAS,
 #: need per-trial budgets (Hyperband, BOHB) or checkpoints (PBT)).
-SUPPORTED_TUNERS: tuple[str, ...] = ("TPE", "Random", "Anneal", "Evolution", "GridSearch", "Metis", "GP",
-                                     "SMAC", "DNGO", "TPE_legacy")
-_TUNE_KEYS = ("trials", "concurrency", "tuner", "search_space", "training_service", "machines",
-              "nni_manager_ip", "port", "gpus", "trials_per_gpu", "max_duration")
+SUPPORTED_TUNERS: tuple[str, ...] = (
+    "TPE",
+    "Random",
+    "Anneal",
+    "Evolution",
+    "GridSearch",
+    "Metis",
+    "GP",
+    "SMAC",
+    "DNGO",
+    "TPE_legacy",
+)
+_TUNE_KEYS = (
+    "trials",
+    "concurrency",
+    "tuner",
+    "search_space",
+    "training_service",
+    "machines",
+    "nni_manager_ip",
+    "port",
+    "gpus",
+    "trials_per_gpu",
+    "max_duration",
+)
 _FINAL_STATES = ("DONE", "STOPPED", "ERROR")
 
 
@@ -127,14 +149,18 @@ def check_tuner(name: str) -> tuple[str, bool]:
     if meta is None or meta.algo_type != "tuner":
         raise ValueError(f"unknown tuner {name!r}; NNI's built-in tuners for this search are: {supported}")
     if meta.name not in SUPPORTED_TUNERS:
-        raise ValueError(f"tuner {meta.name!r} does not fit a recipe search (it is for NAS, or needs "
-                         f"per-trial budgets or checkpoints); use one of {supported}")
+        raise ValueError(
+            f"tuner {meta.name!r} does not fit a recipe search (it is for NAS, or needs "
+            f"per-trial budgets or checkpoints); use one of {supported}"
+        )
     module_name = (meta.class_name or "").rpartition(".")[0]
     try:
         importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"tuner {meta.name!r} needs a package that is not installed ({exc}); "
-                         f"install it (pip install 'nni[{meta.name}]') or choose another tuner") from exc
+        raise ValueError(
+            f"tuner {meta.name!r} needs a package that is not installed ({exc}); "
+            f"install it (pip install 'nni[{meta.name}]') or choose another tuner"
+        ) from exc
     return meta.name, bool(meta.accept_class_args)
 
 
@@ -142,7 +168,7 @@ def check_port(port: int, *, extra: bool = False) -> None:
     """Raise ``ValueError`` unless ``port`` (and ``port + 1`` with ``extra``) is free here."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65535:
         raise ValueError(f"port must be an int in 1..65534, got {port!r}")
-    for p in ([port, port + 1] if extra else [port]):
+    for p in [port, port + 1] if extra else [port]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.settimeout(0.5)
             in_use = probe.connect_ex(("127.0.0.1", p)) == 0
@@ -170,14 +196,15 @@ def parse_gpus(spec: str | Sequence[int] | None) -> list[int]:
 
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if count and shutil.which("nvidia-smi") is None:
-                logger.warning("CUDA GPUs are visible but nvidia-smi is not on PATH; NNI's GPU "
-                               "scheduler needs it, so trials run on the CPU")
+                logger.warning(
+                    "CUDA GPUs are visible but nvidia-smi is not on PATH; NNI's GPU "
+                    "scheduler needs it, so trials run on the CPU"
+                )
                 return []
             return list(range(count))
         parts = [p.strip() for p in text.split(",")]
         if not all(p.isdigit() for p in parts):
-            raise ValueError(f"--gpus must be 'auto', 'none' or comma-separated GPU numbers like 0,1; "
-                             f"got {spec!r}")
+            raise ValueError(f"--gpus must be 'auto', 'none' or comma-separated GPU numbers like 0,1; got {spec!r}")
         indices = [int(p) for p in parts]
     else:
         indices = list(spec)
@@ -195,14 +222,18 @@ def _check_local_gpus(indices: list[int]) -> None:
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
-        raise ValueError(f"--gpus {','.join(map(str, indices))}: this machine has no CUDA GPU; "
-                         "use --gpus none (trials run on the CPU)")
+        raise ValueError(
+            f"--gpus {','.join(map(str, indices))}: this machine has no CUDA GPU; "
+            "use --gpus none (trials run on the CPU)"
+        )
     bad = [i for i in indices if i >= count]
     if bad:
         raise ValueError(f"--gpus: GPU(s) {bad} do not exist; this machine has {count} (0..{count - 1})")
     if shutil.which("nvidia-smi") is None:
-        raise ValueError("--gpus needs nvidia-smi on PATH (NNI's GPU scheduler reads it); install the "
-                         "NVIDIA driver tools or use --gpus none")
+        raise ValueError(
+            "--gpus needs nvidia-smi on PATH (NNI's GPU scheduler reads it); install the "
+            "NVIDIA driver tools or use --gpus none"
+        )
 
 
 def _check_options(options: TuneOptions) -> None:
@@ -211,14 +242,17 @@ def _check_options(options: TuneOptions) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if options.training_service not in ("local", "remote"):
-        raise ValueError(f"training service must be 'local' or 'remote' (for kubeflow and "
-                         f"frameworkcontroller see docs/nni.md), got {options.training_service!r}")
+        raise ValueError(
+            f"training service must be 'local' or 'remote' (for kubeflow and "
+            f"frameworkcontroller see docs/nni.md), got {options.training_service!r}"
+        )
     if options.training_service == "remote" and not options.machines:
-        raise ValueError("the remote training service needs machines: pass --machines FILE or put a "
-                         "tune.machines list in the recipe (see docs/nni.md)")
+        raise ValueError(
+            "the remote training service needs machines: pass --machines FILE or put a "
+            "tune.machines list in the recipe (see docs/nni.md)"
+        )
     if options.training_service == "local" and options.machines:
-        raise ValueError("machines are given but the training service is local; pass "
-                         "--training-service remote")
+        raise ValueError("machines are given but the training service is local; pass --training-service remote")
     if not isinstance(options.poll_interval, (int, float)) or options.poll_interval <= 0:
         raise ValueError(f"poll_interval must be > 0, got {options.poll_interval!r}")
     if options.timeout_s is not None and (not isinstance(options.timeout_s, (int, float)) or options.timeout_s <= 0):
@@ -226,8 +260,9 @@ def _check_options(options: TuneOptions) -> None:
 
 
 # --------------------------------------------------------------------------- recipe
-def load_tune_recipe(name_or_path: str | os.PathLike[str],
-                     overrides: Sequence[str] = ()) -> tuple[Recipe, dict[str, Any]]:
+def load_tune_recipe(
+    name_or_path: str | os.PathLike[str], overrides: Sequence[str] = ()
+) -> tuple[Recipe, dict[str, Any]]:
     """Load a recipe that may hold a ``tune:`` section; returns ``(recipe, tune section)``."""
     path = recipe_path(name_or_path)
     try:
@@ -326,8 +361,10 @@ def _stop_and_reap(experiment: Any, timeout_s: float) -> None:
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive() or errors:
-        logger.warning("NNI did not stop cleanly (%s); killing its manager process",
-                       errors[0] if errors else f"no answer in {timeout_s:.0f} s")
+        logger.warning(
+            "NNI did not stop cleanly (%s); killing its manager process",
+            errors[0] if errors else f"no answer in {timeout_s:.0f} s",
+        )
     alive = [p for p in family if _alive(p)]
     for p in alive:
         with contextlib.suppress(psutil.Error):
@@ -390,11 +427,16 @@ def _collect(experiment: Any) -> list[dict[str, Any]]:
         used = by_id.get(parameter_id, recorded) if parameter_id is not None else recorded
         echoed = final.get("params") if isinstance(final, dict) else None
         if echoed is not None and echoed != used:
-            logger.warning("trial %s reports parameters %s but its metric's parameter id %s stands for "
-                           "%s; using what the trial reports", job.trialJobId, echoed, parameter_id, used)
+            logger.warning(
+                "trial %s reports parameters %s but its metric's parameter id %s stands for "
+                "%s; using what the trial reports",
+                job.trialJobId,
+                echoed,
+                parameter_id,
+                used,
+            )
             used = echoed
-        intermediate = [_metric_data(m.data) for m in metrics.get(job.trialJobId, [])
-                        if m.type == "PERIODICAL"]
+        intermediate = [_metric_data(m.data) for m in metrics.get(job.trialJobId, []) if m.type == "PERIODICAL"]
         duration = (job.endTime - job.startTime) / 1000.0 if job.endTime and job.endTime > 0 and job.startTime else None
         entry: dict[str, Any] = {
             "trial_id": job.trialJobId,
@@ -429,21 +471,38 @@ def trials_markdown(trials: Sequence[Mapping[str, Any]], best: Mapping[str, Any]
     for t in trials:
         final: dict[str, Any] = t["final"] if isinstance(t.get("final"), dict) else {}
         mark = " (best)" if best is not None and t["trial_id"] == best["trial_id"] else ""
-        row = [f"{t['trial_id']}{mark}", str(t["status"]), _fmt(t.get("default")),
-               _fmt(final.get("mean_accuracy")), _fmt(t.get("auc")), _fmt(final.get("budgets_met")),
-               *[_fmt((t.get("params") or {}).get(k)) for k in keys]]
+        row = [
+            f"{t['trial_id']}{mark}",
+            str(t["status"]),
+            _fmt(t.get("default")),
+            _fmt(final.get("mean_accuracy")),
+            _fmt(t.get("auc")),
+            _fmt(final.get("budgets_met")),
+            *[_fmt((t.get("params") or {}).get(k)) for k in keys],
+        ]
         lines.append("| " + " | ".join(row) + " |")
     if best is not None:
-        lines += ["", f"Best trial {best['trial_id']}: default {_fmt(best['default'])}, auc {_fmt(best.get('auc'))}",
-                  "", "```json", json.dumps(best["params"], indent=2, sort_keys=True), "```"]
+        lines += [
+            "",
+            f"Best trial {best['trial_id']}: default {_fmt(best['default'])}, auc {_fmt(best.get('auc'))}",
+            "",
+            "```json",
+            json.dumps(best["params"], indent=2, sort_keys=True),
+            "```",
+        ]
     else:
         lines += ["", "No trial succeeded."]
     return "\n".join(lines) + "\n"
 
 
 def _best(trials: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    done = [t for t in trials if t["status"] == "SUCCEEDED" and isinstance(t.get("default"), (int, float))
-            and math.isfinite(float(t["default"]))]
+    done = [
+        t
+        for t in trials
+        if t["status"] == "SUCCEEDED"
+        and isinstance(t.get("default"), (int, float))
+        and math.isfinite(float(t["default"]))
+    ]
     if not done:
         return None
     return max(done, key=lambda t: (float(t["default"]), float(t.get("auc") or 0.0), -t["sequence"]))
@@ -493,8 +552,7 @@ def run_tune(
         command += f" --threads {max(1, (os.cpu_count() or 1) // options.concurrency)}"
     if options.prepare_only:
         atomic_write_text(code_dir / "trial_command.txt", command + "\n")
-        return TuneResult(experiment_id="", status="PREPARED", trials=[], best=None, best_recipe=None,
-                          out_dir=out)
+        return TuneResult(experiment_id="", status="PREPARED", trials=[], best=None, best_recipe=None, out_dir=out)
 
     from nni.experiment import ExperimentConfig
 
@@ -540,8 +598,10 @@ def run_tune(
                 # NNI registers stop() to run at exit; it is done by now.
                 atexit.unregister(experiment.stop)
     except KeyboardInterrupt:
-        logger.warning("interrupted: the NNI experiment %s was stopped",
-                       experiment.id if experiment is not None else "(not started)")
+        logger.warning(
+            "interrupted: the NNI experiment %s was stopped",
+            experiment.id if experiment is not None else "(not started)",
+        )
         raise
     best = _best(trials)
     best_path: Path | None = None
@@ -561,8 +621,9 @@ def run_tune(
     atomic_write_json(out / "trials.json", report)
     atomic_write_text(out / "trials.md", trials_markdown(trials, best))
     assert experiment is not None
-    result = TuneResult(experiment_id=experiment.id, status=status, trials=trials, best=best,
-                        best_recipe=best_path, out_dir=out)
+    result = TuneResult(
+        experiment_id=experiment.id, status=status, trials=trials, best=best, best_recipe=best_path, out_dir=out
+    )
     if status == "ERROR":
         raise TuneError(f"the NNI experiment failed; see {out / 'nni' / result.experiment_id / 'log'}")
     if best is None:
@@ -608,8 +669,7 @@ def _start(config: Any, port: int, remote: bool, attempts: int = 3) -> Any:
                 except ValueError:
                     time.sleep(0.5)
     log_dir = Path(str(config.experiment_working_directory))
-    raise TuneError(f"NNI's manager did not start after {attempts} attempts ({last}); see the logs "
-                    f"under {log_dir}")
+    raise TuneError(f"NNI's manager did not start after {attempts} attempts ({last}); see the logs under {log_dir}")
 
 
 def _wait(experiment: Any, options: TuneOptions, progress: Callable[[str], None] | None) -> str:
@@ -635,29 +695,44 @@ def _wait(experiment: Any, options: TuneOptions, progress: Callable[[str], None]
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("recipe", help="bundled recipe name or path to a recipe YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value before searching (repeatable)")
-    parser.add_argument("--search-space", default=None, metavar="NAME|FILE",
-                        help="bundled search space name or YAML/JSON file (default: "
-                             "search_space_<recipe>.yaml if bundled, else 'default')")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value before searching (repeatable)",
+    )
+    parser.add_argument(
+        "--search-space",
+        default=None,
+        metavar="NAME|FILE",
+        help="bundled search space name or YAML/JSON file (default: "
+        "search_space_<recipe>.yaml if bundled, else 'default')",
+    )
     parser.add_argument("--trials", type=int, default=None, help="number of trials (default 10)")
     parser.add_argument("--concurrency", type=int, default=None, help="trials at a time (default 1)")
     parser.add_argument("--tuner", default=None, help=f"NNI tuner: {', '.join(SUPPORTED_TUNERS)} (default TPE)")
-    parser.add_argument("--training-service", choices=("local", "remote"), default=None,
-                        help="where trials run (default local)")
-    parser.add_argument("--machines", default=None, metavar="FILE",
-                        help="YAML list of SSH machines for the remote service")
-    parser.add_argument("--nni-manager-ip", default=None,
-                        help="this machine's address as remote workers see it")
+    parser.add_argument(
+        "--training-service", choices=("local", "remote"), default=None, help="where trials run (default local)"
+    )
+    parser.add_argument(
+        "--machines", default=None, metavar="FILE", help="YAML list of SSH machines for the remote service"
+    )
+    parser.add_argument("--nni-manager-ip", default=None, help="this machine's address as remote workers see it")
     parser.add_argument("--port", type=int, default=None, help="NNI manager/web UI port (default 8080)")
-    parser.add_argument("--gpus", default=None,
-                        help="GPUs for trials: auto (all visible), none, or 0,1,... (default auto)")
+    parser.add_argument(
+        "--gpus", default=None, help="GPUs for trials: auto (all visible), none, or 0,1,... (default auto)"
+    )
     parser.add_argument("--trials-per-gpu", type=int, default=None, help="trials sharing one GPU (default 1)")
     parser.add_argument("--max-duration", default=None, help="NNI max experiment duration, e.g. 2h")
     parser.add_argument("--out", default=None, help="output folder (default runs/tune-<recipe name>)")
-    parser.add_argument("--prepare-only", action="store_true",
-                        help="check everything and write trial_code/ and search_space.json for an NNI "
-                             "experiment on a cluster (kubeflow, frameworkcontroller), without running")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="check everything and write trial_code/ and search_space.json for an NNI "
+        "experiment on a cluster (kubeflow, frameworkcontroller), without running",
+    )
 
 
 def _options_from(args: argparse.Namespace, tune: Mapping[str, Any], source: str) -> TuneOptions:
@@ -708,8 +783,10 @@ def main(args: argparse.Namespace) -> int:
     space = load_search_space(space_name)
     out = Path(args.out) if args.out else Path("runs") / f"tune-{recipe.name}"
     if not options.prepare_only:
-        print(f"tuning {recipe.name} ({recipe.source}) with {options.tuner}: {options.trials} trials, "
-              f"{options.concurrency} at a time, {options.training_service} service, port {options.port}")
+        print(
+            f"tuning {recipe.name} ({recipe.source}) with {options.tuner}: {options.trials} trials, "
+            f"{options.concurrency} at a time, {options.training_service} service, port {options.port}"
+        )
 
     def progress(line: str) -> None:
         print(f"  {line}", flush=True)

@@ -36,6 +36,7 @@ are not selected never move: they stay in subnet 1, hence in every subnet (chann
 them by a residual add stay as well). Their input synapses from moved neurons are still masked,
 so the masks cover every Conv2d/Linear layer.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,12 +66,29 @@ logger = logging.getLogger(__name__)
 #: NNI's mask format: ``{module_name: {'weight': mask, 'bias': mask}}``.
 NNIMasks = dict[str, dict[str, torch.Tensor]]
 
-_SELECTION_KEYS = frozenset({"op_types", "op_names", "op_names_re", "exclude_op_types", "exclude_op_names",
-                             "exclude_op_names_re"})
-_SPARSITY_KEYS = frozenset({"sparse_ratio", "sparse_threshold", "max_sparse_ratio", "min_sparse_ratio",
-                            "sparsity", "sparsity_per_layer", "total_sparsity", "max_sparsity_per_layer",
-                            "global_group_id", "dependency_group_id", "granularity", "target_names",
-                            "target_settings", "internal_metric_block", "apply_method", "align"})
+_SELECTION_KEYS = frozenset(
+    {"op_types", "op_names", "op_names_re", "exclude_op_types", "exclude_op_names", "exclude_op_names_re"}
+)
+_SPARSITY_KEYS = frozenset(
+    {
+        "sparse_ratio",
+        "sparse_threshold",
+        "max_sparse_ratio",
+        "min_sparse_ratio",
+        "sparsity",
+        "sparsity_per_layer",
+        "total_sparsity",
+        "max_sparsity_per_layer",
+        "global_group_id",
+        "dependency_group_id",
+        "granularity",
+        "target_names",
+        "target_settings",
+        "internal_metric_block",
+        "apply_method",
+        "align",
+    }
+)
 
 
 class _Finished(BaseException):
@@ -89,34 +107,48 @@ def selected_layers(model: nn.Module, config_list: Sequence[Mapping[str, Any]]) 
     are not Conv2d/Linear.
     """
     if isinstance(config_list, Mapping) or not isinstance(config_list, (list, tuple)) or not config_list:
-        raise ValueError("config_list must be a non-empty list of dicts such as "
-                         "[{'op_types': ['Conv2d', 'Linear']}]")
+        raise ValueError("config_list must be a non-empty list of dicts such as [{'op_types': ['Conv2d', 'Linear']}]")
     for i, config in enumerate(config_list):
         if not isinstance(config, Mapping):
             raise ValueError(f"config_list[{i}] must be a dict, got {type(config).__name__}")
         sparsity = sorted(set(config) & _SPARSITY_KEYS)
         if sparsity:
-            raise ValueError(f"config_list[{i}] sets {sparsity}: SteppingNetPruner sets the sparsity "
-                             "of every subnet from its budgets= argument; keep only the layer "
-                             f"selection keys {sorted(_SELECTION_KEYS)} in config_list")
+            raise ValueError(
+                f"config_list[{i}] sets {sparsity}: SteppingNetPruner sets the sparsity "
+                "of every subnet from its budgets= argument; keep only the layer "
+                f"selection keys {sorted(_SELECTION_KEYS)} in config_list"
+            )
         unknown = sorted(set(config) - _SELECTION_KEYS - {"exclude"})
         if unknown:
-            raise ValueError(f"config_list[{i}] has unknown keys {unknown}; allowed are "
-                             f"{sorted(_SELECTION_KEYS)} (and the legacy 'exclude': True)")
+            raise ValueError(
+                f"config_list[{i}] has unknown keys {unknown}; allowed are "
+                f"{sorted(_SELECTION_KEYS)} (and the legacy 'exclude': True)"
+            )
         for key in _SELECTION_KEYS & set(config):
             values = config[key]
-            if isinstance(values, str) or not isinstance(values, (list, tuple)) \
-                    or not all(isinstance(v, str) for v in values):
+            if (
+                isinstance(values, str)
+                or not isinstance(values, (list, tuple))
+                or not all(isinstance(v, str) for v in values)
+            ):
                 raise ValueError(f"config_list[{i}]['{key}'] must be a list of strings, got {values!r}")
         if "exclude" not in config and not {"op_types", "op_names", "op_names_re"} & set(config):
-            raise ValueError(f"config_list[{i}] selects nothing: give 'op_types', 'op_names' or "
-                             "'op_names_re'")
+            raise ValueError(f"config_list[{i}] selects nothing: give 'op_types', 'op_names' or 'op_names_re'")
     modules = dict(model.named_modules())
-    missing = sorted({name for config in config_list for key in ("op_names", "exclude_op_names")
-                      for name in config.get(key, ()) if name not in modules})
+    missing = sorted(
+        {
+            name
+            for config in config_list
+            for key in ("op_names", "exclude_op_names")
+            for name in config.get(key, ())
+            if name not in modules
+        }
+    )
     if missing:
-        raise ValueError(f"config_list names modules that the model does not have: {missing[:8]}; "
-                         "use names from model.named_modules()")
+        raise ValueError(
+            f"config_list names modules that the model does not have: {missing[:8]}; "
+            "use names from model.named_modules()"
+        )
     translated = trans_legacy_config_list(copy.deepcopy([dict(c) for c in config_list]))
     chosen: set[str] = set()
     for config in translated:
@@ -127,9 +159,11 @@ def selected_layers(model: nn.Module, config_list: Sequence[Mapping[str, Any]]) 
     wrong = sorted(name for name in chosen if not isinstance(modules[name], WEIGHTED_TYPES))
     if wrong:
         kinds = sorted({type(modules[name]).__name__ for name in wrong})
-        raise ValueError(f"config_list selects {kinds} modules ({wrong[:5]}...): SteppingNet moves the "
-                         "neurons (output channels) of Conv2d and Linear layers; BatchNorm and other "
-                         "per-channel modules follow their layer. Use op_types=['Conv2d', 'Linear']")
+        raise ValueError(
+            f"config_list selects {kinds} modules ({wrong[:5]}...): SteppingNet moves the "
+            "neurons (output channels) of Conv2d and Linear layers; BatchNorm and other "
+            "per-channel modules follow their layer. Use op_types=['Conv2d', 'Linear']"
+        )
     if not chosen:
         raise ValueError("config_list selects no Conv2d/Linear layer of the model")
     order = {name: k for k, name in enumerate(modules)}
@@ -195,11 +229,15 @@ class SteppingNetPruner(Pruner):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(evaluator, Evaluator):
-            raise TypeError("evaluator must be an NNI evaluator such as nni.compression.TorchEvaluator("
-                            f"training_func, traced_optimizer, training_step), got {type(evaluator).__name__}")
+            raise TypeError(
+                "evaluator must be an NNI evaluator such as nni.compression.TorchEvaluator("
+                f"training_func, traced_optimizer, training_step), got {type(evaluator).__name__}"
+            )
         if existed_wrappers is not None:
-            raise ValueError("SteppingNetPruner cannot be fused with other compressors "
-                             "(from_compressor / existed_wrappers): it owns every Conv2d/Linear weight")
+            raise ValueError(
+                "SteppingNetPruner cannot be fused with other compressors "
+                "(from_compressor / existed_wrappers): it owns every Conv2d/Linear weight"
+            )
         # The construction settings are checked by ConstructionConfig below (the rules recipes use).
         budgets = check_budgets(list(budgets) if isinstance(budgets, tuple) else budgets)
         num_subnets = len(budgets)
@@ -214,12 +252,15 @@ class SteppingNetPruner(Pruner):
         if example_inputs is None:
             example_inputs = evaluator.get_dummy_input()
             if example_inputs is None:
-                raise ValueError("pass example_inputs=<a small batch> or build the evaluator with "
-                                 "TorchEvaluator(..., dummy_input=<a small batch>): SteppingNet traces "
-                                 "the model with it")
+                raise ValueError(
+                    "pass example_inputs=<a small batch> or build the evaluator with "
+                    "TorchEvaluator(..., dummy_input=<a small batch>): SteppingNet traces "
+                    "the model with it"
+                )
         if any(isinstance(m, nn.Module) and hasattr(m, "_nni_wrapper") for m in model.modules()):
-            raise ValueError("the model is already wrapped by an NNI compressor; unwrap it first "
-                             "(compressor.unwrap_model())")
+            raise ValueError(
+                "the model is already wrapped by an NNI compressor; unwrap it first (compressor.unwrap_model())"
+            )
 
         if reference_macs is not None:
             POSITIVE_INT.check("reference_macs", reference_macs)
@@ -271,10 +312,10 @@ class SteppingNetPruner(Pruner):
         self.iteration_callback = iteration_callback
         # The user's loop trains; the constructor only finishes each iteration (moves, prunes):
         # the driver calls finish_iteration() with the mean loss of the steps it saw.
-        self._constructor = Constructor(net, self.config, device=device, train=_no_training,
-                                        frozen=self.frozen_neurons)
-        self._param_names = {f"{layer.name}.weight": f"{layer.name}.parametrizations.weight.original"
-                             for layer in net.layers}
+        self._constructor = Constructor(net, self.config, device=device, train=_no_training, frozen=self.frozen_neurons)
+        self._param_names = {
+            f"{layer.name}.weight": f"{layer.name}.parametrizations.weight.original" for layer in net.layers
+        }
         self.history: list[dict[str, Any]] = []
         self.result: ConstructionResult | None = None
         self.stepping_state: dict[str, Any] | None = None
@@ -304,8 +345,9 @@ class SteppingNetPruner(Pruner):
         try:
             if driver.start():
                 self.evaluator.patch_loss(driver.loss_patch)
-                self.evaluator.patch_optimizer_step(before_step_tasks=[driver.before_step],
-                                                    after_step_tasks=[driver.after_step])
+                self.evaluator.patch_optimizer_step(
+                    before_step_tasks=[driver.before_step], after_step_tasks=[driver.after_step]
+                )
                 try:
                     self.evaluator.train(max_steps=max(upper, 1), max_epochs=None)
                 except _Finished:
@@ -313,11 +355,13 @@ class SteppingNetPruner(Pruner):
             if not driver.finished:
                 # A Python warning as well as the log record: the user must act on it, and the
                 # package's loggers stay silent (NullHandler) unless the application configures logging.
-                message = (f"SteppingNetPruner: the training function returned after {driver.steps} "
-                           f"optimizer steps, before the construction finished ({constructor.iteration} "
-                           f"of at most {self.config.iterations} iterations, retraining "
-                           f"{driver.retrain_done} of {self.retraining_steps} steps); give it more "
-                           "data/epochs or honour max_steps")
+                message = (
+                    f"SteppingNetPruner: the training function returned after {driver.steps} "
+                    f"optimizer steps, before the construction finished ({constructor.iteration} "
+                    f"of at most {self.config.iterations} iterations, retraining "
+                    f"{driver.retrain_done} of {self.retraining_steps} steps); give it more "
+                    "data/epochs or honour max_steps"
+                )
                 logger.warning("%s", message)
                 warnings.warn(message, UserWarning, stacklevel=3)
         finally:
@@ -333,10 +377,12 @@ class SteppingNetPruner(Pruner):
         self.result = constructor.result()
         self.history = [dict(entry) for entry in constructor.history]
         if not self.result.all_met:
-            message = (f"SteppingNetPruner: budgets met {self.result.budgets_met} after "
-                       f"{self.result.iterations} iterations (MAC ratios "
-                       f"{[round(r, 4) for r in self.result.mac_ratios]} vs budgets {self.config.budgets}); "
-                       "raise iterations or check that the budgets are reachable")
+            message = (
+                f"SteppingNetPruner: budgets met {self.result.budgets_met} after "
+                f"{self.result.iterations} iterations (MAC ratios "
+                f"{[round(r, 4) for r in self.result.mac_ratios]} vs budgets {self.config.budgets}); "
+                "raise iterations or check that the budgets are reachable"
+            )
             logger.warning("%s", message)
             warnings.warn(message, UserWarning, stacklevel=3)
         self.subnet_macs = [net.macs(s) for s in range(1, self.num_subnets + 1)]
@@ -503,8 +549,12 @@ class _LoopDriver:
             teacher_logits = teacher(*args, **kwargs)
         t = self.pruner.temperature
         student = self._kd_output.float()
-        kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
-                      reduction="batchmean", log_target=True) * (t * t)
+        kl = F.kl_div(
+            F.log_softmax(student / t, dim=-1),
+            F.log_softmax(teacher_logits.float() / t, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        ) * (t * t)
         gamma = self.pruner.gamma
         return gamma * loss + (1.0 - gamma) * kl
 
@@ -527,8 +577,9 @@ class _LoopDriver:
 
 
 def _no_training(constructor: Constructor) -> float:
-    raise RuntimeError("SteppingNetPruner trains in the evaluator's loop; its constructor is driven "
-                       "through finish_iteration()")
+    raise RuntimeError(
+        "SteppingNetPruner trains in the evaluator's loop; its constructor is driven through finish_iteration()"
+    )
 
 
 def _model_device(model: nn.Module) -> torch.device:

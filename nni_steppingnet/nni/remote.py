@@ -24,6 +24,7 @@ experiment starts: it needs network access there (it waits for pip to time out w
 change the worker's packages. :func:`write_python_shim` writes a ``python``/``python3`` pair that
 runs the real interpreter but skips ``-m pip``; point ``python_path`` at its folder.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,13 +37,21 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-__all__ = ["MachineSpec", "load_machines", "parse_machines", "to_nni_machines", "all_loopback",
-           "write_python_shim"]
+__all__ = ["MachineSpec", "load_machines", "parse_machines", "to_nni_machines", "all_loopback", "write_python_shim"]
 
 logger = logging.getLogger(__name__)
 
-_KEYS = ("host", "port", "user", "ssh_key_file", "password", "python_path", "gpu_indices",
-         "max_trial_number_per_gpu", "use_active_gpu")
+_KEYS = (
+    "host",
+    "port",
+    "user",
+    "ssh_key_file",
+    "password",
+    "python_path",
+    "gpu_indices",
+    "max_trial_number_per_gpu",
+    "use_active_gpu",
+)
 
 
 @dataclass
@@ -73,15 +82,13 @@ def parse_machines(raw: Any, where: str = "machines") -> tuple[list[MachineSpec]
     if isinstance(raw, Mapping):
         unknown = sorted(set(raw) - {"machines", "nni_manager_ip"})
         if unknown:
-            raise _fail(where, f"unknown keys {unknown}; expected 'machines' (a list) and optionally "
-                               "'nni_manager_ip'")
+            raise _fail(where, f"unknown keys {unknown}; expected 'machines' (a list) and optionally 'nni_manager_ip'")
         manager_ip = raw.get("nni_manager_ip")
         if manager_ip is not None and (not isinstance(manager_ip, str) or not manager_ip.strip()):
             raise _fail(where, f"nni_manager_ip must be an address string, got {manager_ip!r}")
         raw = raw.get("machines")
     if not isinstance(raw, list) or not raw:
-        raise _fail(where, "give a non-empty list of machines, each with host, user and ssh_key_file "
-                           "(see docs/nni.md)")
+        raise _fail(where, "give a non-empty list of machines, each with host, user and ssh_key_file (see docs/nni.md)")
     machines: list[MachineSpec] = []
     for i, entry in enumerate(raw):
         at = f"{where}[{i}]"
@@ -105,12 +112,14 @@ def parse_machines(raw: Any, where: str = "machines") -> tuple[list[MachineSpec]
             raise _fail(at, "password must be a string")
         if password is None:
             if not isinstance(key_file, str) or not Path(key_file).expanduser().is_file():
-                raise _fail(at, f"ssh_key_file {key_file!r} is not a file; give the private key that "
-                                f"logs in as {user}@{host} (or a password, which NNI shows in its web UI)")
+                raise _fail(
+                    at,
+                    f"ssh_key_file {key_file!r} is not a file; give the private key that "
+                    f"logs in as {user}@{host} (or a password, which NNI shows in its web UI)",
+                )
             key_file = str(Path(key_file).expanduser().resolve())
         else:
-            logger.warning("%s: SSH password given; NNI shows it in plain text in its web UI, prefer "
-                           "ssh_key_file", at)
+            logger.warning("%s: SSH password given; NNI shows it in plain text in its web UI, prefer ssh_key_file", at)
         python_path = entry.get("python_path")
         if python_path is not None and (not isinstance(python_path, str) or not python_path.strip()):
             raise _fail(at, f"python_path must be the folder of the remote python, got {python_path!r}")
@@ -118,8 +127,9 @@ def parse_machines(raw: Any, where: str = "machines") -> tuple[list[MachineSpec]
         if gpus is not None:
             if isinstance(gpus, int) and not isinstance(gpus, bool):
                 gpus = [gpus]
-            if not isinstance(gpus, list) or not all(isinstance(g, int) and not isinstance(g, bool)
-                                                     and g >= 0 for g in gpus):
+            if not isinstance(gpus, list) or not all(
+                isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus
+            ):
                 raise _fail(at, f"gpu_indices must be a list of GPU numbers, got {gpus!r}")
         per_gpu = entry.get("max_trial_number_per_gpu", 1)
         if isinstance(per_gpu, bool) or not isinstance(per_gpu, int) or per_gpu < 1:
@@ -127,10 +137,19 @@ def parse_machines(raw: Any, where: str = "machines") -> tuple[list[MachineSpec]
         active = entry.get("use_active_gpu", False)
         if not isinstance(active, bool):
             raise _fail(at, f"use_active_gpu must be true or false, got {active!r}")
-        machines.append(MachineSpec(host=host.strip(), user=user.strip(), port=port,
-                                    ssh_key_file=None if password is not None else key_file,
-                                    password=password, python_path=python_path, gpu_indices=gpus,
-                                    max_trial_number_per_gpu=per_gpu, use_active_gpu=active))
+        machines.append(
+            MachineSpec(
+                host=host.strip(),
+                user=user.strip(),
+                port=port,
+                ssh_key_file=None if password is not None else key_file,
+                password=password,
+                python_path=python_path,
+                gpu_indices=gpus,
+                max_trial_number_per_gpu=per_gpu,
+                use_active_gpu=active,
+            )
+        )
     return machines, manager_ip
 
 
@@ -146,8 +165,9 @@ def load_machines(path: str | os.PathLike[str]) -> tuple[list[MachineSpec], str 
     return parse_machines(raw, str(file))
 
 
-def to_nni_machines(machines: Sequence[MachineSpec], gpus: Sequence[int] | None = None,
-                    trials_per_gpu: int | None = None) -> list[Any]:
+def to_nni_machines(
+    machines: Sequence[MachineSpec], gpus: Sequence[int] | None = None, trials_per_gpu: int | None = None
+) -> list[Any]:
     """NNI ``RemoteMachineConfig`` objects; ``gpus`` fills machines without ``gpu_indices``."""
     from nni.experiment import RemoteMachineConfig
 
@@ -163,7 +183,9 @@ def to_nni_machines(machines: Sequence[MachineSpec], gpus: Sequence[int] | None 
         config.python_path = spec.python_path
         indices = spec.gpu_indices if spec.gpu_indices is not None else (list(gpus) if gpus else None)
         config.gpu_indices = indices
-        config.max_trial_number_per_gpu = trials_per_gpu if trials_per_gpu is not None else spec.max_trial_number_per_gpu
+        config.max_trial_number_per_gpu = (
+            trials_per_gpu if trials_per_gpu is not None else spec.max_trial_number_per_gpu
+        )
         config.use_active_gpu = spec.use_active_gpu
         out.append(config)
     return out

@@ -21,6 +21,7 @@ key                 recipe keys it sets
 ranges: every extreme value a key can take is applied to the recipe and must give a valid recipe.
 :func:`params_to_overrides` turns the parameters NNI gives a trial into recipe overrides.
 """
+
 from __future__ import annotations
 
 import copy
@@ -97,9 +98,11 @@ def search_space_path(name_or_path: str | os.PathLike[str]) -> Path:
     candidate = recipes_dir() / f"search_space_{text}.yaml"
     if candidate.is_file():
         return candidate
-    known = sorted(p.stem[len("search_space_"):] for p in recipes_dir().glob("search_space_*.yaml"))
-    raise SearchSpaceError(f"unknown search space {text!r}; bundled: {', '.join(known) or 'none'}. "
-                           "Pass a path ending in .yaml or .json for your own file")
+    known = sorted(p.stem[len("search_space_") :] for p in recipes_dir().glob("search_space_*.yaml"))
+    raise SearchSpaceError(
+        f"unknown search space {text!r}; bundled: {', '.join(known) or 'none'}. "
+        "Pass a path ending in .yaml or .json for your own file"
+    )
 
 
 def load_search_space(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -111,8 +114,7 @@ def load_search_space(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise SearchSpaceError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
     if not isinstance(raw, dict):
-        raise SearchSpaceError(f"{path}: a search space must be a mapping of keys to "
-                               "{_type, _value} entries")
+        raise SearchSpaceError(f"{path}: a search space must be a mapping of keys to {{_type, _value}} entries")
     return raw
 
 
@@ -139,28 +141,33 @@ def _targets(key: str) -> tuple[str, ...]:
 
 def _check_entry(key: str, entry: Any) -> tuple[str, list[Any]]:
     if not isinstance(entry, Mapping) or set(entry) != {"_type", "_value"}:
-        raise SearchSpaceError(f"search space key {key!r}: each entry must be a mapping with exactly "
-                               f"'_type' and '_value', got {entry!r}")
+        raise SearchSpaceError(
+            f"search space key {key!r}: each entry must be a mapping with exactly '_type' and '_value', got {entry!r}"
+        )
     kind, value = entry["_type"], entry["_value"]
     if kind not in NNI_TYPES:
-        raise SearchSpaceError(f"search space key {key!r}: unknown _type {kind!r}; NNI's types are "
-                               f"{', '.join(NNI_TYPES)}")
+        raise SearchSpaceError(
+            f"search space key {key!r}: unknown _type {kind!r}; NNI's types are {', '.join(NNI_TYPES)}"
+        )
     if not isinstance(value, list) or not value:
         raise SearchSpaceError(f"search space key {key!r}: _value must be a non-empty list, got {value!r}")
     if kind == "choice":
         for v in value:
             if isinstance(v, (dict, list)):
-                raise SearchSpaceError(f"search space key {key!r}: nested choices are not supported; "
-                                       "give plain values")
+                raise SearchSpaceError(f"search space key {key!r}: nested choices are not supported; give plain values")
         return kind, list(value)
     lengths = NNI_TYPES[kind]
     if len(value) not in lengths or not all(_is_number(v) for v in value):
-        raise SearchSpaceError(f"search space key {key!r}: _type {kind} needs _value = "
-                               f"{'[low, high, q]' if lengths == (3,) else '[low, high]'} numbers, got {value!r}")
+        raise SearchSpaceError(
+            f"search space key {key!r}: _type {kind} needs _value = "
+            f"{'[low, high, q]' if lengths == (3,) else '[low, high]'} numbers, got {value!r}"
+        )
     if kind in _UNBOUNDED:
-        raise SearchSpaceError(f"search space key {key!r}: _type {kind} is unbounded; every SteppingNet "
-                               "setting has a valid range, so use uniform, quniform, loguniform, "
-                               "qloguniform, randint or choice with explicit bounds")
+        raise SearchSpaceError(
+            f"search space key {key!r}: _type {kind} is unbounded; every SteppingNet "
+            "setting has a valid range, so use uniform, quniform, loguniform, "
+            "qloguniform, randint or choice with explicit bounds"
+        )
     low, high = value[0], value[1]
     if not low < high:
         raise SearchSpaceError(f"search space key {key!r}: _type {kind} needs low < high, got {value!r}")
@@ -214,15 +221,19 @@ def validate_search_space(space: Mapping[str, Any], recipe: Recipe) -> dict[str,
         if key in _RESERVED:
             raise SearchSpaceError(f"search space key {key!r} cannot be searched: {_RESERVED[key]}")
         if key.startswith(BUDGET_SPLIT):
-            suffix = key[len(BUDGET_SPLIT):]
+            suffix = key[len(BUDGET_SPLIT) :]
             if not suffix.isdigit() or not 1 <= int(suffix) <= n:
-                raise SearchSpaceError(f"search space key {key!r}: the recipe has {n} subnets, so the "
-                                       f"split keys are budget_split_1..budget_split_{n}")
+                raise SearchSpaceError(
+                    f"search space key {key!r}: the recipe has {n} subnets, so the "
+                    f"split keys are budget_split_1..budget_split_{n}"
+                )
         elif key not in ALIASES and key != BUDGET_SCALE:
             if "." not in key and key != "seed":
                 known = sorted(ALIASES) + [BUDGET_SCALE, f"{BUDGET_SPLIT}1..{n}"]
-                raise SearchSpaceError(f"unknown search space key {key!r}; use one of {', '.join(known)} "
-                                       "or a dotted recipe key such as construction.lr")
+                raise SearchSpaceError(
+                    f"unknown search space key {key!r}; use one of {', '.join(known)} "
+                    "or a dotted recipe key such as construction.lr"
+                )
             try:
                 recipe.with_overrides([f"{key}={json.dumps(_recipe_value(raw, key))}"])
             except RecipeError as exc:
@@ -231,8 +242,7 @@ def validate_search_space(space: Mapping[str, Any], recipe: Recipe) -> dict[str,
             if target == "steppingnet.budgets":
                 continue
             if target in seen:
-                raise SearchSpaceError(f"search space keys {seen[target]!r} and {key!r} both set {target}; "
-                                       "keep one")
+                raise SearchSpaceError(f"search space keys {seen[target]!r} and {key!r} both set {target}; keep one")
             seen[target] = key
     splits = sorted(k for k in entries if k.startswith(BUDGET_SPLIT))
     if splits and len(splits) != n:
@@ -242,26 +252,30 @@ def validate_search_space(space: Mapping[str, Any], recipe: Recipe) -> dict[str,
         if key.startswith(BUDGET_SPLIT) or key == BUDGET_SCALE:
             extremes = _extremes(kind, value)
             if not all(_is_number(v) and v > 0 for v in extremes):
-                raise SearchSpaceError(f"search space key {key!r} must take positive numbers, got range "
-                                       f"{extremes}")
+                raise SearchSpaceError(f"search space key {key!r} must take positive numbers, got range {extremes}")
             if key == BUDGET_SCALE:
                 top = max(extremes) * recipe.steppingnet.budgets[-1]
                 if top > 1:
-                    raise SearchSpaceError(f"search space key {key!r}: {max(extremes)} x the largest budget "
-                                           f"{recipe.steppingnet.budgets[-1]} = {top:.4g} > 1; budgets are "
-                                           "fractions of the original network's MACs")
+                    raise SearchSpaceError(
+                        f"search space key {key!r}: {max(extremes)} x the largest budget "
+                        f"{recipe.steppingnet.budgets[-1]} = {top:.4g} > 1; budgets are "
+                        "fractions of the original network's MACs"
+                    )
             continue
         targets = _targets(key)
         current = [_recipe_value(raw, t) for t in targets]
         if any(isinstance(c, int) and not isinstance(c, bool) for c in current) and not _integral(kind, value):
-            raise SearchSpaceError(f"search space key {key!r} sets the integer {targets[0]}: use choice of "
-                                   "integers, randint, or quniform/qloguniform with integer bounds and q")
+            raise SearchSpaceError(
+                f"search space key {key!r} sets the integer {targets[0]}: use choice of "
+                "integers, randint, or quniform/qloguniform with integer bounds and q"
+            )
         for v in _extremes(kind, value):
             try:
                 recipe.with_overrides(params_to_overrides({key: v}, recipe))
             except (RecipeError, ValueError) as exc:
-                raise SearchSpaceError(f"search space key {key!r}: the value {v!r} in its range gives an "
-                                       f"invalid recipe: {exc}") from exc
+                raise SearchSpaceError(
+                    f"search space key {key!r}: the value {v!r} in its range gives an invalid recipe: {exc}"
+                ) from exc
     return json.loads(json.dumps({k: {"_type": kind, "_value": value} for k, (kind, value) in entries.items()}))
 
 
@@ -297,7 +311,9 @@ def _budgets(params: Mapping[str, Any], recipe: Recipe) -> list[float] | None:
     scale = params.get(BUDGET_SCALE)
     splits = [params.get(f"{BUDGET_SPLIT}{i}") for i in range(1, n + 1)]
     given = [s for s in splits if s is not None]
-    extra = [k for k in params if k.startswith(BUDGET_SPLIT) and k not in {f"{BUDGET_SPLIT}{i}" for i in range(1, n + 1)}]
+    extra = [
+        k for k in params if k.startswith(BUDGET_SPLIT) and k not in {f"{BUDGET_SPLIT}{i}" for i in range(1, n + 1)}
+    ]
     if extra:
         raise ValueError(f"unknown budget split parameters {extra}; the recipe has {n} subnets")
     if scale is None and not given:

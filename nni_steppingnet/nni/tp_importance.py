@@ -27,6 +27,7 @@ prunes); the root's channel ``c`` is the SteppingNet neuron ``net.index.out_posi
 coupled channel of the group gets its neuron's ``M``. Groups rooted at a layer that holds no
 neurons (the classifier) get ``None``, which torch-pruning skips.
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,16 +77,21 @@ class SteppingImportance(tp.importance.Importance):
         num_neurons = int(net.num_neurons)
         if isinstance(scores, ImportanceTracker):
             if scores.net is not net:
-                raise ValueError("the ImportanceTracker belongs to another SteppingNet; pass the "
-                                 "tracker built on this net")
+                raise ValueError(
+                    "the ImportanceTracker belongs to another SteppingNet; pass the tracker built on this net"
+                )
         elif isinstance(scores, torch.Tensor):
             if tuple(scores.shape) != (net.num_subnets, num_neurons):
-                raise ValueError(f"scores must have shape ({net.num_subnets}, {num_neurons}) "
-                                 f"[num_subnets, num_neurons], got {tuple(scores.shape)}")
+                raise ValueError(
+                    f"scores must have shape ({net.num_subnets}, {num_neurons}) "
+                    f"[num_subnets, num_neurons], got {tuple(scores.shape)}"
+                )
             scores = scores.detach().to("cpu", torch.float32).clone()
         else:
-            raise TypeError("scores must be an ImportanceTracker or a [num_subnets, num_neurons] "
-                            f"tensor, got {type(scores).__name__}")
+            raise TypeError(
+                "scores must be an ImportanceTracker or a [num_subnets, num_neurons] "
+                f"tensor, got {type(scores).__name__}"
+            )
         self.net = net
         self.scores = scores
         self.subnet = subnet
@@ -99,8 +105,10 @@ class SteppingImportance(tp.importance.Importance):
             if layer.is_logits:
                 continue
             if layer.name not in modules:
-                raise ValueError(f"model has no module {layer.name!r} of the SteppingNet; pass a model "
-                                 "with the same module names (e.g. net.plain_copy())")
+                raise ValueError(
+                    f"model has no module {layer.name!r} of the SteppingNet; pass a model "
+                    "with the same module names (e.g. net.plain_copy())"
+                )
             self._positions[layer.name] = net.index.out_positions[k].clone()
         self._names = {module: name for name, module in modules.items()}
 
@@ -124,9 +132,11 @@ class SteppingImportance(tp.importance.Importance):
             return None
         channels = int(root.weight.shape[0])
         if channels != positions.numel():
-            raise ValueError(f"layer {name!r} has {channels} output channels but the SteppingNet "
-                             f"scored {positions.numel()}: the model was pruned since; build a new "
-                             "SteppingNet and SteppingImportance after each pruning step (or prune "
-                             "with iterative_steps=1)")
+            raise ValueError(
+                f"layer {name!r} has {channels} output channels but the SteppingNet "
+                f"scored {positions.numel()}: the model was pruned since; build a new "
+                "SteppingNet and SteppingImportance after each pruning step (or prune "
+                "with iterative_steps=1)"
+            )
         index = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
         return self.criterion()[positions[index]]

@@ -16,6 +16,7 @@ Run by NNI as ``python -m nni_steppingnet.nni.trial --recipe recipe.yaml``. The 
 
 Outside NNI (standalone) ``--params '{"beta": 0.8}'`` supplies the parameters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,15 +85,18 @@ def trial_metrics(results: Mapping[str, Any], params: Mapping[str, Any], overrid
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nni_steppingnet.nni.trial",
-                                     description="one NNI trial of nni-steppingnet tune")
+    parser = argparse.ArgumentParser(
+        prog="python -m nni_steppingnet.nni.trial", description="one NNI trial of nni-steppingnet tune"
+    )
     parser.add_argument("--recipe", required=True, help="the resolved recipe YAML written by tune")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K (default auto)")
     parser.add_argument("--out", default=None, help="run folder (default $NNI_OUTPUT_DIR/run)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (tune sets cores / concurrency for CPU trials)")
-    parser.add_argument("--params", default=None,
-                        help="JSON parameters for a standalone run (NNI supplies them otherwise)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (tune sets cores / concurrency for CPU trials)"
+    )
+    parser.add_argument(
+        "--params", default=None, help="JSON parameters for a standalone run (NNI supplies them otherwise)"
+    )
     return parser
 
 
@@ -130,8 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = nni.get_next_parameter() or {}
     if args.params is not None:
         if nni.get_experiment_id() != "STANDALONE":
-            print("error: --params is only for standalone runs; NNI supplies the parameters",
-                  file=sys.stderr)
+            print("error: --params is only for standalone runs; NNI supplies the parameters", file=sys.stderr)
             return 2
         params = json.loads(args.params)
         if not isinstance(params, dict):
@@ -152,8 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics["trial_id"] = nni.get_trial_id()
     atomic_write_json(out / "trial.json", metrics)
     nni.report_final_result(metrics)
-    print(f"trial {metrics['trial_id']}: mean accuracy {metrics['mean_accuracy']:.4f}, auc "
-          f"{metrics['auc']:.4f}, budgets met {metrics['budgets_met']}")
+    print(
+        f"trial {metrics['trial_id']}: mean accuracy {metrics['mean_accuracy']:.4f}, auc "
+        f"{metrics['auc']:.4f}, budgets met {metrics['budgets_met']}"
+    )
     return 0
 
 
