@@ -113,7 +113,7 @@ def test_bundled_search_spaces_validate() -> None:
         ({"beta": {"_type": "uniform", "_value": [0.9]}}, r"\[low, high\]"),
         ({"beta": {"_value": [0.9, 1.0]}}, "exactly '_type' and '_value'"),
         ({"m": {"_type": "uniform", "_value": [1, 4]}}, "integer"),
-        ({"m": {"_type": "choice", "_value": [0, 2]}}, "batches_per_iteration must be >= 1"),
+        ({"m": {"_type": "choice", "_value": [0, 2]}}, "batches_per_iteration must be a positive int"),
         ({"gamma": {"_type": "loguniform", "_value": [0.0, 0.5]}}, "low > 0"),
         ({"budget_split_1": {"_type": "uniform", "_value": [1, 2]}}, r"missing \['budget_split_2'\]"),
         ({"budget_split_3": {"_type": "uniform", "_value": [1, 2]}}, "budget_split_1..budget_split_2"),
