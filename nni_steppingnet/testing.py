@@ -37,9 +37,25 @@ __all__ = [
     "subnet_activations",
     "IsolationReport",
     "isolation_report",
+    "TINY_RUN_OVERRIDES",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: ``--set`` overrides that shrink a bundled recipe to a run of seconds (64 synthetic 16x16 images,
+#: a quarter-width LeNet-3C1L), for tests of the whole flow and the CLI.
+TINY_RUN_OVERRIDES: tuple[str, ...] = (
+    "data.name=synthetic",
+    "data.synthetic_size=64",
+    "data.batch_size=16",
+    "model.width=0.25",
+    "steppingnet.expansion=1.5",
+    "teacher.epochs=1",
+    "construction.iterations=4",
+    "construction.batches_per_iteration=2",
+    "construction.monitor_samples=16",
+    "retraining.epochs=2",
+)
 
 #: ``(timm name, extra create_model kwargs)``: the paper models and one timm CNN per family the
 #: design names (residual, inverted residual with SE, EfficientNet, grouped convs, dense concat).

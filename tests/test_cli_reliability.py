@@ -23,20 +23,10 @@ import torch
 import nni_steppingnet.models  # noqa: F401  (registers lenet3c1l with timm)
 from nni_steppingnet import SteppingNet
 from nni_steppingnet.cli import main
+from nni_steppingnet.testing import TINY_RUN_OVERRIDES
 
 #: 64 synthetic 16x16 images and a quarter-width LeNet-3C1L: a whole run takes seconds.
-TINY = [
-    "data.name=synthetic",
-    "data.synthetic_size=64",
-    "data.batch_size=16",
-    "model.width=0.25",
-    "steppingnet.expansion=1.5",
-    "teacher.epochs=1",
-    "construction.iterations=4",
-    "construction.batches_per_iteration=2",
-    "construction.monitor_samples=16",
-    "retraining.epochs=2",
-]
+TINY = list(TINY_RUN_OVERRIDES)
 SETS = [arg for item in TINY for arg in ("--set", item)]
 
 

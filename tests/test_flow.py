@@ -34,21 +34,11 @@ from nni_steppingnet.flow import (
     resolve_device,
     run_recipe,
 )
+from nni_steppingnet.testing import TINY_RUN_OVERRIDES
 from nni_steppingnet.train import evaluate
 
-#: A recipe small enough for a test: 64 synthetic 16x16 images, a quarter-width LeNet-3C1L.
-TINY = [
-    "data.name=synthetic",
-    "data.synthetic_size=64",
-    "data.batch_size=16",
-    "model.width=0.25",
-    "steppingnet.expansion=1.5",
-    "teacher.epochs=1",
-    "construction.iterations=4",
-    "construction.batches_per_iteration=2",
-    "construction.monitor_samples=16",
-    "retraining.epochs=2",
-]
+#: The shared tiny run: 64 synthetic 16x16 images, a quarter-width LeNet-3C1L.
+TINY = list(TINY_RUN_OVERRIDES)
 SETS = [arg for item in TINY for arg in ("--set", item)]
 
 
