@@ -50,7 +50,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Final, Iterator, Mapping
+from typing import Any, Callable, Final, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -184,10 +184,14 @@ class _GatedScorer:
 
     name = ""
 
-    def __init__(self, net: SteppingNet) -> None:
+    def __init__(self, net: SteppingNet, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if not isinstance(net, SteppingNet):
             raise TypeError(f"{type(self).__name__} needs a SteppingNet, got {type(net).__name__}")
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"reduce must be callable (tensor -> tensor) or None, got {type(reduce).__name__}")
         self.net = net
+        #: averages a tensor over the ranks of a data-parallel job (see ImportanceTracker)
+        self.reduce = reduce
         self.num_subnets = net.num_subnets
         self.num_neurons = net.index.num_neurons
         self.batches = torch.zeros(self.num_subnets, dtype=torch.long)
@@ -301,8 +305,14 @@ class ClassScorer(_GatedScorer):
 
     name = "class"
 
-    def __init__(self, net: SteppingNet, num_classes: int | None = None, threshold: float = 1.0) -> None:
-        super().__init__(net)
+    def __init__(
+        self,
+        net: SteppingNet,
+        num_classes: int | None = None,
+        threshold: float = 1.0,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(net, reduce)
         if num_classes is None:
             logits = [layer for layer in net.layers if layer.is_logits]
             if not logits:
@@ -346,11 +356,18 @@ class ClassScorer(_GatedScorer):
         with torch.no_grad():
             onehot = torch.zeros(targets.shape[0], self.num_classes, dtype=torch.float32, device=targets.device)
             onehot.scatter_(1, targets.long().view(-1, 1), 1.0)
-            for positions, gate in gates:
-                if gate.grad is None:
-                    continue
-                per_class = (onehot.t() @ gate.grad.float()).abs().cpu()  # [C, channels]
-                self.per_class[subnet - 1].index_add_(1, positions, per_class)
+            signed = [
+                (positions, onehot.t() @ gate.grad.float())  # [C, channels]
+                for positions, gate in gates
+                if gate.grad is not None
+            ]
+            if self.reduce is not None and signed:
+                # Averaged over the ranks before the absolute value (the gates run in the same order).
+                flat = self.reduce(torch.cat([value.reshape(-1) for _, value in signed]))
+                parts = flat.split([value.numel() for _, value in signed])
+                signed = [(pos, part.reshape(value.shape)) for (pos, value), part in zip(signed, parts)]
+            for positions, value in signed:
+                self.per_class[subnet - 1].index_add_(1, positions, value.abs().cpu())
 
     @property
     def scores(self) -> torch.Tensor:
@@ -394,9 +411,14 @@ class NoiseScorer(_GatedScorer):
     name = "noise"
 
     def __init__(
-        self, net: SteppingNet, noise_weight: float = 0.5, noise_lr: float = 0.05, init_noise: float = 0.05
+        self,
+        net: SteppingNet,
+        noise_weight: float = 0.5,
+        noise_lr: float = 0.05,
+        init_noise: float = 0.05,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        super().__init__(net)
+        super().__init__(net, reduce)
         for label, value in (("noise_weight", noise_weight), ("noise_lr", noise_lr), ("init_noise", init_noise)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{label} must be a positive number, got {value!r}")
@@ -447,6 +469,8 @@ class NoiseScorer(_GatedScorer):
         """One Adam step on ``rho`` (its gradient came from the batch's backward), then clamp."""
         if self.rho.grad is None:
             return
+        if self.reduce is not None:
+            self.rho.grad = self.reduce(self.rho.grad)  # every rank learns the same noise levels
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -483,12 +507,17 @@ class NoiseScorer(_GatedScorer):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def make_scorer(name: str, net: SteppingNet) -> GradientScorer | ClassScorer | NoiseScorer:
-    """The scorer of ``construction.criterion`` ``name`` (one of :data:`CRITERIA`) for ``net``."""
+def make_scorer(
+    name: str, net: SteppingNet, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> GradientScorer | ClassScorer | NoiseScorer:
+    """The scorer of ``construction.criterion`` ``name`` (one of :data:`CRITERIA`) for ``net``.
+
+    ``reduce`` averages a tensor over the ranks of a data-parallel job; every scorer applies it
+    to its per-batch signed quantities so all ranks score identically."""
     if name == "gradient":
-        return GradientScorer(net)
+        return GradientScorer(net, reduce)
     if name == "class":
-        return ClassScorer(net)
+        return ClassScorer(net, reduce=reduce)
     if name == "noise":
-        return NoiseScorer(net)
+        return NoiseScorer(net, reduce=reduce)
     raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)}")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 __all__ = [
     "DATASETS",
@@ -669,10 +670,20 @@ def make_loaders(
     num_workers: int | None = None,
     seed: int = 0,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
-    """Return ``(train_loader, test_loader)``; train is shuffled by a generator seeded with ``seed``."""
+    """Return ``(train_loader, test_loader)``; train is shuffled by a generator seeded with ``seed``.
+
+    With ``world_size > 1`` (a data-parallel job) rank ``rank`` reads its own part of both sets:
+    the train loader draws through a ``DistributedSampler`` (one permutation per epoch shared by
+    the ranks, see ``set_epoch``; ``batch_size`` is per rank), and the test loader reads indices
+    ``rank, rank + world_size, ...`` without padding, so summed counts are exact.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
     on_cuda = torch.device(device).type == "cuda"
     if num_workers is None:
         # Workers only pay off when the host must keep a GPU busy; on CPU they compete with training.
@@ -683,13 +694,20 @@ def make_loaders(
         "pin_memory": on_cuda,
         "persistent_workers": num_workers > 0,
     }
-    train_loader = DataLoader(
-        train,
-        shuffle=True,
-        drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed),
-        **common,
-    )
+    if world_size > 1:
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
+        train_loader = DataLoader(train, sampler=sampler, drop_last=drop_last, **common)
+        test = Subset(test, range(rank, len(test), world_size))  # type: ignore[arg-type]
+    else:
+        train_loader = DataLoader(
+            train,
+            shuffle=True,
+            drop_last=drop_last,
+            generator=torch.Generator().manual_seed(seed),
+            **common,
+        )
     test_loader = DataLoader(test, shuffle=False, drop_last=False, **common)
     return train_loader, test_loader
 

@@ -33,7 +33,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import (
     capture_rng,
@@ -46,6 +47,17 @@ from .checkpoint import (
 )
 from .config import Recipe, RecipeError, load_recipe, recipe_diff
 from .data import DatasetInfo, load_dataset, make_loaders
+from .distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    broadcast_from_main,
+    check_same_assignment,
+    convert_sync_batchnorm,
+    current_context,
+    device_for,
+    sum_over_ranks,
+    wrap_ddp,
+)
 from .errors import CheckpointError
 from .macs import macs as count_macs
 from .report import write_report
@@ -184,11 +196,15 @@ def model_spec(recipe: Recipe, info: DatasetInfo, width: float = 1.0) -> tuple[s
     return name, kwargs
 
 
-def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> tuple[DataLoader, DataLoader, DatasetInfo]:
+def build_data(
+    recipe: Recipe, device: torch.device | str = "cpu", distributed: DistributedContext | None = None
+) -> tuple[DataLoader, DataLoader, DatasetInfo]:
     """``(train_loader, test_loader, info)`` of the recipe's dataset; nothing is downloaded unless
     ``data.download`` is true. With ``data.val_fraction > 0`` the second loader reads a seeded,
     stratified hold-out of the training set (for tuning) instead of the test set. On CUDA the
-    loaders use pinned memory and worker processes."""
+    loaders use pinned memory and worker processes. In a data-parallel job (``distributed``) both
+    loaders read this rank's part (see :func:`nni_steppingnet.data.make_loaders`)."""
+    ctx = distributed or DistributedContext()
     d = recipe.data
     train, test, info = load_dataset(
         d.name,
@@ -203,7 +219,14 @@ def build_data(recipe: Recipe, device: torch.device | str = "cpu") -> tuple[Data
         train_subset=d.train_subset,
     )
     train_loader, test_loader = make_loaders(
-        train, test, batch_size=d.batch_size, device=device, num_workers=d.num_workers, seed=recipe.seed
+        train,
+        test,
+        batch_size=d.batch_size,
+        device=device,
+        num_workers=d.num_workers,
+        seed=recipe.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
     )
     return train_loader, test_loader, info
 
@@ -391,9 +414,12 @@ def _net_state(state: _RunState) -> dict[str, Any] | None:
     return None
 
 
-def build_stepping_net(recipe: Recipe, info: DatasetInfo, verify: bool = True) -> SteppingNet:
-    """The SteppingNet being constructed: the original widened by ``steppingnet.expansion``."""
+def build_stepping_net(recipe: Recipe, info: DatasetInfo, verify: bool = True, sync_bn: bool = False) -> SteppingNet:
+    """The SteppingNet being constructed: the original widened by ``steppingnet.expansion``
+    (with ``sync_bn``, its BatchNorm layers synchronised over the ranks of a data-parallel job)."""
     model = build_model(recipe, info, width=recipe.steppingnet.expansion)
+    if sync_bn:
+        convert_sync_batchnorm(model)
     return SteppingNet(model, example_inputs(info), recipe.steppingnet.num_subnets, verify=verify)
 
 
@@ -406,10 +432,13 @@ def _evaluate_net(
     amp: str | None,
     ref_macs: int,
     teacher_accuracy: float | None,
+    combine: Callable[[Sequence[float]], list[float]] | None = None,
 ) -> dict[str, Any]:
     from .train import evaluate
 
     accuracies = evaluate(net, test_loader, device=device, amp=amp)
+    if combine is not None:
+        accuracies = combine(accuracies)  # a data-parallel job: every rank's part of the test set
     budgets = recipe.steppingnet.budgets
     subnets = []
     for s in range(1, net.num_subnets + 1):
@@ -554,6 +583,8 @@ def run_recipe(
     progress: bool = False,
     reporter: Reporter | None = None,
     stages: Sequence[str] = STAGES,
+    sync_bn: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> dict[str, Any]:
     """Run (or with ``resume`` continue) a recipe in ``out_dir`` and return the results dict.
 
@@ -572,6 +603,15 @@ def run_recipe(
             ``construction`` needs a completed one in the checkpoint; a skipped ``retraining``
             evaluates the constructed subnets as they are; without ``evaluation`` no results are
             written and the returned dict only lists the completed stages.
+        sync_bn: synchronise BatchNorm statistics over the ranks of a data-parallel job
+            (:func:`nni_steppingnet.distributed.convert_sync_batchnorm`); no effect on one process.
+        distributed: the data-parallel context (default: the process group this process joined,
+            if any; :func:`nni_steppingnet.distributed.init_distributed` joins torchrun's). With
+            more than one rank every stage trains through DistributedDataParallel on the rank's
+            shard of the data (``data.batch_size`` per rank), construction averages the importance
+            over the ranks and checks after every iteration that all ranks hold the same
+            assignment, evaluation adds every rank's counts, and rank 0 alone writes the folder,
+            reports and measures the anytime runtime. ``device='cuda'`` means ``cuda:LOCAL_RANK``.
 
     Returns:
         the ``results.json`` dict: ``original`` (``accuracy``, ``macs``), ``subnets`` (``index``,
@@ -601,6 +641,8 @@ def run_recipe(
         reporter=reporter,
         stages=stages,
         started=started,
+        sync_bn=sync_bn,
+        distributed=distributed or current_context(),
     )
     return run.run()
 
@@ -620,6 +662,8 @@ class _FlowRun:
         reporter: Reporter | None,
         stages: Sequence[str],
         started: float,
+        sync_bn: bool = False,
+        distributed: DistributedContext | None = None,
     ) -> None:
         from .train import check_amp
 
@@ -627,7 +671,10 @@ class _FlowRun:
         self.out = out
         self.chosen = _check_stages(stages)
         self.amp = check_amp(amp)
-        self.dev = resolve_device(device)
+        self.ctx = distributed or DistributedContext()
+        self.sync_bn = bool(sync_bn)
+        self.dev = device_for(self.ctx, resolve_device(device))
+        self.ddp_net: nn.Module | None = None
         self.progress = progress
         self.reporter = reporter
         self.started = started
@@ -642,6 +689,22 @@ class _FlowRun:
 
     # ------------------------------------------------------------------------- plumbing
     def _previous_state(self, resume: bool) -> _RunState | None:
+        """Rank 0 reads the folder and every rank gets its state (or the same error)."""
+        if not self.ctx.enabled:
+            return self._read_previous_state(resume)
+        outcome: tuple[str, Any] | None = None
+        if self.ctx.is_main:
+            try:
+                outcome = ("state", self._read_previous_state(resume))
+            except (ValueError, OSError, CheckpointError) as exc:
+                outcome = ("error", exc)
+        outcome = broadcast_from_main(outcome)
+        assert outcome is not None
+        if outcome[0] == "error":
+            raise outcome[1]
+        return outcome[1]  # type: ignore[no-any-return]
+
+    def _read_previous_state(self, resume: bool) -> _RunState | None:
         if self.ckpt_path.exists():
             if not resume:
                 raise ValueError(
@@ -670,11 +733,14 @@ class _FlowRun:
         return None
 
     def report(self, kind: str, payload: dict[str, Any]) -> None:
-        if self.reporter is not None:
+        if self.reporter is not None and self.ctx.is_main:
             self.reporter(kind, payload)
 
     def save(self) -> None:
-        """Rewrite checkpoint.pt (atomically) with the state and the random generators now."""
+        """Rewrite checkpoint.pt (atomically) with the state and the random generators now
+        (rank 0 only: every rank holds the same state)."""
+        if not self.ctx.is_main:
+            return
         state = self.state
         state.wall_time_s = self.elapsed_before + (time.perf_counter() - self.started)
         state.rng = capture_rng()
@@ -688,6 +754,58 @@ class _FlowRun:
     def add_time(self, stage: str, seconds: float) -> None:
         self.state.stage_times_s[stage] = self.state.stage_times_s.get(stage, 0.0) + seconds
 
+    def net_forward(self) -> nn.Module:
+        """The module training calls: ``net.model``, or one DDP wrapper of it for the whole run."""
+        assert self.net is not None
+        if not self.ctx.enabled:
+            return self.net.model
+        if self.ddp_net is None:
+            self.net.model.to(self.dev)
+            self.ddp_net = wrap_ddp(self.net.model, self.ctx, self.dev)
+        return self.ddp_net
+
+    def global_accuracy(self, local: Sequence[float]) -> list[float]:
+        """Accuracies over the whole test set from each rank's accuracies on its part."""
+        if not self.ctx.enabled:
+            return list(local)
+        count = len(self.test_loader.dataset)  # type: ignore[arg-type]
+        totals = sum_over_ranks([round(a * count) for a in local] + [count], self.dev)
+        if totals[-1] == 0:
+            raise ValueError("the test set is empty")
+        return [t / totals[-1] for t in totals[:-1]]
+
+    def full_test_loader(self) -> DataLoader:
+        """The whole test set (rank 0's anytime measurement), not this rank's part of it."""
+        dataset: Dataset[Any] = self.test_loader.dataset
+        if not self.ctx.enabled or not isinstance(dataset, Subset):
+            return self.test_loader
+        return DataLoader(
+            dataset.dataset,
+            batch_size=self.test_loader.batch_size,
+            shuffle=False,
+            num_workers=0,
+            pin_memory=self.test_loader.pin_memory,
+        )
+
+    def shared_teacher(self, path: str | os.PathLike[str]) -> nn.Module:
+        """The teacher of ``path`` read by rank 0 and sent to every rank (the folder or the file
+        may live on rank 0's machine only)."""
+        if not self.ctx.enabled:
+            return load_teacher(path, self.recipe, self.info)[0]
+        outcome: tuple[str, Any] | None = None
+        if self.ctx.is_main:
+            try:
+                outcome = ("state", load_teacher(path, self.recipe, self.info)[0].state_dict())
+            except (OSError, CheckpointError) as exc:
+                outcome = ("error", exc)
+        outcome = broadcast_from_main(outcome)
+        assert outcome is not None
+        if outcome[0] == "error":
+            raise outcome[1]
+        teacher = build_model(self.recipe, self.info, width=1.0)
+        teacher.load_state_dict(outcome[1])
+        return teacher
+
     # ----------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
         recipe, dev = self.recipe, self.dev
@@ -695,13 +813,22 @@ class _FlowRun:
         if dev.type == "cuda":
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
-        self.train_loader, self.test_loader, self.info = build_data(recipe, dev)
+        self.train_loader, self.test_loader, self.info = build_data(recipe, dev, self.ctx)
         self.ref_macs = reference_macs(recipe, self.info)
         # Before any training (after the inputs, so bad data leaves no folder behind): a folder
         # that cannot be written fails now, not after the teacher trained.
-        check_writable_dir(self.out)
-        for stale in remove_stale_temporaries(self.out):
-            logger.info("removed %s, left by an interrupted write", stale)
+        if self.ctx.is_main:
+            check_writable_dir(self.out)
+            for stale in remove_stale_temporaries(self.out):
+                logger.info("removed %s, left by an interrupted write", stale)
+        if self.ctx.enabled:
+            logger.info(
+                "rank %d of %d on %s: %d training images in this rank's shard",
+                self.ctx.rank,
+                self.ctx.world_size,
+                dev,
+                len(self.train_loader.sampler),  # type: ignore[arg-type]
+            )
         self.state = self.previous or _RunState(
             recipe=recipe.to_dict(), info=dataclasses.asdict(self.info), device=str(dev), reference_macs=self.ref_macs
         )
@@ -731,19 +858,22 @@ class _FlowRun:
         recipe, info, state, dev = self.recipe, self.info, self.state, self.dev
         teacher: nn.Module | None = None
         if "teacher" in state.completed:
-            teacher, _ = load_teacher(self.teacher_path, recipe, info)
+            teacher = self.shared_teacher(self.teacher_path)
         elif "teacher" in self.chosen:
             t0 = time.perf_counter()
             self.report("stage", {"stage": "teacher", "total": recipe.teacher.epochs})
             losses: list[float] = []
             if recipe.teacher.checkpoint is not None:
-                teacher, _ = load_teacher(recipe.teacher.checkpoint, recipe, info)
+                teacher = self.shared_teacher(recipe.teacher.checkpoint)
                 logger.info("teacher loaded from %s", recipe.teacher.checkpoint)
             else:
                 teacher = build_model(recipe, info, width=1.0)
+                if self.sync_bn:
+                    convert_sync_batchnorm(teacher)
+                teacher.to(dev)
                 t = recipe.teacher
                 losses = train_dense(
-                    teacher,
+                    wrap_ddp(teacher, self.ctx, dev),
                     self.train_loader,
                     epochs=t.epochs,
                     lr=t.lr,
@@ -753,17 +883,20 @@ class _FlowRun:
                     amp=self.amp,
                     progress=self.progress,
                 )
-            state.teacher_accuracy = evaluate_model(teacher, self.test_loader, device=dev, amp=self.amp)
+            local = evaluate_model(teacher, self.test_loader, device=dev, amp=self.amp)
+            state.teacher_accuracy = self.global_accuracy([local])[0]
             state.teacher_losses = [float(v) for v in losses]
-            _save_teacher(self.teacher_path, teacher, recipe, info, state.teacher_accuracy, losses)
+            if self.ctx.is_main:
+                _save_teacher(self.teacher_path, teacher, recipe, info, state.teacher_accuracy, losses)
             state.completed.append("teacher")
             state.stage = "construction"
             self.add_time("teacher", time.perf_counter() - t0)
             self.save()
             logger.info("teacher accuracy %.4f", state.teacher_accuracy)
         elif recipe.teacher.checkpoint is not None:
-            teacher, _ = load_teacher(recipe.teacher.checkpoint, recipe, info)
-            state.teacher_accuracy = evaluate_model(teacher, self.test_loader, device=dev, amp=self.amp)
+            teacher = self.shared_teacher(recipe.teacher.checkpoint)
+            local = evaluate_model(teacher, self.test_loader, device=dev, amp=self.amp)
+            state.teacher_accuracy = self.global_accuracy([local])[0]
         else:
             logger.warning("no teacher: retraining uses cross entropy only and the original accuracy is unknown")
         if teacher is not None:
@@ -779,7 +912,7 @@ class _FlowRun:
         recipe, info, state, dev = self.recipe, self.info, self.state, self.dev
         in_progress = state.stage == "construction" and state.stage_state is not None
         if "construction" in state.completed or in_progress:
-            self.net = build_stepping_net(recipe, info, verify=False)
+            self.net = build_stepping_net(recipe, info, verify=False, sync_bn=self.sync_bn)
             saved_net = _net_state(state)
             if saved_net is not None:
                 self.net.load_state_dict(saved_net)
@@ -792,24 +925,37 @@ class _FlowRun:
                 "construction to continue from; include it in the stages"
             )
         if self.net is None:
-            self.net = build_stepping_net(recipe, info)
+            self.net = build_stepping_net(recipe, info, sync_bn=self.sync_bn)
         net = self.net
         c = recipe.construction
         config = ConstructionConfig.from_settings(
             recipe.steppingnet.budgets, self.ref_macs, dataclasses.asdict(c), seed=recipe.seed
         )
-        constructor = Constructor(net, config, self.train_loader, device=dev, amp=self.amp)
+        constructor = Constructor(
+            net,
+            config,
+            self.train_loader,
+            device=dev,
+            amp=self.amp,
+            forward_module=self.net_forward(),
+            reduce=all_reduce_mean if self.ctx.enabled else None,
+        )
         try:
             if in_progress:
                 assert state.stage_state is not None
                 constructor.load_state_dict(state.stage_state["construction"])
                 self.restore_once()
-            monitor = _monitor_loader(self.test_loader, c.monitor_samples)
+            # The monitor is informative only (rank 0 reports it on the first images of its part).
+            monitor = _monitor_loader(self.test_loader, c.monitor_samples) if self.ctx.is_main else None
             self.report("stage", {"stage": "construction", "total": c.iterations, "done": constructor.iteration})
             state.stage = "construction"
             while not constructor.done:
                 t_iter = time.perf_counter()
                 entry = dict(constructor.step())
+                if self.ctx.enabled:
+                    entry["assignment_hash"] = check_same_assignment(
+                        net, f"after construction iteration {constructor.iteration}"
+                    )
                 entry["time_s"] = time.perf_counter() - t_iter
                 if monitor is not None:
                     entry["accuracies"] = evaluate(net, monitor, device=dev, amp=self.amp)
@@ -855,11 +1001,15 @@ class _FlowRun:
             state.stage = "retraining"
             self.report("stage", {"stage": "retraining", "total": r.epochs, "done": start_epoch})
             generator = getattr(self.train_loader, "generator", None)
+            sampler = getattr(self.train_loader, "sampler", None)
             for epoch in range(start_epoch, r.epochs):
                 t_epoch = time.perf_counter()
-                if isinstance(generator, torch.Generator):
-                    # Epoch e always sees the same batch order, however the run was interrupted.
-                    generator.manual_seed(recipe.seed + 1_000_003 * (epoch + 1))
+                # Epoch e always sees the same batch order, however the run was interrupted.
+                epoch_seed = recipe.seed + 1_000_003 * (epoch + 1)
+                if isinstance(sampler, DistributedSampler):
+                    sampler.set_epoch(epoch_seed)
+                elif isinstance(generator, torch.Generator):
+                    generator.manual_seed(epoch_seed)
                 loss = train_subnets_epoch(
                     net,
                     self.train_loader,
@@ -871,6 +1021,7 @@ class _FlowRun:
                     amp=self.amp,
                     progress=self.progress,
                     temperature=r.temperature,
+                    forward_module=self.net_forward(),
                 )
                 scheduler.step()
                 state.retraining_losses.append(float(loss))
@@ -893,38 +1044,51 @@ class _FlowRun:
             state.net = net.state_dict()
             self.save()
 
+    def measure_anytime(self, net: SteppingNet) -> dict[str, Any] | None:
+        """:func:`measure_stepping` on the test set, or None (logged) where the runtime or export
+        does not support the model."""
+        try:
+            # Median of 3 passes on small test sets (digits: 360 images take milliseconds).
+            full_test = self.full_test_loader()
+            repeats = 3 if len(full_test.dataset) <= 5000 else 1  # type: ignore[arg-type]
+            stepping = measure_stepping(net, full_test, device=self.dev, reference_macs=self.ref_macs, repeats=repeats)
+        except Exception as exc:  # the runtime or export may not support a model: report, don't fail the run
+            logger.warning(
+                "anytime measurement (IncrementalRunner vs exported subnets) skipped: %s: %s", type(exc).__name__, exc
+            )
+            return None
+        for step in stepping["steps"]:
+            logger.info(
+                "step %d: accuracy %.4f, %d MACs by stepping vs %d recomputing, %.3f s vs %.3f s",
+                step["subnet"],
+                step["accuracy"],
+                step["macs_stepping"],
+                step["macs_recompute"],
+                step["time_stepping_s"],
+                step["time_recompute_s"],
+            )
+        return stepping
+
     def evaluation_stage(self) -> dict[str, Any]:
         recipe, state, dev, net = self.recipe, self.state, self.dev, self.net
         assert net is not None
         t0 = time.perf_counter()
         results = _evaluate_net(
-            net, recipe, self.info, self.test_loader, dev, self.amp, self.ref_macs, state.teacher_accuracy
+            net,
+            recipe,
+            self.info,
+            self.test_loader,
+            dev,
+            self.amp,
+            self.ref_macs,
+            state.teacher_accuracy,
+            combine=self.global_accuracy,
         )
-        problems = net.check_isolation()
+        problems = net.check_isolation() if self.ctx.is_main else []
         if problems:
             logger.error("subnet isolation check failed: %s", problems[:4])
-        stepping: dict[str, Any] | None = None
-        try:
-            # Median of 3 passes on small test sets (digits: 360 images take milliseconds).
-            repeats = 3 if len(self.test_loader.dataset) <= 5000 else 1  # type: ignore[arg-type]
-            stepping = measure_stepping(
-                net, self.test_loader, device=dev, reference_macs=self.ref_macs, repeats=repeats
-            )
-        except Exception as exc:  # the runtime or export may not support a model: report, don't fail the run
-            logger.warning(
-                "anytime measurement (IncrementalRunner vs exported subnets) skipped: %s: %s", type(exc).__name__, exc
-            )
-        else:
-            for step in stepping["steps"]:
-                logger.info(
-                    "step %d: accuracy %.4f, %d MACs by stepping vs %d recomputing, %.3f s vs %.3f s",
-                    step["subnet"],
-                    step["accuracy"],
-                    step["macs_stepping"],
-                    step["macs_recompute"],
-                    step["time_stepping_s"],
-                    step["time_recompute_s"],
-                )
+        # Rank 0 alone measures the anytime runtime (timings, on the whole test set).
+        stepping = self.measure_anytime(net) if self.ctx.is_main else None
         self.add_time("evaluation", time.perf_counter() - t0)
         state.wall_time_s = self.elapsed_before + (time.perf_counter() - self.started)
         last = state.history[-1] if state.history else {}
@@ -946,6 +1110,8 @@ class _FlowRun:
                 "retraining": {"epochs": len(state.retraining_losses), "losses": state.retraining_losses},
                 "teacher": {"epochs": len(state.teacher_losses), "losses": state.teacher_losses},
                 "device": str(dev),
+                "world_size": self.ctx.world_size,
+                "sync_bn": self.sync_bn,
                 "amp": self.amp,
                 "wall_time_s": state.wall_time_s,
                 "stage_times_s": dict(state.stage_times_s),
@@ -957,7 +1123,8 @@ class _FlowRun:
         state.stage = "done"
         state.results = results
         self.save()
-        write_report(results, self.out)
+        if self.ctx.is_main:
+            write_report(results, self.out)
         self.report("final", results)
         return results
 

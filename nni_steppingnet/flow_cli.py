@@ -77,6 +77,18 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
             "--download", action="store_true", help="allow downloading the dataset into data.root (network access)"
         )
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+        parser.add_argument(
+            "--sync-bn",
+            action="store_true",
+            help="under torchrun: BatchNorm statistics over the global batch of all ranks (SyncBatchNorm)",
+        )
+        parser.add_argument(
+            "--dist-timeout",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="under torchrun: how long a rank waits for the others before the job fails (default 600)",
+        )
     elif name == "eval":
         parser.add_argument("checkpoint", help="a run's checkpoint.pt (or its folder)")
         _device_argument(parser)
@@ -183,13 +195,36 @@ def resume_command(args: argparse.Namespace, out: Path, resume: bool = True) -> 
         words.append("--download")
     if args.no_progress:
         words.append("--no-progress")
+    if getattr(args, "sync_bn", False):
+        words.append("--sync-bn")
     return shlex.join(words)
 
 
 def _run(args: argparse.Namespace) -> int:
+    """``run``; under torchrun (``WORLD_SIZE > 1``) every rank runs it, joined in one process group."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from .distributed import DEFAULT_TIMEOUT_S, context_from_env, init_distributed, shutdown
+    from .flow import resolve_device
+
+    if not context_from_env().enabled:
+        return _run_recipe(args, None)
+    timeout = DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
+    ctx = init_distributed(resolve_device(args.device), timeout_s=timeout)
+    try:
+        # record(): torchrun's failure summary then shows the failing rank's traceback.
+        status = record(_run_recipe)(args, ctx)
+        return 1 if status is None else int(status)
+    finally:
+        shutdown()
+
+
+def _run_recipe(args: argparse.Namespace, ctx: Any) -> int:
     from .config import load_recipe, recipe_path
     from .flow import CHECKPOINT_NAME, run_recipe
     from .report import RESULTS_MD, RESULTS_PNG, results_markdown
+
+    main_rank = ctx is None or ctx.is_main
 
     overrides = list(args.overrides or [])
     if args.download:
@@ -199,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
     inputs = [recipe_path(args.recipe), recipe.teacher.checkpoint]
     for name in RUN_FILES:
         check_output_not_input(out / name, inputs)
-    reporter = CliReporter(enabled=not args.no_progress)
+    reporter = CliReporter(enabled=main_rank and not args.no_progress)
     try:
         results = run_recipe(
             recipe,
@@ -207,11 +242,15 @@ def _run(args: argparse.Namespace) -> int:
             resume=args.resume,
             device=args.device,
             amp=args.amp,
-            progress=not args.no_progress,
+            progress=main_rank and not args.no_progress,
             reporter=reporter,
+            sync_bn=args.sync_bn,
+            distributed=ctx,
         )
     except KeyboardInterrupt:
         reporter.close()
+        if not main_rank:
+            return 130
         if (out / CHECKPOINT_NAME).is_file():
             print(f"interrupted; continue the run with: {resume_command(args, out)}", file=sys.stderr)
         else:
@@ -222,6 +261,8 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     finally:
         reporter.close()
+    if not main_rank:
+        return 0
     print(results_markdown(results))
     print(
         f"results: {out / 'results.json'}, {out / RESULTS_MD}, {out / RESULTS_PNG}; checkpoint: {out / 'checkpoint.pt'}"

@@ -62,7 +62,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -95,12 +95,21 @@ class ImportanceTracker:
     Args:
         net: the SteppingNet whose neurons are scored. Columns of ``scores`` are the flat neuron
             positions of :meth:`SteppingNet.flat_assignment` (without the trailing input slot).
+        reduce: in a data-parallel job, a function that averages a tensor over the ranks
+            (:func:`nni_steppingnet.distributed.all_reduce_mean`). It is applied once per backward
+            to the *signed* gate gradients of every layer before their absolute value is taken,
+            so each rank accumulates the importance of the global batch (each rank's gradient is
+            that of its local mean loss; their mean is the global batch's gradient, exactly so
+            with synchronised BatchNorm) and every rank ranks the neurons identically.
     """
 
-    def __init__(self, net: SteppingNet) -> None:
+    def __init__(self, net: SteppingNet, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if not isinstance(net, SteppingNet):
             raise TypeError(f"ImportanceTracker needs a SteppingNet, got {type(net).__name__}")
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"reduce must be callable (tensor -> tensor) or None, got {type(reduce).__name__}")
         self.net = net
+        self.reduce = reduce
         self.num_subnets = net.num_subnets
         self.num_neurons = net.index.num_neurons
         self._scores = torch.zeros(self.num_subnets, self.num_neurons, dtype=torch.float32)
@@ -115,6 +124,7 @@ class ImportanceTracker:
         for positions in norms.values():
             self.norm_gated[positions] = True
         self._pending: dict[str, torch.Tensor] = {}
+        self._pending_layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._norm_index: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for name, positions in norms.items():
             module = modules[name]
@@ -162,7 +172,9 @@ class ImportanceTracker:
                     if index is None:
                         index = rows_by_device[per_row.device] = rows.to(per_row.device)
                     per_row = per_row.index_select(0, index)
-                tracker._accumulate(tracker._subnet, positions, per_row.abs())
+                # Signed until collect() ends: the ranks of a data-parallel job average it first.
+                previous = tracker._pending_layers.get(k)
+                tracker._pending_layers[k] = (positions, per_row if previous is None else previous[1] + per_row)
             return None
 
         return hook
@@ -189,12 +201,23 @@ class ImportanceTracker:
     def _flush(self) -> None:
         """Add ``|dL/dr|`` of the norm-layer gates of the backward just run to the scores."""
         pending, self._pending = self._pending, {}
+        layers, self._pending_layers = self._pending_layers, {}
         if self._subnet is None:
             return
-        for name, value in pending.items():
+        items: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name in sorted(pending):
+            value = pending[name]
             positions, channels = self._norm_index[name]
             if channels is not None:
                 value = value.index_select(0, channels.to(value.device))
+            items.append((positions, value))
+        items.extend(layers[k] for k in sorted(layers))
+        if self.reduce is not None and items:
+            # One call per backward, in the same order on every rank (sorted names and layers).
+            flat = self.reduce(torch.cat([value.reshape(-1) for _, value in items]))
+            sizes = [value.numel() for _, value in items]
+            items = [(positions, part) for (positions, _), part in zip(items, flat.split(sizes))]
+        for positions, value in items:
             self._accumulate(self._subnet, positions, value.abs())
 
     def _accumulate(self, subnet: int, positions: torch.Tensor, values: torch.Tensor) -> None:
@@ -221,6 +244,7 @@ class ImportanceTracker:
             raise RuntimeError(f"already collecting for subnet {self._subnet}; collect() does not nest")
         self._subnet = subnet
         self._pending = {}
+        self._pending_layers = {}
         try:
             yield self
         finally:

@@ -326,6 +326,7 @@ def train_subnets_epoch(
     temperature: float = 1.0,
     scheduler: Any = None,
     on_step: Callable[[int, float], None] | None = None,
+    forward_module: nn.Module | None = None,
 ) -> float:
     """One epoch of per-subnet training (paper III-A2 / III-B).
 
@@ -337,6 +338,8 @@ def train_subnets_epoch(
     Args:
         scheduler: optional LR scheduler stepped once per batch (after all subnets).
         on_step: optional ``callback(subnet, loss)`` after every optimizer step.
+        forward_module: the module called for the forward when it is not ``target.model``: a
+            ``DistributedDataParallel`` wrapper of it in a data-parallel job.
 
     Returns:
         the mean loss over all (batch, subnet) steps (``nan`` for an empty loader).
@@ -350,9 +353,9 @@ def train_subnets_epoch(
         teacher.to(device)
         teacher_was_training = teacher.training
         teacher.eval()
-    model = target.model
-    model.to(device)
-    model.train()
+    target.model.to(device)
+    target.model.train()
+    model = target.model if forward_module is None else forward_module
     hooks: BetaSuppression | None = None
     if beta is not None and beta != 1.0:
         if not isinstance(target, SteppingNet):

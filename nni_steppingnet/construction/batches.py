@@ -9,6 +9,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
+from torch.utils.data.distributed import DistributedSampler
 
 __all__ = ["BatchStream", "rng_state", "set_rng_state"]
 
@@ -23,6 +24,8 @@ class BatchStream:
     forked CPU RNG seeded with ``seed + e`` so that neither depends on (nor changes) the global RNG.
     The position ``(epoch, batch)`` resumes exactly: reopening epoch ``e`` skips ``batch`` batches.
     With persistent DataLoader workers the workers' own augmentation RNG is not part of the state.
+    A ``DistributedSampler`` gets ``set_epoch(seed + e)``, so the ranks of a data-parallel job
+    read disjoint shards of one permutation per epoch.
     """
 
     def __init__(self, loader: Iterable[Any], seed: int) -> None:
@@ -41,6 +44,9 @@ class BatchStream:
         sampler_gen = getattr(sampler, "generator", None)
         if isinstance(sampler_gen, torch.Generator) and sampler_gen is not generator:
             sampler_gen.manual_seed(epoch_seed)
+        if isinstance(sampler, DistributedSampler):
+            # Every rank shuffles with the same epoch seed and reads its own shard of it.
+            sampler.set_epoch(epoch_seed)
 
     def _open(self) -> None:
         """Open the iterator of ``self.epoch`` positioned at ``self.batch``."""

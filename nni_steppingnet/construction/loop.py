@@ -76,6 +76,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..criteria import CRITERIA, make_scorer
@@ -196,6 +197,12 @@ class Constructor:
             eq. (3) of ``constructor.tracker``'s normalised importance); lower moves first.
         frozen: bool ``[num_neurons]``: neurons that never change subnet (neither selected nor
             retired as dead).
+        forward_module: the module the built-in training calls for the forward, when it is not
+            ``net.model`` itself: a ``DistributedDataParallel`` wrapper of it
+            (:func:`nni_steppingnet.distributed.wrap_ddp`).
+        reduce: averages a tensor over the ranks of a data-parallel job
+            (:func:`nni_steppingnet.distributed.all_reduce_mean`); the scorer applies it to every
+            batch's signed importance, so every rank moves the same neurons.
 
     ``history`` gets one dict per iteration with ``iteration``, ``macs`` (per subnet),
     ``mac_ratios`` (``macs / reference_macs``), ``budgets_met``, ``loss`` (mean training loss),
@@ -222,9 +229,16 @@ class Constructor:
         train: TrainFn | None = None,
         scores: ScoreFn | None = None,
         frozen: torch.Tensor | None = None,
+        forward_module: nn.Module | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(net, SteppingNet):
             raise TypeError(f"Constructor needs a SteppingNet, got {type(net).__name__}")
+        if forward_module is not None and not isinstance(forward_module, nn.Module):
+            raise TypeError(
+                f"forward_module must be an nn.Module wrapping net.model (DistributedDataParallel), "
+                f"got {type(forward_module).__name__}"
+            )
         if not isinstance(config, ConstructionConfig):
             raise TypeError(f"config must be a ConstructionConfig, got {type(config).__name__}")
         if len(config.budgets) != net.num_subnets:
@@ -249,7 +263,9 @@ class Constructor:
             raise ValueError(f"device must be like 'cpu' or 'cuda', got {device!r}") from exc
         self.amp = check_amp(amp)
         net.model.to(self.device)
-        self.tracker = make_scorer(config.criterion, net)
+        #: the module whose forward training calls: ``net.model`` or a DDP wrapper of it
+        self.forward_module = net.model if forward_module is None else forward_module
+        self.tracker = make_scorer(config.criterion, net, reduce)
         self.optimizer = make_optimizer(net.model.parameters(), config.lr, config.momentum, config.weight_decay)
         self._stream = BatchStream(() if train_loader is None else train_loader, config.seed)
         self.iteration = 0
@@ -389,8 +405,8 @@ class Constructor:
         if self.train_fn is not None:
             return float(self.train_fn(self))
         net, cfg = self.net, self.config
-        model = net.model
-        model.train()
+        net.model.train()
+        model = self.forward_module
         suppress = None
         if cfg.beta is not None and cfg.beta != 1.0:
             suppress = BetaSuppression(net, 1, cfg.beta)

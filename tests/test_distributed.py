@@ -1,0 +1,358 @@
+"""Data-parallel training (nni_steppingnet.distributed): two gloo processes on the CPU.
+
+Workers are module-level functions started with the ``spawn`` method; each writes what it saw to
+a file that the test compares.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nni_steppingnet import SteppingNet
+from nni_steppingnet.construct import ConstructionConfig, Constructor
+from nni_steppingnet.distributed import (
+    DistributedContext,
+    DistributedError,
+    RankDivergenceError,
+    SyncBatchNorm2d,
+    all_reduce_mean,
+    assignment_hash,
+    check_same_assignment,
+    context_from_env,
+    convert_sync_batchnorm,
+    wrap_ddp,
+)
+from nni_steppingnet.testing import TINY_RUN_OVERRIDES
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+WORLD = 2
+GLOBAL_BATCH = 16
+IMAGE = 12
+CLASSES = 4
+
+
+class SmallBNNet(nn.Module):
+    """conv-BN-ReLU x2, pooling, a hidden Linear and the logits: every kind of gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.fc1 = nn.Linear(12, 10)
+        self.fc2 = nn.Linear(10, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _global_batches(count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(GLOBAL_BATCH, 3, IMAGE, IMAGE, generator=g),
+            torch.randint(0, CLASSES, (GLOBAL_BATCH,), generator=g),
+        )
+        for _ in range(count)
+    ]
+
+
+def _net(sync_bn: bool, execution: str) -> SteppingNet:
+    torch.manual_seed(0)
+    model = SmallBNNet()
+    if sync_bn:
+        convert_sync_batchnorm(model)
+    return SteppingNet(model, torch.randn(2, 3, IMAGE, IMAGE), 2, execution=execution, verify=False)
+
+
+def _config(net: SteppingNet, iterations: int, batches: int) -> ConstructionConfig:
+    full = net.macs(net.num_subnets)
+    return ConstructionConfig(
+        budgets=[0.3, 0.7], reference_macs=full, iterations=iterations, batches_per_iteration=batches, lr=0.05, seed=0
+    )
+
+
+def _init(rank: int, port: int, timeout_s: float = 60.0) -> None:
+    import datetime
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=timeout_s))
+    torch.set_num_threads(1)
+
+
+def _shard(batch: tuple[torch.Tensor, torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    part = GLOBAL_BATCH // WORLD
+    x, y = batch
+    return x[rank * part : (rank + 1) * part], y[rank * part : (rank + 1) * part]
+
+
+# ---------------------------------------------------------------------------------- workers
+def _scores_worker(rank: int, port: int, out: str, execution: str) -> None:
+    """One construction iteration on this rank's half of every global batch, SyncBN on."""
+    _init(rank, port)
+    net = _net(sync_bn=True, execution=execution)
+    ctx = DistributedContext(rank=rank, world_size=WORLD)
+    loader = [_shard(b, rank) for b in _global_batches(2)]
+    constructor = Constructor(
+        net,
+        _config(net, iterations=3, batches=2),
+        loader,
+        forward_module=wrap_ddp(net.model, ctx, torch.device("cpu")),
+        reduce=all_reduce_mean,
+    )
+    loss = constructor.train_iteration()
+    torch.save(
+        {
+            "scores": constructor.tracker.scores.clone(),
+            "weights": {k: v.detach().clone() for k, v in net.model.state_dict().items()},
+            "loss": loss,
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+def _construction_worker(rank: int, port: int, out: str) -> None:
+    """A whole construction on rank-specific data (no SyncBN), checking hashes every iteration."""
+    _init(rank, port)
+    net = _net(sync_bn=False, execution="auto")
+    ctx = DistributedContext(rank=rank, world_size=WORLD)
+    # Different images on every rank: without averaged scores the ranks would move different neurons.
+    loader = [_shard(b, rank) for b in _global_batches(6, seed=1)]
+    constructor = Constructor(
+        net,
+        _config(net, iterations=4, batches=1),
+        loader,
+        forward_module=wrap_ddp(net.model, ctx, torch.device("cpu")),
+        reduce=all_reduce_mean,
+    )
+    hashes = []
+    while not constructor.done:
+        constructor.step()
+        hashes.append(check_same_assignment(net, f"after iteration {constructor.iteration}"))
+    torch.save({"assignment": net.flat_assignment().clone(), "hashes": hashes}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _divergence_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    net = _net(sync_bn=False, execution="masked")
+    if rank == 1:
+        group = net.groups[0]
+        assignment = group.assignment.clone()
+        assignment[0] = 2
+        group.assignment = assignment
+    try:
+        check_same_assignment(net, "after the test's edit")
+        message = "no error"
+    except RankDivergenceError as exc:
+        message = str(exc)
+    Path(out, f"rank{rank}.txt").write_text(message)
+    dist.destroy_process_group()
+
+
+def _failing_peer_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port, timeout_s=30.0)
+    if rank == 1:
+        os._exit(3)  # a crashed rank: no cleanup, its connections just close
+    time.sleep(1.0)
+    net = _net(sync_bn=False, execution="masked")
+    try:
+        check_same_assignment(net, "after a peer crashed")
+        message = "no error"
+    except DistributedError as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    Path(out, "rank0.txt").write_text(message)
+    os._exit(0)  # the process group cannot be destroyed cleanly without the peer
+
+
+def _spawn(fn: Any, tmp_path: Path, *args: Any) -> None:
+    mp.start_processes(fn, args=(_free_port(), str(tmp_path), *args), nprocs=WORLD, join=True, start_method="spawn")
+
+
+# ------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("execution", ["masked", "sliced"])
+def test_syncbn_scores_equal_one_process_full_batch(tmp_path: Path, execution: str) -> None:
+    """With SyncBN and each global batch split over two ranks, the first iteration's importance
+    scores (and the weights after it) equal one process's on the whole batches."""
+    _spawn(_scores_worker, tmp_path, execution)
+    net = _net(sync_bn=True, execution=execution)  # one process: SyncBatchNorm2d is plain BatchNorm
+    assert any(isinstance(m, SyncBatchNorm2d) for m in net.model.modules())
+    constructor = Constructor(net, _config(net, iterations=3, batches=2), _global_batches(2))
+    constructor.train_iteration()
+    single = constructor.tracker.scores
+    assert float(single.abs().sum()) > 0
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["scores"], single, rtol=1e-5, atol=1e-5 * float(single.abs().max()))
+        for name, value in net.model.state_dict().items():
+            torch.testing.assert_close(got["weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ranks_construct_identical_assignments(tmp_path: Path) -> None:
+    _spawn(_construction_worker, tmp_path)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert torch.equal(results[0]["assignment"], results[1]["assignment"])
+    assert results[0]["hashes"] == results[1]["hashes"] and len(results[0]["hashes"]) >= 1
+    assert int(results[0]["assignment"][:-1].max()) > 1, "construction moved no neuron: the test proves nothing"
+
+
+def test_divergent_assignments_stop_every_rank(tmp_path: Path) -> None:
+    _spawn(_divergence_worker, tmp_path)
+    for rank in range(WORLD):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "different neuron assignments" in message and "ranks [1]" in message, message
+
+
+def test_a_crashed_rank_ends_the_peer_with_a_clear_error(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_failing_peer_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung after its peer crashed"
+    message = (tmp_path / "rank0.txt").read_text()
+    assert message.startswith("DistributedError") and "another rank stopped" in message, message
+
+
+def test_syncbn_is_batchnorm_outside_a_process_group() -> None:
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2), nn.BatchNorm1d(2)
+    )
+    synced = convert_sync_batchnorm(copy.deepcopy(plain))
+    assert [type(m).__name__ for m in synced.modules()].count("SyncBatchNorm2d") == 1
+    assert [type(m).__name__ for m in synced.modules()].count("SyncBatchNorm1d") == 1
+    x = torch.randn(5, 3, 6, 6)
+    torch.testing.assert_close(synced(x), plain(x), rtol=0, atol=0)
+    assert set(synced.state_dict()) == set(plain.state_dict())
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(synced.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_single_process_helpers_are_identities() -> None:
+    net = _net(sync_bn=False, execution="masked")
+    t = torch.randn(5)
+    assert all_reduce_mean(t) is t
+    assert check_same_assignment(net, "alone") == assignment_hash(net)
+    before = assignment_hash(net)
+    group = net.groups[0]
+    assignment = group.assignment.clone()
+    assignment[0] = 2
+    group.assignment = assignment
+    assert assignment_hash(net) != before
+    assert wrap_ddp(net.model, DistributedContext(), torch.device("cpu")) is net.model
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "need 0 <= RANK < WORLD_SIZE"),
+    ],
+)
+def test_bad_torchrun_environment_is_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        context_from_env(env)
+
+
+def test_context_from_env_reads_torchrun_variables() -> None:
+    ctx = context_from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.enabled, ctx.is_main) == (3, 4, 1, True, False)
+    assert not context_from_env({}).enabled
+
+
+# ------------------------------------------------------------------------- torchrun, the CLI
+def _torchrun(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD}",
+        f"--master_port={_free_port()}",
+        "-m",
+        "nni_steppingnet",
+        "run",
+        *args,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _tiny_sets() -> list[str]:
+    return [word for item in TINY_RUN_OVERRIDES for word in ("--set", item)]
+
+
+def test_torchrun_resumes_a_run_and_rank0_writes_it(tmp_path: Path) -> None:
+    """Teacher and construction on one process, then retraining and evaluation under torchrun
+    with two ranks and SyncBN from the checkpoint: rank 0 reads it and writes the results."""
+    from nni_steppingnet.config import load_recipe
+    from nni_steppingnet.flow import load_checkpoint, run_recipe
+
+    out = tmp_path / "run"
+    recipe = load_recipe("quickstart", list(TINY_RUN_OVERRIDES))
+    run_recipe(recipe, out, device="cpu", stages=("teacher", "construction"))
+    constructed = load_checkpoint(out / "checkpoint.pt").net.flat_assignment()
+    done = _torchrun(
+        ["quickstart", "--out", str(out), "--resume", "--no-progress", "--sync-bn", *_tiny_sets()], tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| Subnet | Accuracy |") == 1, "only rank 0 prints the results"
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == WORLD and results["sync_bn"] is True
+    assert results["retraining"]["epochs"] == 2
+    assert torch.equal(load_checkpoint(out / "checkpoint.pt").net.flat_assignment(), constructed)
+    assert not list(out.glob("*.tmp*")), "an interrupted atomic write was left behind"
+
+
+def test_torchrun_full_run_checks_assignments_every_iteration(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = _torchrun(["quickstart", "--out", str(out), "--no-progress", *_tiny_sets()], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    history = results["construction"]["history"]
+    assert history and all(len(entry["assignment_hash"]) == 64 for entry in history)
+    accuracies = [s["accuracy"] for s in results["subnets"]]
+    # 64 synthetic images, 16 in the test split: every count is a multiple of 1/16 over both ranks.
+    assert all(abs(a * 16 - round(a * 16)) < 1e-9 for a in accuracies)
+
+
+def test_torchrun_refuses_an_existing_run_on_every_rank(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    done = _torchrun(["quickstart", "--out", str(out), "--no-progress", *_tiny_sets()], tmp_path, timeout=120)
+    assert done.returncode != 0
+    assert "already holds a run" in done.stderr
+    assert (out / "checkpoint.pt").read_bytes() == b"not a checkpoint"
