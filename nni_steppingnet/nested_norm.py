@@ -55,6 +55,8 @@ __all__ = [
     "nested_normalize",
     "NestedNorms",
     "FixedNestedNorm",
+    "kept_indices",
+    "install_fixed",
     "NESTED_NORM_COST",
 ]
 
@@ -277,10 +279,10 @@ class FixedNestedNorm:
     """Forward hook of a nested norm with a fixed channel index (exported subnets): picklable,
     so ``torch.save(model)`` keeps it."""
 
-    def __init__(self, kind: NormKind, index: torch.Tensor) -> None:
+    def __init__(self, kind: NormKind, index: torch.Tensor, active: int) -> None:
         self.kind = kind
         self.index = index.detach().to(torch.long).cpu().clone()
-        self.active = int(self.index.max()) if self.index.numel() else 1
+        self.active = int(active)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         x = args[0]
@@ -289,8 +291,19 @@ class FixedNestedNorm:
         return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
 
 
-def install_fixed(model: nn.Module, kinds: dict[str, NormKind], indices: dict[str, torch.Tensor]) -> None:
-    """Register a :class:`FixedNestedNorm` on every named norm of ``model`` (an exported copy)."""
+def kept_indices(flat: torch.Tensor, positions: torch.Tensor, s: int) -> torch.Tensor:
+    """Indices of the channels an export of subnet ``s`` keeps, in channel order (one channel,
+    the lowest index, when none is active: a layer cannot have zero channels)."""
+    index = flat[positions]
+    keep = index <= s
+    if not bool(keep.any()) and index.numel():
+        keep[int(torch.argmin(index))] = True
+    return index[keep]
+
+
+def install_fixed(model: nn.Module, kinds: dict[str, NormKind], indices: dict[str, torch.Tensor], s: int) -> None:
+    """Register a :class:`FixedNestedNorm` of subnet ``s`` on every named norm of ``model`` (an
+    exported copy whose norms hold only the kept channels, indices in ``indices``)."""
     for name, kind in kinds.items():
         module = model.get_submodule(name)
         index = indices[name]
@@ -301,4 +314,4 @@ def install_fixed(model: nn.Module, kinds: dict[str, NormKind], indices: dict[st
                 f"exported norm {name!r} has {width} channels but {index.numel()} kept channel "
                 "indices; torch-pruning removed a different set of channels than the assignment says"
             )
-        module.register_forward_hook(FixedNestedNorm(kind, index))
+        module.register_forward_hook(FixedNestedNorm(kind, index, s))
