@@ -23,8 +23,12 @@ Departure from the paper: SteppingNet (Sun et al., 2022) targets BatchNorm CNNs 
 define a norm over channels; this is our extension. The full network no longer computes the
 original norm (its channels of subnet ``k < N`` see only prefix statistics), so a pretrained
 model's outputs change when it is wrapped; distillation from the original is expected to recover
-it. Measured (``convnext_atto``, random init, 64x64 input, uniformly random 4-subnet assignment
-with every neuron in a subnet): see ``NESTED_NORM_COST`` below and the project report.
+it. Measured on ``convnext_atto`` (timm, random init: no pretrained weights were reachable; 100
+classes, 16 random 64x64 inputs, 4 subnets, every neuron in a uniformly random subnet 1..4): the
+full network's logits change by 1.37 (``ls_init_value=1e-6``, timm's default) and 1.57
+(``ls_init_value=1``) relative to the largest original logit, and the top-1 class agrees with the
+original on 0% and 6% of the inputs; with every channel in subnet 1 the nested norm equals the
+original to 9e-7 relative. The cost on trained weights (accuracy before/after) is not measured yet.
 
 Statistics are computed per prefix with a masked two-pass mean/variance (one pass per subnet
 index present, ``N`` small) rather than the cumulative sums of x and x^2 sketched in the design
@@ -57,16 +61,9 @@ __all__ = [
     "FixedNestedNorm",
     "kept_indices",
     "install_fixed",
-    "NESTED_NORM_COST",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Measured change of a randomly initialised ``convnext_atto``'s full-network logits when its
-#: LayerNorms become nested norms (64x64 inputs, batch 8, 4 subnets, every neuron in a uniformly
-#: random subnet 1..4): max |delta| / max |logit| and the top-1 agreement of the two outputs.
-#: Filled from ``tests/test_transformers.py::test_nested_norm_cost`` (recomputed there, not read).
-NESTED_NORM_COST = "relative logit change ~0.1-0.3, top-1 agreement with the original norm ~50-90% (random init)"
 
 _CHANNELS_FIRST = frozenset({"LayerNorm2d", "LayerNorm2dFp32", "RmsNorm2d", "RmsNorm2dFp32"})
 _RMS = frozenset({"RMSNorm", "RmsNorm", "RmsNormFp32", "RmsNorm2d", "RmsNorm2dFp32"})
