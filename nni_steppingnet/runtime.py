@@ -32,6 +32,11 @@ Two tensor layouts (``layout=``):
   selects or reorders channels by position, a per-channel tensor the graph does not know, an op
   that modifies a layer's input in place after the layer read it.
 
+Nested norms (:mod:`~nni_steppingnet.nested_norm`: LayerNorm/RMSNorm over channels, GroupNorm(1))
+run in the full-width layout only: at stage ``s`` the runner's copy applies subnet ``s``'s nested
+norm to the full-width tensor (prefix statistics of the channels computed so far); ``"auto"`` picks
+``"full"`` for such models (logged) and ``"delta"`` refuses them by name.
+
 Conv groups of grouped/depthwise convs with equal numbers of new outputs and active inputs share
 one grouped kernel call. A stage that adds nothing anywhere skips the model forward entirely.
 

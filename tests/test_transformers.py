@@ -354,3 +354,17 @@ def test_models_still_refused_are_named(name: str) -> None:
     reasons = dict(info.value.problems)
     assert module in reasons, sorted(reasons)[:6]
     assert word in reasons[module]
+
+
+def test_saved_runner_keeps_its_nested_norms(norm_net: SteppingNet, tmp_path: Any) -> None:
+    random_assignment(norm_net, seed=4)
+    x = _inputs(2, seed=22)
+    path = tmp_path / "runner.pt"
+    IncrementalRunner(norm_net).save(path)
+    loaded = IncrementalRunner.load(path, _NormNet())
+    assert loaded.layout == "full"
+    with torch.no_grad():
+        for s in range(1, N + 1):
+            logits = loaded.start(x) if s == 1 else loaded.step()
+            with norm_net.subnet(s):
+                torch.testing.assert_close(logits, norm_net.model(x), rtol=1e-5, atol=1e-6)
