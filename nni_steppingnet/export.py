@@ -12,6 +12,7 @@ import torch_pruning as tp
 
 from ._inputs import call_model
 from .macs import macs as count_macs
+from .nested_norm import install_fixed, kept_indices
 
 if TYPE_CHECKING:
     from .stepping import SteppingNet
@@ -101,6 +102,13 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
             continue
         handler = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
         graph.get_pruning_group(root, handler, idxs=drop.tolist()).prune()
+    norms = net.nested_norms
+    install_fixed(
+        model,
+        dict(norms.kinds),
+        {name: kept_indices(flat, positions, s) for name, positions in norms.positions.items()},
+        s,
+    )
     _check_runs(model, net.example_inputs, s)
     model.train(was_training)
     return model

@@ -25,6 +25,7 @@ from ._channels import parameter_channel_dim
 from ._inputs import call_model, check_forward
 from .errors import UnsupportedModelError
 from .macs import layer_positions
+from .nested_norm import unsupported_norm_reason
 
 __all__ = [
     "INPUT_SLOT",
@@ -104,10 +105,6 @@ class GraphSpec:
 
 # Modules whose computation mixes channels in ways a per-channel subnet index cannot respect.
 _MIXING_REASONS: tuple[tuple[type[nn.Module], str], ...] = (
-    (
-        nn.LayerNorm,
-        "LayerNorm normalises over channels, so a larger subnet's channels would change a smaller subnet's statistics",
-    ),
     (nn.LocalResponseNorm, "LocalResponseNorm mixes neighbouring channels"),
     (nn.MultiheadAttention, "attention mixes all channels of every token"),
     (nn.ChannelShuffle, "channel shuffle permutes channels across groups"),
@@ -127,13 +124,9 @@ def unsupported_modules(model: nn.Module) -> list[tuple[str, str]]:
     """(module name, reason) for every module that mixes channels the constraint cannot hold."""
     found: list[tuple[str, str]] = []
     for name, module in model.named_modules():
-        reason = None
-        if isinstance(module, nn.GroupNorm) and module.num_groups != module.num_channels:
-            reason = (
-                f"GroupNorm with {module.num_groups} groups over {module.num_channels} "
-                "channels normalises across channels"
-            )
-        else:
+        # LayerNorm/RMSNorm over channels and GroupNorm(1) become nested norms (.nested_norm).
+        reason = unsupported_norm_reason(module)
+        if reason is None:
             for kind, why in _MIXING_REASONS:
                 if isinstance(module, kind):
                     reason = why

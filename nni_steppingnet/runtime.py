@@ -32,6 +32,11 @@ Two tensor layouts (``layout=``):
   selects or reorders channels by position, a per-channel tensor the graph does not know, an op
   that modifies a layer's input in place after the layer read it.
 
+Nested norms (:mod:`~nni_steppingnet.nested_norm`: LayerNorm/RMSNorm over channels, GroupNorm(1))
+run in the full-width layout only: at stage ``s`` the runner's copy applies subnet ``s``'s nested
+norm to the full-width tensor (prefix statistics of the channels computed so far); ``"auto"`` picks
+``"full"`` for such models (logged) and ``"delta"`` refuses them by name.
+
 Conv groups of grouped/depthwise convs with equal numbers of new outputs and active inputs share
 one grouped kernel call. A stage that adds nothing anywhere skips the model forward entirely.
 
@@ -62,6 +67,7 @@ from ._inputs import batch_size, call_model
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .checkpoint import atomic_write
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
+from .nested_norm import NormKind, nested_normalize, norm_kind
 
 if TYPE_CHECKING:
     from .stepping import SteppingNet
@@ -197,6 +203,23 @@ def _tensors_of(inputs: Any) -> list[torch.Tensor]:
 def _shape_key(inputs: Any) -> _ShapeKey:
     """Input shapes without the batch dimension: what the output positions depend on."""
     return tuple(tuple(int(d) for d in t.shape[1:]) for t in _tensors_of(inputs))
+
+
+class _StageNestedNorm:
+    """Forward hook of a nested norm in the runner's model: subnet ``state.stage``'s nested norm
+    (:func:`~nni_steppingnet.nested_norm.nested_normalize`) on the full-width layout."""
+
+    def __init__(self, kind: NormKind, index: torch.Tensor, state: _RunState) -> None:
+        self.kind = kind
+        self.index = index
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        x = args[0]
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None)
+        y = nested_normalize(x, self.kind, self.index.to(x.device), max(self.state.stage, 1), weight, bias)
+        return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
 
 
 class _RunState:
@@ -1052,6 +1075,31 @@ class IncrementalRunner:
         ]
         self._state = _RunState()
         modules = dict(model.named_modules())
+        nested = {
+            name: kind
+            for name in channel_assignments
+            if name in modules and (kind := norm_kind(modules[name])) is not None
+        }
+        if nested and layout == "delta":
+            raise UnsupportedModelError(
+                [
+                    (
+                        name,
+                        f"{type(modules[name]).__name__} is a nested norm; the delta layout does not "
+                        "extend its prefix statistics stage by stage yet: build the runner with "
+                        "layout='full' (or 'auto')",
+                    )
+                    for name in list(nested)[:8]
+                ]
+            )
+        if nested and layout == "auto":
+            logger.info(
+                "the model has %d nested norms (%s, ...); the delta layout does not support them yet, "
+                "using the full-width layout",
+                len(nested),
+                next(iter(nested)),
+            )
+            layout = "full"
         layers: list[_StageLayer] = []
         for plan in self._plans:
             module = modules.get(plan.name)
@@ -1092,6 +1140,10 @@ class IncrementalRunner:
                     f"channel assignment of {name!r} must be a 1-D tensor of subnet indices in 1..{num_subnets + 1}"
                 )
             self._slicers.append(ChannelSlicer(module, assignment, num_subnets, parameter))
+        for name, kind in nested.items():
+            # At stage s the full-width tensors hold every channel of index <= s: the nested norm
+            # of subnet s over them (prefix statistics of the channels computed so far).
+            modules[name].register_forward_hook(_StageNestedNorm(kind, self._channel_assignments[name], self._state))
         #: stages where the delta layout hands some op a tensor with zero channels
         self._empty_stages = [False] + [
             any(layer.delta_stage_empty(s) for layer in layers) for s in range(1, num_subnets + 1)

@@ -50,6 +50,7 @@ import torch.nn as nn
 
 from ._inputs import call_model
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
+from .errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from .stepping import SteppingNet
@@ -572,6 +573,16 @@ def attach(net: SteppingNet, execution: str) -> SlicedExecution | None:
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {', '.join(map(repr, EXECUTIONS))}, got {execution!r}")
     if execution == "masked":
+        return None
+    norms = net.nested_norms.names
+    if norms:
+        why = (
+            f"the model has {len(norms)} nested norms ({', '.join(norms[:3])}{', ...' if len(norms) > 3 else ''}), "
+            "which sliced execution does not support yet"
+        )
+        if execution == "sliced":
+            raise UnsupportedModelError([(name, why + "; use execution='masked' or 'auto'") for name in norms[:1]])
+        logger.warning("%s; training runs masked, at the full width's cost", why)
         return None
     sliced = SlicedExecution(net)
     if execution == "sliced":

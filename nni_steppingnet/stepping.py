@@ -25,6 +25,7 @@ from .errors import CheckpointError, UnsupportedModelError
 from .export import export_subnet
 from .graph import INPUT_SLOT, GraphSpec, LayerSpec, discover_layers
 from .hooks import HookRegistry
+from .nested_norm import NestedNorms, norm_kind
 from .rules import NESTED, MaskRule
 from .sliced import EXECUTIONS, SlicedExecution
 from .sliced import attach as attach_sliced
@@ -355,6 +356,8 @@ class SteppingNet:
         for k, layer in enumerate(self.layers):
             parametrize.register_parametrization(layer.module, "weight", _SubnetMask(self, k), unsafe=True)
         self._root_hook = model.register_forward_pre_hook(_refresh_hook(self))
+        #: LayerNorm/RMSNorm over channels and GroupNorm(1), normalised per subnet prefix
+        self.nested_norms = NestedNorms(self, _nested_norm_positions(model, self.channel_modules))
         if verify:
             self._verify_isolation()
         self._rule = rule
@@ -721,6 +724,7 @@ class SteppingNet:
         # Hooks are copied by reference and would act on the copy with this net's assignment.
         model._forward_pre_hooks.pop(self._root_hook.id, None)
         self.hooks.detach_from(model)
+        self.nested_norms.detach_from(model)
         if self._sliced is not None:
             self._sliced.detach_from(model)
         for k, layer in enumerate(self.layers):
@@ -804,6 +808,8 @@ class SteppingNet:
                 # the state_dict keys come out in the plain model's order.
                 _weight_first(layer.module)
         self._root_hook.remove()
+        if hasattr(self, "nested_norms"):
+            self.nested_norms.remove()
         if hasattr(self, "bn_guard"):
             self.bn_guard.remove()
         sliced = getattr(self, "_sliced", None)
@@ -825,6 +831,31 @@ class SteppingNet:
 
     def __repr__(self) -> str:
         return f"SteppingNet(num_subnets={self.num_subnets}, groups={len(self.groups)}, layers={len(self.layers)})"
+
+
+def _nested_norm_positions(model: nn.Module, channel_modules: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Flat positions of every norm over channels that becomes a nested norm; raises
+    :class:`UnsupportedModelError` for one whose channels torch-pruning did not map."""
+    found: dict[str, torch.Tensor] = {}
+    problems: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if norm_kind(module) is None:
+            continue
+        positions = channel_modules.get(name)
+        if positions is None:
+            problems.append(
+                (
+                    name,
+                    f"{type(module).__name__} normalises over channels, but torch-pruning mapped none "
+                    "of its channels to neurons (a norm without affine parameters, or one outside the "
+                    "traced forward); give it elementwise_affine=True / affine=True",
+                )
+            )
+            continue
+        found[name] = positions
+    if problems:
+        raise UnsupportedModelError(problems)
+    return found
 
 
 def _trainable(module: nn.Module) -> nn.Parameter:

@@ -1,0 +1,314 @@
+"""Nested normalisation: LayerNorm, RMSNorm and one-group GroupNorm that respect the subnets.
+
+A norm over the channel dimension mixes every channel: a larger subnet's channels would change a
+smaller subnet's mean and variance, so the isolation property (activations of subnet ``s`` are
+identical in every larger subnet) cannot hold with the original norm. A *nested norm* normalises a
+channel of subnet ``k`` with the statistics of the active channels whose index is ``<= k`` (the
+"prefix" of ``k``); adding subnet ``k + 1`` never changes an earlier channel. RMSNorm is the same
+without the mean; ``GroupNorm(1, C)`` takes its prefix statistics over the prefix channels *and*
+every spatial position. The per-channel affine parameters act as before.
+
+How it is installed: at wrap time :class:`NestedNorms` registers one forward hook on every
+supported norm module (no module swap, no patched ``forward``: torch-pruning, ``state_dict`` keys
+and the module types stay those of the original model). The hook recomputes the output from the
+module's input with the nested statistics and returns it in place of the original one. The
+per-channel index is read from the net's flat assignment through
+``net.assignment_cache`` at every forward, so moving neurons updates it; channels of neurons with
+an index above the active subnet (inactive, zero under the masks) are neither counted in any
+prefix's denominator nor summed (they come out as zeros). Exported subnets keep a nested norm over
+their kept channels through :class:`FixedNestedNorm`, a picklable forward hook holding the kept
+channels' indices.
+
+Departure from the paper: SteppingNet (Sun et al., 2022) targets BatchNorm CNNs and does not
+define a norm over channels; this is our extension. The full network no longer computes the
+original norm (its channels of subnet ``k < N`` see only prefix statistics), so a pretrained
+model's outputs change when it is wrapped; distillation from the original is expected to recover
+it. Measured on ``convnext_atto`` (timm, random init: no pretrained weights were reachable; 100
+classes, 16 random 64x64 inputs, 4 subnets, every neuron in a uniformly random subnet 1..4): the
+full network's logits change by 1.37 (``ls_init_value=1e-6``, timm's default) and 1.57
+(``ls_init_value=1``) relative to the largest original logit, and the top-1 class agrees with the
+original on 0% and 6% of the inputs; with every channel in subnet 1 the nested norm equals the
+original to 9e-7 relative. The cost on trained weights (accuracy before/after) is not measured yet.
+
+Statistics are computed per prefix with a masked two-pass mean/variance (one pass per subnet
+index present, ``N`` small) rather than the cumulative sums of x and x^2 sketched in the design
+notes: the result is the same prefix statistics, without the cancellation of ``E[x^2] - E[x]^2``
+on channels with a large mean (equal to the original norm to float rounding when all channels
+share one index).
+
+MACs: the norms cost no MACs (as for BatchNorm); ``net.macs(s)`` counts Conv2d/Linear weights only.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+import torch.nn as nn
+
+if TYPE_CHECKING:
+    from .stepping import SteppingNet
+
+__all__ = [
+    "NormKind",
+    "norm_kind",
+    "unsupported_norm_reason",
+    "nested_normalize",
+    "NestedNorms",
+    "FixedNestedNorm",
+    "kept_indices",
+    "install_fixed",
+]
+
+logger = logging.getLogger(__name__)
+
+_CHANNELS_FIRST = frozenset({"LayerNorm2d", "LayerNorm2dFp32", "RmsNorm2d", "RmsNorm2dFp32"})
+_RMS = frozenset({"RMSNorm", "RmsNorm", "RmsNormFp32", "RmsNorm2d", "RmsNorm2dFp32"})
+
+
+@dataclass(frozen=True)
+class NormKind:
+    """How a supported norm reduces: ``dim`` is the channel dimension (1 or -1), ``rms`` skips the
+    mean, ``spatial`` also reduces every dimension after the channel one (GroupNorm(1))."""
+
+    dim: int
+    rms: bool
+    spatial: bool
+    eps: float
+
+
+def _eps(module: nn.Module) -> float:
+    eps = getattr(module, "eps", None)
+    if eps is None:  # torch RMSNorm(eps=None): the dtype's epsilon, resolved at forward
+        return -1.0
+    return float(eps)
+
+
+def norm_kind(module: nn.Module) -> NormKind | None:
+    """The :class:`NormKind` of a norm over channels this module supports, else ``None``."""
+    name = type(module).__name__
+    if isinstance(module, nn.GroupNorm):
+        if module.num_groups == 1:
+            return NormKind(dim=1, rms=False, spatial=True, eps=float(module.eps))
+        return None
+    shape = getattr(module, "normalized_shape", None)
+    if shape is None or len(tuple(shape)) != 1:
+        return None
+    if isinstance(module, nn.LayerNorm) and name in {"LayerNorm", "LayerNormFp32", *_CHANNELS_FIRST}:
+        return NormKind(dim=1 if name in _CHANNELS_FIRST else -1, rms=False, spatial=False, eps=_eps(module))
+    rms_norm = getattr(nn, "RMSNorm", None)
+    if (rms_norm is not None and isinstance(module, rms_norm) and name == "RMSNorm") or (
+        name in _RMS and type(module).__module__.startswith("timm.")
+    ):
+        return NormKind(dim=1 if name in _CHANNELS_FIRST else -1, rms=True, spatial=False, eps=_eps(module))
+    return None
+
+
+def unsupported_norm_reason(module: nn.Module) -> str | None:
+    """Why a norm over channels cannot become a nested norm (``None``: supported or not a norm)."""
+    name = type(module).__name__
+    if norm_kind(module) is not None:
+        return None
+    if isinstance(module, nn.GroupNorm):
+        if module.num_groups == module.num_channels:
+            return None  # per-channel: no mixing
+        return (
+            f"GroupNorm with {module.num_groups} groups over {module.num_channels} channels "
+            "normalises across channels within a group; only GroupNorm with 1 group (a nested "
+            "norm) or one group per channel is supported"
+        )
+    if isinstance(module, nn.LayerNorm):
+        shape = tuple(module.normalized_shape)
+        if len(shape) != 1:
+            return (
+                f"{name} normalises over {len(shape)} dimensions {shape}; only a LayerNorm over "
+                "the channel dimension alone can become a nested norm"
+            )
+        return (
+            f"{name} ({type(module).__module__}) overrides LayerNorm's forward in a way the nested "
+            "norm does not know (a fused activation or another channel layout); use timm's "
+            "LayerNorm/LayerNorm2d or torch's LayerNorm"
+        )
+    if "norm" in name.lower() and hasattr(module, "normalized_shape"):
+        return f"{name} normalises over channels and is not a norm the nested norm knows"
+    return None
+
+
+def nested_normalize(
+    x: torch.Tensor,
+    kind: NormKind,
+    index: torch.Tensor,
+    active: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Nested norm of ``x``: channel ``c`` (along ``kind.dim``) with index ``index[c] <= active``
+    is normalised with the statistics of the channels whose index is ``<= index[c]``; channels
+    with a larger index come out as zeros. ``index`` is a long tensor on ``x``'s device."""
+    dim = kind.dim % x.dim()
+    channels = int(x.shape[dim])
+    if index.numel() != channels:
+        raise ValueError(
+            f"nested norm: the index has {index.numel()} entries but the input has {channels} "
+            f"channels along dim {dim} (input shape {tuple(x.shape)})"
+        )
+    view = [1] * x.dim()
+    view[dim] = channels
+    reduce = tuple(range(dim, x.dim())) if kind.spatial else (dim,)
+    positions = 1
+    for d in reduce:
+        if d != dim:
+            positions *= int(x.shape[d])
+    eps = kind.eps if kind.eps >= 0 else float(torch.finfo(x.dtype).eps)
+    scale = torch.zeros_like(x)
+    shift = torch.zeros_like(x)
+    levels = sorted({int(v) for v in index.tolist() if int(v) <= active})
+    for k in levels:
+        prefix = (index <= k).to(x.dtype).view(view)
+        count = float(int((index <= k).sum())) * positions
+        members = (index == k).to(x.dtype).view(view)
+        if kind.rms:
+            mean = None
+            var = (x * x * prefix).sum(dim=reduce, keepdim=True) / count
+        else:
+            mean = (x * prefix).sum(dim=reduce, keepdim=True) / count
+            var = ((x - mean) ** 2 * prefix).sum(dim=reduce, keepdim=True) / count
+        inv = torch.rsqrt(var + eps)
+        scale = scale + members * inv
+        if mean is not None:
+            shift = shift + members * (mean * inv)
+    y = x * scale - shift
+    if weight is not None:
+        y = y * weight.view(view)
+    if bias is not None:
+        active_mask = (index <= active).to(x.dtype).view(view)
+        y = y + bias.view(view) * active_mask
+    return y
+
+
+def _affine(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    return (
+        weight if isinstance(weight, torch.Tensor) else None,
+        bias if isinstance(bias, torch.Tensor) else None,
+    )
+
+
+class NestedNorms:
+    """The nested norms of a :class:`~nni_steppingnet.SteppingNet` (installed at wrap time).
+
+    ``positions`` maps every nested norm's module name to the flat neuron positions of its
+    channels (from ``net.channel_modules``). The hooks read ``net.active_subnet`` and the
+    assignment at forward time.
+    """
+
+    def __init__(self, net: SteppingNet, positions: dict[str, torch.Tensor]) -> None:
+        self._net_ref = weakref.ref(net)
+        self.positions = dict(positions)
+        self.kinds: dict[str, NormKind] = {}
+        self._handles: list[Any] = []
+        modules = dict(net.model.named_modules())
+        for name in self.positions:
+            module = modules[name]
+            kind = norm_kind(module)
+            assert kind is not None, name
+            self.kinds[name] = kind
+            self._handles.append(module.register_forward_hook(self._hook(name, kind)))
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    @property
+    def names(self) -> list[str]:
+        """Module names of the nested norms."""
+        return list(self.kinds)
+
+    def channel_index(self, name: str, device: torch.device | None = None) -> torch.Tensor:
+        """Subnet index of every channel of norm ``name`` under the current assignment."""
+        net = self._net_ref()
+        if net is None:
+            raise RuntimeError("the SteppingNet of these nested norms no longer exists")
+        positions = self.positions[name]
+        where = torch.device("cpu") if device is None else device
+        return cast(
+            torch.Tensor,
+            net.assignment_cache(("nested_norm", name, where), lambda flat: flat[positions].to(where)),
+        )
+
+    def _hook(self, name: str, kind: NormKind) -> Any:
+        ref = self._net_ref
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            net = ref()
+            if net is None or not args or not isinstance(args[0], torch.Tensor):
+                return None
+            x = args[0]
+            index = self.channel_index(name, x.device)
+            weight, bias = _affine(module)
+            y = nested_normalize(x, kind, index, net.active_subnet, weight, bias)
+            return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
+
+        return hook
+
+    def hook_ids(self) -> set[int]:
+        """PyTorch hook ids (to drop them from deep copies of the model)."""
+        return {int(h.id) for h in self._handles}
+
+    def detach_from(self, model: nn.Module) -> None:
+        """Drop these hooks from a deep copy of the hooked model."""
+        ids = self.hook_ids()
+        for module in model.modules():
+            for hook_id in ids:
+                module._forward_hooks.pop(hook_id, None)
+
+    def remove(self) -> None:
+        """Detach the hooks (the model computes its original norms again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class FixedNestedNorm:
+    """Forward hook of a nested norm with a fixed channel index (exported subnets): picklable,
+    so ``torch.save(model)`` keeps it."""
+
+    def __init__(self, kind: NormKind, index: torch.Tensor, active: int) -> None:
+        self.kind = kind
+        self.index = index.detach().to(torch.long).cpu().clone()
+        self.active = int(active)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        x = args[0]
+        weight, bias = _affine(module)
+        y = nested_normalize(x, self.kind, self.index.to(x.device), self.active, weight, bias)
+        return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
+
+
+def kept_indices(flat: torch.Tensor, positions: torch.Tensor, s: int) -> torch.Tensor:
+    """Indices of the channels an export of subnet ``s`` keeps, in channel order (one channel,
+    the lowest index, when none is active: a layer cannot have zero channels)."""
+    index = flat[positions]
+    keep = index <= s
+    if not bool(keep.any()) and index.numel():
+        keep[int(torch.argmin(index))] = True
+    return index[keep]
+
+
+def install_fixed(model: nn.Module, kinds: dict[str, NormKind], indices: dict[str, torch.Tensor], s: int) -> None:
+    """Register a :class:`FixedNestedNorm` of subnet ``s`` on every named norm of ``model`` (an
+    exported copy whose norms hold only the kept channels, indices in ``indices``)."""
+    for name, kind in kinds.items():
+        module = model.get_submodule(name)
+        index = indices[name]
+        weight, _ = _affine(module)
+        width = int(weight.shape[0]) if weight is not None else index.numel()
+        if width != index.numel():
+            raise RuntimeError(
+                f"exported norm {name!r} has {width} channels but {index.numel()} kept channel "
+                "indices; torch-pruning removed a different set of channels than the assignment says"
+            )
+        module.register_forward_hook(FixedNestedNorm(kind, index, s))

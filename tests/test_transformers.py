@@ -1,0 +1,370 @@
+"""Nested norms (LayerNorm/RMSNorm over channels, GroupNorm(1)) and the transformer models around
+them: the norm math against an independent per-channel computation, isolation, exact MACs, the
+incremental runner, export, the execution fallback and the refusals of what still cannot hold."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, cast
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nni_steppingnet import SteppingNet
+from nni_steppingnet.errors import UnsupportedModelError
+from nni_steppingnet.nested_norm import nested_normalize, norm_kind
+from nni_steppingnet.runtime import IncrementalRunner
+from nni_steppingnet.testing import isolation_report, random_assignment
+
+timm = pytest.importorskip("timm")
+from timm.layers import LayerNorm2d  # noqa: E402
+
+N = 3
+
+
+def _randomize_affine(module: nn.Module, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+    return module
+
+
+# ------------------------------------------------------------------------ the norm itself
+def _norm_cases() -> list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]]:
+    cases: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
+        ("layernorm", lambda: nn.LayerNorm(10), (2, 5, 10)),
+        ("layernorm2d", lambda: LayerNorm2d(10), (2, 10, 3, 4)),
+        ("groupnorm1", lambda: nn.GroupNorm(1, 10), (2, 10, 3, 4)),
+        ("timm_layernorm", lambda: timm.layers.LayerNorm(10), (2, 5, 10)),
+    ]
+    if hasattr(nn, "RMSNorm"):
+        cases.append(("rmsnorm", lambda: nn.RMSNorm(10, eps=1e-6), (2, 5, 10)))
+    return cases
+
+
+NORM_CASES = _norm_cases()
+
+
+@pytest.mark.parametrize(("label", "build", "shape"), NORM_CASES, ids=[c[0] for c in NORM_CASES])
+def test_nested_norm_equals_the_norm_when_every_channel_shares_one_index(
+    label: str, build: Callable[[], nn.Module], shape: tuple[int, ...]
+) -> None:
+    module = _randomize_affine(build(), seed=1)
+    kind = norm_kind(module)
+    assert kind is not None, label
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    index = torch.ones(10, dtype=torch.long)
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    got = nested_normalize(x, kind, index, 1, weight, bias)
+    torch.testing.assert_close(got, module(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("label", "build", "shape"), NORM_CASES, ids=[c[0] for c in NORM_CASES])
+def test_nested_norm_uses_the_statistics_of_each_channels_prefix(
+    label: str, build: Callable[[], nn.Module], shape: tuple[int, ...]
+) -> None:
+    module = _randomize_affine(build(), seed=3)
+    kind = norm_kind(module)
+    assert kind is not None
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=generator) * 2 + 0.5
+    index = torch.tensor([3, 1, 4, 2, 1, 3, 4, 2, 2, 1])
+    active = 3
+    weight = cast(torch.Tensor, module.weight)
+    bias = cast("torch.Tensor | None", getattr(module, "bias", None))
+    got = nested_normalize(x, kind, index, active, weight, bias)
+    dim = kind.dim % x.dim()
+    rms = label == "rmsnorm"
+    eps = float(cast(float, module.eps))
+    for c in range(10):
+        out_c = got.select(dim, c)
+        if int(index[c]) > active:
+            assert torch.equal(out_c, torch.zeros_like(out_c)), f"inactive channel {c} must be zero"
+            continue
+        prefix = (index <= index[c]).nonzero().flatten()
+        xs = x.index_select(dim, prefix)
+        reduce: tuple[int, ...] = tuple(range(dim, x.dim())) if label == "groupnorm1" else (dim,)
+        if rms:
+            var = (xs * xs).mean(dim=reduce, keepdim=True)
+            mean = torch.zeros_like(var)
+        else:
+            mean = xs.mean(dim=reduce, keepdim=True)
+            var = xs.var(dim=reduce, keepdim=True, unbiased=False)
+        expected = ((x.narrow(dim, c, 1) - mean) / torch.sqrt(var + eps)).squeeze(dim) * weight[c]
+        if bias is not None:
+            expected = expected + bias[c]
+        torch.testing.assert_close(out_c, expected, rtol=1e-4, atol=1e-5, msg=f"{label} channel {c}")
+
+
+# --------------------------------------------------------------------- a hand-built model
+class _NormNet(nn.Module):
+    """Conv -> LayerNorm2d -> conv -> GELU -> GroupNorm(1) -> conv, a residual add, a
+    channels-last LayerNorm and a Linear classifier: every kind of nested norm once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.ln2d = LayerNorm2d(8)
+        self.c2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.act = nn.GELU()
+        self.gn = nn.GroupNorm(1, 12)
+        self.c3 = nn.Conv2d(12, 8, 1)
+        self.ln = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c1(x)
+        x = x + self.c3(self.gn(self.act(self.c2(self.ln2d(x)))))
+        x = self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+SIZE = 8
+
+
+def _inputs(batch: int, seed: int, size: int = SIZE) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _norm_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = _NormNet().eval()
+    for name in ("ln2d", "gn", "ln"):
+        _randomize_affine(model.get_submodule(name), seed=seed + 7)
+    return model
+
+
+@pytest.fixture
+def norm_net() -> SteppingNet:
+    return SteppingNet(_norm_net(), _inputs(2, seed=0), N, execution="masked")
+
+
+def test_hand_built_norms_become_nested_norms(norm_net: SteppingNet) -> None:
+    assert sorted(norm_net.nested_norms.names) == ["gn", "ln", "ln2d"]
+    flat = random_assignment(norm_net, seed=3)
+    for name, positions in norm_net.nested_norms.positions.items():
+        assert torch.equal(norm_net.nested_norms.channel_index(name), flat[positions])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hand_built_subnets_are_isolated_bitwise(norm_net: SteppingNet, seed: int) -> None:
+    random_assignment(norm_net, seed=seed)
+    for train in (False, True):
+        report = isolation_report(norm_net, _inputs(4, seed=seed + 10), train=train)
+        assert report.isolated, report
+        assert sum(report.compared) > 0
+
+
+def test_the_nested_norm_is_what_breaks_nothing_the_plain_norm_would(norm_net: SteppingNet) -> None:
+    """Control: with the hooks removed, the same assignment leaks through the LayerNorms."""
+    random_assignment(norm_net, seed=0)
+    norm_net.nested_norms.remove()
+    report = isolation_report(norm_net, _inputs(4, seed=10))
+    assert not report.isolated, "a plain LayerNorm must mix subnets (else the test proves nothing)"
+
+
+def _group(net: SteppingNet, size: int) -> torch.Tensor:
+    (group,) = [g for g in net.groups if g.size == size]
+    return group.assignment
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_hand_built_macs_are_exact(norm_net: SteppingNet, seed: int) -> None:
+    """MACs from the group assignments, computed here without the library's masks: norms cost
+    nothing; a weight W[o, i] counts iff a(i) <= a(o) <= s (classifier: a(i) <= s)."""
+    random_assignment(norm_net, seed=seed)
+    res, mid = _group(norm_net, 8), _group(norm_net, 12)
+    positions = SIZE * SIZE
+    for s in range(1, N + 1):
+        c1 = int((res <= s).sum()) * 3 * 9 * positions
+        c2 = sum(int(((res <= a) & (a <= s)).sum()) * 9 for a in mid.tolist()) * positions
+        c3 = sum(int(((mid <= a) & (a <= s)).sum()) for a in res.tolist()) * positions
+        fc = 5 * int((res <= s).sum())
+        assert norm_net.macs(s) == c1 + c2 + c3 + fc, s
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hand_built_runner_matches_masked_subnets(norm_net: SteppingNet, seed: int) -> None:
+    random_assignment(norm_net, seed=seed)
+    x = _inputs(3, seed=20)
+    runner = IncrementalRunner(norm_net)
+    assert runner.layout == "full"  # the delta layout refuses nested norms (below)
+    with torch.no_grad():
+        for s in range(1, N + 1):
+            logits = runner.start(x) if s == 1 else runner.step()
+            with norm_net.subnet(s):
+                expected = norm_net.model(x)
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+            assert runner.macs_spent == norm_net.macs(s)
+
+
+def test_runner_delta_layout_refuses_nested_norms_by_name(norm_net: SteppingNet) -> None:
+    with pytest.raises(UnsupportedModelError) as info:
+        IncrementalRunner(norm_net, layout="delta")
+    assert "nested norm" in str(info.value) and "ln2d" in str(info.value)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hand_built_export_matches_masked_subnets(norm_net: SteppingNet, seed: int) -> None:
+    flat = random_assignment(norm_net, seed=seed)
+    x = _inputs(3, seed=21)
+    for s in range(1, N + 1):
+        exported = norm_net.export_subnet(s).eval()
+        ln = exported.get_submodule("ln")
+        assert isinstance(ln, nn.LayerNorm)
+        assert ln.weight.numel() == int((flat[norm_net.nested_norms.positions["ln"]] <= s).sum())
+        with torch.no_grad():
+            with norm_net.subnet(s):
+                expected = norm_net.model(x)
+            torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sliced_execution_refuses_nested_norms_and_auto_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="nni_steppingnet.sliced"):
+        net = SteppingNet(_norm_net(), _inputs(2, seed=0), N, execution="auto")
+    assert net.execution == "masked"
+    assert "nested norms" in caplog.text
+    with pytest.raises(UnsupportedModelError, match="nested norms"):
+        net.set_execution("sliced")
+
+
+def test_remove_restores_the_original_norms() -> None:
+    model = _norm_net()
+    reference = copy.deepcopy(model)
+    x = _inputs(2, seed=30)
+    net = SteppingNet(model, _inputs(2, seed=0), N, execution="masked")
+    random_assignment(net, seed=0)
+    with torch.no_grad():
+        assert not torch.allclose(net.model(x), reference(x))
+        net.remove()
+        torch.testing.assert_close(model(x), reference(x))
+
+
+# ------------------------------------------------------------------------------ timm models
+def _convnext() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "convnext_atto", pretrained=False, num_classes=10, dims=(16, 24, 32, 40), depths=(1, 1, 1, 1)
+    ).eval()
+
+
+TIMM_MODELS: dict[str, Callable[[], nn.Module]] = {"convnext_atto": _convnext}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_MODELS))
+def test_timm_model_downstream_exact(name: str) -> None:
+    x = _inputs(2, seed=0, size=32)
+    net = SteppingNet(TIMM_MODELS[name](), x, N, execution="auto")
+    assert len(net.nested_norms) > 0
+    assert net.execution == "masked"
+    flat = random_assignment(net, seed=1)
+    assert (flat[:-1] <= N).any()
+    report = isolation_report(net, x)
+    assert report.isolated and sum(report.compared) > 0, report
+    runner = IncrementalRunner(net)
+    macs = [net.macs(s) for s in range(1, N + 1)]
+    assert macs == sorted(macs) and macs[0] < macs[-1]
+    with torch.no_grad():
+        for s in range(1, N + 1):
+            logits = runner.start(x) if s == 1 else runner.step()
+            with net.subnet(s):
+                expected = net.model(x)
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+            assert runner.macs_spent == macs[s - 1]
+    for s in (1, N):
+        exported = net.export_subnet(s).eval()
+        with torch.no_grad(), net.subnet(s):
+            torch.testing.assert_close(exported(x), net.model(x), rtol=1e-5, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------- refusals
+class _Wrap(nn.Module):
+    def __init__(self, norm: nn.Module, channels_last: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = norm
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("norm", "words"),
+    [
+        (nn.GroupNorm(2, 8), ("GroupNorm with 2 groups", "1 group")),
+        (nn.LayerNorm([8, SIZE, SIZE]), ("3 dimensions", "channel dimension")),
+    ],
+    ids=["groupnorm2", "layernorm-3d"],
+)
+def test_norms_that_cannot_nest_are_refused_by_name(norm: nn.Module, words: tuple[str, ...]) -> None:
+    model = _Wrap(norm)
+    with pytest.raises(UnsupportedModelError) as info:
+        SteppingNet(model, _inputs(1, seed=0), N)
+    reasons = dict(info.value.problems)
+    assert "norm" in reasons
+    for word in words:
+        assert word in reasons["norm"]
+
+
+def test_layernorm_without_affine_is_refused_by_name() -> None:
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.norm = nn.LayerNorm(8, elementwise_affine=False)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.norm(self.conv(x).permute(0, 2, 3, 1))
+            return self.fc(y.mean((1, 2)))
+
+    with pytest.raises(UnsupportedModelError) as info:
+        SteppingNet(Plain(), _inputs(1, seed=0), N)
+    assert "norm" in dict(info.value.problems)
+    assert "elementwise_affine=True" in str(info.value)
+
+
+REFUSED: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
+    "vit_tiny": (
+        lambda: timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, num_classes=10
+        ),
+        "blocks.0.attn",
+        "attention",
+    ),
+    "mlp_mixer": (
+        lambda: timm.models.mlp_mixer.MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=1, embed_dim=32),
+        "blocks.0.mlp_tokens.fc1",
+        "torch-pruning",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_models_still_refused_are_named(name: str) -> None:
+    build, module, word = REFUSED[name]
+    torch.manual_seed(0)
+    model: Any = build().eval()
+    with pytest.raises(UnsupportedModelError) as info:
+        SteppingNet(model, _inputs(1, seed=0, size=32), N)
+    reasons = dict(info.value.problems)
+    assert module in reasons, sorted(reasons)[:6]
+    assert word in reasons[module]
+
+
+def test_saved_runner_keeps_its_nested_norms(norm_net: SteppingNet, tmp_path: Any) -> None:
+    random_assignment(norm_net, seed=4)
+    x = _inputs(2, seed=22)
+    path = tmp_path / "runner.pt"
+    IncrementalRunner(norm_net).save(path)
+    loaded = IncrementalRunner.load(path, _NormNet())
+    assert loaded.layout == "full"
+    with torch.no_grad():
+        for s in range(1, N + 1):
+            logits = loaded.start(x) if s == 1 else loaded.step()
+            with norm_net.subnet(s):
+                torch.testing.assert_close(logits, norm_net.model(x), rtol=1e-5, atol=1e-6)
