@@ -55,7 +55,7 @@ from typing import Any, Callable, Final, Iterator, Mapping
 import torch
 import torch.nn as nn
 
-from .importance import ImportanceTracker, criterion, norm_gated_modules
+from .importance import ImportanceTracker, criterion, norm_gated_modules, reduce_together
 from .stepping import SteppingNet
 
 __all__ = [
@@ -363,9 +363,8 @@ class ClassScorer(_GatedScorer):
             ]
             if self.reduce is not None and signed:
                 # Averaged over the ranks before the absolute value (the gates run in the same order).
-                flat = self.reduce(torch.cat([value.reshape(-1) for _, value in signed]))
-                parts = flat.split([value.numel() for _, value in signed])
-                signed = [(pos, part.reshape(value.shape)) for (pos, value), part in zip(signed, parts)]
+                reduced = reduce_together(self.reduce, [value for _, value in signed])
+                signed = [(pos, value) for (pos, _), value in zip(signed, reduced)]
             for positions, value in signed:
                 self.per_class[subnet - 1].index_add_(1, positions, value.abs().cpu())
 

@@ -58,6 +58,7 @@ __all__ = [
     "all_reduce_mean",
     "sum_over_ranks",
     "broadcast_from_main",
+    "from_main",
     "assignment_hash",
     "check_same_assignment",
     "wrap_ddp",
@@ -191,6 +192,11 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _group_active() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _collective(what: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
@@ -207,7 +213,7 @@ def _collective(what: str, fn: Callable[[], T]) -> T:
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of ``tensor`` over all ranks (a new tensor; ``tensor`` itself when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _group_active():
         return tensor
     out = tensor.detach().clone()
     _collective("averaging importance scores", lambda: dist.all_reduce(out))
@@ -216,7 +222,7 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 def sum_over_ranks(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
     """Element-wise sum of ``values`` over all ranks (``values`` when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _group_active():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     _collective("adding evaluation counts", lambda: dist.all_reduce(t))
@@ -225,11 +231,30 @@ def sum_over_ranks(values: Sequence[float], device: torch.device | str = "cpu") 
 
 def broadcast_from_main(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (pickled; the others' ``obj`` is ignored)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _group_active():
         return obj
     box = [obj]
     _collective("receiving rank 0's run state", lambda: dist.broadcast_object_list(box, src=0))
     return box[0]
+
+
+def from_main(read: Callable[[], T], errors: tuple[type[BaseException], ...]) -> T:
+    """``read()`` run on rank 0 alone and its result sent to every rank; when it raises one of
+    ``errors``, every rank raises that same error (so a bad folder stops the whole job alike).
+    Without a process group, just ``read()``."""
+    if not _group_active():
+        return read()
+    outcome: tuple[bool, Any] | None = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = (True, read())
+        except errors as exc:
+            outcome = (False, exc)
+    outcome = broadcast_from_main(outcome)
+    assert outcome is not None
+    if not outcome[0]:
+        raise outcome[1]
+    return outcome[1]  # type: ignore[no-any-return]
 
 
 def assignment_hash(net: SteppingNet) -> str:
@@ -248,7 +273,7 @@ def check_same_assignment(net: SteppingNet, where: str) -> str:
     Returns this rank's hash. Every rank raises (they all see the gathered hashes), so the job
     stops as a whole."""
     mine = assignment_hash(net)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _group_active():
         return mine
     hashes: list[Any] = [None] * dist.get_world_size()
     _collective(f"comparing assignments {where}", lambda: dist.all_gather_object(hashes, mine))
@@ -323,7 +348,7 @@ def _sync_batch_norm(bn: nn.BatchNorm1d | nn.BatchNorm2d, x: torch.Tensor) -> to
 
 
 def _synchronised(bn: nn.Module) -> bool:
-    return bool(bn.training) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return bool(bn.training) and _group_active()
 
 
 class SyncBatchNorm1d(nn.BatchNorm1d):

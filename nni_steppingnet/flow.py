@@ -50,11 +50,11 @@ from .data import DatasetInfo, load_dataset, make_loaders
 from .distributed import (
     DistributedContext,
     all_reduce_mean,
-    broadcast_from_main,
     check_same_assignment,
     convert_sync_batchnorm,
     current_context,
     device_for,
+    from_main,
     sum_over_ranks,
     wrap_ddp,
 )
@@ -690,19 +690,7 @@ class _FlowRun:
     # ------------------------------------------------------------------------- plumbing
     def _previous_state(self, resume: bool) -> _RunState | None:
         """Rank 0 reads the folder and every rank gets its state (or the same error)."""
-        if not self.ctx.enabled:
-            return self._read_previous_state(resume)
-        outcome: tuple[str, Any] | None = None
-        if self.ctx.is_main:
-            try:
-                outcome = ("state", self._read_previous_state(resume))
-            except (ValueError, OSError, CheckpointError) as exc:
-                outcome = ("error", exc)
-        outcome = broadcast_from_main(outcome)
-        assert outcome is not None
-        if outcome[0] == "error":
-            raise outcome[1]
-        return outcome[1]  # type: ignore[no-any-return]
+        return from_main(lambda: self._read_previous_state(resume), (ValueError, OSError, CheckpointError))
 
     def _read_previous_state(self, resume: bool) -> _RunState | None:
         if self.ckpt_path.exists():
@@ -792,18 +780,11 @@ class _FlowRun:
         may live on rank 0's machine only)."""
         if not self.ctx.enabled:
             return load_teacher(path, self.recipe, self.info)[0]
-        outcome: tuple[str, Any] | None = None
-        if self.ctx.is_main:
-            try:
-                outcome = ("state", load_teacher(path, self.recipe, self.info)[0].state_dict())
-            except (OSError, CheckpointError) as exc:
-                outcome = ("error", exc)
-        outcome = broadcast_from_main(outcome)
-        assert outcome is not None
-        if outcome[0] == "error":
-            raise outcome[1]
+        state = from_main(
+            lambda: load_teacher(path, self.recipe, self.info)[0].state_dict(), (OSError, CheckpointError)
+        )
         teacher = build_model(self.recipe, self.info, width=1.0)
-        teacher.load_state_dict(outcome[1])
+        teacher.load_state_dict(state)
         return teacher
 
     # ----------------------------------------------------------------------------- run

@@ -70,7 +70,7 @@ import torch.nn as nn
 from .hooks import OBSERVE
 from .stepping import SteppingNet
 
-__all__ = ["ImportanceTracker", "criterion", "normalize_scores", "norm_gated_modules"]
+__all__ = ["ImportanceTracker", "criterion", "normalize_scores", "norm_gated_modules", "reduce_together"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +214,8 @@ class ImportanceTracker:
         items.extend(layers[k] for k in sorted(layers))
         if self.reduce is not None and items:
             # One call per backward, in the same order on every rank (sorted names and layers).
-            flat = self.reduce(torch.cat([value.reshape(-1) for _, value in items]))
-            sizes = [value.numel() for _, value in items]
-            items = [(positions, part) for (positions, _), part in zip(items, flat.split(sizes))]
+            reduced = reduce_together(self.reduce, [value for _, value in items])
+            items = [(positions, value) for (positions, _), value in zip(items, reduced)]
         for positions, value in items:
             self._accumulate(self._subnet, positions, value.abs())
 
@@ -302,6 +301,16 @@ class ImportanceTracker:
             self.close()
         except Exception:  # interpreter shutdown: hooks may already be gone
             pass
+
+
+def reduce_together(
+    reduce: Callable[[torch.Tensor], torch.Tensor], values: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``reduce`` applied to all ``values`` in one call (one collective in a data-parallel job):
+    flattened, concatenated, reduced and split back into their shapes."""
+    flat = reduce(torch.cat([value.reshape(-1) for value in values]))
+    parts = flat.split([value.numel() for value in values])
+    return [part.reshape(value.shape) for value, part in zip(values, parts)]
 
 
 def norm_gated_modules(net: SteppingNet) -> dict[str, torch.Tensor]:

@@ -112,20 +112,23 @@ def _shard(batch: tuple[torch.Tensor, torch.Tensor], rank: int) -> tuple[torch.T
     return x[rank * part : (rank + 1) * part], y[rank * part : (rank + 1) * part]
 
 
+def _ddp_constructor(net: SteppingNet, rank: int, loader: list[Any], iterations: int, batches: int) -> Constructor:
+    """A Constructor training through DDP with its scores averaged over the ranks."""
+    return Constructor(
+        net,
+        _config(net, iterations=iterations, batches=batches),
+        loader,
+        forward_module=wrap_ddp(net.model, DistributedContext(rank=rank, world_size=WORLD), torch.device("cpu")),
+        reduce=all_reduce_mean,
+    )
+
+
 # ---------------------------------------------------------------------------------- workers
 def _scores_worker(rank: int, port: int, out: str, execution: str) -> None:
     """One construction iteration on this rank's half of every global batch, SyncBN on."""
     _init(rank, port)
     net = _net(sync_bn=True, execution=execution)
-    ctx = DistributedContext(rank=rank, world_size=WORLD)
-    loader = [_shard(b, rank) for b in _global_batches(2)]
-    constructor = Constructor(
-        net,
-        _config(net, iterations=3, batches=2),
-        loader,
-        forward_module=wrap_ddp(net.model, ctx, torch.device("cpu")),
-        reduce=all_reduce_mean,
-    )
+    constructor = _ddp_constructor(net, rank, [_shard(b, rank) for b in _global_batches(2)], iterations=3, batches=2)
     loss = constructor.train_iteration()
     torch.save(
         {
@@ -142,16 +145,9 @@ def _construction_worker(rank: int, port: int, out: str) -> None:
     """A whole construction on rank-specific data (no SyncBN), checking hashes every iteration."""
     _init(rank, port)
     net = _net(sync_bn=False, execution="auto")
-    ctx = DistributedContext(rank=rank, world_size=WORLD)
     # Different images on every rank: without averaged scores the ranks would move different neurons.
     loader = [_shard(b, rank) for b in _global_batches(6, seed=1)]
-    constructor = Constructor(
-        net,
-        _config(net, iterations=4, batches=1),
-        loader,
-        forward_module=wrap_ddp(net.model, ctx, torch.device("cpu")),
-        reduce=all_reduce_mean,
-    )
+    constructor = _ddp_constructor(net, rank, loader, iterations=4, batches=1)
     hashes = []
     while not constructor.done:
         constructor.step()
