@@ -12,6 +12,7 @@ import torch_pruning as tp
 
 from ._inputs import call_model
 from .macs import macs as count_macs
+from .attention import set_num_heads
 from .nested_norm import install_fixed, kept_indices
 
 if TYPE_CHECKING:
@@ -90,18 +91,23 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     was_training = model.training
     model.eval()
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=net.example_inputs)
+    out_neurons = {layer.name: pos for layer, pos in zip(net.layers, net.index.out_positions)}
     for group in graph.get_all_groups(ignored_layers=fixed, root_module_types=[nn.Conv2d, nn.Linear]):
         root = group.items[0].dep.target.module
         assignment = out_assignment[names[root]]
         drop = (assignment > s).nonzero().flatten()
         if drop.numel() == assignment.numel():
-            # Keep one channel: a layer cannot have zero channels. Its weights are all masked and
-            # no active weight reads it, so it changes nothing but costs dense MACs.
-            drop = drop[drop != int(torch.argmin(assignment))]
+            # Keep one neuron (one channel; a whole head of an attention qkv): a layer cannot have
+            # zero channels. Its weights are all masked and no active weight reads it, so it
+            # changes nothing but costs dense MACs.
+            neurons = out_neurons[names[root]]
+            drop = (neurons != neurons[int(torch.argmin(assignment))]).nonzero().flatten()
         if drop.numel() == 0:
             continue
         handler = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
         graph.get_pruning_group(root, handler, idxs=drop.tolist()).prune()
+    for block, _ in net.attention:
+        set_num_heads(model.get_submodule(block.name))
     norms = net.nested_norms
     install_fixed(
         model,

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._channels import parameter_channel_dim
 from ._inputs import call_model, check_forward
+from .attention import AttentionSpec, attention_tokens, head_of_channel, is_head_attention, unsupported_attention_reason
 from .errors import UnsupportedModelError
 from .macs import layer_positions
 from .nested_norm import unsupported_norm_reason
@@ -97,6 +98,8 @@ class GraphSpec:
     #: per-channel parameters used directly in forward (layer scale, ...): qualified parameter
     #: name -> flat positions of its channels along :func:`parameter_channel_dim`
     channel_parameters: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: multi-head attention blocks whose heads are neurons, with the flat position of every head
+    attention: list[tuple[AttentionSpec, torch.Tensor]] = field(default_factory=list)
 
     @property
     def num_neurons(self) -> int:
@@ -123,9 +126,15 @@ _MIXING_REASONS: tuple[tuple[type[nn.Module], str], ...] = (
 def unsupported_modules(model: nn.Module) -> list[tuple[str, str]]:
     """(module name, reason) for every module that mixes channels the constraint cannot hold."""
     found: list[tuple[str, str]] = []
+    inside_heads: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside_heads):
+            continue  # q/k/v inside a head never mix subnets (.attention)
+        if is_head_attention(module):
+            inside_heads.append(name + ".")
+            continue
         # LayerNorm/RMSNorm over channels and GroupNorm(1) become nested norms (.nested_norm).
-        reason = unsupported_norm_reason(module)
+        reason = unsupported_norm_reason(module) or unsupported_attention_reason(module)
         if reason is None:
             for kind, why in _MIXING_REASONS:
                 if isinstance(module, kind):
@@ -136,7 +145,10 @@ def unsupported_modules(model: nn.Module) -> list[tuple[str, str]]:
             and "attention" in type(module).__name__.lower()
             and any(isinstance(child, nn.Linear) for child in module.children())
         ):
-            reason = f"{type(module).__name__} is attention: it mixes all channels of every token"
+            reason = (
+                f"{type(module).__name__} is attention: it mixes all channels of every token, and only "
+                "timm's vision_transformer.Attention (fused qkv: ViT, DeiT) has head neurons so far"
+            )
         if reason is not None:
             found.append((name or type(model).__name__, reason))
     return found
@@ -214,7 +226,10 @@ def activation_products(model: nn.Module, example_inputs: Any) -> list[tuple[str
         check_forward(model, example_inputs)
         return []
     seen: dict[str, str] = {}
+    heads = {name for name, module in model.named_modules() if is_head_attention(module)}
     for module_name, op in probe.found:
+        if module_name in heads:
+            continue  # q.k and attn.v inside one head (.attention)
         seen.setdefault(module_name or type(model).__name__, op)
     return [
         (
@@ -307,7 +322,20 @@ def discover_layers(
         model.train(was_training)
 
     parameter_names = {id(p): n for n, p in model.named_parameters()}
+    # The qkv Linear of every head-attention block: its group's neurons are heads (.attention).
+    head_blocks = {
+        f"{name}.qkv": AttentionSpec(
+            name=name,
+            qkv=f"{name}.qkv",
+            proj=f"{name}.proj",
+            num_heads=int(module.num_heads),
+            head_dim=int(module.head_dim),
+        )
+        for name, module in model.named_modules()
+        if is_head_attention(module)
+    }
     groups: list[GroupSpec] = []
+    group_heads: dict[str, AttentionSpec] = {}
     for tp_group in tp_groups:
         items = list(tp_group.items)
         root = items[0]
@@ -315,6 +343,10 @@ def discover_layers(
         if root_name is None:
             continue
         size = int(root.dep.target.module.weight.shape[0])
+        block = head_blocks.get(root_name)
+        if block is not None:
+            size = block.num_heads
+            group_heads[root_name] = block
         spec = GroupSpec(name=root_name, size=size)
         for item in items:
             module = item.dep.target.module
@@ -326,6 +358,8 @@ def discover_layers(
             if module in fixed and side == "out":
                 continue
             idxs, roots = _to_tensor(item.idxs), _to_tensor(item.root_idxs)
+            if block is not None:
+                roots = head_of_channel(roots, block.num_heads, block.head_dim)
             spec.members.append((name, side, idxs, roots))
         groups.append(spec)
     groups.sort(key=lambda g: order[g.name])
@@ -428,13 +462,44 @@ def discover_layers(
         for name, table in tables.items():
             tables[name] = torch.where(table == -2, torch.full_like(table, INPUT_SLOT), table)
     _record_positions(model, layers, example_inputs)
+    attention = _head_attention(model, example_inputs, groups, offsets, group_heads)
     return GraphSpec(
         groups=groups,
         layers=layers,
         offsets=offsets,
         channel_modules=channel_modules,
         channel_parameters=channel_parameters,
+        attention=attention,
     )
+
+
+def _head_attention(
+    model: nn.Module,
+    example_inputs: Any,
+    groups: list[GroupSpec],
+    offsets: list[int],
+    group_heads: dict[str, AttentionSpec],
+) -> list[tuple[AttentionSpec, torch.Tensor]]:
+    """Head-attention blocks with their tokens per sample and the flat position of every head."""
+    if not group_heads:
+        return []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            tokens = attention_tokens(model, lambda: call_model(model, example_inputs))
+    finally:
+        model.train(was_training)
+    found = []
+    for gi, group in enumerate(groups):
+        block = group_heads.get(group.name)
+        if block is None:
+            continue
+        if block.name not in tokens:
+            raise UnsupportedModelError([(block.name, "attention block is never called in forward")])
+        block.tokens = tokens[block.name]
+        found.append((block, torch.arange(offsets[gi], offsets[gi + 1])))
+    return found
 
 
 def _width(module: nn.Module, side: str) -> int:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ._inputs import batch_size, call_model
+from .attention import attention_macs, attention_tokens, is_head_attention
 
 __all__ = ["macs", "layer_positions"]
 
@@ -38,7 +39,8 @@ def layer_positions(model: nn.Module, example_inputs: Any) -> dict[str, int]:
 
 
 def macs(model: nn.Module, example_inputs: Any, *, nonzero: bool = False) -> int:
-    """MACs per sample of ``model``'s Conv2d/Linear layers.
+    """MACs per sample of ``model``'s Conv2d/Linear layers, plus ``q.k`` and ``attn.v`` of its
+    multi-head attention blocks (:func:`~nni_steppingnet.attention.attention_macs`).
 
     With ``nonzero=True`` only nonzero weight entries count (the work of a sparse kernel);
     otherwise every weight entry counts (the work of a dense kernel).
@@ -50,4 +52,16 @@ def macs(model: nn.Module, example_inputs: Any, *, nonzero: bool = False) -> int
         weight = modules[name].weight
         entries = int(torch.count_nonzero(weight)) if nonzero else weight.numel()
         total += entries * count
+    heads = {name: m for name, m in model.named_modules() if is_head_attention(m)}
+    if heads:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                tokens = attention_tokens(model, lambda: call_model(model, example_inputs))
+        finally:
+            model.train(was_training)
+        for name, count in tokens.items():
+            if name in heads:
+                total += attention_macs(count, int(heads[name].num_heads), int(heads[name].head_dim))
     return int(total)

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from ._inputs import batch_size, call_model
+from .attention import attention_macs, is_head_attention
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .checkpoint import atomic_write
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
@@ -220,6 +221,54 @@ class _StageNestedNorm:
         bias = getattr(module, "bias", None)
         y = nested_normalize(x, self.kind, self.index.to(x.device), max(self.state.stage, 1), weight, bias)
         return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
+
+
+class _StageAttention(nn.Module):
+    """A head-attention block (:mod:`~nni_steppingnet.attention`) in the runner's model: at stage
+    ``s`` it computes ``q.k`` and ``attn.v`` of the heads with index ``== s`` only and keeps every
+    earlier head's output (their q, k, v never change: the mask rule keeps later inputs out).
+    ``qkv`` and ``proj`` are the block's stage layers; the full-width layout only."""
+
+    def __init__(self, block: nn.Module, head_index: torch.Tensor, state: _RunState, name: str) -> None:
+        super().__init__()
+        self.qkv = block.qkv
+        self.proj = block.proj
+        self.proj_drop = getattr(block, "proj_drop", nn.Identity())
+        self.num_heads = int(block.num_heads)
+        self.head_dim = int(block.head_dim)
+        self.scale = float(getattr(block, "scale", self.head_dim**-0.5))
+        self.fused = bool(getattr(block, "fused_attn", True))
+        self.block_name = name
+        self.state = state
+        #: subnet index of every head (``num_subnets + 1``: never active)
+        self.register_buffer("head_index", head_index.to(torch.long).clone(), persistent=False)
+        self.heads: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.heads = None
+
+    def forward(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise UnsupportedModelError(
+                [(self.block_name, "the incremental runner supports unmasked self-attention only")]
+            )
+        batch, tokens, _ = x.shape
+        stage = self.state.stage
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.heads is None or stage <= 1 or self.heads.shape[0] != batch or self.heads.shape[2] != tokens:
+            self.heads = qkv.new_zeros(batch, self.num_heads, tokens, self.head_dim)
+        new = (self.head_index == stage).nonzero().flatten()
+        if new.numel():
+            q, k, v = qkv[0][:, new], qkv[1][:, new], qkv[2][:, new]
+            if self.fused:
+                out = F.scaled_dot_product_attention(q, k, v)
+            else:
+                out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+            self.heads[:, new] = out
+        self.state.macs += attention_macs(tokens, int(new.numel()), self.head_dim)
+        self.state.positions[self.block_name] = tokens * tokens
+        merged = self.heads.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+        return cast(torch.Tensor, self.proj_drop(self.proj(merged)))
 
 
 class _RunState:
@@ -1100,6 +1149,26 @@ class IncrementalRunner:
                 next(iter(nested)),
             )
             layout = "full"
+        plan_of = {p.name: p for p in self._plans}
+        heads = {
+            name: plan_of[f"{name}.qkv"].a_out[: int(m.num_heads) * int(m.head_dim)].reshape(int(m.num_heads), -1)[:, 0]
+            for name, m in modules.items()
+            if is_head_attention(m) and f"{name}.qkv" in plan_of
+        }
+        if heads and layout == "delta":
+            raise UnsupportedModelError(
+                [
+                    (
+                        name,
+                        "multi-head attention runs its new heads stage by stage in the full-width "
+                        "layout only: build the runner with layout='full' (or 'auto')",
+                    )
+                    for name in list(heads)[:8]
+                ]
+            )
+        if heads and layout == "auto":
+            logger.info("the model has %d attention blocks; using the full-width layout", len(heads))
+            layout = "full"
         layers: list[_StageLayer] = []
         for plan in self._plans:
             module = modules.get(plan.name)
@@ -1117,11 +1186,22 @@ class IncrementalRunner:
         for plan, layer in zip(self._plans, layers):
             _replace(model, plan.name, layer)
         self._layers = layers
+        self._attention: list[_StageAttention] = []
+        for name, head_index in heads.items():
+            block = _StageAttention(modules[name], head_index, self._state, name)
+            _replace(model, name, block)
+            self._attention.append(block)
         self._reference_shape = reference_shape
         self._positions: dict[_ShapeKey, dict[str, int]] = {}
-        if reference_shape is not None and all(p.positions > 0 for p in self._plans):
+        # Attention's token pairs are learnt from a forward (below), not stored in the plans.
+        if reference_shape is not None and all(p.positions > 0 for p in self._plans) and not self._attention:
             self._positions[reference_shape] = {p.name: int(p.positions) for p in self._plans}
         self._entries = {layer.layer_name: layer.stage_entries() for layer in layers}
+        for block in self._attention:
+            # per stage: MACs of its new heads per token pair (positions: tokens * tokens)
+            self._entries[block.block_name] = [
+                attention_macs(1, int((block.head_index == t).sum()), block.head_dim) for t in range(num_subnets + 1)
+            ]
         self._channel_assignments = {name: a.to(torch.long).cpu().clone() for name, a in channel_assignments.items()}
         self._slicers: list[ChannelSlicer] = []
         parameters = dict(model.named_parameters())
@@ -1161,6 +1241,8 @@ class IncrementalRunner:
             self._use_layout(layout)
         elif sample is not None:
             self._choose_layout(sample)
+        if self._attention and sample is not None:
+            self._learn_positions(sample)
         logger.debug(
             "runner built: %d stage layers, %d subnets, layout %s",
             len(layers),
@@ -1329,6 +1411,8 @@ class IncrementalRunner:
         """Forget the current input and every cached activation."""
         for layer in self._layers:
             layer.reset()
+        for block in getattr(self, "_attention", ()):
+            block.reset()
         self._inputs = None
         self._output = None
         self._stage = 0
@@ -1445,6 +1529,7 @@ class IncrementalRunner:
         (stage 0); the current run (caches, stage, input) is left as it was."""
         batch_size(x)
         saved_layers = [layer.caches() for layer in self._layers]
+        saved_heads = [block.heads for block in self._attention]
         saved = (self._inputs, self._key, self._stage, self._batch, self._macs_spent)
         for layer in self._layers:
             layer.reset()
@@ -1456,6 +1541,8 @@ class IncrementalRunner:
             self._state.delta = delta
             for layer, caches in zip(self._layers, saved_layers):
                 layer.restore_caches(caches)
+            for block, heads in zip(self._attention, saved_heads):
+                block.heads = heads
             self._inputs, self._key, self._stage, self._batch, self._macs_spent = saved
 
     def run(

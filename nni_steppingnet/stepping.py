@@ -25,6 +25,7 @@ from .errors import CheckpointError, UnsupportedModelError
 from .export import export_subnet
 from .graph import INPUT_SLOT, GraphSpec, LayerSpec, discover_layers
 from .hooks import HookRegistry
+from .attention import AttentionSpec
 from .nested_norm import NestedNorms, norm_kind
 from .rules import NESTED, MaskRule
 from .sliced import EXECUTIONS, SlicedExecution
@@ -352,7 +353,11 @@ class SteppingNet:
         self._device_cache: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
         self._signature: tuple[Any, ...] = ()
         self._flat = torch.ones(self._num_neurons + 1, dtype=torch.long)
+        #: multi-head attention blocks whose heads are neurons (:mod:`.attention`), with the flat
+        #: position of every head; a head costs ``spec.head_macs`` per sample while it is active
+        self.attention: list[tuple[AttentionSpec, torch.Tensor]] = list(spec.attention)
         self.full_macs = int(sum(_trainable(layer.module).numel() * layer.positions for layer in self.layers))
+        self.full_macs += sum(block.head_macs * heads.numel() for block, heads in self.attention)
         for k, layer in enumerate(self.layers):
             parametrize.register_parametrization(layer.module, "weight", _SubnetMask(self, k), unsafe=True)
         self._root_hook = model.register_forward_pre_hook(_refresh_hook(self))
@@ -565,12 +570,26 @@ class SteppingNet:
         """Active MACs per sample of every layer in subnet ``s``."""
         self._check_subnet(s)
         self.refresh()
-        return {
+        found = {
             layer.name: int(self._bool_mask(k, s).sum().item()) * layer.positions for k, layer in enumerate(self.layers)
         }
+        if self.attention:
+            flat = self.flat_assignment()
+            for block, heads in self.attention:
+                found[block.name] = block.head_macs * int((flat[heads] <= s).sum())
+        return found
+
+    def neuron_macs(self) -> torch.Tensor:
+        """MACs per sample every neuron costs by itself while active, beyond its synapses
+        (``[num_neurons + 1]``, int64): an attention head's ``q.k`` and ``attn.v``; zero elsewhere."""
+        table = torch.zeros(self._num_neurons + 1, dtype=torch.long)
+        for block, heads in self.attention:
+            table[heads] = block.head_macs
+        return table
 
     def macs(self, s: int) -> int:
-        """Exact MACs per sample of subnet ``s`` (active Conv/Linear weight entries x positions)."""
+        """Exact MACs per sample of subnet ``s``: active Conv/Linear weight entries x positions,
+        plus ``q.k`` and ``attn.v`` of the active attention heads (:mod:`.attention`)."""
         return int(sum(self.layer_macs(s).values()))
 
     # ----------------------------------------------------------------- validation
@@ -663,7 +682,8 @@ class SteppingNet:
         flat = self.flat_assignment()
         problems: list[tuple[str, int, float]] = []
         for k, layer in enumerate(self.layers):
-            name, dim = layer.name, 1
+            # Channels are dim 1 of a Conv2d's output and the last dim of a Linear's (tokens first).
+            name, dim = layer.name, 1 if isinstance(layer.module, nn.Conv2d) else -1
             if layer.is_logits:
                 # Per input feature (not per weight column, which repeats for grouped convs).
                 in_pos = torch.where(layer.in_pos == INPUT_SLOT, self._num_neurons, layer.in_pos)

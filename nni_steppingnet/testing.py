@@ -201,10 +201,9 @@ def isolation_report(net: SteppingNet, x: Any, train: bool = False) -> Isolation
     worst, where = 0.0, ""
     for k, layer in enumerate(net.layers):
         a_out, a_in = net.layer_assignment(k)
-        if layer.is_logits:
-            index, dim = a_in[0], 1 if isinstance(layer.module, nn.Conv2d) else -1
-        else:
-            index, dim = a_out, 1
+        # Channels are dim 1 of a Conv2d's tensors and the last dim of a Linear's (tokens first).
+        dim = 1 if isinstance(layer.module, nn.Conv2d) else -1
+        index = a_in[0] if layer.is_logits else a_out
         for s in range(1, net.num_subnets):
             keep = (index <= s).nonzero().flatten()
             for call, small in enumerate(acts[s].get(layer.name, [])):

@@ -251,7 +251,21 @@ def _convnext() -> nn.Module:
     ).eval()
 
 
-TIMM_MODELS: dict[str, Callable[[], nn.Module]] = {"convnext_atto": _convnext}
+def _vit(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model(
+            name, pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10
+        ).eval()
+
+    return build
+
+
+TIMM_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "convnext_atto": _convnext,
+    "vit_tiny_patch16_224": _vit("vit_tiny_patch16_224"),
+    "deit_tiny_patch16_224": _vit("deit_tiny_patch16_224"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_MODELS))
@@ -329,12 +343,26 @@ def test_layernorm_without_affine_is_refused_by_name() -> None:
 
 
 REFUSED: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
-    "vit_tiny": (
+    "vit_qk_norm": (
         lambda: timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, num_classes=10
+            "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, qk_norm=True, num_classes=10
         ),
         "blocks.0.attn",
-        "attention",
+        "qk_norm=False",
+    ),
+    "swin": (
+        lambda: timm.create_model(
+            "swin_tiny_patch4_window7_224",
+            pretrained=False,
+            img_size=32,
+            embed_dim=24,
+            depths=(1,),
+            num_heads=(2,),
+            window_size=4,
+            num_classes=10,
+        ),
+        "layers.0.blocks.0.attn",
+        "head neurons",
     ),
     "mlp_mixer": (
         lambda: timm.models.mlp_mixer.MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=1, embed_dim=32),

@@ -53,13 +53,20 @@ class CostTable:
             for j in in_pos.unique().tolist():
                 self.in_layers.setdefault(j, []).append(len(self.layers))
             self.layers.append((entries, out_pos, in_pos))
+        # A neuron's own MACs (an attention head's q.k and attn.v) leave with it.
+        active = net.flat_assignment() <= s
+        self.own = net.neuron_macs().to(torch.float64) * active.to(torch.float64)
+        self.cost += self.own
 
     def cost_of(self, j: int) -> float:
         return float(self.cost[j])
 
     def take(self, j: int) -> float:
         """Remove neuron ``j``'s synapses; return the MACs that removes."""
-        removed_total = 0.0
+        removed_total = float(self.own[j])
+        if removed_total:
+            self.cost[j] -= self.own[j]
+            self.own[j] = 0.0
         for index in sorted(set(self.out_layers.get(j, [])) | set(self.in_layers.get(j, []))):
             entries, out_pos, in_pos = self.layers[index]
             touched = in_pos == j

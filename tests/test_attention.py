@@ -1,0 +1,184 @@
+"""Multi-head attention with head neurons (ViT, DeiT): heads share one index over q, k and v,
+q.k and attn.v MACs follow the documented rule, construction moves whole heads at their exact
+cost, export removes whole heads, and the runner computes only each stage's new heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from nni_steppingnet import SteppingNet
+from nni_steppingnet.attention import attention_macs
+from nni_steppingnet.construction import ConstructionConfig, Constructor
+from nni_steppingnet.construction.select import neuron_costs
+from nni_steppingnet.errors import UnsupportedModelError
+from nni_steppingnet.macs import macs
+from nni_steppingnet.runtime import IncrementalRunner
+from nni_steppingnet.testing import isolation_report, random_assignment
+
+timm = pytest.importorskip("timm")
+
+N = 3
+DIM, HEADS, DEPTH = 48, 3, 2
+TOKENS = 1 + (32 // 8) ** 2  # class token + 4x4 patches
+
+
+def _vit(name: str = "vit_tiny_patch16_224") -> Any:
+    torch.manual_seed(0)
+    return timm.create_model(
+        name, pretrained=False, img_size=32, patch_size=8, depth=DEPTH, embed_dim=DIM, num_heads=HEADS, num_classes=10
+    ).eval()
+
+
+def _x(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture()
+def net() -> SteppingNet:
+    return SteppingNet(_vit(), _x(), N)
+
+
+def test_heads_are_the_neurons_of_qkv_and_proj(net: SteppingNet) -> None:
+    assert [block.name for block, _ in net.attention] == [f"blocks.{d}.attn" for d in range(DEPTH)]
+    random_assignment(net, seed=2)
+    head_dim = DIM // HEADS
+    for block, heads in net.attention:
+        assert heads.numel() == HEADS and block.tokens == TOKENS
+        a_qkv, _ = net.layer_assignment(block.qkv)
+        per_channel = a_qkv.reshape(3, HEADS, head_dim)
+        # q, k and v channels of one head share one index; each head has its own
+        flat = net.flat_assignment()
+        for h in range(HEADS):
+            assert bool((per_channel[:, h] == flat[heads[h]]).all())
+        _, a_proj_in = net.layer_assignment(block.proj)
+        assert torch.equal(a_proj_in[0], per_channel[2].flatten())
+
+
+def test_attention_macs_follow_the_rule(net: SteppingNet) -> None:
+    head_dim = DIM // HEADS
+    attention = DEPTH * attention_macs(TOKENS, HEADS, head_dim)
+    assert attention == DEPTH * 2 * TOKENS * TOKENS * DIM
+    linear = sum(int(layer.module.weight.numel()) * layer.positions for layer in net.layers)
+    assert net.full_macs == linear + attention
+    plain = _vit()
+    assert macs(plain, _x()) == net.full_macs
+    # every neuron in subnet 1: subnet 1 is the whole network
+    assert net.macs(1) == net.full_macs
+    # one head of block 0 moved to subnet 2 leaves subnet 1 with one head's q.k and attn.v less
+    block, heads = net.attention[0]
+    flat = net.flat_assignment().clone()
+    flat[heads[0]] = 2
+    net.set_flat_assignment(flat)
+    layer_macs = net.layer_macs(1)
+    assert layer_macs[block.name] == attention_macs(TOKENS, HEADS - 1, head_dim)
+    # proj's residual outputs stay in subnet 1 and may not read a head of subnet 2 (no backward
+    # synapse): subnet 2 is the full network less those weights
+    assert net.macs(2) == net.full_macs - DIM * head_dim * TOKENS
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_neurons_cost_is_exactly_what_its_move_removes(net: SteppingNet, seed: int) -> None:
+    random_assignment(net, seed=seed)
+    flat = net.flat_assignment()
+    s = 2
+    costs = neuron_costs(net, s)
+    _, heads = net.attention[1]
+    candidates = [int(h) for h in heads if int(flat[h]) <= s]
+    assert candidates, "the seed left no head in subnet 2"
+    before = net.macs(s)
+    j = candidates[0]
+    moved = flat.clone()
+    moved[j] = s + 1
+    net.set_flat_assignment(moved)
+    assert before - net.macs(s) == int(costs[j])
+    assert int(costs[j]) > net.attention[1][0].head_macs
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_heads_of_subnet_s_are_unchanged_in_larger_subnets(net: SteppingNet, seed: int) -> None:
+    random_assignment(net, seed=seed)
+    report = isolation_report(net, _x(4, seed=1), train=True)
+    assert report.isolated and sum(report.compared) > 0, report
+
+
+def test_export_removes_whole_heads_and_equals_the_masked_subnet(net: SteppingNet) -> None:
+    random_assignment(net, seed=1)
+    flat = net.flat_assignment()
+    x = _x()
+    for s in range(1, N + 1):
+        exported = net.export_subnet(s).eval()
+        for block, heads in net.attention:
+            kept = int((flat[heads] <= s).sum())
+            module = exported.get_submodule(block.name)
+            assert module.num_heads == max(kept, 1)
+            assert module.qkv.out_features == 3 * module.num_heads * block.head_dim
+            assert module.proj.in_features == module.num_heads * block.head_dim
+        with torch.no_grad(), net.subnet(s):
+            torch.testing.assert_close(exported(x), net.model(x), rtol=1e-5, atol=1e-6)
+        assert macs(exported, x, nonzero=True) == net.macs(s) + _kept_inactive_head(net, s, flat)
+
+
+def _kept_inactive_head(net: SteppingNet, s: int, flat: torch.Tensor) -> int:
+    """q.k and attn.v of the one head export keeps in a block without active heads."""
+    return sum(block.head_macs for block, heads in net.attention if not bool((flat[heads] <= s).any()))
+
+
+def test_runner_computes_only_the_new_heads_of_each_stage(net: SteppingNet) -> None:
+    random_assignment(net, seed=2)
+    runner = IncrementalRunner(net)
+    assert runner.layout == "full"
+    x = _x()
+    flat = net.flat_assignment()
+    with torch.no_grad():
+        for s in range(1, N + 1):
+            logits = runner.start(x) if s == 1 else runner.step()
+            with net.subnet(s):
+                torch.testing.assert_close(logits, net.model(x), rtol=1e-5, atol=1e-6)
+            assert runner.macs_spent == net.macs(s)
+            new_heads = sum(int((flat[heads] == s).sum()) for _, heads in net.attention)
+            assert runner.step_macs(s) - _linear_step(runner, net, s) == new_heads * net.attention[0][0].head_macs
+
+
+def _linear_step(runner: IncrementalRunner, net: SteppingNet, s: int) -> int:
+    names = {block.name for block, _ in net.attention}
+    previous = {} if s == 1 else net.layer_macs(s - 1)
+    return sum(v - previous.get(k, 0) for k, v in net.layer_macs(s).items() if k not in names)
+
+
+def test_runner_delta_layout_refuses_attention_by_name(net: SteppingNet) -> None:
+    with pytest.raises(UnsupportedModelError) as info:
+        IncrementalRunner(net, layout="delta")
+    assert "full" in str(info.value)
+
+
+def test_saved_runner_keeps_its_heads(net: SteppingNet, tmp_path: Any) -> None:
+    random_assignment(net, seed=5)
+    runner = IncrementalRunner(net)
+    x = _x()
+    with torch.no_grad():
+        outputs = [runner.start(x), runner.step(), runner.step()]
+        path = tmp_path / "vit.runner"
+        runner.save(path)
+        loaded = IncrementalRunner.load(path, _vit())
+        again = [loaded.start(x), loaded.step(), loaded.step()]
+    for a, b in zip(outputs, again):
+        torch.testing.assert_close(a, b)
+    assert loaded.macs_spent == net.macs(N)
+
+
+def test_construction_moves_heads_under_the_budgets(net: SteppingNet) -> None:
+    data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(2)]
+    config = ConstructionConfig(
+        budgets=[0.3, 0.6, 0.9], reference_macs=net.full_macs, iterations=2, batches_per_iteration=1, seed=0
+    )
+    Constructor(net, config, data).run()
+    flat = net.flat_assignment()
+    moved_heads = sum(int((flat[heads] > 1).sum()) for _, heads in net.attention)
+    assert moved_heads > 0
+    report = isolation_report(net, _x())
+    assert report.isolated, report
+    macs_now = [net.macs(s) for s in range(1, N + 1)]
+    assert macs_now == sorted(macs_now) and macs_now[0] < net.full_macs
