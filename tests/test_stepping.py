@@ -116,10 +116,11 @@ def test_macs_strictly_grow_with_the_subnet(wrapped: SteppingNet) -> None:
 @pytest.mark.parametrize(
     ("name", "kwargs", "expected"),
     [
-        # LayerNorms are nested norms now (tests/test_transformers.py); attention is still refused.
-        ("vit_tiny_patch16_224", {"img_size": IMG}, {"blocks.0.attn": "attention"}),
+        # LayerNorms are nested norms and ViT heads are neurons now (tests/test_transformers.py,
+        # tests/test_attention.py); attention with a norm over q and k is still refused.
+        ("vit_tiny_patch16_224", {"img_size": IMG, "qk_norm": True}, {"blocks.0.attn": "qk_norm"}),
     ],
-    ids=["vit"],
+    ids=["vit-qk-norm"],
 )
 def test_norm_and_attention_models_are_rejected_by_module_name(
     tiny_model: Callable[..., nn.Module], name: str, kwargs: dict[str, Any], expected: dict[str, str]
