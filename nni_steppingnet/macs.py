@@ -62,6 +62,14 @@ def macs(model: nn.Module, example_inputs: Any, *, nonzero: bool = False) -> int
         finally:
             model.train(was_training)
         for name, count in tokens.items():
-            if name in heads:
-                total += attention_macs(count, int(heads[name].num_heads), int(heads[name].head_dim))
+            block = heads.get(name)
+            if block is None:
+                continue
+            num_heads, head_dim = int(block.num_heads), int(block.head_dim)
+            if nonzero:
+                # A sparse kernel skips a head whose q, k and v weights are all zero (export keeps
+                # one such head in a block without active heads).
+                rows = block.qkv.weight.reshape(3, num_heads, head_dim, -1)
+                num_heads = int(rows.ne(0).flatten(2).any(-1).any(0).sum())
+            total += attention_macs(count, num_heads, head_dim)
     return int(total)

@@ -118,12 +118,10 @@ def test_export_removes_whole_heads_and_equals_the_masked_subnet(net: SteppingNe
             assert module.proj.in_features == module.num_heads * block.head_dim
         with torch.no_grad(), net.subnet(s):
             torch.testing.assert_close(exported(x), net.model(x), rtol=1e-5, atol=1e-6)
-        assert macs(exported, x, nonzero=True) == net.macs(s) + _kept_inactive_head(net, s, flat)
-
-
-def _kept_inactive_head(net: SteppingNet, s: int, flat: torch.Tensor) -> int:
-    """q.k and attn.v of the one head export keeps in a block without active heads."""
-    return sum(block.head_macs for block, heads in net.attention if not bool((flat[heads] <= s).any()))
+        # a block without active heads keeps one all-zero head: dense kernels pay for it
+        inactive_blocks = sum(block.head_macs for block, heads in net.attention if not bool((flat[heads] <= s).any()))
+        assert macs(exported, x, nonzero=True) == net.macs(s)
+        assert macs(exported, x) >= net.macs(s) + inactive_blocks
 
 
 def test_runner_computes_only_the_new_heads_of_each_stage(net: SteppingNet) -> None:
