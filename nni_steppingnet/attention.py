@@ -14,25 +14,37 @@ The coupling comes from torch-pruning's dependency graph: it maps ``qkv``'s outp
 rooted at ``qkv``). :func:`head_of_channel` folds that group's channel indices into head indices,
 as torch-pruning's own pruners do with ``num_heads={qkv: H}``.
 
-Supported: timm's ``vision_transformer.Attention`` layout (ViT, DeiT, and every model whose
-attention has a fused ``qkv`` Linear with ``3 * num_heads * head_dim`` outputs, a ``proj``
-Linear, and ``num_heads``/``head_dim`` attributes), without q/k normalisation, output
-normalisation or gating. Other attention blocks are refused by name at wrap time.
+Supported: every attention block with timm's fused layout: a ``qkv`` Linear with
+``3 * num_heads * head_dim`` outputs (``[q | k | v]``, head-major inside each), a ``proj`` Linear
+reading ``num_heads * head_dim`` features, ``num_heads``/``head_dim`` attributes, and no q/k
+normalisation, output normalisation or gating. Whatever else its forward does per head
+(relative position bias, rotary embeddings, windows) cannot mix heads if the layout holds; the
+wrap-time isolation probe checks it on a random assignment, so a forward that does mix is
+refused there by name. The incremental runner computes new heads stage by stage for timm's
+``vision_transformer.Attention`` forward (ViT, DeiT) and refuses other forwards by name
+(:func:`runs_stage_by_stage`). Other attention blocks are refused at wrap time.
 
-MACs (the rule :func:`attention_macs` implements): per sample and per active head, ``q.k``
-costs ``T * T * head_dim`` and ``attn.v`` another ``T * T * head_dim`` for ``T`` tokens; the
-softmax and scaling cost none (as activations and BatchNorm cost none elsewhere). A head is
-active in subnet ``s`` iff its index is ``<= s``. The ``qkv`` and ``proj`` Linears count as every
-Linear does (active weight entries x tokens).
+MACs (the rule :func:`product_macs` implements): the matrix products of two activations that
+run inside the block (``q @ k^T``, ``attn @ v``, ``scaled_dot_product_attention``), counted as
+they run on the example input: ``batch x M x K x N`` for an ``[M, K] @ [K, N]`` product, and
+``Tq x Tk x (D + Dv)`` per head for ``scaled_dot_product_attention``; per sample and divided
+evenly over the heads. For ViT that is ``2 * T * T * head_dim`` per head for ``T`` tokens
+(:func:`attention_macs`); with windows it is the windows' token pairs. The softmax, scaling and
+bias cost none (as activations and BatchNorm cost none elsewhere). A head is active in subnet
+``s`` iff its index is ``<= s``. The ``qkv`` and ``proj`` Linears count as every Linear does
+(active weight entries x tokens).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "AttentionSpec",
@@ -40,7 +52,8 @@ __all__ = [
     "unsupported_attention_reason",
     "head_of_channel",
     "attention_macs",
-    "attention_tokens",
+    "product_macs",
+    "runs_stage_by_stage",
     "set_num_heads",
 ]
 
@@ -54,13 +67,13 @@ class AttentionSpec:
     proj: str
     num_heads: int
     head_dim: int
-    #: tokens per sample, from a traced forward
-    tokens: int = 0
+    #: MACs per sample of the block's activation products over all heads (:func:`product_macs`)
+    macs: int = 0
 
     @property
     def head_macs(self) -> int:
         """MACs per sample of one active head's ``q.k`` and ``attn.v``."""
-        return attention_macs(self.tokens, 1, self.head_dim)
+        return self.macs // self.num_heads
 
 
 def _fused_layout(module: nn.Module) -> bool:
@@ -90,11 +103,12 @@ def unsupported_attention_reason(module: nn.Module) -> str | None:
             )
     if getattr(module, "gate", None) is not None:
         return f"{type(module).__name__} is gated; head neurons support ungated attention (gated=False)"
-    if type(module).forward is not _timm_attention_forward():
+    own = [name for name, _ in module.named_parameters() if not (name.startswith("qkv.") or name.startswith("proj."))]
+    if own:
         return (
-            f"{type(module).__name__} has the fused qkv layout but its own forward (relative position "
-            "bias, windows or rotary embeddings); only timm's vision_transformer.Attention forward "
-            "is supported as head neurons so far"
+            f"{type(module).__name__} has parameters besides qkv and proj ({', '.join(own[:3])}): per-head "
+            "tensors (relative position bias tables, temperatures, separate q/v biases) are not "
+            "supported as head neurons yet"
         )
     return None
 
@@ -112,6 +126,13 @@ def is_head_attention(module: nn.Module) -> bool:
     return _fused_layout(module) and unsupported_attention_reason(module) is None
 
 
+def runs_stage_by_stage(module: nn.Module) -> bool:
+    """True when the incremental runner knows this block's forward (timm's ViT attention) and
+    computes its new heads stage by stage."""
+    forward = _timm_attention_forward()
+    return forward is not None and type(module).forward is forward
+
+
 def head_of_channel(channels: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
     """Head of every ``qkv`` output channel index (``[q | k | v]``, each ``num_heads * head_dim``
     wide, head-major inside)."""
@@ -123,31 +144,108 @@ def attention_macs(tokens: int, heads: int, head_dim: int) -> int:
     return 2 * tokens * tokens * heads * head_dim
 
 
-def attention_tokens(model: nn.Module, run: Any) -> dict[str, int]:
-    """Tokens per sample at the input of every head-attention block, from ``run()`` (a forward)."""
-    seen: dict[str, int] = {}
+_PRODUCTS = {
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.bmm,
+    torch.Tensor.bmm,
+    torch.baddbmm,
+    torch.einsum,
+    F.scaled_dot_product_attention,
+}
+
+
+def _product_cost(func: Any, args: Any, kwargs: Any) -> int:
+    """MACs of one product of two activations (0 for an op it does not count)."""
+    tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+    if func is F.scaled_dot_product_attention:
+        q, k, v = tensors[:3]
+        return math.prod(q.shape[:-2]) * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    if func is torch.einsum:
+        return _einsum_cost(args[0], tensors[:2]) if isinstance(args[0], str) and len(tensors) >= 2 else 0
+    a, b = tensors[0], tensors[-1]
+    if func is torch.baddbmm:
+        a, b = tensors[1], tensors[2]
+    if a.dim() < 2 or b.dim() < 2:
+        return 0
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return math.prod(batch) * a.shape[-2] * a.shape[-1] * b.shape[-1]
+
+
+def _einsum_cost(equation: str, operands: list[torch.Tensor]) -> int:
+    """MACs of a two-operand einsum: output elements x the sizes of the contracted labels."""
+    inputs, _, output = equation.replace(" ", "").partition("->")
+    terms = inputs.split(",")[:2]
+    sizes: dict[str, int] = {}
+    for term, tensor in zip(terms, operands):
+        letters = term.replace("...", "")
+        trailing = tensor.shape[tensor.dim() - len(letters) :] if "..." in term else tensor.shape
+        for letter, size in zip(letters, trailing):
+            sizes[letter] = int(size)
+    labels = "".join(t.replace("...", "") for t in terms)
+    if not _:
+        output = "".join(sorted(c for c in set(labels) if labels.count(c) == 1))
+    contracted = [c for c in sizes if c not in output]
+    out = torch.einsum(equation, *[torch.empty(t.shape, device="meta") for t in operands])
+    return int(out.numel()) * math.prod(sizes[c] for c in contracted)
+
+
+class _ProductCounter(TorchFunctionMode):
+    """Adds the MACs of every product of two activations to the innermost watched block."""
+
+    def __init__(self, parameters: set[int], stack: list[str]) -> None:
+        super().__init__()
+        self.parameters = parameters
+        self.stack = stack
+        self.macs: dict[str, int] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in _PRODUCTS and self.stack:
+            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            activations = [t for t in tensors if id(t) not in self.parameters and t.dim() >= 2]
+            if len(activations) >= 2:
+                name = self.stack[-1]
+                self.macs[name] = self.macs.get(name, 0) + _product_cost(func, args, kwargs)
+        return func(*args, **(kwargs or {}))
+
+
+def product_macs(model: nn.Module, run: Callable[[], Any], batch: int) -> dict[str, int]:
+    """MACs per sample of the activation products inside every head-attention block, from one
+    forward ``run()`` on a batch of ``batch`` samples (blocks never called are absent)."""
+    parameters = {id(p) for p in model.parameters()}
+    stack: list[str] = []
     handles = []
+    called: set[str] = set()
     for name, module in model.named_modules():
-        if _fused_layout(module):
+        if is_head_attention(module):
 
-            def hook(mod: nn.Module, args: Any, name: str = name) -> None:
-                x = args[0]
-                seen[name] = int(x.shape[-2])
+            def enter(mod: nn.Module, args: Any, name: str = name) -> None:
+                stack.append(name)
+                called.add(name)
 
-            handles.append(module.register_forward_pre_hook(hook))
+            def leave(mod: nn.Module, args: Any, output: Any) -> None:
+                stack.pop()
+
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
+    counter = _ProductCounter(parameters, stack)
     try:
-        run()
+        with counter:
+            run()
     finally:
         for handle in handles:
             handle.remove()
-    return seen
+    return {name: counter.macs.get(name, 0) // batch for name in called}
 
 
 def set_num_heads(module: nn.Module) -> None:
     """After torch-pruning removed whole heads from ``qkv``/``proj``: the block's head count."""
     qkv = module.qkv
     assert isinstance(qkv, nn.Linear)
-    heads = qkv.out_features // (3 * int(module.head_dim))
-    module.num_heads = heads
+    head_dim = int(cast(int, module.head_dim))
+    heads = qkv.out_features // (3 * head_dim)
+    # plain int attributes of the block (nn.Module's stubs type attributes as Tensor | Module)
+    module.num_heads = heads  # type: ignore[assignment]
     if hasattr(module, "attn_dim"):
-        module.attn_dim = heads * int(module.head_dim)
+        module.attn_dim = heads * head_dim  # type: ignore[assignment]

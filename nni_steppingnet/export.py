@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ._inputs import call_model
-from .macs import macs as count_macs
 from .attention import set_num_heads
+from .macs import macs as count_macs
 from .nested_norm import install_fixed, kept_indices
 
 if TYPE_CHECKING:

@@ -22,8 +22,8 @@ import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 
 from ._channels import parameter_channel_dim
-from ._inputs import call_model, check_forward
-from .attention import AttentionSpec, attention_tokens, head_of_channel, is_head_attention, unsupported_attention_reason
+from ._inputs import batch_size, call_model, check_forward
+from .attention import AttentionSpec, head_of_channel, is_head_attention, product_macs, unsupported_attention_reason
 from .errors import UnsupportedModelError
 from .macs import layer_positions
 from .nested_norm import unsupported_norm_reason
@@ -480,14 +480,15 @@ def _head_attention(
     offsets: list[int],
     group_heads: dict[str, AttentionSpec],
 ) -> list[tuple[AttentionSpec, torch.Tensor]]:
-    """Head-attention blocks with their tokens per sample and the flat position of every head."""
+    """Head-attention blocks with their q.k / attn.v MACs per sample and the flat position of
+    every head."""
     if not group_heads:
         return []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            tokens = attention_tokens(model, lambda: call_model(model, example_inputs))
+            products = product_macs(model, lambda: call_model(model, example_inputs), batch_size(example_inputs))
     finally:
         model.train(was_training)
     found = []
@@ -495,9 +496,9 @@ def _head_attention(
         block = group_heads.get(group.name)
         if block is None:
             continue
-        if block.name not in tokens:
+        if block.name not in products:
             raise UnsupportedModelError([(block.name, "attention block is never called in forward")])
-        block.tokens = tokens[block.name]
+        block.macs = products[block.name]
         found.append((block, torch.arange(offsets[gi], offsets[gi + 1])))
     return found
 

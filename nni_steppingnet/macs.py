@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ._inputs import batch_size, call_model
-from .attention import attention_macs, attention_tokens, is_head_attention
+from .attention import is_head_attention, product_macs
 
 __all__ = ["macs", "layer_positions"]
 
@@ -40,7 +40,7 @@ def layer_positions(model: nn.Module, example_inputs: Any) -> dict[str, int]:
 
 def macs(model: nn.Module, example_inputs: Any, *, nonzero: bool = False) -> int:
     """MACs per sample of ``model``'s Conv2d/Linear layers, plus ``q.k`` and ``attn.v`` of its
-    multi-head attention blocks (:func:`~nni_steppingnet.attention.attention_macs`).
+    multi-head attention blocks (:func:`~nni_steppingnet.attention.product_macs`).
 
     With ``nonzero=True`` only nonzero weight entries count (the work of a sparse kernel);
     otherwise every weight entry counts (the work of a dense kernel).
@@ -58,18 +58,16 @@ def macs(model: nn.Module, example_inputs: Any, *, nonzero: bool = False) -> int
         model.eval()
         try:
             with torch.no_grad():
-                tokens = attention_tokens(model, lambda: call_model(model, example_inputs))
+                products = product_macs(model, lambda: call_model(model, example_inputs), batch_size(example_inputs))
         finally:
             model.train(was_training)
-        for name, count in tokens.items():
-            block = heads.get(name)
-            if block is None:
-                continue
-            num_heads, head_dim = int(block.num_heads), int(block.head_dim)
+        for name, count in products.items():
+            block = heads[name]
             if nonzero:
                 # A sparse kernel skips a head whose q, k and v weights are all zero (export keeps
                 # one such head in a block without active heads).
+                num_heads, head_dim = int(block.num_heads), int(block.head_dim)
                 rows = block.qkv.weight.reshape(3, num_heads, head_dim, -1)
-                num_heads = int(rows.ne(0).flatten(2).any(-1).any(0).sum())
-            total += attention_macs(count, num_heads, head_dim)
+                count = count * int(rows.ne(0).flatten(2).any(-1).any(0).sum()) // num_heads
+            total += count
     return int(total)

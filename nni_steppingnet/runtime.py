@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from ._inputs import batch_size, call_model
-from .attention import attention_macs, is_head_attention
+from .attention import attention_macs, is_head_attention, runs_stage_by_stage
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .checkpoint import atomic_write
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
@@ -1150,6 +1150,20 @@ class IncrementalRunner:
             )
             layout = "full"
         plan_of = {p.name: p for p in self._plans}
+        unknown = [name for name, m in modules.items() if is_head_attention(m) and not runs_stage_by_stage(m)]
+        if unknown:
+            raise UnsupportedModelError(
+                [
+                    (
+                        name,
+                        f"{type(modules[name]).__name__} has its own attention forward (relative position "
+                        "bias, rotary embeddings or windows); the runner computes new heads stage by stage "
+                        "for timm's vision_transformer.Attention only: use the masked subnets or "
+                        "export_subnet(s)",
+                    )
+                    for name in unknown[:8]
+                ]
+            )
         heads = {
             name: plan_of[f"{name}.qkv"].a_out[: int(m.num_heads) * int(m.head_dim)].reshape(int(m.num_heads), -1)[:, 0]
             for name, m in modules.items()

@@ -575,13 +575,16 @@ def attach(net: SteppingNet, execution: str) -> SlicedExecution | None:
     if execution == "masked":
         return None
     norms = net.nested_norms.names
-    if norms:
+    blocks = [block.name for block, _ in net.attention]
+    if norms or blocks:
+        kinds = "nested norms" if norms else "attention blocks with head neurons"
+        names = norms or blocks
         why = (
-            f"the model has {len(norms)} nested norms ({', '.join(norms[:3])}{', ...' if len(norms) > 3 else ''}), "
+            f"the model has {len(names)} {kinds} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), "
             "which sliced execution does not support yet"
         )
         if execution == "sliced":
-            raise UnsupportedModelError([(name, why + "; use execution='masked' or 'auto'") for name in norms[:1]])
+            raise UnsupportedModelError([(name, why + "; use execution='masked' or 'auto'") for name in names[:1]])
         logger.warning("%s; training runs masked, at the full width's cost", why)
         return None
     sliced = SlicedExecution(net)

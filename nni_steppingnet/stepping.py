@@ -21,11 +21,11 @@ from torch.nn.utils import parametrize
 
 from . import hooks
 from ._inputs import call_model
+from .attention import AttentionSpec
 from .errors import CheckpointError, UnsupportedModelError
 from .export import export_subnet
 from .graph import INPUT_SLOT, GraphSpec, LayerSpec, discover_layers
 from .hooks import HookRegistry
-from .attention import AttentionSpec
 from .nested_norm import NestedNorms, norm_kind
 from .rules import NESTED, MaskRule
 from .sliced import EXECUTIONS, SlicedExecution

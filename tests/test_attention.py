@@ -46,7 +46,7 @@ def test_heads_are_the_neurons_of_qkv_and_proj(net: SteppingNet) -> None:
     random_assignment(net, seed=2)
     head_dim = DIM // HEADS
     for block, heads in net.attention:
-        assert heads.numel() == HEADS and block.tokens == TOKENS
+        assert heads.numel() == HEADS and block.head_macs == attention_macs(TOKENS, 1, head_dim)
         a_qkv, _ = net.layer_assignment(block.qkv)
         per_channel = a_qkv.reshape(3, HEADS, head_dim)
         # q, k and v channels of one head share one index; each head has its own
@@ -180,3 +180,79 @@ def test_construction_moves_heads_under_the_budgets(net: SteppingNet) -> None:
     assert report.isolated, report
     macs_now = [net.macs(s) for s in range(1, N + 1)]
     assert macs_now == sorted(macs_now) and macs_now[0] < net.full_macs
+
+
+class _OwnAttention(torch.nn.Module):
+    """timm's fused qkv layout with its own forward: manual products (``q @ k^T``, ``attn @ v``)
+    with a fixed temperature; ``head_major=False`` reads the qkv channels as ``[H, 3, D]``, which mixes the q, k and v of
+    different heads under the ``[3, H, D]`` map."""
+
+    def __init__(self, dim: int, heads: int, head_major: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.temperature = 0.7
+        self.head_major = head_major
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        if self.head_major:
+            qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:
+            qkv = self.qkv(x).reshape(b, t, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+class _TinyTransformer(torch.nn.Module):
+    def __init__(self, head_major: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(3, 24, 8, stride=8)
+        self.attn = _OwnAttention(24, 3, head_major)
+        self.fc = torch.nn.Linear(24, 24)
+        self.head = torch.nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.attn(tokens)
+        tokens = tokens + torch.relu(self.fc(tokens))
+        return self.head(tokens.mean(1))
+
+
+def test_an_attention_with_its_own_forward_has_head_neurons_and_counted_products() -> None:
+    net = SteppingNet(_TinyTransformer(), _x(), N)
+    assert net.execution == "masked"  # sliced execution refuses head neurons; "auto" falls back
+    ((block, heads),) = net.attention
+    tokens = (32 // 8) ** 2
+    assert block.head_macs == attention_macs(tokens, 1, 8)
+    for seed in (0, 1):
+        random_assignment(net, seed=seed)
+        report = isolation_report(net, _x(4, seed=2), train=False)
+        assert report.isolated and sum(report.compared) > 0, report
+    for s in range(1, N + 1):
+        exported = net.export_subnet(s).eval()
+        with torch.no_grad(), net.subnet(s):
+            torch.testing.assert_close(exported(_x()), net.model(_x()), rtol=1e-5, atol=1e-6)
+        assert macs(exported, _x(), nonzero=True) == net.macs(s)
+    with pytest.raises(UnsupportedModelError) as info:
+        IncrementalRunner(net)
+    assert "attn" in dict(info.value.problems) and "vision_transformer.Attention" in str(info.value)
+
+
+def test_an_attention_that_mixes_heads_is_refused_by_the_probe() -> None:
+    model = _TinyTransformer(head_major=False)
+    with pytest.raises(UnsupportedModelError) as info:
+        SteppingNet(model, _x(), N)
+    assert any("change" in why for _, why in info.value.problems), info.value.problems
+
+
+def test_per_head_parameters_are_refused_by_name() -> None:
+    model = _TinyTransformer()
+    model.attn.register_parameter("scale", torch.nn.Parameter(torch.ones(1, 3, 1, 1)))
+    with pytest.raises(UnsupportedModelError) as info:
+        SteppingNet(model, _x(), N)
+    reasons = dict(info.value.problems)
+    assert "attn" in reasons and "scale" in reasons["attn"] and "per-head" in reasons["attn"]
