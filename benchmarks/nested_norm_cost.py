@@ -160,7 +160,8 @@ def main() -> None:
         )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        # file names only: the results do not record this machine's directories
+        "settings": {k: v.name if isinstance(v, Path) else v for k, v in vars(args).items()},
         "eval_split": info.eval_split,
         "val_images": len(val),
         "train_images": len(train),

@@ -52,11 +52,23 @@ def _randomize(net: SteppingNet, seed: int) -> None:
                 module.running_var.uniform_(0.5, 2.0, generator=generator)
 
 
+def _build(model_name: str, x: torch.Tensor) -> nn.Module:
+    """The model as the sweep built it: timm's defaults, else ``img_size`` set to the input's
+    (ViTs fix their input size at construction)."""
+    model = timm.create_model(model_name, num_classes=10, pretrained=False).eval()
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    except Exception:  # the default size does not fit; the sweep then passed img_size
+        model = timm.create_model(model_name, num_classes=10, pretrained=False, img_size=x.shape[-1]).eval()
+    return model
+
+
 def check(model_name: str, shape: list[int], seed: int) -> dict[str, Any]:
     begin = time.perf_counter()
     torch.manual_seed(seed)
-    model = timm.create_model(model_name, num_classes=10, pretrained=False).eval()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    model = _build(model_name, x)
     net = SteppingNet(model, x[:1], NUM_SUBNETS, verify=False)
     _randomize(net, seed + 1)
     runner = IncrementalRunner(net)

@@ -265,8 +265,10 @@ class _StageAttention(nn.Module):
             else:
                 out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
             self.heads[:, new] = out
-        self.state.macs += attention_macs(tokens, int(new.numel()), self.head_dim)
-        self.state.positions[self.block_name] = tokens * tokens
+        # per sample of the model's input: a model may fold space into the batch (MobileViT)
+        rows = batch / max(self.state.batch, 1)
+        self.state.macs += int(attention_macs(tokens, int(new.numel()), self.head_dim) * rows)
+        self.state.positions[self.block_name] = int(tokens * tokens * rows)
         merged = self.heads.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
         return cast(torch.Tensor, self.proj_drop(self.proj(merged)))
 
@@ -274,7 +276,7 @@ class _StageAttention(nn.Module):
 class _RunState:
     """State shared by the runner and all its stage layers during one model forward."""
 
-    __slots__ = ("stage", "probe", "watch", "macs", "positions", "delta")
+    __slots__ = ("stage", "probe", "watch", "macs", "positions", "delta", "batch")
 
     def __init__(self) -> None:
         self.stage = 0
@@ -285,6 +287,8 @@ class _RunState:
         self.watch: list[tuple[_StageLayer, torch.Tensor, int, bool]] = []
         self.macs = 0
         self.positions: dict[str, int] = {}
+        #: samples in the model's input (per-sample MACs divide by it)
+        self.batch = 1
 
 
 class _Bucket:
@@ -778,10 +782,16 @@ class _StageLayer(nn.Module):
         shape[self._channel_dim] = self.out_channels
         return shape
 
+    def _per_sample(self, shape: Sequence[int]) -> int:
+        """Output positions per sample of the model's input (a model may fold space into the
+        batch, as MobileViT's transformer does with its patches)."""
+        others = [int(d) for k, d in enumerate(shape) if k != self._channel_dim % len(shape)]
+        return int(math.prod(others)) // max(self._state.batch, 1)
+
     def _allocate(self, x: torch.Tensor) -> torch.Tensor:
         pads = self._pads(x)
         shape = self._output_shape(x, pads)
-        positions = shape[-1] * shape[-2] if self.kind == "conv" else int(math.prod(shape[1:-1]))
+        positions = self._per_sample(shape)
         self._call_info.append((positions, pads))
         # A normal (not inference-mode) tensor: it has a version counter, so in-place changes
         # by the model's own code after this layer are detected.
@@ -834,7 +844,7 @@ class _StageLayer(nn.Module):
     def _delta_allocate(self, x: torch.Tensor) -> _CallCache:
         pads = self._pads(x)
         shape = self._delta_shape(x, pads)
-        positions = shape[-1] * shape[-2] if self.kind == "conv" else int(math.prod(shape[1:-1]))
+        positions = self._per_sample(shape)
         if self.is_logits:
             full = list(shape)
             full[self._channel_dim] = self.out_channels
@@ -1443,6 +1453,7 @@ class IncrementalRunner:
     def _forward(self, stage: int) -> Any:
         state = self._state
         state.stage = stage
+        state.batch = batch_size(self._inputs)
         state.macs = 0
         state.positions = {}
         state.watch = []
