@@ -38,7 +38,7 @@ bias cost none (as activations and BatchNorm cost none elsewhere). A head is act
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
 import torch
@@ -51,6 +51,9 @@ __all__ = [
     "is_head_attention",
     "unsupported_attention_reason",
     "head_of_channel",
+    "head_dim_of",
+    "head_parameters",
+    "slice_head_parameters",
     "attention_macs",
     "product_macs",
     "runs_stage_by_stage",
@@ -69,6 +72,8 @@ class AttentionSpec:
     head_dim: int
     #: MACs per sample of the block's activation products over all heads (:func:`product_macs`)
     macs: int = 0
+    #: per-head parameters of the block (relative position bias): attribute -> head dimension
+    head_params: dict[str, int] = field(default_factory=dict)
 
     @property
     def head_macs(self) -> int:
@@ -76,17 +81,44 @@ class AttentionSpec:
         return self.macs // self.num_heads
 
 
+def head_dim_of(module: nn.Module) -> int | None:
+    """The per-head width of a fused-qkv block: its ``head_dim`` attribute, else ``qkv``'s outputs
+    over ``3 * num_heads`` (Swin's ``WindowAttention`` keeps no ``head_dim``)."""
+    qkv, heads = getattr(module, "qkv", None), getattr(module, "num_heads", None)
+    if not isinstance(qkv, nn.Linear) or not isinstance(heads, int) or heads < 1:
+        return None
+    head_dim = getattr(module, "head_dim", None)
+    if isinstance(head_dim, int):
+        return head_dim
+    if qkv.out_features % (3 * heads):
+        return None
+    return qkv.out_features // (3 * heads)
+
+
 def _fused_layout(module: nn.Module) -> bool:
-    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
-    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    proj, heads = getattr(module, "proj", None), getattr(module, "num_heads", None)
+    head_dim = head_dim_of(module)
     return (
-        isinstance(qkv, nn.Linear)
+        head_dim is not None
         and isinstance(proj, nn.Linear)
         and isinstance(heads, int)
-        and isinstance(head_dim, int)
-        and qkv.out_features == 3 * heads * head_dim
+        and cast(nn.Linear, module.qkv).out_features == 3 * heads * head_dim
         and proj.in_features == heads * head_dim
     )
+
+
+def head_parameters(module: nn.Module) -> dict[str, int]:
+    """Per-head parameters held by the block itself (a relative position bias table
+    ``[(2w-1)^2, H]``): attribute name -> the dimension of size ``num_heads``. Parameters with
+    no such dimension, or more than one, are not listed (:func:`unsupported_attention_reason`
+    names them)."""
+    heads = int(cast(int, module.num_heads))
+    found = {}
+    for name, param in module.named_parameters(recurse=False):
+        dims = [d for d, size in enumerate(param.shape) if size == heads]
+        if len(dims) == 1:
+            found[name] = dims[0]
+    return found
 
 
 def unsupported_attention_reason(module: nn.Module) -> str | None:
@@ -103,12 +135,27 @@ def unsupported_attention_reason(module: nn.Module) -> str | None:
             )
     if getattr(module, "gate", None) is not None:
         return f"{type(module).__name__} is gated; head neurons support ungated attention (gated=False)"
-    own = [name for name, _ in module.named_parameters() if not (name.startswith("qkv.") or name.startswith("proj."))]
+    layers = [
+        name
+        for name, child in module.named_modules()
+        if name and name not in ("qkv", "proj") and isinstance(child, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    ]
+    if layers:
+        return (
+            f"{type(module).__name__} has layers besides qkv and proj ({', '.join(layers[:3])}): a relative "
+            "position MLP or pooling convs are not supported as head neurons yet"
+        )
+    per_head = head_parameters(module)
+    own = [
+        name
+        for name, _ in module.named_parameters()
+        if not (name.startswith("qkv.") or name.startswith("proj.")) and name not in per_head
+    ]
     if own:
         return (
-            f"{type(module).__name__} has parameters besides qkv and proj ({', '.join(own[:3])}): per-head "
-            "tensors (relative position bias tables, temperatures, separate q/v biases) are not "
-            "supported as head neurons yet"
+            f"{type(module).__name__} has parameters besides qkv and proj that are not one tensor per head "
+            f"({', '.join(own[:3])}): separate q/v biases or nested position modules are not supported "
+            "as head neurons yet"
         )
     return None
 
@@ -239,13 +286,22 @@ def product_macs(model: nn.Module, run: Callable[[], Any], batch: int) -> dict[s
     return {name: counter.macs.get(name, 0) // batch for name in called}
 
 
-def set_num_heads(module: nn.Module) -> None:
-    """After torch-pruning removed whole heads from ``qkv``/``proj``: the block's head count."""
+def set_num_heads(module: nn.Module, head_dim: int) -> None:
+    """After torch-pruning removed whole heads of ``head_dim`` channels from ``qkv``/``proj``:
+    the block's head count."""
     qkv = module.qkv
     assert isinstance(qkv, nn.Linear)
-    head_dim = int(cast(int, module.head_dim))
     heads = qkv.out_features // (3 * head_dim)
     # plain int attributes of the block (nn.Module's stubs type attributes as Tensor | Module)
     module.num_heads = heads  # type: ignore[assignment]
     if hasattr(module, "attn_dim"):
         module.attn_dim = heads * head_dim  # type: ignore[assignment]
+
+
+def slice_head_parameters(module: nn.Module, dims: dict[str, int], kept: torch.Tensor) -> None:
+    """Keep the ``kept`` heads of every per-head parameter (:func:`head_parameters`) in place of
+    the full tensors (torch-pruning never sees them: they are its ``ignored_params``)."""
+    for name, dim in dims.items():
+        param = cast(nn.Parameter, getattr(module, name))
+        sliced = param.detach().index_select(dim, kept.to(param.device)).clone()
+        setattr(module, name, nn.Parameter(sliced, requires_grad=param.requires_grad))

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ._inputs import call_model
-from .attention import set_num_heads
+from .attention import set_num_heads, slice_head_parameters
 from .macs import macs as count_macs
 from .nested_norm import install_fixed, kept_indices
 
@@ -90,7 +90,13 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     fixed = [model.get_submodule(layer.name) for layer in net.layers if layer.is_logits]
     was_training = model.training
     model.eval()
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=net.example_inputs)
+    # per-head parameters are sliced with their heads below, not by torch-pruning
+    per_head = [
+        getattr(model.get_submodule(block.name), attr) for block, _ in net.attention for attr in block.head_params
+    ]
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs=net.example_inputs, ignored_params=per_head or None
+    )
     out_neurons = {layer.name: pos for layer, pos in zip(net.layers, net.index.out_positions)}
     for group in graph.get_all_groups(ignored_layers=fixed, root_module_types=[nn.Conv2d, nn.Linear]):
         root = group.items[0].dep.target.module
@@ -106,8 +112,15 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
             continue
         handler = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
         graph.get_pruning_group(root, handler, idxs=drop.tolist()).prune()
-    for block, _ in net.attention:
-        set_num_heads(model.get_submodule(block.name))
+    for block, heads in net.attention:
+        module = model.get_submodule(block.name)
+        set_num_heads(module, block.head_dim)
+        if block.head_params:
+            index = flat[heads]
+            kept = (index <= s).nonzero().flatten()
+            if kept.numel() == 0:  # the one head export keeps (see above)
+                kept = torch.argmin(index).reshape(1)
+            slice_head_parameters(module, block.head_params, kept)
     norms = net.nested_norms
     install_fixed(
         model,

@@ -23,7 +23,15 @@ from torch.overrides import TorchFunctionMode
 
 from ._channels import parameter_channel_dim
 from ._inputs import batch_size, call_model, check_forward
-from .attention import AttentionSpec, head_of_channel, is_head_attention, product_macs, unsupported_attention_reason
+from .attention import (
+    AttentionSpec,
+    head_dim_of,
+    head_of_channel,
+    head_parameters,
+    is_head_attention,
+    product_macs,
+    unsupported_attention_reason,
+)
 from .errors import UnsupportedModelError
 from .macs import layer_positions
 from .nested_norm import unsupported_norm_reason
@@ -307,10 +315,20 @@ def discover_layers(
     order = {name: k for k, name in enumerate(module_names.values())}
     weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHTED_TYPES)]
     fixed = {clf, *exclude}
+    # Per-head parameters (relative position bias tables) follow their block's heads; left to
+    # torch-pruning they would be traced as channels of whatever they are added to.
+    per_head = [
+        getattr(module, attr)
+        for module in model.modules()
+        if is_head_attention(module)
+        for attr in head_parameters(module)
+    ]
     was_training = model.training
     model.eval()
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, ignored_params=per_head or None
+        )
         tp_groups = list(graph.get_all_groups(ignored_layers=list(fixed), root_module_types=list(WEIGHTED_TYPES)))
     except UnsupportedModelError:
         raise
@@ -329,7 +347,8 @@ def discover_layers(
             qkv=f"{name}.qkv",
             proj=f"{name}.proj",
             num_heads=int(module.num_heads),
-            head_dim=int(module.head_dim),
+            head_dim=int(cast(int, head_dim_of(module))),
+            head_params=head_parameters(module),
         )
         for name, module in model.named_modules()
         if is_head_attention(module)

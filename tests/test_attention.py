@@ -249,10 +249,53 @@ def test_an_attention_that_mixes_heads_is_refused_by_the_probe() -> None:
     assert any("change" in why for _, why in info.value.problems), info.value.problems
 
 
-def test_per_head_parameters_are_refused_by_name() -> None:
+def test_parameters_that_are_not_per_head_are_refused_by_name() -> None:
     model = _TinyTransformer()
-    model.attn.register_parameter("scale", torch.nn.Parameter(torch.ones(1, 3, 1, 1)))
+    # a separate q bias (one value per channel, as BEiT's q_bias): no dimension of num_heads
+    model.attn.register_parameter("q_bias", torch.nn.Parameter(torch.zeros(24)))
     with pytest.raises(UnsupportedModelError) as info:
         SteppingNet(model, _x(), N)
     reasons = dict(info.value.problems)
-    assert "attn" in reasons and "scale" in reasons["attn"] and "per-head" in reasons["attn"]
+    assert "attn" in reasons and "q_bias" in reasons["attn"] and "not one tensor per head" in reasons["attn"]
+
+
+def _swin() -> Any:
+    torch.manual_seed(0)
+    # one stage of two blocks: window attention, then shifted windows; relative position bias
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        img_size=32,
+        embed_dim=24,
+        depths=(2,),
+        num_heads=(2,),
+        window_size=4,
+        num_classes=10,
+    ).eval()
+
+
+def test_swin_window_attention_has_head_neurons() -> None:
+    x = _x()
+    net = SteppingNet(_swin(), x, N)
+    assert [block.name for block, _ in net.attention] == ["layers.0.blocks.0.attn", "layers.0.blocks.1.attn"]
+    for block, _ in net.attention:
+        assert block.head_params == {"relative_position_bias_table": 1}
+        # 4 windows of 4x4 tokens at 32 px / patch 4: per head 4 * 16 * 16 * 2 * head_dim
+        assert block.head_macs == 4 * attention_macs(16, 1, 12)
+    assert macs(_swin(), x) == net.full_macs
+    random_assignment(net, seed=1)
+    report = isolation_report(net, _x(4, seed=3), train=True)
+    assert report.isolated and sum(report.compared) > 0, report
+    flat = net.flat_assignment()
+    for s in range(1, N + 1):
+        exported = net.export_subnet(s).eval()
+        for block, heads in net.attention:
+            module = exported.get_submodule(block.name)
+            kept = max(int((flat[heads] <= s).sum()), 1)
+            assert module.num_heads == kept
+            assert module.relative_position_bias_table.shape[1] == kept
+        with torch.no_grad(), net.subnet(s):
+            torch.testing.assert_close(exported(x), net.model(x), rtol=1e-5, atol=1e-6)
+        assert macs(exported, x, nonzero=True) == net.macs(s)
+    with pytest.raises(UnsupportedModelError, match="vision_transformer.Attention"):
+        IncrementalRunner(net)
