@@ -32,12 +32,14 @@ group's ``timeout`` bounds the rest) with :class:`DistributedError` naming the s
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime
 import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -64,7 +66,9 @@ __all__ = [
     "wrap_ddp",
     "SyncBatchNorm1d",
     "SyncBatchNorm2d",
+    "SyncBatchNormAct2d",
     "convert_sync_batchnorm",
+    "distributed_failures",
     "DEFAULT_TIMEOUT_S",
 ]
 
@@ -208,6 +212,25 @@ def _collective(what: str, fn: Callable[[], T]) -> T:
             f"rank {rank}: {what} failed because another rank stopped or cannot be reached "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the first "
             "rank that failed logged the cause"
+        ) from exc
+
+
+@contextlib.contextmanager
+def distributed_failures(what: str) -> Iterator[None]:
+    """Turn a communication failure inside the block (``torch.distributed.DistBackendError``: a
+    DDP gradient all-reduce or broadcast whose peer vanished) into :class:`DistributedError`
+    naming ``what``; other errors pass unchanged. Nothing changes without a process group."""
+    backend_error: type[BaseException] = getattr(dist, "DistBackendError", DistributedError)
+    try:
+        yield
+    except DistributedError:
+        raise
+    except backend_error as exc:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DistributedError(
+            f"rank {rank}: {what} failed because another rank stopped or cannot be reached "
+            f"({type(exc).__name__}: {first}); the first rank that failed logged the cause"
         ) from exc
 
 
@@ -369,24 +392,79 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return _sync_batch_norm(self, input)
 
 
+def _batchnorm_act_type() -> type[nn.Module] | None:
+    """timm's ``BatchNormAct2d`` (None when timm is not installed)."""
+    try:
+        from timm.layers.norm_act import BatchNormAct2d
+    except ImportError:
+        return None
+    return BatchNormAct2d  # type: ignore[no-any-return]
+
+
+def _make_sync_batchnorm_act() -> type[nn.Module] | None:
+    base = _batchnorm_act_type()
+    if base is None:
+        return None
+
+    class _SyncBatchNormAct2d(base):  # type: ignore[misc, valid-type]
+        """timm's ``BatchNormAct2d`` (BatchNorm, then its ``drop`` and ``act``) whose training
+        statistics come from every rank's batch; outside a process group, or in eval mode, it is
+        exactly ``BatchNormAct2d``."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not _synchronised(self):
+                return super().forward(x)  # type: ignore[no-any-return]
+            if x.ndim != 4:
+                raise ValueError(f"{type(self).__name__} expects a 4D input (N, C, H, W), got {x.ndim}D")
+            return self.act(self.drop(_sync_batch_norm(self, x)))  # type: ignore[no-any-return]
+
+    _SyncBatchNormAct2d.__name__ = _SyncBatchNormAct2d.__qualname__ = "SyncBatchNormAct2d"
+    _SyncBatchNormAct2d.__module__ = __name__
+    return _SyncBatchNormAct2d
+
+
+#: timm's ``BatchNormAct2d`` with global-batch statistics (None when timm is not installed);
+#: :func:`convert_sync_batchnorm` builds it from a ``BatchNormAct2d``, keeping its ``act``/``drop``.
+SyncBatchNormAct2d: type[nn.Module] | None = _make_sync_batchnorm_act()
+
+
+def _as_subclass(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A ``cls`` instance holding ``module``'s attributes, parameters, buffers and submodules
+    (the same tensors: ``cls`` subclasses ``type(module)`` and only changes ``forward``)."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+    return new
+
+
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
     """Replace every ``BatchNorm1d``/``BatchNorm2d`` of ``model`` (in place) by its synchronised
     version, keeping parameters, buffers and state-dict keys; returns ``model``.
 
+    timm's ``BatchNormAct2d`` (BatchNorm followed by its activation and dropout) becomes
+    :data:`SyncBatchNormAct2d`, which keeps its ``act`` and ``drop`` modules and the same
+    parameter and buffer tensors. Other BatchNorm subclasses keep per-rank statistics (logged).
     Call it before wrapping the model in a SteppingNet (which records its modules)."""
+    if type(model) in (nn.BatchNorm1d, nn.BatchNorm2d):
+        raise ValueError("convert_sync_batchnorm needs a model holding BatchNorm layers, not a BatchNorm itself")
+    bn_act = _batchnorm_act_type()
+    if bn_act is not None and type(model) is bn_act:
+        raise ValueError("convert_sync_batchnorm needs a model holding BatchNorm layers, not a BatchNormAct2d itself")
     replaced = 0
     skipped: list[str] = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
+            if bn_act is not None and SyncBatchNormAct2d is not None and type(child) is bn_act:
+                setattr(parent, name, _as_subclass(child, SyncBatchNormAct2d))
+                replaced += 1
+                continue
             kind: type[nn.Module] | None = None
             if type(child) is nn.BatchNorm2d:
                 kind = SyncBatchNorm2d
             elif type(child) is nn.BatchNorm1d:
                 kind = SyncBatchNorm1d
             if kind is None:
-                if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(
-                    child, (SyncBatchNorm1d, SyncBatchNorm2d)
-                ):
+                synced = (SyncBatchNorm1d, SyncBatchNorm2d) + ((SyncBatchNormAct2d,) if SyncBatchNormAct2d else ())
+                if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, synced):
                     skipped.append(f"{name} ({type(child).__name__})")
                 continue
             assert isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d))
@@ -404,13 +482,11 @@ def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
                 new.to(p.device)
             setattr(parent, name, new)
             replaced += 1
-    if type(model) in (nn.BatchNorm1d, nn.BatchNorm2d):
-        raise ValueError("convert_sync_batchnorm needs a model holding BatchNorm layers, not a BatchNorm itself")
     logger.info("SyncBatchNorm: %d BatchNorm layers synchronised", replaced)
     if skipped:
         logger.warning(
-            "SyncBatchNorm: %d BatchNorm subclasses keep per-rank statistics (only plain BatchNorm1d/2d "
-            "are converted): %s",
+            "SyncBatchNorm: %d BatchNorm subclasses keep per-rank statistics (only BatchNorm1d/2d and "
+            "timm's BatchNormAct2d are converted): %s",
             len(skipped),
             ", ".join(skipped[:6]),
         )
