@@ -257,6 +257,29 @@ def test_syncbn_is_batchnorm_outside_a_process_group() -> None:
         torch.testing.assert_close(synced.state_dict()[name], value, rtol=0, atol=0)
 
 
+def test_timm_batchnorm_act_becomes_sync_and_keeps_its_activation() -> None:
+    timm = pytest.importorskip("timm")
+    from timm.layers.norm_act import BatchNormAct2d
+
+    torch.manual_seed(0)
+    plain = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
+    before = sum(type(m) is BatchNormAct2d for m in plain.modules())
+    assert before > 0
+    synced = convert_sync_batchnorm(copy.deepcopy(plain))
+    kinds = [type(m).__name__ for m in synced.modules()]
+    assert "BatchNormAct2d" not in kinds and kinds.count("SyncBatchNormAct2d") == before
+    assert all(isinstance(m, BatchNormAct2d) for m in synced.modules() if type(m).__name__ == "SyncBatchNormAct2d")
+    x = torch.randn(4, 3, 64, 64)
+    for train in (True, False):
+        plain.train(train)
+        synced.train(train)
+        with torch.no_grad():
+            torch.testing.assert_close(synced(x), plain(x), rtol=0, atol=0)
+    assert set(synced.state_dict()) == set(plain.state_dict())
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(synced.state_dict()[name], value, rtol=0, atol=0)
+
+
 def test_single_process_helpers_are_identities() -> None:
     net = _net(sync_bn=False, execution="masked")
     t = torch.randn(5)
