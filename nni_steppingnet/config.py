@@ -33,7 +33,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from .validation import CONSTRUCTION_RULES, NON_NEGATIVE, POSITIVE, UNIT_CLOSED, UNIT_CLOSED_OPEN, check_budgets
+from .validation import (
+    CONSTRUCTION_RULES,
+    LANDINGS,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT_CLOSED,
+    UNIT_CLOSED_OPEN,
+    check_budgets,
+)
 
 __all__ = [
     "RecipeError",
@@ -100,6 +108,10 @@ def _dataset_name(value: Any) -> str | None:
 def _criterion(value: Any) -> str | None:
     choices = ("gradient", "class", "noise")
     return None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _landing(value: Any) -> str | None:
+    return None if value in LANDINGS else f"must be one of {', '.join(LANDINGS)}"
 
 
 def _augmentation(value: Any) -> str | None:
@@ -235,6 +247,22 @@ class ConstructionSection:
         default="gradient",
         metadata=_meta(
             _criterion, "neuron criterion: gradient (paper eq. 2-3), class or noise (see nni_steppingnet.criteria)"
+        ),
+    )
+    min_group_fraction: float = field(
+        default=0.5,
+        metadata=_meta(
+            _rule["min_group_fraction"],
+            "a neuron group keeps at least this fraction of the uniform width that meets a subnet's "
+            "budget (0: only its last neuron)",
+        ),
+    )
+    landing: str = field(
+        default="defer",
+        metadata=_meta(
+            _landing,
+            "a subnet short of movable neurons that fit its budget: defer (stop short, finish in a "
+            "later iteration) or now (pass the budget by the cheapest neuron at once)",
         ),
     )
 

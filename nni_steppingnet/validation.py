@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 __all__ = [
+    "LANDINGS",
     "Range",
     "POSITIVE_INT",
     "NON_NEGATIVE_INT",
@@ -140,7 +141,14 @@ CONSTRUCTION_RULES: dict[str, Range] = {
     "momentum": UNIT_CLOSED_OPEN,
     "weight_decay": NON_NEGATIVE,
     "seed": Range(integer=True),
+    "min_group_fraction": UNIT_CLOSED,
 }
+
+#: How a subnet lands on its MAC budget when no neuron that is still movable fits under it
+#: (``ConstructionConfig.landing``, the recipe's ``construction.landing``): ``"defer"`` stops
+#: short and finishes in a later iteration, passing the budget by the cheapest neuron only in the
+#: last one; ``"now"`` passes it by the cheapest neuron at once (the behaviour before the option).
+LANDINGS: tuple[str, ...] = ("defer", "now")
 
 
 def check_budgets(budgets: Any, num_subnets: int | None = None, *, name: str = "budgets") -> list[float]:

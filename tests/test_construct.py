@@ -413,3 +413,52 @@ def test_at_most_half_of_a_group_leaves_per_selection(tiny_model: Callable[..., 
     c.group_move_limit = False
     chosen = c.select(1, amount, flat, scores, none, cap=float("inf"))
     assert len([j for j in chosen if j in set(conv3.tolist())]) == conv3.numel() - 1  # the last stays
+
+
+# ------------------------------------------------------------- landing and floors
+def test_defer_stops_short_of_a_budget_until_the_last_iteration(tiny_model: Callable[..., nn.Module]) -> None:
+    from nni_steppingnet.construction.select import move_neurons
+
+    results = {}
+    for landing, left in (("defer", 3), ("defer", 1), ("now", 3)):
+        net = _net(tiny_model, 1)
+        cheapest = float(Constructor(net, _config(net, [0.5]), _batches()).neuron_costs(1).min())
+        budget = net.full_macs - 0.5 * cheapest  # every neuron passes it
+        scores = torch.arange(net.num_neurons, dtype=torch.float64)
+        moved, counts, _ = move_neurons(net, scores, [budget], 0.0, left, landing=landing, min_group_fraction=0.0)
+        results[landing, left] = (int(counts[0]), net.macs(1), budget)
+    taken, macs, budget = results["defer", 3]
+    assert taken == 0 and macs > budget  # iterations are left: it waits instead of passing the budget
+    for key in (("defer", 1), ("now", 3)):
+        taken, macs, budget = results[key]
+        assert taken == 1 and macs <= budget  # the last iteration (or "now") meets it with one neuron
+
+
+def test_group_floor_keeps_a_fraction_of_the_uniform_width(tiny_model: Callable[..., nn.Module]) -> None:
+    from nni_steppingnet.construction.select import move_neurons
+
+    kept = {}
+    for fraction in (0.0, 1.0):
+        net = _net(tiny_model, 1)
+        conv3 = net.index.out_positions[_layer(net, "features.7")]
+        scores = _scores_low_in(net, "features.7")  # conv3's neurons move first
+        budget = 0.05 * net.full_macs
+        # quantum = all MACs: one call moves the whole excess, so only the floor stops conv3
+        move_neurons(net, scores, [budget], net.full_macs, 5, group_limit=False, min_group_fraction=fraction)
+        kept[fraction] = int((net.flat_assignment()[conv3] == 1).sum())
+        width = math.sqrt(budget / net.full_macs)
+        floor = max(1, int(fraction * width * conv3.numel()))
+        assert kept[fraction] == floor, (fraction, kept[fraction], floor, conv3.numel())
+    assert kept[1.0] > kept[0.0] == 1
+    # the last iteration drops the floor: the budget comes first
+    net = _net(tiny_model, 1)
+    conv3 = net.index.out_positions[_layer(net, "features.7")]
+    move_neurons(net, _scores_low_in(net, "features.7"), [0.05 * net.full_macs], net.full_macs, 1, group_limit=False)
+    assert int((net.flat_assignment()[conv3] == 1).sum()) == 1
+
+
+def test_landing_and_floor_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="landing must be one of 'defer', 'now'"):
+        ConstructionConfig(budgets=[0.1], reference_macs=10, landing="later")
+    with pytest.raises(ValueError, match=r"min_group_fraction must be in \[0, 1\]"):
+        ConstructionConfig(budgets=[0.1], reference_macs=10, min_group_fraction=1.5)

@@ -84,7 +84,7 @@ from ..data import to_device
 from ..errors import CheckpointError
 from ..stepping import SteppingNet
 from ..train import BetaSuppression, autocast, check_amp, forward_logits, make_optimizer, split_batch
-from ..validation import CONSTRUCTION_RULES, check_budgets, is_int
+from ..validation import CONSTRUCTION_RULES, LANDINGS, check_budgets, is_int
 from .batches import BatchStream, rng_state, set_rng_state
 from .prune import dead_neurons, prune_small_weights, retire_dead
 from .select import move_neurons, neuron_costs, select_neurons
@@ -125,10 +125,16 @@ class ConstructionConfig:
     seed: int = 0
     #: neuron scorer (:data:`nni_steppingnet.criteria.CRITERIA`): ``gradient`` is the paper's eq. (2)-(3)
     criterion: str = "gradient"
+    #: how a subnet lands on its budget (:data:`nni_steppingnet.validation.LANDINGS`)
+    landing: str = "defer"
+    #: per-group floor of every subnet's neurons (see :func:`~nni_steppingnet.construction.select.move_neurons`)
+    min_group_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        if self.landing not in LANDINGS:
+            raise ValueError(f"landing must be one of {', '.join(map(repr, LANDINGS))}, got {self.landing!r}")
         # The checks live in nni_steppingnet.validation, shared with the recipes and the NNI pruner.
         self.budgets = check_budgets(self.budgets)
         if not is_int(self.reference_macs) or self.reference_macs <= 0:
@@ -489,6 +495,8 @@ class Constructor:
             self.config.iterations - self.iteration,
             frozen=self.frozen,
             group_limit=self.group_move_limit,
+            landing=self.config.landing,
+            min_group_fraction=self.config.min_group_fraction,
         )
 
     # ----------------------------------------------------------- dead neurons
