@@ -120,7 +120,9 @@ def select_neurons(
     lands near its target instead of up to a whole expensive neuron below it. ``search_all``:
     before passing ``cap``, the lowest-M neuron beyond the window that still fits is taken.
     ``stop_short`` (with ``strict``): the budget is still reached in a later iteration, so
-    nothing that passes ``cap`` is taken now (both: ``landing="defer"`` of :func:`move_neurons`).
+    nothing that passes ``cap`` is taken now while a neuron that fits is held back only by this
+    call's per-group limits (both: ``landing="defer"`` of :func:`move_neurons`); when none is,
+    waiting cannot help and the cheapest neuron passes the cap at once.
     ``floors`` (one per neuron group): the fewest neurons a group keeps in subnets ``<= i``
     (at least 1: the last neuron of a group never leaves, whatever ``floors`` says).
 
@@ -202,10 +204,19 @@ def select_neurons(
             take(fits[0])  # the lowest-M neuron that still fits under the target
             continue
         # Nothing fits: every neuron overshoots the cap; the cheapest one overshoots least.
+        if search_all:
+            ahead = [x for x in order[pos + 1 :] if movable(x, capped=False)]
         cheapest = min([(table.cost_of(x), k, x) for k, x in enumerate(ahead)], default=(c, 0, j))
         best_cost, best = (cheapest[0], cheapest[2]) if cheapest[0] < c else (c, j)
-        if strict and stop_short:
-            break
+        if (
+            strict
+            and stop_short
+            and any(
+                x not in taken and total + table.cost_of(x) <= cap and inside[group_of[x]] > floor[group_of[x]]
+                for x in order
+            )
+        ):
+            break  # a neuron that fits is only held back by this call's limits: a later call takes it
         if strict or total + best_cost - cap < cap - total:
             take(best)
         break
