@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import functools
 import hashlib
 import logging
 import os
@@ -60,6 +61,7 @@ __all__ = [
     "all_reduce_mean",
     "sum_over_ranks",
     "broadcast_from_main",
+    "broadcast_buffers",
     "from_main",
     "assignment_hash",
     "check_same_assignment",
@@ -259,6 +261,25 @@ def broadcast_from_main(obj: Any) -> Any:
     box = [obj]
     _collective("receiving rank 0's run state", lambda: dist.broadcast_object_list(box, src=0))
     return box[0]
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics, ...) into every rank's ``module``, in place.
+
+    DistributedDataParallel keeps the parameters equal, but each rank's last training forward
+    updates its running statistics with its own shard (without ``--sync-bn``), so after training
+    the ranks' eval-mode networks differ slightly. Call this after a data-parallel training phase,
+    before evaluating or saving: every rank then holds the network rank 0 saves. Nothing happens
+    without a process group."""
+    if not _group_active():
+        return
+    for name, buffer in module.named_buffers():
+        # gloo cannot broadcast bool tensors; a collective needs a contiguous one
+        box = buffer.to(torch.uint8) if buffer.dtype == torch.bool else buffer.contiguous()
+        _collective(f"receiving rank 0's buffer {name}", functools.partial(dist.broadcast, box, src=0))
+        if box is not buffer:
+            with torch.no_grad():
+                buffer.copy_(box)
 
 
 def from_main(read: Callable[[], T], errors: tuple[type[BaseException], ...]) -> T:

@@ -33,9 +33,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Subset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Subset
 
+from .app.parallel import global_accuracies, seed_epoch, settle_weights, whole_test_loader
 from .checkpoint import (
     capture_rng,
     check_writable_dir,
@@ -54,8 +54,8 @@ from .distributed import (
     convert_sync_batchnorm,
     current_context,
     device_for,
+    distributed_failures,
     from_main,
-    sum_over_ranks,
     wrap_ddp,
 )
 from .errors import CheckpointError
@@ -80,6 +80,8 @@ __all__ = [
     "build_data",
     "reference_macs",
     "load_teacher",
+    "shared_teacher",
+    "train_teacher_model",
     "run_recipe",
     "load_checkpoint",
     "evaluate_checkpoint",
@@ -323,6 +325,60 @@ def load_teacher(path: str | os.PathLike[str], recipe: Recipe, info: DatasetInfo
             f"input channels): {detail[:600]}"
         ) from exc
     return model, meta
+
+
+def shared_teacher(
+    path: str | os.PathLike[str], recipe: Recipe, info: DatasetInfo, distributed: DistributedContext | None = None
+) -> nn.Module:
+    """:func:`load_teacher`'s model; in a data-parallel job (``distributed``) rank 0 reads the file
+    and sends the weights to every rank (the file may live on rank 0's machine only), and a bad
+    file stops every rank with the same error."""
+    ctx = distributed or DistributedContext()
+    if not ctx.enabled:
+        return load_teacher(path, recipe, info)[0]
+    state = from_main(lambda: load_teacher(path, recipe, info)[0].state_dict(), (OSError, CheckpointError))
+    teacher = build_model(recipe, info, width=1.0)
+    teacher.load_state_dict(state)
+    return teacher
+
+
+def train_teacher_model(
+    recipe: Recipe,
+    info: DatasetInfo,
+    train_loader: DataLoader,
+    device: torch.device,
+    *,
+    amp: str | None = None,
+    progress: bool = False,
+    sync_bn: bool = False,
+    distributed: DistributedContext | None = None,
+) -> tuple[nn.Module, list[float]]:
+    """A new original network (width 1) trained densely with the recipe's teacher settings on
+    ``device``; returns ``(model, losses)``. In a data-parallel job (``distributed``) it trains
+    through DistributedDataParallel on the rank's shard (``sync_bn``: synchronised BatchNorm) and
+    every rank ends with rank 0's weights and BatchNorm statistics (checked)."""
+    from .train import train_dense
+
+    ctx = distributed or DistributedContext()
+    model = build_model(recipe, info, width=1.0)
+    if sync_bn:
+        convert_sync_batchnorm(model)
+    model.to(device)
+    t = recipe.teacher
+    with distributed_failures("training the teacher"):
+        losses = train_dense(
+            wrap_ddp(model, ctx, device),
+            train_loader,
+            epochs=t.epochs,
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            device=device,
+            amp=amp,
+            progress=progress and ctx.is_main,
+        )
+    settle_weights(model, ctx, "after training the teacher")
+    return model, [float(v) for v in losses]
 
 
 def _save_teacher(
@@ -644,7 +700,8 @@ def run_recipe(
         sync_bn=sync_bn,
         distributed=distributed or current_context(),
     )
-    return run.run()
+    with distributed_failures(f"the run in {out_dir}"):
+        return run.run()
 
 
 class _FlowRun:
@@ -754,38 +811,15 @@ class _FlowRun:
 
     def global_accuracy(self, local: Sequence[float]) -> list[float]:
         """Accuracies over the whole test set from each rank's accuracies on its part."""
-        if not self.ctx.enabled:
-            return list(local)
-        count = len(self.test_loader.dataset)  # type: ignore[arg-type]
-        totals = sum_over_ranks([round(a * count) for a in local] + [count], self.dev)
-        if totals[-1] == 0:
-            raise ValueError("the test set is empty")
-        return [t / totals[-1] for t in totals[:-1]]
+        return global_accuracies(local, self.test_loader, self.ctx, self.dev)
 
     def full_test_loader(self) -> DataLoader:
         """The whole test set (rank 0's anytime measurement), not this rank's part of it."""
-        dataset: Dataset[Any] = self.test_loader.dataset
-        if not self.ctx.enabled or not isinstance(dataset, Subset):
-            return self.test_loader
-        return DataLoader(
-            dataset.dataset,
-            batch_size=self.test_loader.batch_size,
-            shuffle=False,
-            num_workers=0,
-            pin_memory=self.test_loader.pin_memory,
-        )
+        return whole_test_loader(self.test_loader, self.ctx)
 
     def shared_teacher(self, path: str | os.PathLike[str]) -> nn.Module:
-        """The teacher of ``path`` read by rank 0 and sent to every rank (the folder or the file
-        may live on rank 0's machine only)."""
-        if not self.ctx.enabled:
-            return load_teacher(path, self.recipe, self.info)[0]
-        state = from_main(
-            lambda: load_teacher(path, self.recipe, self.info)[0].state_dict(), (OSError, CheckpointError)
-        )
-        teacher = build_model(self.recipe, self.info, width=1.0)
-        teacher.load_state_dict(state)
-        return teacher
+        """The teacher of ``path`` read by rank 0 and sent to every rank."""
+        return shared_teacher(path, self.recipe, self.info, self.ctx)
 
     # ----------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
@@ -834,7 +868,7 @@ class _FlowRun:
 
     # -------------------------------------------------------------------------- stages
     def teacher_stage(self) -> None:
-        from .train import evaluate_model, train_dense
+        from .train import evaluate_model
 
         recipe, info, state, dev = self.recipe, self.info, self.state, self.dev
         teacher: nn.Module | None = None
@@ -848,21 +882,15 @@ class _FlowRun:
                 teacher = self.shared_teacher(recipe.teacher.checkpoint)
                 logger.info("teacher loaded from %s", recipe.teacher.checkpoint)
             else:
-                teacher = build_model(recipe, info, width=1.0)
-                if self.sync_bn:
-                    convert_sync_batchnorm(teacher)
-                teacher.to(dev)
-                t = recipe.teacher
-                losses = train_dense(
-                    wrap_ddp(teacher, self.ctx, dev),
+                teacher, losses = train_teacher_model(
+                    recipe,
+                    info,
                     self.train_loader,
-                    epochs=t.epochs,
-                    lr=t.lr,
-                    momentum=t.momentum,
-                    weight_decay=t.weight_decay,
-                    device=dev,
+                    dev,
                     amp=self.amp,
                     progress=self.progress,
+                    sync_bn=self.sync_bn,
+                    distributed=self.ctx,
                 )
             local = evaluate_model(teacher, self.test_loader, device=dev, amp=self.amp)
             state.teacher_accuracy = self.global_accuracy([local])[0]
@@ -981,16 +1009,10 @@ class _FlowRun:
             self.restore_once()  # checkpoint written after construction or after a retraining epoch
             state.stage = "retraining"
             self.report("stage", {"stage": "retraining", "total": r.epochs, "done": start_epoch})
-            generator = getattr(self.train_loader, "generator", None)
-            sampler = getattr(self.train_loader, "sampler", None)
             for epoch in range(start_epoch, r.epochs):
                 t_epoch = time.perf_counter()
                 # Epoch e always sees the same batch order, however the run was interrupted.
-                epoch_seed = recipe.seed + 1_000_003 * (epoch + 1)
-                if isinstance(sampler, DistributedSampler):
-                    sampler.set_epoch(epoch_seed)
-                elif isinstance(generator, torch.Generator):
-                    generator.manual_seed(epoch_seed)
+                seed_epoch(self.train_loader, recipe.seed + 1_000_003 * (epoch + 1))
                 loss = train_subnets_epoch(
                     net,
                     self.train_loader,
@@ -1054,6 +1076,8 @@ class _FlowRun:
         recipe, state, dev, net = self.recipe, self.state, self.dev, self.net
         assert net is not None
         t0 = time.perf_counter()
+        # Every rank evaluates rank 0's network (its BatchNorm statistics, checked weights).
+        weights = settle_weights(net.model, self.ctx, "before the evaluation")
         results = _evaluate_net(
             net,
             recipe,
@@ -1093,6 +1117,7 @@ class _FlowRun:
                 "device": str(dev),
                 "world_size": self.ctx.world_size,
                 "sync_bn": self.sync_bn,
+                "weights_hash": weights,
                 "amp": self.amp,
                 "wall_time_s": state.wall_time_s,
                 "stage_times_s": dict(state.stage_times_s),

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 __all__ = [
     "add_arguments",
+    "add_distributed_arguments",
     "main",
     "CliReporter",
     "check_output_not_input",
@@ -77,18 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
             "--download", action="store_true", help="allow downloading the dataset into data.root (network access)"
         )
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-        parser.add_argument(
-            "--sync-bn",
-            action="store_true",
-            help="under torchrun: BatchNorm statistics over the global batch of all ranks (SyncBatchNorm)",
-        )
-        parser.add_argument(
-            "--dist-timeout",
-            type=float,
-            default=None,
-            metavar="SECONDS",
-            help="under torchrun: how long a rank waits for the others before the job fails (default 600)",
-        )
+        add_distributed_arguments(parser)
     elif name == "eval":
         parser.add_argument("checkpoint", help="a run's checkpoint.pt (or its folder)")
         _device_argument(parser)
@@ -131,6 +121,23 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--keys", action="store_true", help="list every recipe key with its default")
     else:
         raise ValueError(f"flow_cli has no subcommand {name!r}")
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--sync-bn`` and ``--dist-timeout``: the options of a command that trains under torchrun
+    (``run``, ``compare``, ``ablate``)."""
+    parser.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun: BatchNorm statistics over the global batch of all ranks (SyncBatchNorm)",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others before the job fails (default 600)",
+    )
 
 
 def _device_argument(parser: argparse.ArgumentParser) -> None:
@@ -202,21 +209,10 @@ def resume_command(args: argparse.Namespace, out: Path, resume: bool = True) -> 
 
 def _run(args: argparse.Namespace) -> int:
     """``run``; under torchrun (``WORLD_SIZE > 1``) every rank runs it, joined in one process group."""
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    from .distributed import DEFAULT_TIMEOUT_S, context_from_env, init_distributed, shutdown
+    from .app.parallel import launch
     from .flow import resolve_device
 
-    if not context_from_env().enabled:
-        return _run_recipe(args, None)
-    timeout = DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
-    ctx = init_distributed(resolve_device(args.device), timeout_s=timeout)
-    try:
-        # record(): torchrun's failure summary then shows the failing rank's traceback.
-        status = record(_run_recipe)(args, ctx)
-        return 1 if status is None else int(status)
-    finally:
-        shutdown()
+    return launch(lambda ctx: _run_recipe(args, ctx), resolve_device(args.device), args.dist_timeout)
 
 
 def _run_recipe(args: argparse.Namespace, ctx: Any) -> int:

@@ -16,10 +16,24 @@ Fairness. Every method of one seed uses the same recipe, data, teacher and budge
 
 Functions here log; the command line (:mod:`nni_steppingnet.app.compare_cli`) prints tables and
 shows progress bars. Statistics and tables: :mod:`.compare_report`; the figure: :mod:`.compare_plot`.
+
+Data parallel. Under torchrun (``distributed``, default: the process group this process joined)
+every method trains through DistributedDataParallel on the rank's shard of the training set
+(``data.batch_size`` per rank): the teacher, the baselines (:func:`train_baseline` with a DDP
+``forward_module``) and SteppingNet (:func:`~nni_steppingnet.flow.run_recipe`, whose construction
+averages the importance over the ranks and checks the assignments every iteration). Accuracies
+add every rank's counts on its part of the test set. After each training phase every rank takes
+rank 0's BatchNorm running statistics (each rank updated its own with its shard) and checks that
+it holds rank 0's weights (``weights_hash`` in every method's results), so the accuracies are those
+of the network rank 0 saves, over the whole test set. Rank 0 alone reads and writes
+the output folder (teachers, checkpoints, results, reports); the others wait for it and stop with
+the same error when a read or write fails. With ``sync_bn`` BatchNorm layers use the statistics of
+the global batch (:func:`nni_steppingnet.distributed.convert_sync_batchnorm`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -36,18 +50,28 @@ from ..baselines.widths import SlicedNet, search_widths
 from ..checkpoint import atomic_write_json, atomic_write_text, load_checkpoint_file, save_checkpoint, seed_everything
 from ..config import Recipe, load_recipe, recipe_diff
 from ..data import DatasetInfo
+from ..distributed import (
+    DistributedContext,
+    convert_sync_batchnorm,
+    current_context,
+    device_for,
+    distributed_failures,
+    from_main,
+    wrap_ddp,
+)
 from ..errors import CheckpointError
 from ..flow import (
     CHECKPOINT_NAME,
     build_data,
     build_model,
     example_inputs,
-    load_teacher,
     reference_macs,
     resolve_device,
     run_recipe,
+    shared_teacher,
+    train_teacher_model,
 )
-from ..train import check_amp, evaluate, evaluate_model, make_optimizer, train_dense, train_subnets_epoch
+from ..train import check_amp, evaluate, evaluate_model, make_optimizer, train_subnets_epoch
 from .compare_plot import plot_compare
 from .compare_report import check_targets, compare_markdown, summarize
 from .compare_spec import (
@@ -59,6 +83,7 @@ from .compare_spec import (
     TEACHER_FILE,
     parse_list,
 )
+from .parallel import global_accuracies, on_main, seed_epoch, settle_weights
 
 __all__ = [
     "METHODS",
@@ -145,47 +170,40 @@ def train_teacher(
     amp: str | None = None,
     progress: bool = False,
     data: tuple[Any, Any, Any] | None = None,
+    sync_bn: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> tuple[Path, float]:
     """The teacher (original network) every method of ``recipe.seed`` distils from.
 
     Returns ``(path, test accuracy)``: ``teacher.checkpoint`` when the recipe names one, else
     ``out_dir/teacher.pt``, reused when present, otherwise trained as the flow trains it (same
-    epochs, SGD settings and cosine schedule) and written atomically.
+    epochs, SGD settings and cosine schedule) and written atomically. In a data-parallel job
+    (``distributed``) it trains through DDP (``sync_bn``: synchronised BatchNorm), rank 0 alone
+    reads and writes the file, and the accuracy covers every rank's part of the test set.
     """
-    dev = resolve_device(device)
-    train_loader, test_loader, info = data if data is not None else build_data(recipe, dev)
+    ctx = distributed or DistributedContext()
+    dev = device_for(ctx, resolve_device(device))
+    train_loader, test_loader, info = data if data is not None else build_data(recipe, dev, ctx)
     if recipe.teacher.checkpoint is not None:
         path = Path(recipe.teacher.checkpoint).expanduser().resolve()
-        model, _ = load_teacher(path, recipe, info)
+        model = shared_teacher(path, recipe, info, ctx)
     else:
         path = (Path(out_dir) / TEACHER_FILE).resolve()
-        if path.is_file():
-            model, _ = load_teacher(path, recipe, info)
+        if on_main(ctx, path.is_file):
+            model = shared_teacher(path, recipe, info, ctx)
             logger.info("reusing teacher %s", path)
         else:
             seed_everything(recipe.seed)
-            model = build_model(recipe, info, width=1.0)
-            t = recipe.teacher
-            losses = train_dense(
-                model,
-                train_loader,
-                epochs=t.epochs,
-                lr=t.lr,
-                momentum=t.momentum,
-                weight_decay=t.weight_decay,
-                device=dev,
-                amp=amp,
-                progress=progress,
+            model, losses = train_teacher_model(
+                recipe, info, train_loader, dev, amp=amp, progress=progress, sync_bn=sync_bn, distributed=ctx
             )
-            save_checkpoint(
-                {
-                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "losses": [float(v) for v in losses],
-                    "seed": recipe.seed,
-                },
-                path,
-            )
-    accuracy = evaluate_model(model, test_loader, device=dev, amp=amp)
+            teacher_state = {
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "losses": losses,
+                "seed": recipe.seed,
+            }
+            on_main(ctx, lambda: save_checkpoint(teacher_state, path))
+    accuracy = global_accuracies([evaluate_model(model, test_loader, device=dev, amp=amp)], test_loader, ctx, dev)[0]
     logger.info("teacher (seed %d): accuracy %.4f (%s)", recipe.seed, accuracy, path)
     return path, accuracy
 
@@ -202,17 +220,19 @@ def train_baseline(
     device: str | torch.device = "cpu",
     amp: str | None = None,
     progress: bool = False,
+    forward_module: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train a baseline with SteppingNet's loop and settings (see the module docstring).
 
     ``train_batches`` batches (each trains every subnet once, ascending) with the construction's
     SGD settings, then ``retraining.epochs`` epochs of distillation from ``teacher`` with the
     retraining settings, cosine schedule and the flow's per-epoch batch order. Returns the losses.
+    ``forward_module``: a DistributedDataParallel wrapper of ``net.model`` in a data-parallel job
+    (``train_loader`` then reads the rank's shard through a ``DistributedSampler``).
     """
     if isinstance(train_batches, bool) or not isinstance(train_batches, int) or train_batches < 0:
         raise ValueError(f"train_batches must be an int >= 0, got {train_batches!r}")
     c, r = recipe.construction, recipe.retraining
-    generator = getattr(train_loader, "generator", None)
     phase1: list[float] = []
     if train_batches:
         optimizer = make_optimizer(net.model.parameters(), c.lr, c.momentum, c.weight_decay)
@@ -221,8 +241,7 @@ def train_baseline(
         if per_epoch == 0:
             raise ValueError("train_loader yields no batches; give it a non-empty dataset")
         while remaining > 0:
-            if isinstance(generator, torch.Generator):
-                generator.manual_seed(recipe.seed + epoch)
+            seed_epoch(train_loader, recipe.seed + epoch)
             take = min(remaining, per_epoch)
             phase1.append(
                 train_subnets_epoch(
@@ -234,6 +253,7 @@ def train_baseline(
                     amp=amp,
                     max_batches=take,
                     progress=progress,
+                    forward_module=forward_module,
                 )
             )
             remaining -= take
@@ -243,8 +263,7 @@ def train_baseline(
         optimizer = make_optimizer(net.model.parameters(), r.lr, r.momentum, r.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=r.epochs)
         for epoch in range(r.epochs):
-            if isinstance(generator, torch.Generator):
-                generator.manual_seed(recipe.seed + 1_000_003 * (epoch + 1))
+            seed_epoch(train_loader, recipe.seed + 1_000_003 * (epoch + 1))
             phase2.append(
                 train_subnets_epoch(
                     net,
@@ -257,6 +276,7 @@ def train_baseline(
                     amp=amp,
                     progress=progress,
                     temperature=r.temperature,
+                    forward_module=forward_module,
                 )
             )
             scheduler.step()
@@ -282,25 +302,32 @@ def run_baseline(
     baseline_beta: bool = False,
     tolerance: float = 0.02,
     data: tuple[Any, Any, Any] | None = None,
+    sync_bn: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> dict[str, Any]:
     """Build, size, train and evaluate one baseline (``'anywidth'`` or ``'slimmable'``) for
     ``recipe`` and write ``results.json`` (same schema as a SteppingNet run, plus ``widths``,
     ``training`` and ``isolation_ok``) and ``checkpoint.pt`` (the net's state) into ``out_dir``.
 
     ``train_batches`` defaults to ``construction.iterations * construction.batches_per_iteration``.
+    In a data-parallel job (``distributed``) the net trains through DDP (``sync_bn``: synchronised
+    BatchNorm), every rank takes rank 0's BatchNorm statistics and checks that it holds rank 0's
+    weights (``weights_hash``), the accuracies add every rank's part of the test set and rank 0
+    alone writes ``out_dir``.
     """
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; choose from {', '.join(BASELINES)}")
     amp = check_amp(amp)
     started = time.perf_counter()
-    dev = resolve_device(device)
+    ctx = distributed or DistributedContext()
+    dev = device_for(ctx, resolve_device(device))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_loader, test_loader, info = data if data is not None else build_data(recipe, dev)
+    on_main(ctx, lambda: out.mkdir(parents=True, exist_ok=True))
+    train_loader, test_loader, info = data if data is not None else build_data(recipe, dev, ctx)
     ref = reference_macs(recipe, info)
     teacher = None
     if teacher_path is not None:
-        teacher, _ = load_teacher(teacher_path, recipe, info)
+        teacher = shared_teacher(teacher_path, recipe, info, ctx)
         teacher.to(dev).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -308,28 +335,34 @@ def run_baseline(
         train_batches = recipe.construction.iterations * recipe.construction.batches_per_iteration
     seed_everything(recipe.seed)
     model = build_model(recipe, info, width=recipe.steppingnet.expansion)
+    if sync_bn:
+        convert_sync_batchnorm(model)
     n = recipe.steppingnet.num_subnets
     net = BASELINES[method](model, example_inputs(info), n)
     plan = search_widths(net, recipe.steppingnet.budgets, ref, tolerance=tolerance)
     net.model.to(dev)
     t0 = time.perf_counter()
-    training = train_baseline(
-        net,
-        train_loader,
-        recipe,
-        teacher=teacher,
-        train_batches=train_batches,
-        baseline_beta=baseline_beta,
-        device=dev,
-        amp=amp,
-        progress=progress,
-    )
+    with distributed_failures(f"training the {method} baseline"):
+        training = train_baseline(
+            net,
+            train_loader,
+            recipe,
+            teacher=teacher,
+            train_batches=train_batches,
+            baseline_beta=baseline_beta,
+            device=dev,
+            amp=amp,
+            progress=progress and ctx.is_main,
+            forward_module=wrap_ddp(net.model, ctx, dev),
+        )
     training["time_s"] = time.perf_counter() - t0
-    accuracies = evaluate(net, test_loader, device=dev, amp=amp)
+    weights = settle_weights(net.model, ctx, f"after training the {method} baseline")
+    accuracies = global_accuracies(evaluate(net, test_loader, device=dev, amp=amp), test_loader, ctx, dev)
     net.model.to("cpu")
     teacher_accuracy = None
     if teacher is not None:
-        teacher_accuracy = evaluate_model(teacher, test_loader, device=dev, amp=amp)
+        local = evaluate_model(teacher, test_loader, device=dev, amp=amp)
+        teacher_accuracy = global_accuracies([local], test_loader, ctx, dev)[0]
     problems = net.check_isolation()
     subnets: list[dict[str, Any]] = []
     for s in range(1, n + 1):
@@ -367,19 +400,24 @@ def run_baseline(
         },
         "device": str(dev),
         "amp": amp,
+        "world_size": ctx.world_size,
+        "sync_bn": bool(sync_bn),
+        "weights_hash": weights,
         "wall_time_s": time.perf_counter() - started,
     }
-    save_checkpoint(
-        {
-            "format": BASELINE_FORMAT,
-            "method": method,
-            "recipe": recipe.to_dict(),
-            "info": dict(results["dataset"]),
-            "net": net.state_dict(),
-        },
-        out / "checkpoint.pt",
-    )
-    atomic_write_json(out / RESULTS_FILE, results)
+    checkpoint = {
+        "format": BASELINE_FORMAT,
+        "method": method,
+        "recipe": recipe.to_dict(),
+        "info": dict(results["dataset"]),
+        "net": net.state_dict(),
+    }
+
+    def write() -> None:
+        save_checkpoint(checkpoint, out / "checkpoint.pt")
+        atomic_write_json(out / RESULTS_FILE, results)
+
+    on_main(ctx, write)
     logger.info(
         "%s (seed %d): accuracies %s at MAC ratios %s",
         method,
@@ -420,21 +458,35 @@ def _run_steppingnet(
     amp: str | None,
     progress: bool,
     reporter: Reporter | None,
+    sync_bn: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> dict[str, Any]:
-    results_path = out / RESULTS_FILE
-    if results_path.is_file() and (out / CHECKPOINT_NAME).is_file():
-        results = _read_json(results_path)
-        if results.get("stage", "done") == "done" and not recipe_diff(results.get("recipe", {}), recipe.to_dict()):
-            logger.info("reusing finished run %s", out)
-            return results
+    ctx = distributed or DistributedContext()
+
+    def finished() -> tuple[dict[str, Any] | None, bool]:
+        """(the finished run's results or None, whether a checkpoint exists) as rank 0 sees them."""
+        results_path = out / RESULTS_FILE
+        has_checkpoint = (out / CHECKPOINT_NAME).is_file()
+        if results_path.is_file() and has_checkpoint:
+            results = _read_json(results_path)
+            if results.get("stage", "done") == "done" and not recipe_diff(results.get("recipe", {}), recipe.to_dict()):
+                return results, has_checkpoint
+        return None, has_checkpoint
+
+    done, has_checkpoint = from_main(finished, (OSError, ValueError))
+    if done is not None:
+        logger.info("reusing finished run %s", out)
+        return done
     return run_recipe(
         recipe,
         out,
-        resume=(out / CHECKPOINT_NAME).is_file() and resume,
+        resume=has_checkpoint and resume,
         device=device,
         amp=amp,
-        progress=progress,
-        reporter=reporter,
+        progress=progress and ctx.is_main,
+        reporter=reporter if ctx.is_main else None,
+        sync_bn=sync_bn,
+        distributed=ctx,
     )
 
 
@@ -454,14 +506,23 @@ def _reuse_baseline(out: Path, recipe: Recipe) -> dict[str, Any] | None:
 
 
 def _seed_setup(
-    recipe: Recipe, seed: int, out: Path, dev: torch.device, amp: str | None, progress: bool
+    recipe: Recipe,
+    seed: int,
+    out: Path,
+    dev: torch.device,
+    amp: str | None,
+    progress: bool,
+    sync_bn: bool,
+    ctx: DistributedContext,
 ) -> tuple[Recipe, Path, tuple[Any, Any, Any], Path]:
     """One seed's recipe, folder, data and teacher (shared by every method of that seed); the
     returned recipe names the teacher checkpoint."""
     seeded = _with(recipe, seed=seed)
     seed_dir = out / f"seed{seed}"
-    data = build_data(seeded, dev)
-    teacher_path, _ = train_teacher(seeded, seed_dir, device=dev, amp=amp, progress=progress, data=data)
+    data = build_data(seeded, dev, ctx)
+    teacher_path, _ = train_teacher(
+        seeded, seed_dir, device=dev, amp=amp, progress=progress, data=data, sync_bn=sync_bn, distributed=ctx
+    )
     return _with(seeded, teacher__checkpoint=str(teacher_path)), seed_dir, data, teacher_path
 
 
@@ -478,6 +539,8 @@ def run_compare(
     baseline_beta: bool = False,
     tolerance: float = 0.02,
     reporter: Reporter | None = None,
+    sync_bn: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> dict[str, Any]:
     """Run every method of ``methods`` for every seed with one teacher per seed and the recipe's
     budgets; write ``compare.json``, ``compare.md`` and ``compare.png`` into ``out_dir``.
@@ -485,6 +548,11 @@ def run_compare(
     Layout: ``out_dir/seed<k>/teacher.pt`` and ``out_dir/seed<k>/<method>/`` (a SteppingNet run
     folder, or a baseline's ``results.json`` + ``checkpoint.pt``). With ``resume`` finished
     runs are reused and an interrupted SteppingNet run continues from its checkpoint.
+
+    ``distributed``: the data-parallel context (default: the process group this process joined,
+    if any; see the module docstring): every method trains through DDP, rank 0 alone writes and
+    reports. ``sync_bn``: synchronised BatchNorm in every trained network (no effect on one
+    process). ``device='cuda'`` means ``cuda:LOCAL_RANK`` in a data-parallel job.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -492,13 +560,15 @@ def run_compare(
     seeds = _check_seeds([recipe.seed] if seeds is None else seeds)
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be a fraction in (0, 1), got {tolerance!r}")
-    dev = resolve_device(device)
+    ctx = distributed or current_context()
+    dev = device_for(ctx, resolve_device(device))
     out = Path(out_dir)
-    _prepare_out(out, resume, "compare")
+    on_main(ctx, lambda: _prepare_out(out, resume, "compare"), (ValueError, OSError))
+    reporter = reporter if ctx.is_main else None
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for seed in seeds:
-        seeded, seed_dir, data, teacher_path = _seed_setup(recipe, seed, out, dev, amp, progress)
+        seeded, seed_dir, data, teacher_path = _seed_setup(recipe, seed, out, dev, amp, progress, sync_bn, ctx)
         train_batches = None
         if "steppingnet" in methods:
             stepping = _run_steppingnet(
@@ -509,6 +579,8 @@ def run_compare(
                 amp=amp,
                 progress=progress,
                 reporter=reporter,
+                sync_bn=sync_bn,
+                distributed=ctx,
             )
             runs["steppingnet"].append(stepping)
             iterations = int(stepping.get("construction", {}).get("iterations") or seeded.construction.iterations)
@@ -517,7 +589,11 @@ def run_compare(
             if method == "steppingnet":
                 continue
             method_dir = seed_dir / method
-            results = _reuse_baseline(method_dir, seeded) if resume else None
+            results = (
+                from_main(functools.partial(_reuse_baseline, method_dir, seeded), (OSError, ValueError))
+                if resume
+                else None
+            )
             if results is None:
                 if reporter is not None:
                     reporter("stage", {"stage": method, "seed": seed})
@@ -533,6 +609,8 @@ def run_compare(
                     baseline_beta=baseline_beta,
                     tolerance=tolerance,
                     data=data,
+                    sync_bn=sync_bn,
+                    distributed=ctx,
                 )
             runs[method].append(results)
     summary = summarize(runs)
@@ -547,14 +625,19 @@ def run_compare(
         "targets": check_targets(summary),
         "runs": {m: [_run_digest(r) for r in rs] for m, rs in runs.items()},
         "device": str(dev),
+        "world_size": ctx.world_size,
+        "sync_bn": bool(sync_bn),
         "wall_time_s": time.perf_counter() - started,
     }
-    _write_report(
-        report,
-        out,
-        "compare",
-        f"{recipe.name}: SteppingNet vs baselines",
-        [(f"{recipe.name}: accuracy vs MACs", methods)],
+    on_main(
+        ctx,
+        lambda: _write_report(
+            report,
+            out,
+            "compare",
+            f"{recipe.name}: SteppingNet vs baselines",
+            [(f"{recipe.name}: accuracy vs MACs", methods)],
+        ),
     )
     return report
 
@@ -571,11 +654,14 @@ def run_ablate(
     progress: bool = False,
     resume: bool = False,
     reporter: Reporter | None = None,
+    sync_bn: bool = False,
+    distributed: DistributedContext | None = None,
 ) -> dict[str, Any]:
     """SteppingNet with and without beta suppression and distillation (paper Fig. 8; see
     :data:`ABLATION_VARIANTS`) and a sweep over expansion ratios (Fig. 7), one teacher per seed;
     writes ``ablate.json``, ``ablate.md`` and ``ablate.png`` into ``out_dir``. A sweep point equal
-    to the recipe's expansion reuses the ``beta+kd`` runs."""
+    to the recipe's expansion reuses the ``beta+kd`` runs. ``sync_bn`` and ``distributed`` as in
+    :func:`run_compare`."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     seeds = _check_seeds([recipe.seed] if seeds is None else seeds)
@@ -588,9 +674,11 @@ def run_ablate(
         raise ValueError(f"expansions must be positive numbers, got {expansions}")
     if len(set(expansions)) != len(expansions):
         raise ValueError(f"expansions must be distinct, got {expansions}")
-    dev = resolve_device(device)
+    ctx = distributed or current_context()
+    dev = device_for(ctx, resolve_device(device))
     out = Path(out_dir)
-    _prepare_out(out, resume, "ablate")
+    on_main(ctx, lambda: _prepare_out(out, resume, "ablate"), (ValueError, OSError))
+    reporter = reporter if ctx.is_main else None
     started = time.perf_counter()
     # name -> (folder, overrides)
     plan: dict[str, tuple[str, tuple[str, ...]]] = {}
@@ -605,14 +693,22 @@ def run_ablate(
         plan[name] = (f"expansion-{e:g}", (f"steppingnet.expansion={e}",))
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in plan}
     for seed in seeds:
-        seeded, seed_dir, data, teacher_path = _seed_setup(recipe, seed, out, dev, amp, progress)
+        seeded, seed_dir, data, teacher_path = _seed_setup(recipe, seed, out, dev, amp, progress, sync_bn, ctx)
         for name, (folder, overrides) in plan.items():
             variant = seeded.with_overrides(list(overrides))
             if reporter is not None:
                 reporter("stage", {"stage": name, "seed": seed})
             runs[name].append(
                 _run_steppingnet(
-                    variant, seed_dir / folder, resume=resume, device=dev, amp=amp, progress=progress, reporter=reporter
+                    variant,
+                    seed_dir / folder,
+                    resume=resume,
+                    device=dev,
+                    amp=amp,
+                    progress=progress,
+                    reporter=reporter,
+                    sync_bn=sync_bn,
+                    distributed=ctx,
                 )
             )
     ordered = {name: runs[name] for name in chosen}
@@ -629,12 +725,14 @@ def run_ablate(
         "summary": summary,
         "runs": {m: [_run_digest(r) for r in rs] for m, rs in runs.items()},
         "device": str(dev),
+        "world_size": ctx.world_size,
+        "sync_bn": bool(sync_bn),
         "wall_time_s": time.perf_counter() - started,
     }
     panels = [(f"{recipe.name}: beta suppression / distillation (Fig. 8)", chosen)]
     if sweep:
         panels.append((f"{recipe.name}: expansion ratio (Fig. 7)", sweep))
-    _write_report(report, out, "ablate", f"{recipe.name}: SteppingNet ablations", panels)
+    on_main(ctx, lambda: _write_report(report, out, "ablate", f"{recipe.name}: SteppingNet ablations", panels))
     return report
 
 
@@ -649,6 +747,8 @@ def _run_digest(results: Mapping[str, Any]) -> dict[str, Any]:
         "wall_time_s",
         "training",
         "widths",
+        "weights_hash",
+        "world_size",
     )
     digest = {k: results[k] for k in keep if k in results}
     digest["seed"] = results.get("recipe", {}).get("seed")

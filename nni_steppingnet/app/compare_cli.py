@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import load_recipe
-from ..flow_cli import CliReporter
+from ..flow_cli import CliReporter, add_distributed_arguments
 from .compare_spec import ABLATION_VARIANTS, METHODS, parse_list
 
 __all__ = ["add_arguments", "main"]
@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     )
     parser.add_argument("--amp", choices=["bf16"], default=None, help="bfloat16 autocast")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_distributed_arguments(parser)
     if name == "compare":
         parser.add_argument(
             "--methods",
@@ -82,16 +83,29 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``compare`` or ``ablate`` (dispatching on ``args.command``), print the tables."""
+    """Run ``compare`` or ``ablate`` (dispatching on ``args.command``), print the tables.
+
+    Under torchrun (``WORLD_SIZE > 1``) every rank runs the command in one process group; rank 0
+    alone shows progress, writes and prints."""
     command = getattr(args, "command", None)
     if command not in ("compare", "ablate"):
         raise ValueError(f"compare_cli handles compare and ablate, not {command!r}")
+    from ..flow import resolve_device
+    from .parallel import launch
+
+    return launch(
+        lambda ctx: _main(args, command, ctx), resolve_device(args.device), getattr(args, "dist_timeout", None)
+    )
+
+
+def _main(args: argparse.Namespace, command: str, ctx: Any) -> int:
     # Imported here, not at the top: building the parser must not import torch-pruning.
     compare = importlib.import_module("nni_steppingnet.app.compare")
+    main_rank = ctx is None or ctx.is_main
     recipe = load_recipe(args.recipe, list(args.overrides or []))
     seeds = None if args.seeds is None else parse_list(args.seeds, int, "--seeds")
     out = Path(args.out) if args.out else Path("runs") / f"{command}-{recipe.name}"
-    progress = not args.no_progress
+    progress = main_rank and not args.no_progress
     reporter = CliReporter(enabled=progress)
 
     def report_stage(kind: str, payload: dict[str, Any]) -> None:
@@ -103,6 +117,16 @@ def main(args: argparse.Namespace) -> int:
             print(f"[seed {payload.get('seed')}] {payload['stage']}", file=sys.stderr)
         reporter(kind, payload)
 
+    common: dict[str, Any] = {
+        "seeds": seeds,
+        "device": args.device,
+        "amp": args.amp,
+        "progress": progress,
+        "resume": args.resume,
+        "reporter": report_stage,
+        "sync_bn": bool(getattr(args, "sync_bn", False)),
+        "distributed": ctx,
+    }
     try:
         if command == "compare":
             methods = [m for m in args.methods.split(",") if m.strip()]
@@ -110,34 +134,20 @@ def main(args: argparse.Namespace) -> int:
                 recipe,
                 out,
                 methods=methods,
-                seeds=seeds,
-                device=args.device,
-                amp=args.amp,
-                progress=progress,
-                resume=args.resume,
                 baseline_beta=args.baseline_beta,
                 tolerance=args.tolerance,
-                reporter=report_stage,
+                **common,
             )
         else:
             expansions: list[float] = []
             if args.expansions.strip().lower() not in ("", "none"):
                 expansions = parse_list(args.expansions, float, "--expansions")
             variants = None if args.variants is None else [v.strip() for v in args.variants.split(";") if v.strip()]
-            compare.run_ablate(
-                recipe,
-                out,
-                seeds=seeds,
-                expansions=expansions,
-                variants=variants,
-                device=args.device,
-                amp=args.amp,
-                progress=progress,
-                resume=args.resume,
-                reporter=report_stage,
-            )
+            compare.run_ablate(recipe, out, expansions=expansions, variants=variants, **common)
     finally:
         reporter.close()
+    if not main_rank:
+        return 0
     print((out / f"{command}.md").read_text(encoding="utf-8"))
     print(f"results: {out / (command + '.json')}, {out / (command + '.md')}, {out / (command + '.png')}")
     return 0
