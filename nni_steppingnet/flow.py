@@ -50,6 +50,7 @@ from .data import DatasetInfo, load_dataset, make_loaders
 from .distributed import (
     DistributedContext,
     all_reduce_mean,
+    assignment_hash,
     check_same_assignment,
     convert_sync_batchnorm,
     current_context,
@@ -675,7 +676,9 @@ def run_recipe(
         ``budgets_met_per_subnet``, ``recipe``, ``wall_time_s``, ``construction`` (summary and
         history), ``retraining`` and ``teacher`` (losses), ``dataset``, ``expanded``, ``device``,
         ``isolation_ok``, ``stage_times_s``, ``stepping`` (:func:`measure_stepping` on the test
-        set, or None when the runtime or export does not support the model).
+        set, or None when the runtime or export does not support the model), ``weights_hash``
+        (:func:`nni_steppingnet.app.parallel.weights_hash` of the evaluated model, equal on every
+        rank) and ``assignment_hash`` (:func:`nni_steppingnet.distributed.assignment_hash`).
 
     Before anything else the output folder is created, proven writable with a real test write
     (an ``OSError`` naming the folder otherwise) and cleared of temporary files that interrupted
@@ -1118,6 +1121,7 @@ class _FlowRun:
                 "world_size": self.ctx.world_size,
                 "sync_bn": self.sync_bn,
                 "weights_hash": weights,
+                "assignment_hash": assignment_hash(net),
                 "amp": self.amp,
                 "wall_time_s": state.wall_time_s,
                 "stage_times_s": dict(state.stage_times_s),

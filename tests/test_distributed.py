@@ -192,6 +192,22 @@ def _spawn(fn: Any, tmp_path: Path, *args: Any) -> None:
     mp.start_processes(fn, args=(_free_port(), str(tmp_path), *args), nprocs=WORLD, join=True, start_method="spawn")
 
 
+def _spawn_bounded(fn: Any, tmp_path: Path, timeout_s: float = 120) -> None:
+    """Start the ranks without joining them as one job (a failing rank must not stop its peer),
+    and fail when one is still running after ``timeout_s``."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=fn, args=(r, port, str(tmp_path))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout_s)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung after its peer stopped"
+
+
 # ------------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("execution", ["masked", "sliced"])
 def test_syncbn_scores_equal_one_process_full_batch(tmp_path: Path, execution: str) -> None:
@@ -227,17 +243,7 @@ def test_divergent_assignments_stop_every_rank(tmp_path: Path) -> None:
 
 
 def test_a_crashed_rank_ends_the_peer_with_a_clear_error(tmp_path: Path) -> None:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_failing_peer_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank hung after its peer crashed"
+    _spawn_bounded(_failing_peer_worker, tmp_path)
     message = (tmp_path / "rank0.txt").read_text()
     assert message.startswith("DistributedError") and "another rank stopped" in message, message
 
@@ -313,7 +319,9 @@ def test_context_from_env_reads_torchrun_variables() -> None:
 
 
 # ------------------------------------------------------------------------- torchrun, the CLI
-def _torchrun(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def _torchrun(
+    args: list[str], cwd: Path, timeout: float = 240, subcommand: str = "run"
+) -> subprocess.CompletedProcess[str]:
     command = [
         sys.executable,
         "-m",
@@ -322,7 +330,7 @@ def _torchrun(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.Co
         f"--master_port={_free_port()}",
         "-m",
         "nni_steppingnet",
-        "run",
+        subcommand,
         *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -375,3 +383,133 @@ def test_torchrun_refuses_an_existing_run_on_every_rank(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "already holds a run" in done.stderr
     assert (out / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+
+
+# ------------------------------------------------------------------------ compare and ablate
+#: a compare of seconds: 64 synthetic 8x8 images (16 in the test split), two construction iterations
+COMPARE_TINY = [
+    "data.name=synthetic",
+    "data.synthetic_size=64",
+    "data.batch_size=16",
+    "data.img_size=8",
+    "model.width=0.25",
+    "teacher.epochs=1",
+    "construction.iterations=2",
+    "construction.batches_per_iteration=1",
+    "retraining.epochs=1",
+    "construction.monitor_samples=0",
+]
+
+
+def _compare_recipe() -> Any:
+    from nni_steppingnet.config import load_recipe
+
+    return load_recipe("quickstart", COMPARE_TINY)
+
+
+def _rank_folder(out: str, rank: int) -> None:
+    """Run in a folder of this rank's own, given the same relative ``out`` (as on two machines)."""
+    here = Path(out, f"rank{rank}")
+    here.mkdir()
+    os.chdir(here)
+
+
+def _compare_worker(rank: int, port: int, out: str) -> None:
+    from nni_steppingnet.app.compare import run_compare
+
+    _init(rank, port)
+    _rank_folder(out, rank)
+    first = run_compare(_compare_recipe(), "cmp", device="cpu")  # without --sync-bn: per-rank BN statistics
+    if rank == 0:  # an unfinished baseline: the resumed compare trains it again
+        Path("cmp", "seed0", "anywidth", "results.json").unlink()
+    again = run_compare(_compare_recipe(), "cmp", device="cpu", resume=True)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"first": first, "again": again}))
+    dist.destroy_process_group()
+
+
+def _failing_compare_worker(rank: int, port: int, out: str) -> None:
+    from nni_steppingnet.app import compare
+
+    _init(rank, port, timeout_s=30.0)
+    _rank_folder(out, rank)
+    if rank == 1:
+
+        def crash(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("injected failure on rank 1")
+
+        compare.train_baseline = crash  # type: ignore[assignment]
+    try:
+        compare.run_compare(_compare_recipe(), "cmp", methods=["anywidth"], device="cpu")
+        message = "no error"
+    except (DistributedError, RuntimeError) as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    Path(out, f"rank{rank}.txt").write_text(message)
+    os._exit(0)  # the process group cannot be destroyed cleanly without the peer
+
+
+def test_compare_over_two_ranks_agrees_with_rank0_files(tmp_path: Path) -> None:
+    """compare under two gloo ranks (each in its own folder): every method ends with the same
+    weights (and SteppingNet with the same assignment) on both ranks as in rank 0's checkpoints,
+    rank 1 writes nothing, the reported accuracies are those of the saved networks on the whole
+    test set, and a resumed compare reuses the finished runs and retrains the unfinished one alike."""
+    from nni_steppingnet.app.compare import load_baseline
+    from nni_steppingnet.app.parallel import weights_hash
+    from nni_steppingnet.flow import build_data, load_checkpoint, load_teacher
+    from nni_steppingnet.train import evaluate, evaluate_model
+
+    _spawn(_compare_worker, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert list((tmp_path / "rank1").iterdir()) == [], "rank 1 wrote files"
+    out = tmp_path / "rank0" / "cmp"
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "compare.png", "seed0"]
+    assert json.loads((out / "compare.json").read_text())["summary"] == ranks[0]["again"]["summary"]
+    recipe = _compare_recipe()
+    _, whole_test, info = build_data(recipe)  # one process: the whole test split
+    assert len(whole_test.dataset) == 16
+    stepping = load_checkpoint(out / "seed0" / "steppingnet").net
+    nets = {
+        "steppingnet": stepping,
+        "anywidth": load_baseline(out / "seed0" / "anywidth")[0],
+        "slimmable": load_baseline(out / "seed0" / "slimmable")[0],
+    }
+    teacher, _ = load_teacher(out / "seed0" / "teacher.pt", recipe, info)
+    teacher_accuracy = evaluate_model(teacher, whole_test)
+    for method, net in nets.items():
+        runs = [rank[key]["runs"][method][0] for rank in ranks for key in ("first", "again")]
+        assert {run["world_size"] for run in runs} == {WORLD}
+        assert {run["weights_hash"] for run in runs} == {weights_hash(net.model)}, method
+        assert all(run["subnets"] == runs[0]["subnets"] for run in runs), method
+        assert [s["accuracy"] for s in runs[0]["subnets"]] == pytest.approx(evaluate(net, whole_test), abs=1e-12)
+        if "original" in runs[0]:
+            assert runs[0]["original"]["accuracy"] == pytest.approx(teacher_accuracy, abs=1e-12)
+    from nni_steppingnet.distributed import assignment_hash
+
+    sn_runs = [rank[key]["runs"]["steppingnet"][0] for rank in ranks for key in ("first", "again")]
+    assert {run["assignment_hash"] for run in sn_runs} == {assignment_hash(stepping)}
+    assert int(stepping.flat_assignment()[:-1].max()) > 1, "construction moved no neuron: the test proves nothing"
+
+
+def test_compare_rank_failure_stops_the_peer_with_a_clear_error(tmp_path: Path) -> None:
+    _spawn_bounded(_failing_compare_worker, tmp_path)
+    assert (tmp_path / "rank1.txt").read_text() == "RuntimeError: injected failure on rank 1"
+    message = (tmp_path / "rank0.txt").read_text()
+    # The peer fails in DDP's next collective. Inside an explicit collective that is
+    # DistributedError ("another rank stopped"); DDP's own buffer broadcast raises gloo's plain
+    # RuntimeError, which distributed_failures (DistBackendError only) passes on unchanged.
+    assert (message.startswith("DistributedError") and "training the anywidth baseline" in message) or (
+        message.startswith("RuntimeError") and "remote worker" in message
+    ), message
+
+
+def test_torchrun_ablate_prints_and_writes_on_rank0_only(tmp_path: Path) -> None:
+    out = tmp_path / "abl"
+    sets = [word for item in COMPARE_TINY for word in ("--set", item)]
+    argv = ["quickstart", "--out", str(out), "--device", "cpu", "--no-progress", "--sync-bn"]
+    done = _torchrun([*argv, "--variants", "beta+kd", "--expansions", "none", *sets], tmp_path, subcommand="ablate")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("results: ") == 1, "only rank 0 prints the tables"
+    report = json.loads((out / "ablate.json").read_text())
+    assert report["world_size"] == WORLD and report["sync_bn"] is True
+    assert report["runs"]["beta+kd"][0]["world_size"] == WORLD
+    history = json.loads((out / "seed0" / "beta-kd" / "results.json").read_text())["construction"]["history"]
+    assert history and all(len(entry["assignment_hash"]) == 64 for entry in history)

@@ -748,6 +748,7 @@ def _run_digest(results: Mapping[str, Any]) -> dict[str, Any]:
         "training",
         "widths",
         "weights_hash",
+        "assignment_hash",
         "world_size",
     )
     digest = {k: results[k] for k in keep if k in results}
