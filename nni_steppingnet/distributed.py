@@ -24,6 +24,8 @@ joins the process group (NCCL on CUDA, gloo on CPU). The pieces a SteppingNet jo
 * :func:`sum_over_ranks` adds evaluation counts: each rank evaluates its own non-padded part
   of the test set (``data.make_loaders(rank=..., world_size=...)``), where a padded
   ``DistributedSampler`` would count some images twice.
+* :func:`broadcast_buffers`: rank 0's BatchNorm running statistics to every rank after training
+  (DDP keeps the parameters equal, not the statistics each rank's last forward updated).
 
 A rank that fails raises in its own process; torchrun then stops the others. A rank whose peer
 vanished fails in its next collective (gloo and NCCL notice closed connections; the process
