@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .stepping import SteppingNet
 
 __all__ = [
+    "PEER_LOST_MESSAGES",
     "DistributedContext",
     "DistributedError",
     "RankDivergenceError",
@@ -219,19 +220,36 @@ def _collective(what: str, fn: Callable[[], T]) -> T:
         ) from exc
 
 
+#: Fragments of the ``RuntimeError`` texts gloo and NCCL raise when a peer of a collective is gone
+#: (DDP's buffer broadcast raises them as plain ``RuntimeError``, not ``DistBackendError``).
+PEER_LOST_MESSAGES: tuple[str, ...] = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+)
+
+
 @contextlib.contextmanager
 def distributed_failures(what: str) -> Iterator[None]:
-    """Turn a communication failure inside the block (``torch.distributed.DistBackendError``: a
-    DDP gradient all-reduce or broadcast whose peer vanished) into :class:`DistributedError`
-    naming ``what``; other errors pass unchanged. Nothing changes without a process group."""
+    """Turn a communication failure inside the block into :class:`DistributedError` naming
+    ``what``: ``torch.distributed.DistBackendError`` (a collective whose peer vanished) and, in a
+    data-parallel job, the plain ``RuntimeError`` gloo and NCCL raise from DDP's own buffer
+    broadcast when a peer is gone (recognised by :data:`PEER_LOST_MESSAGES`). Other errors pass
+    unchanged. Nothing changes without a process group."""
     backend_error: type[BaseException] = getattr(dist, "DistBackendError", DistributedError)
     try:
         yield
     except DistributedError:
         raise
-    except backend_error as exc:
+    except RuntimeError as exc:
+        text = str(exc)
+        lost_peer = _group_active() and any(fragment in text for fragment in PEER_LOST_MESSAGES)
+        if not (isinstance(exc, backend_error) or lost_peer):
+            raise
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        first = text.splitlines()[0] if text else ""
         raise DistributedError(
             f"rank {rank}: {what} failed because another rank stopped or cannot be reached "
             f"({type(exc).__name__}: {first}); the first rank that failed logged the cause"
