@@ -35,6 +35,7 @@ import yaml
 
 from .validation import (
     CONSTRUCTION_RULES,
+    EXECUTIONS,
     LANDINGS,
     NON_NEGATIVE,
     POSITIVE,
@@ -108,6 +109,10 @@ def _dataset_name(value: Any) -> str | None:
 def _criterion(value: Any) -> str | None:
     choices = ("gradient", "class", "noise")
     return None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _execution(value: Any) -> str | None:
+    return None if value in EXECUTIONS else f"must be one of {', '.join(EXECUTIONS)}"
 
 
 def _landing(value: Any) -> str | None:
@@ -208,6 +213,14 @@ class SteppingSection:
     )
     expansion: float = field(
         default=1.0, metadata=_meta(_positive, "width ratio of the constructed network to the original")
+    )
+    execution: str = field(
+        default="auto",
+        metadata=_meta(
+            _execution,
+            "how SteppingNet and the baselines train a subnet: sliced (its own channels only), masked "
+            "(full width, masks), or auto (sliced where it checks equal to masked)",
+        ),
     )
 
 

@@ -477,7 +477,13 @@ def build_stepping_net(recipe: Recipe, info: DatasetInfo, verify: bool = True, s
     model = build_model(recipe, info, width=recipe.steppingnet.expansion)
     if sync_bn:
         convert_sync_batchnorm(model)
-    return SteppingNet(model, example_inputs(info), recipe.steppingnet.num_subnets, verify=verify)
+    return SteppingNet(
+        model,
+        example_inputs(info),
+        recipe.steppingnet.num_subnets,
+        verify=verify,
+        execution=recipe.steppingnet.execution,
+    )
 
 
 def _evaluate_net(

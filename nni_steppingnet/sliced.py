@@ -51,6 +51,7 @@ import torch.nn as nn
 from ._inputs import call_model
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .errors import UnsupportedModelError
+from .validation import EXECUTIONS
 
 if TYPE_CHECKING:
     from .stepping import SteppingNet
@@ -68,8 +69,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Values of ``SteppingNet(..., execution=...)``.
-EXECUTIONS = ("auto", "sliced", "masked")
 #: Tolerances of the wrap-time check (``execution="auto"``): outputs and gradients, relative to
 #: the largest magnitude of each compared tensor.
 OUTPUT_RTOL = 1e-5

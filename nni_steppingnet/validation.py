@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 __all__ = [
+    "EXECUTIONS",
     "LANDINGS",
     "Range",
     "POSITIVE_INT",
@@ -143,6 +144,9 @@ CONSTRUCTION_RULES: dict[str, Range] = {
     "seed": Range(integer=True),
     "min_group_fraction": UNIT_CLOSED,
 }
+
+#: Values of ``SteppingNet(..., execution=...)`` and the recipe's ``steppingnet.execution``.
+EXECUTIONS: tuple[str, ...] = ("auto", "sliced", "masked")
 
 #: How a subnet lands on its MAC budget when no neuron that is still movable fits under it
 #: (``ConstructionConfig.landing``, the recipe's ``construction.landing``): ``"defer"`` stops

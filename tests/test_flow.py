@@ -273,6 +273,19 @@ def test_build_model_applies_width_and_expansion() -> None:
         build_model(recipe, info, 0.0)
 
 
+@pytest.mark.parametrize("execution", ["masked", "sliced"])
+def test_recipe_execution_reaches_steppingnet_and_baselines(execution: str) -> None:
+    from nni_steppingnet.app.compare import BASELINES
+    from nni_steppingnet.flow import build_stepping_net
+
+    info = DatasetInfo("synthetic", 4, 3, 16)
+    recipe = load_recipe("quickstart", [*TINY, f"steppingnet.execution={execution}"])
+    assert build_stepping_net(recipe, info).execution == execution
+    model = build_model(recipe, info, recipe.steppingnet.expansion)
+    baseline = BASELINES["anywidth"](model, torch.randn(2, 3, 16, 16), 4, execution=recipe.steppingnet.execution)
+    assert baseline.execution == execution
+
+
 def test_device_and_stage_arguments(tmp_path: Path) -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():

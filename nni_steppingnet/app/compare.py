@@ -338,7 +338,7 @@ def run_baseline(
     if sync_bn:
         convert_sync_batchnorm(model)
     n = recipe.steppingnet.num_subnets
-    net = BASELINES[method](model, example_inputs(info), n)
+    net = BASELINES[method](model, example_inputs(info), n, execution=recipe.steppingnet.execution)
     plan = search_widths(net, recipe.steppingnet.budgets, ref, tolerance=tolerance)
     net.model.to(dev)
     t0 = time.perf_counter()
