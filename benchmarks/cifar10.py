@@ -237,8 +237,9 @@ def run_case(case: str, args: argparse.Namespace, base: list[str]) -> dict[str, 
             + " ".join(f"--set {shlex.quote(o)}" for o in overrides)
         )
         folder = out / case / f"seed{seed}" / "compare"
-        run_compare(recipe, folder, seeds=[seed], device=args.device, resume=True, progress=False)
-        for method in METHODS:
+        if not args.variants_only:
+            run_compare(recipe, folder, seeds=[seed], device=args.device, resume=True, progress=False)
+        for method in [] if args.variants_only else METHODS:
             result = _read(folder / f"seed{seed}" / method / "results.json")
             runs[method].append(result)
             times.setdefault(method, []).append(float(result.get("wall_time_s") or 0.0))
@@ -253,7 +254,18 @@ def run_case(case: str, args: argparse.Namespace, base: list[str]) -> dict[str, 
             result = _read(sub / f"seed{seed}" / "steppingnet" / "results.json")
             runs[f"steppingnet ({label})"].append(result)
             times.setdefault(f"steppingnet ({label})", []).append(float(result.get("wall_time_s") or 0.0))
-    summary = summarize(runs)
+    summary = summarize({m: r for m, r in runs.items() if r})
+    if args.variants_only:
+        previous = args.previous_cases.get(case)
+        if previous is None or not set(args.seeds) <= set(previous.get("seeds", [])):
+            raise SystemExit(
+                f"--variants-only: {args.json} holds no {case} record with seeds {list(args.seeds)}; "
+                "run the case in full first (without --variants-only) with these --seeds"
+            )
+        record = dict(previous)
+        record["summary"] = {**previous["summary"], **summary}
+        record["wall_time_s"] = {**previous.get("wall_time_s", {}), **times}
+        return record
     targets = check_targets({m: summary[m] for m in METHODS if m in summary})
     return {
         "recipe": CASES[case],
@@ -383,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ablate-only", action="store_true", help="run only the ablations")
     parser.add_argument(
+        "--variants-only",
+        action="store_true",
+        help="run only the teachers and the --variant runs and add them to the cases already in --json "
+        "(run with the same --seeds and --schedule)",
+    )
+    parser.add_argument(
         "--merge",
         action="store_true",
         help="keep the other cases already in --json (e.g. cases run with different --seeds)",
@@ -445,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     json_path = Path(args.json)
     previous = _read(json_path) if json_path.is_file() else {}
+    args.previous_cases = previous.get("cases", {})
+    if args.variants_only and not args.variants:
+        raise SystemExit("--variants-only: name the runs with --variant LABEL:KEY=VALUE")
     results: dict[str, Any] = {
         "command": command,
         "machine": _machine(),
@@ -453,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "schedule": args.schedule,
         "eval_split": "validation split",
         "val_fraction": args.val_fraction,
-        "cases": dict(previous.get("cases", {})) if args.ablate_only or args.merge else {},
+        "cases": dict(previous.get("cases", {})) if args.ablate_only or args.merge or args.variants_only else {},
         "ablation": previous.get("ablation"),
     }
     sections: list[str] = []

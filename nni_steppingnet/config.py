@@ -275,7 +275,8 @@ class ConstructionSection:
         metadata=_meta(
             _landing,
             "a subnet short of movable neurons that fit its budget: defer (stop short, finish in a "
-            "later iteration) or now (pass the budget by the cheapest neuron at once)",
+            "later iteration), now (pass the budget by the cheapest neuron at once) or ahead (defer, and "
+            "first move the most expensive group's neurons that the other groups cannot pay for)",
         ),
     )
 

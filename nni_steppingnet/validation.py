@@ -151,8 +151,10 @@ EXECUTIONS: tuple[str, ...] = ("auto", "sliced", "masked")
 #: How a subnet lands on its MAC budget when no neuron that is still movable fits under it
 #: (``ConstructionConfig.landing``, the recipe's ``construction.landing``): ``"defer"`` stops
 #: short and finishes in a later iteration, passing the budget by the cheapest neuron only in the
-#: last one; ``"now"`` passes it by the cheapest neuron at once (the behaviour before the option).
-LANDINGS: tuple[str, ...] = ("defer", "now")
+#: last one; ``"now"`` passes it by the cheapest neuron at once (the behaviour before the option);
+#: ``"ahead"`` is ``"defer"``, and first moves the neurons of the most expensive group that the
+#: other groups, down to their floors, could not pay for.
+LANDINGS: tuple[str, ...] = ("defer", "now", "ahead")
 
 
 def check_budgets(budgets: Any, num_subnets: int | None = None, *, name: str = "budgets") -> list[float]:

@@ -457,6 +457,38 @@ def test_group_floor_keeps_a_fraction_of_the_uniform_width(tiny_model: Callable[
     assert int((net.flat_assignment()[conv3] == 1).sum()) == 1
 
 
+def test_ahead_takes_the_expensive_group_first_when_the_cheap_groups_cannot_pay(
+    tiny_model: Callable[..., nn.Module],
+) -> None:
+    from nni_steppingnet.construction.select import move_neurons, neuron_costs
+
+    moved_from_expensive = {}
+    for landing in ("defer", "ahead"):
+        net = _net(tiny_model, 1)
+        cost = neuron_costs(net, 1)
+        group_of = net.index.group_of
+        mean_cost = [float(cost[group_of == g].mean()) for g in range(len(net.groups))]
+        expensive = max(range(len(mean_cost)), key=lambda g: mean_cost[g])
+        members = (group_of == expensive).nonzero().flatten()
+        # the expensive group ranks last by M: "defer" leaves it while the cheap groups can pay
+        scores = torch.arange(net.num_neurons, dtype=torch.float64)
+        scores[members] = 1000.0 + torch.arange(members.numel(), dtype=torch.float64)
+        budget = 0.3 * net.full_macs
+        width = math.sqrt(0.3)
+        spare = 0.0
+        for g in range(len(net.groups)):
+            if g != expensive:
+                in_group = cost[group_of == g].sort().values
+                spare += float(in_group[: in_group.numel() - max(1, int(width * in_group.numel()))].sum())
+        assert spare < net.full_macs - budget  # down to their floors, the cheap groups cannot pay
+        move_neurons(net, scores, [budget], 0.0, 5, landing=landing, min_group_fraction=1.0)
+        flat = net.flat_assignment()
+        moved_from_expensive[landing] = int((flat[members] == 2).sum())
+        if landing == "ahead":
+            assert int(flat[members[0]]) == 2  # its lowest-M neuron
+    assert moved_from_expensive["defer"] == 0 < moved_from_expensive["ahead"], moved_from_expensive
+
+
 def test_landing_and_floor_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="landing must be one of 'defer', 'now'"):
         ConstructionConfig(budgets=[0.1], reference_macs=10, landing="later")

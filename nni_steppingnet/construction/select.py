@@ -227,6 +227,43 @@ def select_neurons(
     return chosen
 
 
+def _expensive_first(
+    net: SteppingNet,
+    i: int,
+    cap: float,
+    flat: torch.Tensor,
+    scores: torch.Tensor,
+    excluded: torch.Tensor,
+    floors: Sequence[int],
+) -> list[int]:
+    """``landing="ahead"``: the lowest-M neuron of subnet ``i``'s most expensive group (by mean
+    cost), if the other groups, each down to its floor, could not remove ``cap`` MACs without it
+    and it fits under ``cap``; else nothing. Taking it now, while the cheap groups are still full,
+    lets them pay for the rest of the budget instead of shrinking to their floors first."""
+    group_of = net.index.group_of
+    assignment = flat[:-1]
+    cost = CostTable(net, i).cost[: net.num_neurons]
+    inside = torch.bincount(group_of[assignment <= i], minlength=len(net.groups))
+    candidates = (assignment == i) & ~excluded
+    capacity: dict[int, float] = {}
+    mean_cost: dict[int, float] = {}
+    for g in group_of[candidates].unique().tolist():
+        members = (candidates & (group_of == g)).nonzero().flatten()
+        spare = min(int(inside[g]) - max(1, int(floors[g])), members.numel())
+        if spare <= 0:
+            continue
+        capacity[g] = float(cost[members].sort().values[:spare].sum())
+        mean_cost[g] = float(cost[members].mean())
+    if len(capacity) < 2:
+        return []
+    expensive = max(mean_cost, key=lambda g: mean_cost[g])
+    if cap <= sum(c for g, c in capacity.items() if g != expensive):
+        return []
+    members = (candidates & (group_of == expensive)).nonzero().flatten()
+    j = int(members[torch.argmin(scores[members])])
+    return [j] if float(cost[j]) <= cap else []
+
+
 def neuron_costs(net: SteppingNet, s: int) -> torch.Tensor:
     """MACs of subnet ``s`` that each neuron carries alone (float64 ``[num_neurons]``).
 
@@ -327,6 +364,16 @@ def move_neurons(
             if remaining <= 0:
                 break
             flat = net.flat_assignment()
+            if landing == "ahead":
+                forced = _expensive_first(net, i, cap - (start - macs[i - 1]), flat, scores, moved | fixed, floors)
+                if forced:
+                    index = torch.tensor(forced, dtype=torch.long)
+                    flat[index] = i + 1
+                    net.set_flat_assignment(flat)
+                    moved[index] = True
+                    counts[i - 1] += len(forced)
+                    macs = [net.macs(s) for s in range(1, n + 1)]
+                    continue
             # The budget (absolute excess) must be met; the share (difference excess) is
             # rounded to the nearest neuron while the smaller subnet is still over budget.
             chosen = select_neurons(
@@ -339,8 +386,8 @@ def move_neurons(
                 cap - (start - macs[i - 1]),
                 strict=excess <= diff_excess,
                 group_limit=group_limit,
-                search_all=landing == "defer",
-                stop_short=landing == "defer" and left > 1,
+                search_all=landing != "now",
+                stop_short=landing != "now" and left > 1,
                 floors=floors,
             )
             if not chosen:
