@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,43 @@ def _entrypoint(name: str) -> Callable[..., nn.Module]:
     return model_entrypoint(name)
 
 
+def _takes_img_size(entry: Callable[..., nn.Module]) -> bool:
+    """Whether the entry point builds a model that takes ``img_size``: named in its signature, or
+    (timm's ViT, Swin, Mixer, ... entry points pass ``**kwargs`` on) taken by an ``nn.Module``
+    class of the module that defines the entry point. Passing it to a model that does not take it
+    (ResNet) would fail, so the data's image size goes only where it is read."""
+    params = inspect.signature(entry).parameters
+    if "img_size" in params:
+        return True
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return False
+    module = sys.modules.get(getattr(entry, "__module__", ""))
+    for value in vars(module).values() if module is not None else ():
+        if isinstance(value, type) and issubclass(value, nn.Module) and value.__module__ == module.__name__:
+            if _init_takes(value, "img_size"):
+                return True
+    return False
+
+
+def _init_takes(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` takes ``name``: its ``__init__`` or, through ``**kwargs`` passed on,
+    a base class's (timm's ``VisionTransformerDistilled(*args, **kwargs)``)."""
+    for base in cls.__mro__:
+        if base is nn.Module:
+            return False
+        if "__init__" not in vars(base):
+            continue
+        try:
+            params = inspect.signature(vars(base)["__init__"]).parameters
+        except (TypeError, ValueError):  # not inspectable (a C extension)
+            return False
+        if name in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
 def build_model(recipe: Recipe, info: DatasetInfo, width: float = 1.0) -> nn.Module:
     """The recipe's network with ``num_classes``/``in_chans``/``img_size`` from the data.
 
@@ -178,7 +216,7 @@ def model_spec(recipe: Recipe, info: DatasetInfo, width: float = 1.0) -> tuple[s
     total = float(recipe.model.width) * float(width)
     kwargs: dict[str, Any] = dict(recipe.model.kwargs)
     kwargs.update(num_classes=info.num_classes, in_chans=info.in_chans)
-    if "img_size" in params:
+    if _takes_img_size(entry):
         kwargs["img_size"] = info.img_size
     if "width" in params:
         kwargs["width"] = total

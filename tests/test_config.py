@@ -97,7 +97,7 @@ def test_num_subnets_must_match_budgets() -> None:
         ("model", "kwargs", [1], "model.kwargs must be a mapping with string keys"),
         ("data", "val_fraction", 1.0, "data.val_fraction must be in [0, 1), got 1.0"),
         ("steppingnet", "execution", "fast", "steppingnet.execution must be one of auto, sliced, masked, got 'fast'"),
-        ("construction", "landing", "later", "construction.landing must be one of defer, now, got 'later'"),
+        ("construction", "landing", "later", "construction.landing must be one of defer, now, ahead, got 'later'"),
         ("construction", "min_group_fraction", 2, "construction.min_group_fraction must be in [0, 1], got 2"),
     ],
 )

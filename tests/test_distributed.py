@@ -363,6 +363,38 @@ def test_torchrun_resumes_a_run_and_rank0_writes_it(tmp_path: Path) -> None:
     assert not list(out.glob("*.tmp*")), "an interrupted atomic write was left behind"
 
 
+def test_torchrun_resumes_a_run_interrupted_mid_construction(tmp_path: Path) -> None:
+    """One process stops after construction iteration 2 of 4 (Ctrl-C); two ranks resume it from
+    the checkpoint: the first two iterations are kept as they were, the last two run on both
+    ranks with identical assignments (hashed every iteration), and rank 0 writes the results."""
+    from nni_steppingnet.config import load_recipe
+    from nni_steppingnet.flow import run_recipe
+
+    out = tmp_path / "run"
+    recipe = load_recipe("quickstart", list(TINY_RUN_OVERRIDES))
+    seen: list[dict[str, Any]] = []
+
+    def stop_after_two(kind: str, payload: dict[str, Any]) -> None:
+        if kind == "iteration":
+            seen.append(payload)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, out, device="cpu", reporter=stop_after_two)
+    assert (out / "checkpoint.pt").is_file() and not (out / "results.json").exists()
+    done = _torchrun(["quickstart", "--out", str(out), "--resume", "--no-progress", *_tiny_sets()], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == WORLD
+    history = results["construction"]["history"]
+    assert [entry["iteration"] for entry in history] == [1, 2, 3, 4]
+    for before, after in zip(seen, history[:2]):
+        assert after["macs"] == before["macs"] and "assignment_hash" not in after
+    assert all(len(entry["assignment_hash"]) == 64 for entry in history[2:])
+    assert not list(out.glob("*.tmp*"))
+
+
 def test_torchrun_full_run_checks_assignments_every_iteration(tmp_path: Path) -> None:
     out = tmp_path / "run"
     done = _torchrun(["quickstart", "--out", str(out), "--no-progress", *_tiny_sets()], tmp_path)

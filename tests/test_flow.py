@@ -21,7 +21,7 @@ from nni_steppingnet.checkpoint import (
     save_checkpoint,
 )
 from nni_steppingnet.cli import main
-from nni_steppingnet.config import load_recipe
+from nni_steppingnet.config import RecipeError, load_recipe
 from nni_steppingnet.data import DatasetInfo
 from nni_steppingnet.errors import CheckpointError
 from nni_steppingnet.flow import (
@@ -30,6 +30,7 @@ from nni_steppingnet.flow import (
     evaluate_checkpoint,
     load_checkpoint,
     load_teacher,
+    model_spec,
     reference_macs,
     resolve_device,
     run_recipe,
@@ -271,6 +272,24 @@ def test_build_model_applies_width_and_expansion() -> None:
     assert [wide.get_submodule(f"layer{i}")[0].conv1.out_channels for i in range(1, 5)] == [96, 192, 384, 768]
     with pytest.raises(ValueError, match="width must be a positive number"):
         build_model(recipe, info, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("recipe_name", "takes_img_size"), [("vit_p4_cifar10", True), ("convnext_atto_cifar10", False)]
+)
+def test_the_data_image_size_reaches_models_that_read_it(recipe_name: str, takes_img_size: bool) -> None:
+    """timm's ViT entry points take ``img_size`` only through ``**kwargs``: the flow passes the
+    data's size to them (else the patch embedding refuses 32x32), and not to ConvNeXt, whose
+    constructor has no such argument."""
+    info = DatasetInfo("npz", 10, 3, 32)
+    recipe = load_recipe(recipe_name)
+    name, kwargs = model_spec(recipe, info)
+    assert ("img_size" in kwargs) is takes_img_size and kwargs.get("img_size", 32) == 32
+    model = build_model(recipe, info).eval()
+    with torch.no_grad():
+        assert tuple(model(torch.randn(2, 3, 32, 32)).shape) == (2, 10)
+    with pytest.raises(RecipeError, match="model.kwargs.img_size is set by the flow"):
+        load_recipe(recipe_name, ["model.kwargs.img_size=32"])
 
 
 @pytest.mark.parametrize("execution", ["masked", "sliced"])
