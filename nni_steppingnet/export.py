@@ -94,11 +94,16 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     per_head = [
         getattr(model.get_submodule(block.name), attr) for block, _ in net.attention for attr in block.head_params
     ]
+    # token-mixing Linears run over the kept channels as they are (.token_mixing)
+    tokens = [model.get_submodule(token.name) for token in net.token_mixing]
     graph = tp.DependencyGraph().build_dependency(
-        model, example_inputs=net.example_inputs, ignored_params=per_head or None
+        model,
+        example_inputs=net.example_inputs,
+        ignored_params=per_head or None,
+        ignored_layers=tokens or None,
     )
     out_neurons = {layer.name: pos for layer, pos in zip(net.layers, net.index.out_positions)}
-    for group in graph.get_all_groups(ignored_layers=fixed, root_module_types=[nn.Conv2d, nn.Linear]):
+    for group in graph.get_all_groups(ignored_layers=fixed + tokens, root_module_types=[nn.Conv2d, nn.Linear]):
         root = group.items[0].dep.target.module
         assignment = out_assignment[names[root]]
         drop = (assignment > s).nonzero().flatten()

@@ -35,6 +35,13 @@ from .attention import (
 from .errors import UnsupportedModelError
 from .macs import layer_positions
 from .nested_norm import unsupported_norm_reason
+from .token_mixing import (
+    TokenMixingSpec,
+    probe_token_mixing,
+    token_channel_positions,
+    token_mixing_candidates,
+    unsupported_token_mixing_reason,
+)
 
 __all__ = [
     "INPUT_SLOT",
@@ -108,6 +115,8 @@ class GraphSpec:
     channel_parameters: dict[str, torch.Tensor] = field(default_factory=dict)
     #: multi-head attention blocks whose heads are neurons, with the flat position of every head
     attention: list[tuple[AttentionSpec, torch.Tensor]] = field(default_factory=list)
+    #: token-mixing Linears (MLP-Mixer, ResMLP: :mod:`.token_mixing`), not neuron layers
+    token_mixing: list[TokenMixingSpec] = field(default_factory=list)
 
     @property
     def num_neurons(self) -> int:
@@ -142,7 +151,11 @@ def unsupported_modules(model: nn.Module) -> list[tuple[str, str]]:
             inside_heads.append(name + ".")
             continue
         # LayerNorm/RMSNorm over channels and GroupNorm(1) become nested norms (.nested_norm).
-        reason = unsupported_norm_reason(module) or unsupported_attention_reason(module)
+        reason = (
+            unsupported_norm_reason(module)
+            or unsupported_attention_reason(module)
+            or unsupported_token_mixing_reason(module)
+        )
         if reason is None:
             for kind, why in _MIXING_REASONS:
                 if isinstance(module, kind):
@@ -310,10 +323,20 @@ def discover_layers(
     if problems:
         raise UnsupportedModelError(problems)
 
+    # Token-mixing Linears (.token_mixing) run per channel: not neurons, and torch-pruning
+    # traces through them as ops that keep the channel dimension.
+    candidates = token_mixing_candidates(model)
+    token_calls: dict[str, tuple[int, int]] = {}
+    if candidates:
+        token_calls, problems = probe_token_mixing(model, example_inputs, candidates)
+        if problems:
+            raise UnsupportedModelError(problems)
     clf_name, clf = find_classifier(model, classifier)
     module_names = {module: name for name, module in model.named_modules()}
     order = {name: k for k, name in enumerate(module_names.values())}
-    weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHTED_TYPES)]
+    all_modules = dict(model.named_modules())
+    token_modules = [all_modules[name] for name in token_calls]
+    weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHTED_TYPES) and n not in token_calls]
     fixed = {clf, *exclude}
     # Per-head parameters (relative position bias tables) follow their block's heads; left to
     # torch-pruning they would be traced as channels of whatever they are added to.
@@ -327,7 +350,10 @@ def discover_layers(
     model.eval()
     try:
         graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, ignored_params=per_head or None
+            model,
+            example_inputs=example_inputs,
+            ignored_params=per_head or None,
+            ignored_layers=token_modules or None,
         )
         tp_groups = list(graph.get_all_groups(ignored_layers=list(fixed), root_module_types=list(WEIGHTED_TYPES)))
     except UnsupportedModelError:
@@ -480,6 +506,7 @@ def discover_layers(
     for tables in (channel_modules, channel_parameters):
         for name, table in tables.items():
             tables[name] = torch.where(table == -2, torch.full_like(table, INPUT_SLOT), table)
+    token_mixing = _token_mixing(model, candidates, token_calls, channel_modules, channel_parameters)
     _record_positions(model, layers, example_inputs)
     attention = _head_attention(model, example_inputs, groups, offsets, group_heads)
     return GraphSpec(
@@ -489,7 +516,49 @@ def discover_layers(
         channel_modules=channel_modules,
         channel_parameters=channel_parameters,
         attention=attention,
+        token_mixing=token_mixing,
     )
+
+
+def _token_mixing(
+    model: nn.Module,
+    candidates: dict[str, tuple[str, list[str]]],
+    token_calls: dict[str, tuple[int, int]],
+    channel_modules: dict[str, torch.Tensor],
+    channel_parameters: dict[str, torch.Tensor],
+) -> list[TokenMixingSpec]:
+    """The token-mixing Linears with the flat positions of the channels they run over (those of
+    the ``norm1`` they read, which torch-pruning couples to the residual stream)."""
+    found: list[TokenMixingSpec] = []
+    problems: list[tuple[str, str]] = []
+    for block, (norm, linears) in candidates.items():
+        positions = token_channel_positions(norm, channel_modules, channel_parameters)
+        for linear in linears:
+            channels, calls = token_calls[linear]
+            if positions is None or positions.numel() != channels:
+                problems.append(
+                    (
+                        linear,
+                        f"torch-pruning mapped {0 if positions is None else positions.numel()} channels of "
+                        f"{norm!r} to neurons, but the token-mixing Linear runs over {channels} channels; "
+                        "give norm1 per-channel parameters (LayerNorm with elementwise_affine=True, Affine)",
+                    )
+                )
+                continue
+            module = cast(nn.Linear, model.get_submodule(linear))
+            found.append(
+                TokenMixingSpec(
+                    name=linear,
+                    block=block,
+                    in_features=int(module.in_features),
+                    out_features=int(module.out_features),
+                    positions=positions.clone(),
+                    calls=calls,
+                )
+            )
+    if problems:
+        raise UnsupportedModelError(problems)
+    return found
 
 
 def _head_attention(

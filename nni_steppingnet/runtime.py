@@ -37,6 +37,12 @@ run in the full-width layout only: at stage ``s`` the runner's copy applies subn
 norm to the full-width tensor (prefix statistics of the channels computed so far); ``"auto"`` picks
 ``"full"`` for such models (logged) and ``"delta"`` refuses them by name.
 
+Token-mixing Linears (:mod:`~nni_steppingnet.token_mixing`: MLP-Mixer's ``mlp_tokens``, ResMLP's
+``linear_tokens``) are no neuron layers: at stage ``s`` the runner's copy runs them over the
+channels with index ``== s`` only (their input's dim ``-2``) and keeps every earlier channel's
+output, at ``in x out`` MACs per new channel. They run in the full-width layout only: ``"auto"``
+picks ``"full"`` for such models (logged) and ``"delta"`` refuses them by name.
+
 Conv groups of grouped/depthwise convs with equal numbers of new outputs and active inputs share
 one grouped kernel call. A stage that adds nothing anywhere skips the model forward entirely.
 
@@ -271,6 +277,75 @@ class _StageAttention(nn.Module):
         self.state.positions[self.block_name] = int(tokens * tokens * rows)
         merged = self.heads.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
         return cast(torch.Tensor, self.proj_drop(self.proj(merged)))
+
+
+class _StageTokenLinear(nn.Module):
+    """A token-mixing Linear (:mod:`~nni_steppingnet.token_mixing`) in the runner's model: at
+    stage ``s`` it runs over the channels (dim ``-2`` of its ``[batch, channels, tokens]`` input)
+    with index ``== s`` only and keeps every earlier channel's output (their inputs never change:
+    the mask rule keeps later channels out of them); the full-width layout only."""
+
+    def __init__(self, module: nn.Linear, channel_index: torch.Tensor, state: _RunState, name: str) -> None:
+        super().__init__()
+        # Buffers under the Linear's own names: the runner's state_dict keys stay the model's.
+        self.register_buffer("weight", module.weight.detach().clone())
+        self.register_buffer("bias", None if module.bias is None else module.bias.detach().clone())
+        #: subnet index of every channel it runs over (``num_subnets + 1``: never active)
+        self.register_buffer("channel_index", channel_index.to(torch.long).clone(), persistent=False)
+        self.in_features = int(module.in_features)
+        self.out_features = int(module.out_features)
+        self.layer_name = name
+        self.state = state
+        self._cache: list[torch.Tensor] = []
+        #: calls in the current model forward (a list: nn.Module.__setattr__ is slow per call)
+        self._calls = [0]
+
+    def entries(self, num_subnets: int) -> list[int]:
+        """MACs per channel-position of every stage: ``in x out`` per new channel."""
+        index = self.channel_index.cpu()
+        return [self.in_features * self.out_features * int((index == t).sum()) for t in range(num_subnets + 1)]
+
+    def reset(self) -> None:
+        self._cache.clear()
+        self._calls[0] = 0
+
+    def caches(self) -> list[torch.Tensor]:
+        return list(self._cache)
+
+    def restore_caches(self, saved: list[torch.Tensor]) -> None:
+        self._cache[:] = saved
+        self._calls[0] = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        call = self._calls[0]
+        self._calls[0] = call + 1
+        state = self.state
+        stage = state.stage
+        channels = int(self.channel_index.numel())
+        if x.dim() < 2 or x.shape[-2] != channels or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"token-mixing layer {self.layer_name!r} expects input [..., {channels}, {self.in_features}] "
+                f"(channels, tokens), got shape {tuple(x.shape)}"
+            )
+        if call == len(self._cache):
+            if stage > 1:
+                raise RuntimeError(
+                    f"token-mixing layer {self.layer_name!r} has no cached output of the earlier stages "
+                    "(was runner.model moved or reset directly?); call runner.start(x) again"
+                )
+            with torch.inference_mode(False):
+                self._cache.append(x.new_zeros(*x.shape[:-1], self.out_features))
+        out = self._cache[call]
+        rows = math.prod(int(d) for d in x.shape[:-2]) / max(state.batch, 1)
+        state.positions[self.layer_name] = int(state.positions.get(self.layer_name, 0) + rows)
+        if stage > 0:
+            new = (self.channel_index == stage).nonzero().flatten()
+            if new.numel():
+                y = F.linear(x.index_select(x.dim() - 2, new), self.weight, self.bias)
+                out.index_copy_(out.dim() - 2, new, y.to(out.dtype))
+                state.macs += int(self.in_features * self.out_features * new.numel() * rows)
+        # a copy: the model's code may modify what it gets in place; the cache stays intact
+        return out.clone()
 
 
 class _RunState:
@@ -1056,6 +1131,7 @@ class IncrementalRunner:
             name: flat[positions].clone()
             for name, positions in [*net.channel_modules.items(), *net.channel_parameters.items()]
         }
+        tokens = {token.name: flat[token.positions].clone() for token in net.token_mixing}
         model = net.plain_copy()
         self._setup(
             model,
@@ -1065,6 +1141,7 @@ class IncrementalRunner:
             channels,
             layout,
             sample=_random_like(net.example_inputs, batch=2),
+            token_mixing=tokens,
         )
 
     # ------------------------------------------------------------- construction
@@ -1078,6 +1155,7 @@ class IncrementalRunner:
         channel_assignments: Mapping[str, torch.Tensor] | None = None,
         reference_shape: _ShapeKey | None = None,
         layout: str = "auto",
+        token_mixing: Mapping[str, torch.Tensor] | None = None,
     ) -> IncrementalRunner:
         """Build a runner from a plain ``model`` (taken over and modified in place) and its plans.
 
@@ -1086,6 +1164,8 @@ class IncrementalRunner:
         them). ``reference_shape`` is the input shape (without batch) at which
         ``plans[*].positions`` were counted; it lets :meth:`macs` answer before the first run, and
         the ``"auto"`` layout is verified on a random input of that shape (else on the first input).
+        ``token_mixing`` maps every token-mixing Linear (:mod:`~nni_steppingnet.token_mixing`) to
+        the subnet index of each channel it runs over (``SteppingNet.token_mixing``).
         """
         runner = cls.__new__(cls)
         sample = None
@@ -1093,7 +1173,14 @@ class IncrementalRunner:
             shapes = tuple(torch.empty(1, *shape) for shape in reference_shape)
             sample = _random_like(shapes[0] if len(shapes) == 1 else shapes, batch=2)
         runner._setup(
-            model, plans, num_subnets, reference_shape, dict(channel_assignments or {}), layout, sample=sample
+            model,
+            plans,
+            num_subnets,
+            reference_shape,
+            dict(channel_assignments or {}),
+            layout,
+            sample=sample,
+            token_mixing=dict(token_mixing or {}),
         )
         return runner
 
@@ -1106,7 +1193,9 @@ class IncrementalRunner:
         channel_assignments: dict[str, torch.Tensor],
         layout: str,
         sample: Any = None,
+        token_mixing: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        token_mixing = dict(token_mixing or {})
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
         if not isinstance(model, nn.Module):
@@ -1193,6 +1282,31 @@ class IncrementalRunner:
         if heads and layout == "auto":
             logger.info("the model has %d attention blocks; using the full-width layout", len(heads))
             layout = "full"
+        for name, index in token_mixing.items():
+            module = modules.get(name)
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"token-mixing entry for {name!r}, but the model has no such Linear")
+            if index.dim() != 1:
+                raise ValueError(f"token-mixing entry of {name!r} must be a 1-D tensor of subnet indices")
+        if token_mixing and layout == "delta":
+            raise UnsupportedModelError(
+                [
+                    (
+                        name,
+                        "token-mixing Linear (MLP-Mixer/ResMLP): the runner computes its new channels "
+                        "stage by stage in the full-width layout only: build the runner with "
+                        "layout='full' (or 'auto')",
+                    )
+                    for name in list(token_mixing)[:8]
+                ]
+            )
+        if token_mixing and layout == "auto":
+            logger.info(
+                "the model has %d token-mixing Linears (%s, ...); using the full-width layout",
+                len(token_mixing),
+                next(iter(token_mixing)),
+            )
+            layout = "full"
         layers: list[_StageLayer] = []
         for plan in self._plans:
             module = modules.get(plan.name)
@@ -1201,7 +1315,11 @@ class IncrementalRunner:
             layers.append(
                 _StageLayer(plan, module, num_subnets, self._state, full=layout != "delta", delta=layout != "full")
             )
-        missing = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in set(names)]
+        missing = [
+            n
+            for n, m in modules.items()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in set(names) and n not in token_mixing
+        ]
         if missing:
             raise ValueError(
                 f"no plan for the Conv2d/Linear layers {missing[:5]}; every weighted layer "
@@ -1215,10 +1333,20 @@ class IncrementalRunner:
             block = _StageAttention(modules[name], head_index, self._state, name)
             _replace(model, name, block)
             self._attention.append(block)
+        self._tokens: list[_StageTokenLinear] = []
+        for name, index in token_mixing.items():
+            token = _StageTokenLinear(cast(nn.Linear, modules[name]), index, self._state, name)
+            _replace(model, name, token)
+            self._tokens.append(token)
         self._reference_shape = reference_shape
         self._positions: dict[_ShapeKey, dict[str, int]] = {}
         # Attention's token pairs are learnt from a forward (below), not stored in the plans.
-        if reference_shape is not None and all(p.positions > 0 for p in self._plans) and not self._attention:
+        if (
+            reference_shape is not None
+            and all(p.positions > 0 for p in self._plans)
+            and not self._attention
+            and not self._tokens
+        ):
             self._positions[reference_shape] = {p.name: int(p.positions) for p in self._plans}
         self._entries = {layer.layer_name: layer.stage_entries() for layer in layers}
         for block in self._attention:
@@ -1226,6 +1354,8 @@ class IncrementalRunner:
             self._entries[block.block_name] = [
                 attention_macs(1, int((block.head_index == t).sum()), block.head_dim) for t in range(num_subnets + 1)
             ]
+        for token in self._tokens:
+            self._entries[token.layer_name] = token.entries(num_subnets)
         self._channel_assignments = {name: a.to(torch.long).cpu().clone() for name, a in channel_assignments.items()}
         self._slicers: list[ChannelSlicer] = []
         parameters = dict(model.named_parameters())
@@ -1265,7 +1395,7 @@ class IncrementalRunner:
             self._use_layout(layout)
         elif sample is not None:
             self._choose_layout(sample)
-        if self._attention and sample is not None:
+        if (self._attention or self._tokens) and sample is not None:
             self._learn_positions(sample)
         logger.debug(
             "runner built: %d stage layers, %d subnets, layout %s",
@@ -1389,6 +1519,11 @@ class IncrementalRunner:
             values = self._channel_assignments[name].to(torch.int64).contiguous()
             digest.update(name.encode())
             digest.update(values.numpy().tobytes())
+        for token in sorted(self._tokens, key=lambda t: t.layer_name):
+            digest.update(f"token:{token.layer_name}".encode())
+            digest.update(
+                token.channel_index.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy().tobytes()
+            )
         return digest.hexdigest()
 
     def export_onnx(self, directory: str | os.PathLike[str], **kwargs: Any) -> Path:
@@ -1437,6 +1572,8 @@ class IncrementalRunner:
             layer.reset()
         for block in getattr(self, "_attention", ()):
             block.reset()
+        for token in getattr(self, "_tokens", ()):
+            token.reset()
         self._inputs = None
         self._output = None
         self._stage = 0
@@ -1459,6 +1596,8 @@ class IncrementalRunner:
         state.watch = []
         for layer in self._layers:
             layer._calls[0] = 0
+        for token in self._tokens:
+            token._calls[0] = 0
         delta = state.delta and stage > 0
         slicers = self._slicers if delta else []
         ok = False
@@ -1555,9 +1694,12 @@ class IncrementalRunner:
         batch_size(x)
         saved_layers = [layer.caches() for layer in self._layers]
         saved_heads = [block.heads for block in self._attention]
+        saved_tokens = [token.caches() for token in self._tokens]
         saved = (self._inputs, self._key, self._stage, self._batch, self._macs_spent)
         for layer in self._layers:
             layer.reset()
+        for token in self._tokens:
+            token.reset()
         self._inputs, self._key = x, _shape_key(x)
         delta, self._state.delta = self._state.delta, False
         try:
@@ -1568,6 +1710,8 @@ class IncrementalRunner:
                 layer.restore_caches(caches)
             for block, heads in zip(self._attention, saved_heads):
                 block.heads = heads
+            for token, caches in zip(self._tokens, saved_tokens):
+                token.restore_caches(caches)
             self._inputs, self._key, self._stage, self._batch, self._macs_spent = saved
 
     def run(
@@ -1764,6 +1908,7 @@ class IncrementalRunner:
             "fingerprint": [[name, kind, tensors] for name, kind, tensors in self._fingerprint],
             "plans": [p.to_dict() for p in self._plans],
             "channel_assignments": {name: a.clone() for name, a in self._channel_assignments.items()},
+            "token_mixing": {t.layer_name: t.channel_index.detach().cpu().clone() for t in self._tokens},
             "reference_shape": None if self._reference_shape is None else [list(s) for s in self._reference_shape],
             "state_dict": state,
         }
@@ -1815,6 +1960,7 @@ class IncrementalRunner:
             reference_shape=key,
             layout=layout,
             channel_assignments=payload.get("channel_assignments") or {},
+            token_mixing=payload.get("token_mixing") or {},
         )
 
     def __repr__(self) -> str:

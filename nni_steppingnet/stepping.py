@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import weakref
 from typing import Any, Callable, Iterator, Mapping, Sequence, cast
@@ -30,6 +31,7 @@ from .nested_norm import NestedNorms, norm_kind
 from .rules import NESTED, MaskRule
 from .sliced import EXECUTIONS, SlicedExecution
 from .sliced import attach as attach_sliced
+from .token_mixing import TokenMixingSpec
 
 __all__ = ["SteppingNet", "SteppingIndex", "NeuronGroup", "RunningStatsGuard", "STATE_FORMAT"]
 
@@ -356,8 +358,14 @@ class SteppingNet:
         #: multi-head attention blocks whose heads are neurons (:mod:`.attention`), with the flat
         #: position of every head; a head costs ``spec.head_macs`` per sample while it is active
         self.attention: list[tuple[AttentionSpec, torch.Tensor]] = list(spec.attention)
+        #: token-mixing Linears (:mod:`.token_mixing`: MLP-Mixer, ResMLP), never masked; each costs
+        #: ``spec.channel_macs`` per sample for every active channel it runs over
+        self.token_mixing: list[TokenMixingSpec] = [
+            dataclasses.replace(token, positions=fix(token.positions)) for token in spec.token_mixing
+        ]
         self.full_macs = int(sum(_trainable(layer.module).numel() * layer.positions for layer in self.layers))
         self.full_macs += sum(block.head_macs * heads.numel() for block, heads in self.attention)
+        self.full_macs += sum(token.macs(token.positions.numel()) for token in self.token_mixing)
         for k, layer in enumerate(self.layers):
             parametrize.register_parametrization(layer.module, "weight", _SubnetMask(self, k), unsafe=True)
         self._root_hook = model.register_forward_pre_hook(_refresh_hook(self))
@@ -577,19 +585,27 @@ class SteppingNet:
             flat = self.flat_assignment()
             for block, heads in self.attention:
                 found[block.name] = block.head_macs * int((flat[heads] <= s).sum())
+        if self.token_mixing:
+            flat = self.flat_assignment()
+            for token in self.token_mixing:
+                found[token.name] = token.macs(int((flat[token.positions] <= s).sum()))
         return found
 
     def neuron_macs(self) -> torch.Tensor:
         """MACs per sample every neuron costs by itself while active, beyond its synapses
-        (``[num_neurons + 1]``, int64): an attention head's ``q.k`` and ``attn.v``; zero elsewhere."""
+        (``[num_neurons + 1]``, int64): an attention head's ``q.k`` and ``attn.v``; a channel's work in
+        the token-mixing Linears it runs through (:mod:`.token_mixing`); zero elsewhere."""
         table = torch.zeros(self._num_neurons + 1, dtype=torch.long)
         for block, heads in self.attention:
             table[heads] = block.head_macs
+        for token in self.token_mixing:
+            table.index_add_(0, token.positions, torch.full((token.positions.numel(),), token.channel_macs))
         return table
 
     def macs(self, s: int) -> int:
         """Exact MACs per sample of subnet ``s``: active Conv/Linear weight entries x positions,
-        plus ``q.k`` and ``attn.v`` of the active attention heads (:mod:`.attention`)."""
+        plus ``q.k`` and ``attn.v`` of the active attention heads (:mod:`.attention`), plus
+        ``in x out`` of every token-mixing Linear per active channel (:mod:`.token_mixing`)."""
         return int(sum(self.layer_macs(s).values()))
 
     # ----------------------------------------------------------------- validation
