@@ -370,10 +370,20 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
         "layers.1.downsample.reduction",
         "torch-pruning did not trace",
     ),
-    "mlp_mixer": (
-        lambda: timm.models.mlp_mixer.MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=1, embed_dim=32),
-        "blocks.0.mlp_tokens.fc1",
-        "torch-pruning",
+    # spatial gating multiplies the token-mixed half of the channels with the other half
+    "gmlp": (
+        lambda: timm.models.mlp_mixer.MlpMixer(
+            num_classes=10,
+            img_size=32,
+            patch_size=8,
+            num_blocks=1,
+            embed_dim=32,
+            mlp_ratio=6,
+            block_layer=timm.models.mlp_mixer.SpatialGatingBlock,
+            mlp_layer=timm.layers.GatedMlp,
+        ),
+        "blocks.0.mlp_channels.gate",
+        "spatial gating",
     ),
 }
 
@@ -402,3 +412,228 @@ def test_saved_runner_keeps_its_nested_norms(norm_net: SteppingNet, tmp_path: An
             logits = loaded.start(x) if s == 1 else loaded.step()
             with norm_net.subnet(s):
                 torch.testing.assert_close(logits, norm_net.model(x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------ token mixing (Mixer, ResMLP)
+MIXER_BLOCKS, MIXER_DIM, MIXER_TOKENS = 2, 32, (32 // 8) ** 2
+
+
+def _mixer(kind: str) -> nn.Module:
+    """A small MLP-Mixer or ResMLP with every parameter random (timm zeroes the head and the
+    biases, which would hide channels that leak)."""
+    torch.manual_seed(0)
+    mixer = timm.models.mlp_mixer
+    extra: dict[str, Any] = {}
+    if kind == "resmlp":
+        extra = {"block_layer": mixer.ResBlock, "norm_layer": mixer.Affine, "mlp_ratio": 4}
+    model = mixer.MlpMixer(
+        num_classes=10, img_size=32, patch_size=8, num_blocks=MIXER_BLOCKS, embed_dim=MIXER_DIM, **extra
+    ).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            centre = 1.0 if name.endswith(("alpha", "norm1.weight", "norm2.weight", "norm.weight")) else 0.0
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3 + centre)
+    return model
+
+
+MIXERS = ("mixer", "resmlp")
+TOKEN_LINEARS = {
+    "mixer": [f"blocks.{b}.mlp_tokens.{fc}" for b in range(MIXER_BLOCKS) for fc in ("fc1", "fc2")],
+    "resmlp": [f"blocks.{b}.linear_tokens" for b in range(MIXER_BLOCKS)],
+}
+
+
+@pytest.fixture(params=MIXERS)
+def mixer_net(request: pytest.FixtureRequest) -> tuple[str, SteppingNet]:
+    kind = str(request.param)
+    return kind, SteppingNet(_mixer(kind), _inputs(2, seed=0, size=32), N, execution="masked")
+
+
+def test_token_mixing_linears_are_no_neurons_and_keep_the_residual_group(mixer_net: tuple[str, SteppingNet]) -> None:
+    kind, net = mixer_net
+    assert [t.name for t in net.token_mixing] == TOKEN_LINEARS[kind]
+    layers = {layer.name for layer in net.layers}
+    assert not layers & set(TOKEN_LINEARS[kind]), "token-mixing Linears must not be masked layers"
+    # the residual stream is one group of embed_dim neurons read by every block and the head
+    (residual,) = [g for g in net.group_specs if g.size == MIXER_DIM]
+    head = next(layer for layer in net.layers if layer.is_logits)
+    stem = net.index.out_positions[net.index.layer("stem.proj")]
+    for token in net.token_mixing:
+        assert torch.equal(token.positions, stem), token.name
+        assert torch.equal(token.positions, head.in_pos)
+    assert residual.size == MIXER_DIM
+    # the parameters of a token Linear stay unmasked: no parametrization on them
+    for name in TOKEN_LINEARS[kind]:
+        assert not hasattr(net.model.get_submodule(name), "parametrizations")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mixer_subnets_are_isolated(mixer_net: tuple[str, SteppingNet], seed: int) -> None:
+    _, net = mixer_net
+    random_assignment(net, seed=seed)
+    for train in (False, True):
+        report = isolation_report(net, _inputs(4, seed=seed + 10, size=32), train=train)
+        assert report.isolated, report
+        assert sum(report.compared) > 0
+
+
+def _count_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """MACs per sample of a dense model from forward hooks, counted here: every Conv2d/Linear
+    spends (nonzero weight entries) x (output elements per output channel)."""
+    total = [0]
+
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        weight = cast(torch.Tensor, module.weight)
+        per_channel = output.numel() // (x.shape[0] * int(weight.shape[0]))
+        total[0] += int(torch.count_nonzero(weight)) * per_channel
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total[0]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_mixer_macs_are_exact_and_token_linears_cost_in_x_out_per_active_channel(
+    mixer_net: tuple[str, SteppingNet], seed: int
+) -> None:
+    kind, net = mixer_net
+    flat = random_assignment(net, seed=seed)
+    x = _inputs(2, seed=5, size=32)
+    for s in range(1, N + 1):
+        active = int((flat[net.token_mixing[0].positions] <= s).sum())
+        layer_macs = net.layer_macs(s)
+        for token in net.token_mixing:
+            module = cast(nn.Linear, net.model.get_submodule(token.name))
+            assert layer_macs[token.name] == module.in_features * module.out_features * active, token.name
+        exported = net.export_subnet(s).eval()
+        assert net.macs(s) == _count_macs(exported, x), s
+        # the exported token Linears run over the kept channels only
+        first = cast(nn.Linear, exported.get_submodule(TOKEN_LINEARS[kind][0]))
+        assert first.in_features == MIXER_TOKENS
+    assert net.macs(N) < net.full_macs
+    full = _mixer(kind)
+    assert _count_macs(full, x) == net.full_macs
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mixer_export_matches_masked_subnets(mixer_net: tuple[str, SteppingNet], seed: int) -> None:
+    _, net = mixer_net
+    flat = random_assignment(net, seed=seed)
+    x = _inputs(3, seed=21, size=32)
+    for s in range(1, N + 1):
+        exported = net.export_subnet(s).eval()
+        kept = int((flat[net.token_mixing[0].positions] <= s).sum())
+        assert exported.get_submodule("stem.proj").out_channels == kept
+        with torch.no_grad():
+            with net.subnet(s):
+                expected = net.model(x)
+            torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_mixer_runner_matches_masked_subnets_at_their_macs(mixer_net: tuple[str, SteppingNet], seed: int) -> None:
+    _, net = mixer_net
+    random_assignment(net, seed=seed)
+    x = _inputs(3, seed=20, size=32)
+    runner = IncrementalRunner(net)
+    assert runner.layout == "full"
+    macs = [net.macs(s) for s in range(1, N + 1)]
+    assert macs == sorted(macs) and macs[0] < macs[-1]
+    with torch.no_grad():
+        for s in range(1, N + 1):
+            logits = runner.start(x) if s == 1 else runner.step()
+            with net.subnet(s):
+                expected = net.model(x)
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+            assert runner.macs_spent == macs[s - 1]
+            assert runner.macs(s) == macs[s - 1]
+
+
+def test_mixer_runner_delta_layout_refuses_token_mixing_by_name() -> None:
+    net = SteppingNet(_mixer("resmlp"), _inputs(2, seed=0, size=32), N, execution="masked")
+    with pytest.raises(UnsupportedModelError) as info:
+        IncrementalRunner(net, layout="delta")
+    reasons = dict(info.value.problems)
+    assert "blocks.0.linear_tokens" in reasons
+    assert "layout='full'" in reasons["blocks.0.linear_tokens"]
+
+
+def test_saved_mixer_runner_reloads(mixer_net: tuple[str, SteppingNet], tmp_path: Any) -> None:
+    kind, net = mixer_net
+    random_assignment(net, seed=4)
+    x = _inputs(2, seed=22, size=32)
+    path = tmp_path / "runner.pt"
+    runner = IncrementalRunner(net)
+    runner.save(path)
+    loaded = IncrementalRunner.load(path, _mixer(kind))
+    assert loaded.layout == "full"
+    assert loaded.assignment_hash() == runner.assignment_hash()
+    with torch.no_grad():
+        for s in range(1, N + 1):
+            logits = loaded.start(x) if s == 1 else loaded.step()
+            with net.subnet(s):
+                torch.testing.assert_close(logits, net.model(x), rtol=1e-5, atol=1e-6)
+            assert loaded.macs_spent == net.macs(s)
+
+
+def test_mixer_sliced_execution_falls_back_on_nested_norms(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="nni_steppingnet.sliced"):
+        net = SteppingNet(_mixer("mixer"), _inputs(2, seed=0, size=32), N, execution="auto")
+    assert net.execution == "masked"
+    assert "nested norms" in caplog.text
+
+
+def test_resmlp_sliced_execution_equals_masked() -> None:
+    """ResMLP has no norm over channels (Affine is per channel): sliced execution runs the token
+    Linears over the active channels only and must reproduce the masked subnets."""
+    net = SteppingNet(_mixer("resmlp"), _inputs(2, seed=0, size=32), N, execution="auto")
+    assert net.execution == "sliced"
+    random_assignment(net, seed=6)
+    x = _inputs(3, seed=23, size=32)
+    with torch.no_grad():
+        for s in range(1, N + 1):
+            with net.subnet(s):
+                sliced = net.model(x)
+                with net.masked_execution():
+                    masked = net.model(x)
+            torch.testing.assert_close(sliced, masked, rtol=1e-5, atol=1e-6)
+
+
+def test_affine_parameters_are_per_channel_and_exported_with_their_channels() -> None:
+    net = SteppingNet(_mixer("resmlp"), _inputs(2, seed=0, size=32), N, execution="masked")
+    flat = random_assignment(net, seed=7)
+    stem = net.index.out_positions[net.index.layer("stem.proj")]
+    for name in ("blocks.0.norm1.alpha", "blocks.0.norm1.beta", "blocks.1.norm2.alpha", "norm.alpha", "blocks.0.ls1"):
+        assert torch.equal(net.channel_parameters[name], stem), name
+    exported = net.export_subnet(2)
+    kept = int((flat[stem] <= 2).sum())
+    assert exported.get_submodule("blocks.0.norm1").alpha.shape == (1, 1, kept)
+    assert exported.get_submodule("norm").beta.shape == (1, 1, kept)
+
+
+def test_token_mixing_block_reading_something_else_is_refused_by_name() -> None:
+    """A block that looks like a Mixer block but applies mlp_tokens without the transpose."""
+
+    class NotTransposed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 8, stride=8)
+            self.norm1 = nn.LayerNorm(16)
+            self.mlp_tokens = timm.layers.Mlp(16, 8)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.conv(x).flatten(2).transpose(1, 2)
+            x = x + self.mlp_tokens(self.norm1(x))
+            return self.fc(x.mean(1))
+
+    with pytest.raises(UnsupportedModelError) as info:
+        SteppingNet(NotTransposed().eval(), _inputs(1, seed=0, size=32), N)
+    reasons = dict(info.value.problems)
+    assert "mlp_tokens.fc1" in reasons and "transposed output" in reasons["mlp_tokens.fc1"]
