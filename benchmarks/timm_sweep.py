@@ -65,6 +65,10 @@ SMALL_MARKERS: tuple[str, ...] = (
 )
 #: timm families we never pick from: local test-only architectures.
 _SKIP_PREFIX = "test_"
+#: Further models swept besides a family's smallest-looking one: architectures of the family
+#: that the library supports differently (mlp_mixer's pick is a gMLP, refused by name; MLP-Mixer
+#: and ResMLP wrap with token-mixing Linears, nni_steppingnet.token_mixing).
+EXTRA_MODELS: dict[str, tuple[str, ...]] = {"mlp_mixer": ("mixer_s32_224", "resmlp_12_224")}
 
 
 # --------------------------------------------------------------------------- picking
@@ -86,6 +90,7 @@ def pick_models(max_models: int | None = None, families: Sequence[str] = ()) -> 
         names = [n for n in timm.list_models(module=family) if not n.startswith(_SKIP_PREFIX)]
         if names:
             chosen.append((family, min(names, key=_smallness)))
+        chosen.extend((family, name) for name in EXTRA_MODELS.get(family, ()) if name in names)
     return chosen[:max_models] if max_models else chosen
 
 
