@@ -637,3 +637,21 @@ def test_token_mixing_block_reading_something_else_is_refused_by_name() -> None:
         SteppingNet(NotTransposed().eval(), _inputs(1, seed=0, size=32), N)
     reasons = dict(info.value.problems)
     assert "mlp_tokens.fc1" in reasons and "transposed output" in reasons["mlp_tokens.fc1"]
+
+
+def test_moving_a_residual_neuron_costs_its_token_mixing_macs(mixer_net: tuple[str, SteppingNet]) -> None:
+    """Construction's per-neuron cost includes the token-mixing work of the channel, so a move
+    frees exactly what net.macs says."""
+    from nni_steppingnet.construction.select import neuron_costs
+
+    _, net = mixer_net
+    token = net.token_mixing[0]
+    j = int(token.positions[3])
+    before = net.macs(1)
+    cost = neuron_costs(net, 1)[j]
+    token_share = sum(t.channel_macs for t in net.token_mixing if bool((t.positions == j).any()))
+    assert token_share > 0 and float(cost) > token_share
+    flat = net.flat_assignment().clone()
+    flat[j] = 2
+    net.set_flat_assignment(flat)
+    assert before - net.macs(1) == int(cost)
