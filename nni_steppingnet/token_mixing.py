@@ -23,7 +23,9 @@ Linears (timm's ``MixerBlock``) or a ``linear_tokens`` Linear (timm's ``ResBlock
 probe then checks that the first token Linear reads the *transposed* output of ``norm1``
 (``[batch, channels, tokens]``, a view of the same storage) with ``in_features`` equal to the
 number of tokens, and that every token Linear keeps the channel dimension (``-2``) of that width.
-A block that fails the probe is refused by name. gMLP's spatial gating unit (timm's
+A block that fails the probe is refused by name, and so is a token MLP other than timm's plain
+``Mlp`` (gMixer's gated ``GluMlp``: torch-pruning's tracer does not finish on its split of
+the token axis). gMLP's spatial gating unit (timm's
 ``SpatialGatingUnit``: the token-mixed half of the channels multiplies the other half) is
 refused by name (:func:`unsupported_token_mixing_reason`).
 
@@ -117,6 +119,15 @@ def unsupported_token_mixing_reason(module: nn.Module) -> str | None:
             "token-mixed half of the channels gates the other half), which the per-channel "
             "token-mixing rule does not cover; MLP-Mixer and ResMLP blocks are supported"
         )
+    mlp = getattr(module, "mlp_tokens", None)
+    if isinstance(getattr(module, "norm1", None), nn.Module) and isinstance(mlp, nn.Module):
+        linears = [n for n, m in mlp.named_modules() if isinstance(m, nn.Linear)]
+        if linears and (type(mlp).__name__ != "Mlp" or linears != ["fc1", "fc2"]):
+            return (
+                f"{type(module).__name__}.mlp_tokens is a {type(mlp).__name__} with Linears {linears}; only "
+                "timm's plain Mlp (fc1 -> act -> fc2) is supported as a token-mixing MLP (gated token "
+                "MLPs such as gMixer's GluMlp are not): build the model with mlp_layer=timm.layers.Mlp"
+            )
     return None
 
 

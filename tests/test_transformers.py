@@ -385,6 +385,21 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
         "blocks.0.mlp_channels.gate",
         "spatial gating",
     ),
+    # a gated token MLP (gMixer): refused before torch-pruning's tracer, which never finishes on it
+    "gmixer": (
+        lambda: timm.models.mlp_mixer.MlpMixer(
+            num_classes=10,
+            img_size=32,
+            patch_size=8,
+            num_blocks=1,
+            embed_dim=32,
+            mlp_ratio=(1.0, 4.0),
+            mlp_layer=timm.layers.GluMlp,
+            act_layer=nn.SiLU,
+        ),
+        "blocks.0",
+        "plain Mlp",
+    ),
 }
 
 
