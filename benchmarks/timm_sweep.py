@@ -68,6 +68,9 @@ _SKIP_PREFIX = "test_"
 #: Further models swept besides a family's smallest-looking one: architectures of the family
 #: that the library supports differently (mlp_mixer's pick is a gMLP, refused by name; MLP-Mixer
 #: and ResMLP wrap with token-mixing Linears, nni_steppingnet.token_mixing).
+#: Outcomes of one model, best first (a family takes the best of its models' outcomes).
+STATUSES: tuple[str, ...] = ("ok", "export-unsupported", "unsupported", "cannot-build", "timeout", "crash", "violation")
+
 EXTRA_MODELS: dict[str, tuple[str, ...]] = {"mlp_mixer": ("mixer_s32_224", "resmlp_12_224")}
 
 
@@ -362,6 +365,18 @@ def _write_json(path: Path, payload: Any) -> None:
         raise
 
 
+def family_counts(results: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Families per status: a family with several models swept (``EXTRA_MODELS``) takes the best
+    status among them (``ok`` first, in the order of :data:`STATUSES`)."""
+    best: dict[str, str] = {}
+    for r in results:
+        status = r["status"]
+        held = best.get(r["family"])
+        if held is None or STATUSES.index(status) < STATUSES.index(held):
+            best[r["family"]] = status
+    return {k: sum(v == k for v in best.values()) for k in STATUSES}
+
+
 def _table(results: list[dict[str, Any]]) -> str:
     rows = [f"{'family':26s} {'model':34s} {'status':12s} {'groups':>6s} {'s':>5s}  detail"]
     for r in results:
@@ -374,12 +389,12 @@ def _table(results: list[dict[str, Any]]) -> str:
             f"{r['family']:26s} {r['model']:34s} {r['status']:12s} {r.get('groups', ''):>6} "
             f"{r.get('seconds', 0):5.1f}  {detail[:100]}"
         )
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    counts = family_counts(results)
     rows.append("")
     rows.append(
-        "summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(results)} families)"
+        "summary: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
+        + f" (of {sum(counts.values())} families, {len(results)} models)"
     )
     return "\n".join(rows)
 
@@ -393,6 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", default="64,96,128,160,224", help="input sizes to try, in order")
     parser.add_argument("--no-export", action="store_true", help="skip the export_subnet check")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the swept families' rows in an existing --output and recount (with --families)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--models", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -407,8 +427,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"sweeping {len(models)} timm families ({args.threads} thread(s), {args.timeout} s per model)", file=sys.stderr
     )
+    previous: list[dict[str, Any]] = []
+    swept: set[str] = set()
+    if args.merge:
+        if not args.output.is_file():
+            parser.error(f"--merge: {args.output} does not exist; run the whole sweep first")
+        previous = json.loads(args.output.read_text(encoding="utf-8"))["results"]
     start = time.perf_counter()
     results = _run_all(models, args)
+    if args.merge:
+        swept = {r["family"] for r in results}
+        results = sorted([r for r in previous if r["family"] not in swept] + results, key=lambda r: r["family"])
     import timm
     import torch
     import torch_pruning
@@ -424,10 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "families_total": len(__import__("timm").list_modules()),
         },
         "wall_s": round(time.perf_counter() - start, 1),
-        "counts": {
-            k: sum(r["status"] == k for r in results)
-            for k in ("ok", "export-unsupported", "unsupported", "cannot-build", "crash", "violation", "timeout")
-        },
+        # with --merge: the families this run swept (wall_s is theirs); the other rows are older
+        "merged_families": sorted(swept) if args.merge else [],
+        "counts": family_counts(results),
+        "model_counts": {k: sum(r["status"] == k for r in results) for k in STATUSES},
         "results": results,
     }
     _write_json(args.output, payload)
