@@ -35,6 +35,7 @@ import yaml
 
 from .validation import (
     CONSTRUCTION_RULES,
+    DEFAULT_LANDING,
     EXECUTIONS,
     LANDINGS,
     NON_NEGATIVE,
@@ -271,7 +272,7 @@ class ConstructionSection:
         ),
     )
     landing: str = field(
-        default="defer",
+        default=DEFAULT_LANDING,
         metadata=_meta(
             _landing,
             "a subnet short of movable neurons that fit its budget: defer (stop short, finish in a "

@@ -161,7 +161,9 @@ def _takes_img_size(entry: Callable[..., nn.Module]) -> bool:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return False
     module = sys.modules.get(getattr(entry, "__module__", ""))
-    for value in vars(module).values() if module is not None else ():
+    if module is None:
+        return False
+    for value in vars(module).values():
         if isinstance(value, type) and issubclass(value, nn.Module) and value.__module__ == module.__name__:
             if _init_takes(value, "img_size"):
                 return True

@@ -156,6 +156,11 @@ EXECUTIONS: tuple[str, ...] = ("auto", "sliced", "masked")
 #: other groups, down to their floors, could not pay for.
 LANDINGS: tuple[str, ...] = ("defer", "now", "ahead")
 
+#: The default landing (one place: ``ConstructionConfig``, the recipe schema and
+#: :func:`~nni_steppingnet.construction.select.move_neurons` read it); docs/results.md holds the
+#: measurement that chose it.
+DEFAULT_LANDING: str = "defer"
+
 
 def check_budgets(budgets: Any, num_subnets: int | None = None, *, name: str = "budgets") -> list[float]:
     """MAC budgets: a non-empty list of fractions in (0, 1] of the reference MACs, strictly

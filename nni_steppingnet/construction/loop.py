@@ -92,7 +92,7 @@ from ..data import to_device
 from ..errors import CheckpointError
 from ..stepping import SteppingNet
 from ..train import BetaSuppression, autocast, check_amp, forward_logits, make_optimizer, split_batch
-from ..validation import CONSTRUCTION_RULES, LANDINGS, check_budgets, is_int
+from ..validation import CONSTRUCTION_RULES, DEFAULT_LANDING, LANDINGS, check_budgets, is_int
 from .batches import BatchStream, rng_state, set_rng_state
 from .prune import dead_neurons, prune_small_weights, retire_dead
 from .select import move_neurons, neuron_costs, select_neurons
@@ -134,7 +134,7 @@ class ConstructionConfig:
     #: neuron scorer (:data:`nni_steppingnet.criteria.CRITERIA`): ``gradient`` is the paper's eq. (2)-(3)
     criterion: str = "gradient"
     #: how a subnet lands on its budget (:data:`nni_steppingnet.validation.LANDINGS`)
-    landing: str = "defer"
+    landing: str = DEFAULT_LANDING
     #: per-group floor of every subnet's neurons (see :func:`~nni_steppingnet.construction.select.move_neurons`)
     min_group_fraction: float = 0.5
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from ..stepping import SteppingNet
-from ..validation import LANDINGS
+from ..validation import DEFAULT_LANDING, LANDINGS
 
 __all__ = ["CostTable", "select_neurons", "move_neurons", "neuron_costs"]
 
@@ -283,7 +283,7 @@ def move_neurons(
     *,
     frozen: torch.Tensor | None = None,
     group_limit: bool = True,
-    landing: str = "defer",
+    landing: str = DEFAULT_LANDING,
     min_group_fraction: float = 0.5,
 ) -> tuple[torch.Tensor, list[int], list[int]]:
     """The movement phase of one iteration (step 2 of the loop in
