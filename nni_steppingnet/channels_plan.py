@@ -18,7 +18,7 @@ still run. This module holds the pieces both need:
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -64,6 +64,10 @@ class ChannelSlicer:
       (BatchNorm's running statistics) into the sliced channels only.
 
     ``layout`` (:data:`CHANNEL_LAYOUTS`) chooses which channels stage ``s`` holds.
+
+    A norm whose ``normalized_shape`` is its channel count (LayerNorm, RMSNorm over channels) gets
+    the stage's channel count there for the call as well, so its own ``forward`` accepts the
+    narrower input.
     """
 
     def __init__(
@@ -100,6 +104,10 @@ class ChannelSlicer:
                 for n, t in module.named_buffers(recurse=False)
                 if t is not None and t.dim() >= 1 and t.shape[0] == width
             ]
+        shape = getattr(module, "normalized_shape", None) if parameter is None else None
+        #: the module's ``normalized_shape`` is its channel count (swapped along with the tensors)
+        self.shaped = isinstance(shape, tuple) and len(shape) == 1 and shape[0] == width
+        self._saved_shape: tuple[int, ...] | None = None
         self._saved: list[tuple[str, str, Any]] = []
         #: buffers to write back after a differentiable swap: (full, slice, index, dim)
         self._written: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
@@ -113,9 +121,21 @@ class ChannelSlicer:
             index = self._device_index[(s, device)] = self.index[s].to(device)
         return index
 
+    def index_on(self, s: int, device: torch.device) -> torch.Tensor:
+        """The channels stage ``s`` holds (ascending, long), on ``device`` (cached)."""
+        return self._index(s, device)
+
+    def _swap_shape(self, s: int) -> None:
+        if self.shaped:
+            module = self.module
+            self._saved_shape = cast("tuple[int, ...]", module.normalized_shape)
+            # plain attributes (nn.Module's stubs type attributes as Tensor | Module)
+            module.normalized_shape = (int(self.index[s].numel()),)  # type: ignore[assignment]
+
     def swap(self, s: int) -> None:
         """Replace the per-channel tensors by detached, cached slices of stage ``s``."""
         module = self.module
+        self._swap_shape(s)
         saved = self._saved
         for kind, name, dim in self.names:
             table: dict[str, Any] = module._parameters if kind == "p" else module._buffers
@@ -137,6 +157,7 @@ class ChannelSlicer:
         if self.whole[s]:
             return
         module = self.module
+        self._swap_shape(s)
         for kind, name, dim in self.names:
             table: dict[str, Any] = module._parameters if kind == "p" else module._buffers
             tensor = table[name]
@@ -152,6 +173,9 @@ class ChannelSlicer:
     def restore(self) -> None:
         """Put the full tensors back (after :meth:`swap` or :meth:`swap_differentiable`)."""
         module = self.module
+        if self._saved_shape is not None:
+            module.normalized_shape = self._saved_shape  # type: ignore[assignment]
+            self._saved_shape = None
         for kind, name, tensor in self._saved:
             (module._parameters if kind == "p" else module._buffers)[name] = tensor
         self._saved = []

@@ -15,7 +15,10 @@ module's input with the nested statistics and returns it in place of the origina
 per-channel index is read from the net's flat assignment through
 ``net.assignment_cache`` at every forward, so moving neurons updates it; channels of neurons with
 an index above the active subnet (inactive, zero under the masks) are neither counted in any
-prefix's denominator nor summed (they come out as zeros). Exported subnets keep a nested norm over
+prefix's denominator nor summed (they come out as zeros). Under sliced execution
+(:mod:`~nni_steppingnet.sliced`) the input holds only the active channels (the cumulative layout):
+the hook then takes their positions from ``net.present_channels(name)`` and normalises with their
+indices and affine parameters, which gives the masked result on the channels that exist. Exported subnets keep a nested norm over
 their kept channels through :class:`FixedNestedNorm`, a picklable forward hook holding the kept
 channels' indices.
 
@@ -201,6 +204,13 @@ def _affine(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None
     )
 
 
+def _present(tensor: torch.Tensor | None, present: torch.Tensor) -> torch.Tensor | None:
+    """The ``present`` channels of a per-channel affine tensor (as it is when already sliced)."""
+    if tensor is None or tensor.shape[0] == present.numel():
+        return tensor
+    return tensor.index_select(0, present)
+
+
 class NestedNorms:
     """The nested norms of a :class:`~nni_steppingnet.SteppingNet` (installed at wrap time).
 
@@ -252,6 +262,13 @@ class NestedNorms:
             x = args[0]
             index = self.channel_index(name, x.device)
             weight, bias = _affine(module)
+            present = net.present_channels(name, x.device)
+            if present is not None:
+                # Sliced execution: the input holds only these channels (cumulative layout).
+                # Its affine parameters are gathered here (the sliced execution has put the full
+                # ones back by now; gathering a slice again is a no-op).
+                index = index.index_select(0, present)
+                weight, bias = (_present(t, present) for t in (weight, bias))
             y = nested_normalize(x, kind, index, net.active_subnet, weight, bias)
             return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
 

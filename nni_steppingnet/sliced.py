@@ -26,7 +26,31 @@ out in the order of the next layer's active inputs). For the duration of each la
   a conv with active outputs but no active input reads one zero channel (its outputs are the
   bias, as with masks).
 
-Activations, pooling, residual adds, concatenation and SE run unchanged on the narrower tensors.
+* nested norms (:mod:`~nni_steppingnet.nested_norm`: LayerNorm/LayerNorm2d/RMSNorm over
+  channels, GroupNorm(1)) are per-channel modules as above, and the :class:`ChannelSlicer` also
+  gives a norm's ``normalized_shape`` the active channel count for the call, so the norm's own
+  forward accepts the narrower input; the nested norm's hook, which replaces that output, then
+  normalises over the present channels only, with their subnet indices: it asks
+  :meth:`SlicedExecution.present_channels` (through ``net.present_channels``) which channels the
+  input holds, the same slicer's index the affine parameters were sliced with, so one place
+  decides. With every channel's prefix statistics taken over present channels only, the result
+  equals the masked nested norm (where inactive channels are zeros left out of every prefix);
+* an attention block with head neurons (:mod:`~nni_steppingnet.attention`, timm's fused-qkv
+  ``vision_transformer.Attention``: ViT, DeiT): its ``qkv`` Linear outputs the active rows in
+  ascending order, which is ``[q | k | v]`` of the active heads, each head-major in ascending
+  head order, and ``proj`` reads the active heads' channels in the same order; a pre-hook sets
+  the block's ``num_heads`` (and ``attn_dim``) to the number of active heads for the call and the
+  post-hook restores them, so the block's own forward reshapes and attends over the active heads
+  only (a block with no active head runs with zero heads). Blocks whose forward is another one
+  (the runtime's :func:`~nni_steppingnet.attention.runs_stage_by_stage` is False) or that hold
+  per-head parameters (a relative position bias table, Swin) are refused by name
+  (:func:`unsupported_blocks`): ``"sliced"`` raises, ``"auto"`` runs masked with the reason
+  logged.
+
+Activations, pooling, residual adds, concatenation, SE and token-mixing Linears (MLP-Mixer,
+ResMLP: they act on the token dimension, which is not sliced) run unchanged on the narrower
+tensors. Checked against the masked execution (``tests/test_sliced.py``): the paper's CNNs, timm's
+foundation models, ViT, DeiT, ConvNeXt and MLP-Mixer.
 
 Modules are not swapped: forward pre/post hooks on the wrapped model's own modules gather and
 restore, so user hooks, ``model.modules()`` and optimizers keep seeing the same objects.
@@ -43,12 +67,13 @@ import contextlib
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, cast
 
 import torch
 import torch.nn as nn
 
 from ._inputs import call_model
+from .attention import AttentionSpec, runs_stage_by_stage
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .errors import UnsupportedModelError
 from .validation import EXECUTIONS
@@ -65,6 +90,7 @@ __all__ = [
     "nested_assignment",
     "random_inputs",
     "relative_error",
+    "unsupported_blocks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -141,6 +167,9 @@ class SlicedExecution:
         self._handles: list[Any] = []
         self._live: dict[int, _Live] = {}
         self._live_slicers: dict[int, ChannelSlicer] = {}
+        self._live_heads: dict[str, tuple[int, int | None]] = {}
+        self._channel_entries: list[tuple[str, nn.Module, str | None, torch.Tensor]] = []
+        self._channel_of: dict[str, int] = {}
         self._mode: EmptyChannelsMode | None = None
         self._groups = [int(getattr(layer.module, "groups", 1)) for layer in net.layers]
         self._kinds = ["conv" if isinstance(layer.module, nn.Conv2d) else "linear" for layer in net.layers]
@@ -164,8 +193,14 @@ class SlicedExecution:
             module = modules.get(owner)
             if module is not None:
                 channel_entries.append((qualified, module, bare, positions))
+        self._channel_entries = channel_entries
+        self._channel_of = {name: index for index, (name, _, attr, _) in enumerate(channel_entries) if attr is None}
         for index, (_, module, attr, positions) in enumerate(channel_entries):
             self._hook_module(module, self._channel_pre(index, module, attr, positions), self._channel_post(index))
+        for block, heads in net.attention:
+            module = modules.get(block.name)
+            if module is not None:
+                self._hook_module(module, self._heads_pre(block, module, heads), self._heads_post(block.name))
         root = net.model
         self._handles.append(root.register_forward_pre_hook(self._root_pre))
         self._handles.append(root.register_forward_hook(self._root_post, always_call=True))
@@ -183,6 +218,7 @@ class SlicedExecution:
         self._handles = []
         self._live.clear()
         self._live_slicers.clear()
+        self._live_heads.clear()
 
     def detach_from(self, model: nn.Module) -> None:
         """Drop this execution's hooks from a deep copy of the hooked model."""
@@ -315,12 +351,75 @@ class SlicedExecution:
             if net is None:
                 return None
             s = net.active_subnet
-            slicer = net.assignment_cache(
-                ("sliced-channels", id(self), index, s),
-                lambda flat: ChannelSlicer(mod, flat[positions], net.num_subnets, attr, layout="cumulative"),
-            )
+            slicer = self._slicer(net, index, s)
             slicer.swap_differentiable(s)
             self._live_slicers[index] = slicer
+            return None
+
+        return hook
+
+    def _slicer(self, net: SteppingNet, index: int, s: int) -> ChannelSlicer:
+        """The :class:`ChannelSlicer` of channel entry ``index`` in subnet ``s``: the one place
+        that decides which of a per-channel module's channels a sliced call holds."""
+        _, module, attr, positions = self._channel_entries[index]
+        return cast(
+            ChannelSlicer,
+            net.assignment_cache(
+                ("sliced-channels", id(self), index, s),
+                lambda flat: ChannelSlicer(module, flat[positions], net.num_subnets, attr, layout="cumulative"),
+            ),
+        )
+
+    def present_channels(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """Which channels of the per-channel module ``name`` (a key of ``net.channel_modules``)
+        its input holds in the current sliced call: their positions among the module's channels,
+        ascending, on ``device``; ``None`` when the call is not sliced or holds every channel in
+        order. The nested norms (:mod:`.nested_norm`) read their channels' indices with it."""
+        net = self._net_ref()
+        index = self._channel_of.get(name)
+        if net is None or index is None or not net.runs_sliced():
+            return None
+        s = net.active_subnet
+        slicer = self._slicer(net, index, s)
+        if slicer.whole[s]:
+            return None
+        return slicer.index_on(s, device)
+
+    # ------------------------------------------------------------- attention
+    def _heads_pre(self, block: AttentionSpec, module: nn.Module, heads: torch.Tensor) -> Any:
+        """An attention block with head neurons: its ``qkv`` Linear outputs the active heads'
+        channels only (``[q | k | v]`` of the active heads, each in ascending head order), so the
+        block's forward runs with ``num_heads`` (and ``attn_dim``) of the active heads."""
+        expected = weakref.ref(module)
+
+        def hook(mod: nn.Module, args: Any) -> None:
+            net = self._active(mod, expected)
+            if net is None:
+                return None
+            s = net.active_subnet
+            count = int(
+                net.assignment_cache(
+                    ("sliced-heads", id(self), block.name, s), lambda flat: int((flat[heads] <= s).sum())
+                )
+            )
+            if count == block.num_heads:
+                return None
+            dim = getattr(mod, "attn_dim", None)
+            self._live_heads[block.name] = (int(cast(int, mod.num_heads)), None if dim is None else int(dim))
+            mod.num_heads = count  # type: ignore[assignment]
+            if dim is not None:
+                mod.attn_dim = count * block.head_dim  # type: ignore[assignment]
+            return None
+
+        return hook
+
+    def _heads_post(self, name: str) -> Any:
+        def hook(mod: nn.Module, args: Any, output: Any) -> None:
+            saved = self._live_heads.pop(name, None)
+            if saved is not None:
+                mod.num_heads = saved[0]  # type: ignore[assignment]
+                if saved[1] is not None:
+                    mod.attn_dim = saved[1]  # type: ignore[assignment]
             return None
 
         return hook
@@ -573,17 +672,17 @@ def attach(net: SteppingNet, execution: str) -> SlicedExecution | None:
         raise ValueError(f"execution must be one of {', '.join(map(repr, EXECUTIONS))}, got {execution!r}")
     if execution == "masked":
         return None
-    norms = net.nested_norms.names
-    blocks = [block.name for block, _ in net.attention]
-    if norms or blocks:
-        kinds = "nested norms" if norms else "attention blocks with head neurons"
-        names = norms or blocks
+    refused = unsupported_blocks(net)
+    if refused:
+        names = [name for name, _ in refused]
         why = (
-            f"the model has {len(names)} {kinds} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), "
-            "which sliced execution does not support yet"
+            f"the model has {len(names)} attention block(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) "
+            f"that sliced execution does not support: {refused[0][1]}"
         )
         if execution == "sliced":
-            raise UnsupportedModelError([(name, why + "; use execution='masked' or 'auto'") for name in names[:1]])
+            raise UnsupportedModelError(
+                [(name, f"{reason}; use execution='masked' or 'auto'") for name, reason in refused]
+            )
         logger.warning("%s; training runs masked, at the full width's cost", why)
         return None
     sliced = SlicedExecution(net)
@@ -617,6 +716,36 @@ def attach(net: SteppingNet, execution: str) -> SlicedExecution | None:
         return None
     logger.debug("sliced execution checked against masks: equal")
     return sliced
+
+
+def unsupported_blocks(net: SteppingNet) -> list[tuple[str, str]]:
+    """Attention blocks with head neurons that sliced execution cannot run, with the reason:
+    a forward other than timm's ``vision_transformer.Attention`` (the one whose use of
+    ``num_heads``/``attn_dim`` it knows), or per-head parameters (relative position bias
+    tables), which it does not slice."""
+    modules = dict(net.model.named_modules())
+    found = []
+    for block, _ in net.attention:
+        module = modules.get(block.name)
+        if module is None:
+            continue
+        if block.head_params:
+            found.append(
+                (
+                    block.name,
+                    f"{type(module).__name__} has per-head parameters ({', '.join(block.head_params)}), "
+                    "which sliced execution does not slice to the active heads",
+                )
+            )
+        elif not runs_stage_by_stage(module):
+            found.append(
+                (
+                    block.name,
+                    f"the forward of {type(module).__name__} is not timm's vision_transformer.Attention, "
+                    "the only attention forward sliced execution runs on the active heads",
+                )
+            )
+    return found
 
 
 def random_inputs(inputs: Any, min_batch: int = 2) -> Any:

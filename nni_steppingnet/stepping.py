@@ -406,6 +406,17 @@ class SteppingNet:
         """True when a model forward now runs sliced (not inside :meth:`masked_execution`)."""
         return self._sliced is not None and self._masked_depth == 0
 
+    def present_channels(self, name: str, device: torch.device | None = None) -> torch.Tensor | None:
+        """Which channels of the per-channel module ``name`` (a key of :attr:`channel_modules`)
+        the tensors of the current forward hold: ``None`` for all of them (masked execution, or
+        a sliced call that keeps every channel), else their positions among the module's
+        channels, ascending (sliced execution's cumulative layout,
+        :meth:`SlicedExecution.present_channels`)."""
+        if not self.runs_sliced():
+            return None
+        assert self._sliced is not None
+        return self._sliced.present_channels(name, torch.device("cpu") if device is None else device)
+
     @contextlib.contextmanager
     def masked_execution(self) -> Iterator[SteppingNet]:
         """Within this context the model runs masked, whatever :attr:`execution` says."""

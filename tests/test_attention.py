@@ -222,9 +222,18 @@ class _TinyTransformer(torch.nn.Module):
         return self.head(tokens.mean(1))
 
 
-def test_an_attention_with_its_own_forward_has_head_neurons_and_counted_products() -> None:
-    net = SteppingNet(_TinyTransformer(), _x(), N)
-    assert net.execution == "masked"  # sliced execution refuses head neurons; "auto" falls back
+def test_an_attention_with_its_own_forward_has_head_neurons_and_counted_products(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="nni_steppingnet.sliced"):
+        net = SteppingNet(_TinyTransformer(), _x(), N)
+    # sliced execution knows only timm's ViT attention forward; "auto" falls back, naming the block
+    assert net.execution == "masked"
+    assert "(attn)" in caplog.text and "vision_transformer.Attention" in caplog.text
+    with pytest.raises(UnsupportedModelError) as refused:
+        net.set_execution("sliced")
+    assert "attn" in dict(refused.value.problems) and "execution='masked' or 'auto'" in str(refused.value)
+    assert net.execution == "masked"
     ((block, heads),) = net.attention
     tokens = (32 // 8) ** 2
     assert block.head_macs == attention_macs(tokens, 1, 8)
@@ -299,3 +308,8 @@ def test_swin_window_attention_has_head_neurons() -> None:
         assert macs(exported, x, nonzero=True) == net.macs(s)
     with pytest.raises(UnsupportedModelError, match="vision_transformer.Attention"):
         IncrementalRunner(net)
+    # Sliced execution does not slice per-head parameters: refused by name, "auto" runs masked.
+    assert net.execution == "masked"
+    with pytest.raises(UnsupportedModelError, match="relative_position_bias_table") as refused:
+        net.set_execution("sliced")
+    assert "layers.0.blocks.0.attn" in dict(refused.value.problems)

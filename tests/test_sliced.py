@@ -14,6 +14,7 @@ import logging
 from typing import Any, Callable
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,6 +26,60 @@ from nni_steppingnet.testing import FOUNDATION_MODELS, fraction_assignment, rand
 
 N = 4
 FRACTIONS = (0.3, 0.5, 0.7, 0.9)
+
+
+def _randomize_all(model: nn.Module, seed: int) -> nn.Module:
+    """Every parameter random: timm zeroes biases and heads and starts ConvNeXt's layer scales at
+    1e-6, which would shrink a wrong residual branch below the tolerances. Weights ~ 1/sqrt(fan
+    in); norm weights and layer scales around 1; the rest around 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and not name.endswith(("cls_token", "pos_embed")):
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=generator) / fan_in**0.5)
+            else:
+                centre = 1.0 if name.endswith(("gamma", "norm.weight")) or ".norm" in name else 0.0
+                if name.endswith("bias"):
+                    centre = 0.0
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3 + centre)
+    return model
+
+
+def _vit(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model(
+            name, pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10
+        )
+
+    return build
+
+
+def _convnext() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("convnext_atto", pretrained=False, num_classes=10)
+
+
+def _mixer() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.models.mlp_mixer.MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=32)
+
+
+#: Models with nested norms (LayerNorm, LayerNorm2d) and, for ViT/DeiT, attention head neurons;
+#: built small, 32x32 inputs, every parameter random.
+TRANSFORMERS: dict[str, Callable[[], nn.Module]] = {
+    "vit_tiny_patch16_224": _vit("vit_tiny_patch16_224"),
+    "deit_tiny_patch16_224": _vit("deit_tiny_patch16_224"),
+    "convnext_atto": _convnext,
+    "mlp_mixer": _mixer,
+}
+
+
+def _model(name: str, tiny_model: Callable[..., nn.Module], **kwargs: Any) -> nn.Module:
+    if name in TRANSFORMERS:
+        return _randomize_all(TRANSFORMERS[name](), seed=1)
+    return randomize_bn(tiny_model(name, seed=0, **kwargs), seed=1)
 
 
 def _inputs(batch: int, seed: int, size: int = 32) -> torch.Tensor:
@@ -51,6 +106,69 @@ def test_sliced_equals_masked_on_the_foundation_models(name: str, tiny_model: Ca
     net.model.double()
     problem = compare_executions(net, _inputs(8, seed=5).double(), output_rtol=1e-10, grad_rtol=1e-7)
     assert problem == "", f"{name}: {problem}"
+
+
+def _narrow_widths(net: SteppingNet, x: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """(width seen in subnet 1, full width) of the first nested norm's input and, with
+    attention, of the first block's heads."""
+    modules = dict(net.model.named_modules())
+    seen: dict[str, tuple[int, int]] = {}
+    name = net.nested_norms.names[1]
+    norm = modules[name]
+    dim = net.nested_norms.kinds[name].dim
+    full = int(net.nested_norms.positions[name].numel())
+
+    def norm_hook(module: nn.Module, args: Any, output: Any) -> None:
+        seen["norm"] = (int(args[0].shape[dim]), full)
+
+    handles = [norm.register_forward_hook(norm_hook)]
+    if net.attention:
+        block, _ = net.attention[0]
+
+        def heads_hook(module: nn.Module, args: Any) -> None:
+            seen["heads"] = (int(module.num_heads), block.num_heads)
+
+        # registered after the sliced execution's pre-hook: sees the active heads' count
+        handles.append(modules[block.name].register_forward_pre_hook(heads_hook))
+    with torch.no_grad(), net.subnet(1):
+        net.model(x)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
+def test_auto_runs_nested_norms_and_attention_heads_sliced_equal_to_masked(name: str) -> None:
+    """Nested norms (ViT/DeiT/Mixer LayerNorm, ConvNeXt LayerNorm2d) and ViT/DeiT's head neurons
+    in the cumulative layout: ``"auto"`` picks sliced, and every subnet of a nested assignment
+    gives the masked logits (1e-5) and gradients (1e-4), in training and eval mode, float32."""
+    torch.manual_seed(0)
+    net = SteppingNet(_model(name, None), _inputs(2, seed=3), N, verify=False, execution="auto")  # type: ignore[arg-type]
+    assert net.execution == "sliced"
+    assert len(net.nested_norms) > 0
+    assert bool(net.attention) == name.endswith("patch16_224")
+    net.set_flat_assignment(nested_assignment(net, seed=1))
+    # Subnet 1 really runs narrow.
+    widths = _narrow_widths(net, _inputs(2, seed=4))
+    assert widths and all(0 < got < full for got, full in widths.values()), widths
+    problem = compare_executions(net, _inputs(4, seed=5))
+    assert problem == "", f"{name}: {problem}"
+
+
+def test_attention_without_active_heads_and_norms_without_active_channels() -> None:
+    """Sliced ViT where block 0 has no head in subnet 1 and block 1 none in any subnet (zero
+    heads: an empty qkv, attention over zero heads, a proj with no input), and the residual
+    group entirely in subnet 2 (nested norms over zero channels in subnet 1)."""
+    net = SteppingNet(_model("vit_tiny_patch16_224", None), _inputs(2, seed=3), N, verify=False, execution="sliced")  # type: ignore[arg-type]
+    flat = nested_assignment(net, seed=0)
+    (_, heads0), (_, heads1) = net.attention
+    flat[heads0] = torch.tensor([2, 3, N + 1])
+    flat[heads1] = N + 1
+    net.set_flat_assignment(flat)
+    assert compare_executions(net, _inputs(4, seed=5)) == ""
+    (residual,) = [group for group in net.groups if group.size == 48]  # the embedding channels
+    residual.assignment = torch.full((residual.size,), 2)
+    assert compare_executions(net, _inputs(4, seed=6)) == ""
 
 
 class _Grouped(nn.Module):
@@ -125,7 +243,7 @@ def _pair(
     trajectories are compared there, because float32 rounding, which differs between the two
     executions, is amplified by training-mode BatchNorm: measured on resnet18 after one SGD
     step, weights equal to 2e-6 gave gradients differing by 0.11 of their largest entry)."""
-    base = randomize_bn(tiny_model(name, seed=0, **kwargs), seed=1)
+    base = _model(name, tiny_model, **kwargs)
     masked = _wrap(copy.deepcopy(base), "masked")
     sliced = _wrap(base, "sliced")
     if double:
@@ -145,7 +263,7 @@ def _assert_same_state(masked: SteppingNet, sliced: SteppingNet, rtol: float) ->
             assert torch.equal(value, got[key]), key
 
 
-@pytest.mark.parametrize("name", ["lenet3c1l", "resnet18"])
+@pytest.mark.parametrize("name", ["lenet3c1l", "resnet18", *TRANSFORMERS])
 def test_three_sgd_steps_with_momentum_and_weight_decay(name: str, tiny_model: Callable[..., nn.Module]) -> None:
     masked, sliced = _pair(name, tiny_model, double=True)
     optimizers = [

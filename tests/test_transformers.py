@@ -15,6 +15,7 @@ from nni_steppingnet import SteppingNet
 from nni_steppingnet.errors import UnsupportedModelError
 from nni_steppingnet.nested_norm import nested_normalize, norm_kind
 from nni_steppingnet.runtime import IncrementalRunner
+from nni_steppingnet.sliced import compare_executions
 from nni_steppingnet.testing import isolation_report, random_assignment
 
 timm = pytest.importorskip("timm")
@@ -222,13 +223,15 @@ def test_hand_built_export_matches_masked_subnets(norm_net: SteppingNet, seed: i
             torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_sliced_execution_refuses_nested_norms_and_auto_falls_back(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="nni_steppingnet.sliced"):
-        net = SteppingNet(_norm_net(), _inputs(2, seed=0), N, execution="auto")
-    assert net.execution == "masked"
-    assert "nested norms" in caplog.text
-    with pytest.raises(UnsupportedModelError, match="nested norms"):
-        net.set_execution("sliced")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hand_built_norms_run_sliced_equal_to_masked(seed: int) -> None:
+    """LayerNorm2d, GroupNorm(1) and LayerNorm as nested norms in the cumulative layout, on random
+    assignments (unused neurons, channels of one subnet only): "auto" picks sliced, and logits,
+    gradients and the norms' own inputs agree with the masked execution."""
+    net = SteppingNet(_norm_net(), _inputs(2, seed=0), N, execution="auto")
+    assert net.execution == "sliced"
+    random_assignment(net, seed=seed)
+    assert compare_executions(net, _inputs(4, seed=seed + 10)) == ""
 
 
 def test_remove_restores_the_original_norms() -> None:
@@ -277,7 +280,7 @@ def test_timm_model_downstream_exact(name: str) -> None:
     torch.manual_seed(0)
     net = SteppingNet(TIMM_MODELS[name](), x, N, execution="auto")
     assert len(net.nested_norms) > 0
-    assert net.execution == "masked"
+    assert net.execution == "sliced"
     flat = random_assignment(net, seed=1)
     assert (flat[:-1] <= N).any()
     report = isolation_report(net, x)
@@ -597,11 +600,13 @@ def test_saved_mixer_runner_reloads(mixer_net: tuple[str, SteppingNet], tmp_path
             assert loaded.macs_spent == net.macs(s)
 
 
-def test_mixer_sliced_execution_falls_back_on_nested_norms(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="nni_steppingnet.sliced"):
-        net = SteppingNet(_mixer("mixer"), _inputs(2, seed=0, size=32), N, execution="auto")
-    assert net.execution == "masked"
-    assert "nested norms" in caplog.text
+def test_mixer_sliced_execution_equals_masked() -> None:
+    """MLP-Mixer's LayerNorms are nested norms; sliced execution runs them over the active
+    channels (and the token Linears over those channels only)."""
+    net = SteppingNet(_mixer("mixer"), _inputs(2, seed=0, size=32), N, execution="auto")
+    assert net.execution == "sliced"
+    random_assignment(net, seed=6)
+    assert compare_executions(net, _inputs(3, seed=23, size=32)) == ""
 
 
 def test_resmlp_sliced_execution_equals_masked() -> None:
