@@ -195,8 +195,8 @@ class SlicedExecution:
                 channel_entries.append((qualified, module, bare, positions))
         self._channel_entries = channel_entries
         self._channel_of = {name: index for index, (name, _, attr, _) in enumerate(channel_entries) if attr is None}
-        for index, (_, module, attr, positions) in enumerate(channel_entries):
-            self._hook_module(module, self._channel_pre(index, module, attr, positions), self._channel_post(index))
+        for index, (_, module, _, _) in enumerate(channel_entries):
+            self._hook_module(module, self._channel_pre(index, module), self._channel_post(index))
         for block, heads in net.attention:
             module = modules.get(block.name)
             if module is not None:
@@ -343,7 +343,7 @@ class SlicedExecution:
         return w
 
     # --------------------------------------------------------- channel modules
-    def _channel_pre(self, index: int, module: nn.Module, attr: str | None, positions: torch.Tensor) -> Any:
+    def _channel_pre(self, index: int, module: nn.Module) -> Any:
         expected = weakref.ref(module)
 
         def hook(mod: nn.Module, args: Any) -> None:

@@ -281,8 +281,9 @@ def test_three_sgd_steps_with_momentum_and_weight_decay(name: str, tiny_model: C
     _assert_same_state(masked, sliced, rtol=1e-9)
 
 
-def test_importance_scores_are_equal(tiny_model: Callable[..., nn.Module]) -> None:
-    masked, sliced = _pair("resnet18", tiny_model)
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_importance_scores_are_equal(name: str, tiny_model: Callable[..., nn.Module]) -> None:
+    masked, sliced = _pair(name, tiny_model)
     trackers = [ImportanceTracker(net) for net in (masked, sliced)]
     x, y = _inputs(16, seed=20), torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
     for net, tracker in zip((masked, sliced), trackers):
