@@ -46,7 +46,7 @@ from nni_steppingnet import SteppingNet
 from nni_steppingnet.construction.loop import ConstructionConfig, Constructor
 from nni_steppingnet.sliced import nested_assignment
 
-__all__ = ["MODELS", "main"]
+__all__ = ["MODELS", "EXTRA_MODELS", "main"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_cost.json"
 NUM_SUBNETS = 4
@@ -58,6 +58,12 @@ MODELS: dict[str, dict[str, Any]] = {
     "vgg16_cifar": {},
     "resnet18": {},
     "mobilenetv3_small_100": {},
+}
+#: Models with nested norms and attention heads, run only when named in ``--models``: a small ViT
+#: (patch 8 at 32x32, 2 blocks, 3 heads of 16) and ConvNeXt-atto.
+EXTRA_MODELS: dict[str, dict[str, Any]] = {
+    "vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3},
+    "convnext_atto": {},
 }
 
 
@@ -85,7 +91,7 @@ def _time(fn: Callable[[], None], iters: int, clock: Callable[[], float]) -> flo
 
 def _wrap(name: str, execution: str, seed: int = 0) -> SteppingNet:
     torch.manual_seed(seed)
-    model = timm.create_model(name, num_classes=10, **MODELS[name])
+    model = timm.create_model(name, num_classes=10, **{**MODELS, **EXTRA_MODELS}[name])
     net = SteppingNet(model, torch.randn(2, 3, 32, 32), NUM_SUBNETS, execution=execution)
     net.set_flat_assignment(nested_assignment(net, seed=seed, fractions=FRACTIONS))
     return net
@@ -198,7 +204,11 @@ def measure_construction(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma-separated subset of " + ", ".join([*MODELS, *EXTRA_MODELS]) + f" (default: {', '.join(MODELS)})",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--clock",
@@ -210,20 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=1, help="train steps per timing")
     parser.add_argument("--construction-batches", type=int, default=2)
-    parser.add_argument("--construction-repeats", type=int, default=3)
+    parser.add_argument("--construction-repeats", type=int, default=3, help="0: skip the construction timing")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
-    unknown = [n for n in names if n not in MODELS]
+    unknown = [n for n in names if n not in MODELS and n not in EXTRA_MODELS]
     if unknown:
-        parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+        parser.error(f"unknown models {unknown}; choose from {', '.join([*MODELS, *EXTRA_MODELS])}")
     if args.repeats < 1 or args.iters < 1 or args.batch < 2:
         parser.error("--repeats and --iters must be >= 1, --batch >= 2")
     torch.set_num_threads(args.threads)
     steps, construction = [], []
     for name in names:
         steps += measure_steps(name, args.batch, args.repeats, args.iters, CLOCKS[args.clock])
-    for name in names:
+    for name in names if args.construction_repeats > 0 else []:
         construction.append(
             measure_construction(
                 name, args.batch, args.construction_batches, args.construction_repeats, CLOCKS[args.clock]
