@@ -159,7 +159,7 @@ LANDINGS: tuple[str, ...] = ("defer", "now", "ahead")
 #: The default landing (one place: ``ConstructionConfig``, the recipe schema and
 #: :func:`~nni_steppingnet.construction.select.move_neurons` read it); docs/results.md holds the
 #: measurement that chose it.
-DEFAULT_LANDING: str = "defer"
+DEFAULT_LANDING: str = "ahead"
 
 
 def check_budgets(budgets: Any, num_subnets: int | None = None, *, name: str = "budgets") -> list[float]:
