@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
-__all__ = ["batch_size", "call_model", "describe_shapes", "expected_input", "check_forward"]
+__all__ = ["batch_size", "call_model", "describe_shapes", "expected_input", "check_forward", "probe_forward"]
 
 
 def batch_size(example_inputs: Any) -> int:
@@ -66,6 +66,21 @@ def expected_input(model: nn.Module) -> str | None:
     else:
         spatial = ["H", "W", "D"][:dims] if dims > 1 else ["L"]
     return f"(batch, {first.in_channels}, {', '.join(spatial)})"
+
+
+def probe_forward(model: nn.Module, example_inputs: Any, handles: Sequence[Any] = ()) -> Any:
+    """One forward in eval mode without gradients, for hooks that record what it does; the
+    model's mode is restored and ``handles`` (the hooks' removable handles) are removed after it,
+    whether it succeeds or not. Returns the output."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return call_model(model, example_inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
 
 
 def check_forward(model: nn.Module, example_inputs: Any) -> None:

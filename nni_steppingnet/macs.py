@@ -7,7 +7,7 @@ from typing import Any, cast
 import torch
 import torch.nn as nn
 
-from ._inputs import batch_size, call_model
+from ._inputs import batch_size, call_model, probe_forward
 from .attention import head_dim_of, is_head_attention, product_macs
 
 __all__ = ["macs", "layer_positions"]
@@ -26,15 +26,7 @@ def layer_positions(model: nn.Module, example_inputs: Any) -> dict[str, int]:
                 seen[name] = seen.get(name, 0) + output.numel() // (batch * int(channels))
 
             handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            call_model(model, example_inputs)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    probe_forward(model, example_inputs, handles)
     return seen
 
 

@@ -46,7 +46,7 @@ from typing import Any, Mapping, cast
 import torch
 import torch.nn as nn
 
-from ._inputs import batch_size, call_model
+from ._inputs import batch_size, probe_forward
 
 __all__ = [
     "TokenMixingSpec",
@@ -177,15 +177,7 @@ def probe_token_mixing(
         handles.append(modules[norm].register_forward_hook(keep(norm)))
         for linear in linears:
             handles.append(modules[linear].register_forward_pre_hook(watch(linear)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            call_model(model, example_inputs)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    probe_forward(model, example_inputs, handles)
     batch = batch_size(example_inputs)
     found: dict[str, tuple[int, int]] = {}
     problems: list[tuple[str, str]] = []
