@@ -264,6 +264,14 @@ def _expensive_first(
     return [j] if float(cost[j]) <= cap else []
 
 
+def _apply_moves(net: SteppingNet, flat: torch.Tensor, chosen: list[int], target: int, moved: torch.Tensor) -> None:
+    """Move the ``chosen`` neurons to subnet ``target`` (in ``flat`` and the net) and mark them."""
+    index = torch.tensor(chosen, dtype=torch.long)
+    flat[index] = target
+    net.set_flat_assignment(flat)
+    moved[index] = True
+
+
 def neuron_costs(net: SteppingNet, s: int) -> torch.Tensor:
     """MACs of subnet ``s`` that each neuron carries alone (float64 ``[num_neurons]``).
 
@@ -380,10 +388,7 @@ def move_neurons(
             if landing == "ahead":
                 forced = _expensive_first(net, i, cap - (start - macs[i - 1]), flat, scores, moved | fixed, floors)
                 if forced:
-                    index = torch.tensor(forced, dtype=torch.long)
-                    flat[index] = i + 1
-                    net.set_flat_assignment(flat)
-                    moved[index] = True
+                    _apply_moves(net, flat, forced, i + 1, moved)
                     counts[i - 1] += len(forced)
                     macs = [net.macs(s) for s in range(1, n + 1)]
                     continue
@@ -406,10 +411,7 @@ def move_neurons(
             )
             if not chosen:
                 break
-            index = torch.tensor(chosen, dtype=torch.long)
-            flat[index] = i + 1
-            net.set_flat_assignment(flat)
-            moved[index] = True
+            _apply_moves(net, flat, chosen, i + 1, moved)
             counts[i - 1] += len(chosen)
             macs = [net.macs(s) for s in range(1, n + 1)]
         moved_macs[i - 1] = start - macs[i - 1]
