@@ -100,6 +100,7 @@ def select_neurons(
     search_all: bool = False,
     stop_short: bool = False,
     floors: Sequence[int] | None = None,
+    table: CostTable | None = None,
 ) -> list[int]:
     """Neurons of subnet ``i`` in ascending criterion whose MACs first reach ``amount``.
 
@@ -135,6 +136,8 @@ def select_neurons(
         excluded: bool ``[num_neurons]``: neurons that are not candidates (moved in this
             iteration, frozen).
         cap, strict, group_limit: see above.
+        table: a fresh ``CostTable(net, i)`` of this assignment, if the caller has built one
+            (it is consumed: taking neurons updates it).
     """
     group_of_t = net.index.group_of
     num_groups = len(net.groups)
@@ -143,7 +146,8 @@ def select_neurons(
     candidates = ((assignment == i) & ~excluded).nonzero().flatten()
     if candidates.numel() == 0:
         return []
-    table = CostTable(net, i)
+    if table is None:
+        table = CostTable(net, i)
     order = candidates[torch.argsort(scores[candidates], stable=True)].tolist()
     inside = torch.bincount(group_of_t[assignment <= i], minlength=num_groups).tolist()
     # Per group: at most half of its neurons in subnet i leave in one call (at least one
@@ -235,14 +239,16 @@ def _expensive_first(
     scores: torch.Tensor,
     excluded: torch.Tensor,
     floors: Sequence[int],
+    table: CostTable,
 ) -> list[int]:
     """``landing="ahead"``: the lowest-M neuron of subnet ``i``'s most expensive group (by mean
     cost), if the other groups, each down to its floor, could not remove ``cap`` MACs without it
     and it fits under ``cap``; else nothing. Taking it now, while the cheap groups are still full,
-    lets them pay for the rest of the budget instead of shrinking to their floors first."""
+    lets them pay for the rest of the budget instead of shrinking to their floors first.
+    ``table``: ``CostTable(net, i)`` of this assignment (read only)."""
     group_of = net.index.group_of
     assignment = flat[:-1]
-    cost = CostTable(net, i).cost[: net.num_neurons]
+    cost = table.cost[: net.num_neurons]
     inside = torch.bincount(group_of[assignment <= i], minlength=len(net.groups))
     candidates = (assignment == i) & ~excluded
     capacity: dict[int, float] = {}
@@ -382,11 +388,16 @@ def move_neurons(
             if remaining <= 0:
                 break
             flat = net.flat_assignment()
+            table = None
             # A forced move is no selection round: each moves a neuron not moved before, so it
             # cannot repeat forever, and it must not use up the rounds the selection needs. It
             # may pass the iteration's amount (one expensive neuron), never the cap.
             if landing == "ahead":
-                forced = _expensive_first(net, i, cap - (start - macs[i - 1]), flat, scores, moved | fixed, floors)
+                # One table serves both: the forced check reads it, the selection then consumes it.
+                table = CostTable(net, i)
+                forced = _expensive_first(
+                    net, i, cap - (start - macs[i - 1]), flat, scores, moved | fixed, floors, table
+                )
                 if forced:
                     _apply_moves(net, flat, forced, i + 1, moved)
                     counts[i - 1] += len(forced)
@@ -408,6 +419,7 @@ def move_neurons(
                 search_all=landing != "now",
                 stop_short=landing != "now" and left > 1,
                 floors=floors,
+                table=table,
             )
             if not chosen:
                 break
