@@ -51,7 +51,6 @@ from ._inputs import batch_size, probe_forward
 __all__ = [
     "TokenMixingSpec",
     "token_mixing_candidates",
-    "token_mixing_linears",
     "unsupported_token_mixing_reason",
     "probe_token_mixing",
     "token_channel_positions",
@@ -104,11 +103,6 @@ def token_mixing_candidates(model: nn.Module) -> dict[str, tuple[str, list[str]]
             if linears:
                 found[name] = (f"{prefix}norm1", linears)
     return found
-
-
-def token_mixing_linears(model: nn.Module) -> list[str]:
-    """Module names of every token-mixing Linear of ``model`` (structural, unprobed)."""
-    return [linear for _, linears in token_mixing_candidates(model).values() for linear in linears]
 
 
 def unsupported_token_mixing_reason(module: nn.Module) -> str | None:

@@ -349,6 +349,13 @@ def test_layernorm_without_affine_is_refused_by_name() -> None:
     assert "elementwise_affine=True" in str(info.value)
 
 
+def _one_block_mixer(**kwargs: Any) -> nn.Module:
+    """A one-block MLP-Mixer at 32x32 (patch 8, dim 32) with timm's ``MlpMixer`` options."""
+    return timm.models.mlp_mixer.MlpMixer(
+        num_classes=10, img_size=32, patch_size=8, num_blocks=1, embed_dim=32, **kwargs
+    )
+
+
 REFUSED: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
     "vit_qk_norm": (
         lambda: timm.create_model(
@@ -375,31 +382,15 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
     ),
     # spatial gating multiplies the token-mixed half of the channels with the other half
     "gmlp": (
-        lambda: timm.models.mlp_mixer.MlpMixer(
-            num_classes=10,
-            img_size=32,
-            patch_size=8,
-            num_blocks=1,
-            embed_dim=32,
-            mlp_ratio=6,
-            block_layer=timm.models.mlp_mixer.SpatialGatingBlock,
-            mlp_layer=timm.layers.GatedMlp,
+        lambda: _one_block_mixer(
+            mlp_ratio=6, block_layer=timm.models.mlp_mixer.SpatialGatingBlock, mlp_layer=timm.layers.GatedMlp
         ),
         "blocks.0.mlp_channels.gate",
         "spatial gating",
     ),
     # a gated token MLP (gMixer): refused before torch-pruning's tracer, which never finishes on it
     "gmixer": (
-        lambda: timm.models.mlp_mixer.MlpMixer(
-            num_classes=10,
-            img_size=32,
-            patch_size=8,
-            num_blocks=1,
-            embed_dim=32,
-            mlp_ratio=(1.0, 4.0),
-            mlp_layer=timm.layers.GluMlp,
-            act_layer=nn.SiLU,
-        ),
+        lambda: _one_block_mixer(mlp_ratio=(1.0, 4.0), mlp_layer=timm.layers.GluMlp, act_layer=nn.SiLU),
         "blocks.0",
         "plain Mlp",
     ),
