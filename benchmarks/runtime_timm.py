@@ -7,7 +7,8 @@ is large enough), and run through ``IncrementalRunner(net)`` (``layout="auto"``)
 model: the layout the runner chose (``delta``, or ``full`` after the check found the delta layout
 does not fit), the largest difference between the logits after each step and the masked
 subnet's logits (relative to the largest logit), and whether ``runner.macs_spent == net.macs(s)``
-at every stage. One torch thread; nothing is timed.
+at every stage; and the execution ``execution="auto"`` picked for training (``sliced``, or
+``masked`` with the check's logged reason). One torch thread; nothing is timed.
 
     python3 benchmarks/runtime_timm.py                  # writes results/runtime_timm.json
 """
@@ -52,6 +53,25 @@ def _randomize(net: SteppingNet, seed: int) -> None:
                 module.running_var.uniform_(0.5, 2.0, generator=generator)
 
 
+class _WarningsOf(logging.Handler):
+    """Collects the warnings of one logger while in its ``with`` block."""
+
+    def __init__(self, logger_name: str) -> None:
+        super().__init__(logging.WARNING)
+        self.logger = logging.getLogger(logger_name)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _WarningsOf:
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+
+
 def _build(model_name: str, x: torch.Tensor) -> nn.Module:
     """The model as the sweep built it: timm's defaults, else ``img_size`` set to the input's
     (ViTs fix their input size at construction)."""
@@ -69,7 +89,10 @@ def check(model_name: str, shape: list[int], seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
     model = _build(model_name, x)
-    net = SteppingNet(model, x[:1], NUM_SUBNETS, verify=False)
+    reasons = _WarningsOf("nni_steppingnet.sliced")
+    with reasons:
+        net = SteppingNet(model, x[:1], NUM_SUBNETS, verify=False)
+    execution = net.execution
     _randomize(net, seed + 1)
     runner = IncrementalRunner(net)
     errors, macs_ok = [], True
@@ -85,6 +108,8 @@ def check(model_name: str, shape: list[int], seed: int) -> dict[str, Any]:
         "model": model_name,
         "input": shape,
         "layout": runner.layout,
+        "execution": execution,
+        "masked_because": reasons.messages[0] if execution == "masked" and reasons.messages else "",
         "max_rel_error": max(errors),
         "macs_exact": macs_ok,
         "seconds": round(time.perf_counter() - begin, 1),
@@ -104,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep = json.loads(args.sweep.read_text(encoding="utf-8"))
     models = [(r["model"], r.get("input") or [2, 3, 64, 64]) for r in sweep["results"] if r["status"] == "ok"]
     rows = []
-    print(f"{'model':28} {'layout':7} {'max rel. error':>15} {'MACs exact':>11} {'s':>6}")
+    print(f"{'model':28} {'layout':7} {'training':9} {'max rel. error':>15} {'MACs exact':>11} {'s':>6}")
     for name, shape in models:
         try:
             row = check(name, shape, args.seed)
@@ -115,11 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:28} error   {row['error'][:100]}", flush=True)
         else:
             print(
-                f"{name:28} {row['layout']:7} {row['max_rel_error']:15.1e} {str(row['macs_exact']):>11} "
+                f"{name:28} {row['layout']:7} {row['execution']:9} {row['max_rel_error']:15.1e} {str(row['macs_exact']):>11} "
                 f"{row['seconds']:6.1f}",
                 flush=True,
             )
-    summary = {layout: sum(r["layout"] == layout for r in rows) for layout in ("delta", "full", "error")}
+    summary: dict[str, int] = {
+        layout: sum(r["layout"] == layout for r in rows) for layout in ("delta", "full", "error")
+    }
+    summary |= {f"trains {e}": sum(r.get("execution") == e for r in rows) for e in ("sliced", "masked")}
     atomic_write_json(
         args.output,
         {

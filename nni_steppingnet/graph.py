@@ -34,7 +34,7 @@ from .attention import (
 )
 from .errors import UnsupportedModelError
 from .macs import layer_positions
-from .nested_norm import unsupported_norm_reason
+from .nested_norm import norm_kind, unsupported_norm_reason
 from .token_mixing import (
     TokenMixingSpec,
     probe_token_mixing,
@@ -138,6 +138,24 @@ _MIXING_REASONS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Conv3d, "Conv3d layers are not supported (only Conv2d and Linear)"),
     (nn.ConvTranspose2d, "transposed convolutions are not supported (only Conv2d and Linear)"),
 )
+
+
+def _norm_parameters_to_modules(
+    modules: dict[str, nn.Module], channel_modules: dict[str, torch.Tensor], channel_parameters: dict[str, torch.Tensor]
+) -> None:
+    """A norm over channels whose affine parameters torch-pruning reaches only as unwrapped
+    parameters (timm's GlobalResponseNorm, whose ``weight`` it sees multiplied in ``forward``)
+    becomes one per-channel module, like a LayerNorm: the nested norm, sliced execution and the
+    runtime then find its channels under its module name. Changes the tables in place."""
+    for name, module in modules.items():
+        if name in channel_modules or norm_kind(module) is None:
+            continue
+        tables = [channel_parameters.get(f"{name}.{bare}") for bare in ("weight", "bias")]
+        present = [t for t in tables if t is not None]
+        if present and all(torch.equal(present[0], t) for t in present):
+            channel_modules[name] = present[0]
+            for bare in ("weight", "bias"):
+                channel_parameters.pop(f"{name}.{bare}", None)
 
 
 def unsupported_modules(model: nn.Module) -> list[tuple[str, str]]:
@@ -506,6 +524,7 @@ def discover_layers(
     for tables in (channel_modules, channel_parameters):
         for name, table in tables.items():
             tables[name] = torch.where(table == -2, torch.full_like(table, INPUT_SLOT), table)
+    _norm_parameters_to_modules(modules, channel_modules, channel_parameters)
     token_mixing = _token_mixing(model, candidates, token_calls, channel_modules, channel_parameters)
     _record_positions(model, layers, example_inputs)
     attention = _head_attention(model, example_inputs, groups, offsets, group_heads)

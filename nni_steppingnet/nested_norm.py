@@ -1,4 +1,4 @@
-"""Nested normalisation: LayerNorm, RMSNorm and one-group GroupNorm that respect the subnets.
+"""Nested normalisation: LayerNorm, RMSNorm, one-group GroupNorm and GRN that respect the subnets.
 
 A norm over the channel dimension mixes every channel: a larger subnet's channels would change a
 smaller subnet's mean and variance, so the isolation property (activations of subnet ``s`` are
@@ -6,7 +6,9 @@ identical in every larger subnet) cannot hold with the original norm. A *nested 
 channel of subnet ``k`` with the statistics of the active channels whose index is ``<= k`` (the
 "prefix" of ``k``); adding subnet ``k + 1`` never changes an earlier channel. RMSNorm is the same
 without the mean; ``GroupNorm(1, C)`` takes its prefix statistics over the prefix channels *and*
-every spatial position. The per-channel affine parameters act as before.
+every spatial position. timm's ``GlobalResponseNorm`` (ConvNeXt V2) divides a channel's spatial
+L2 norm by that norm's mean over the prefix channels (:func:`_nested_response_norm`). The
+per-channel affine parameters act as before.
 
 How it is installed: at wrap time :class:`NestedNorms` registers one forward hook on every
 supported norm module (no module swap, no patched ``forward``: torch-pruning, ``state_dict`` keys
@@ -84,6 +86,9 @@ class NormKind:
     rms: bool
     spatial: bool
     eps: float
+    #: timm's GlobalResponseNorm (ConvNeXt V2): divides each channel's spatial L2 norm by the
+    #: mean of that norm over channels, then ``x + bias + weight * x * ratio``.
+    grn: bool = False
 
 
 def _eps(module: nn.Module) -> float:
@@ -96,6 +101,9 @@ def _eps(module: nn.Module) -> float:
 def norm_kind(module: nn.Module) -> NormKind | None:
     """The :class:`NormKind` of a norm over channels this module supports, else ``None``."""
     name = type(module).__name__
+    if name == "GlobalResponseNorm" and type(module).__module__.startswith("timm."):
+        channel_dim = int(getattr(module, "channel_dim", -1))
+        return NormKind(dim=1 if channel_dim == 1 else -1, rms=False, spatial=False, eps=_eps(module), grn=True)
     if isinstance(module, nn.GroupNorm):
         if module.num_groups == 1:
             return NormKind(dim=1, rms=False, spatial=True, eps=float(module.eps))
@@ -163,6 +171,8 @@ def nested_normalize(
         )
     view = [1] * x.dim()
     view[dim] = channels
+    if kind.grn:
+        return _nested_response_norm(x, kind, index, active, weight, bias, dim, view)
     reduce = tuple(range(dim, x.dim())) if kind.spatial else (dim,)
     positions = 1
     for d in reduce:
@@ -193,6 +203,37 @@ def nested_normalize(
         active_mask = (index <= active).to(x.dtype).view(view)
         y = y + bias.view(view) * active_mask
     return y
+
+
+def _nested_response_norm(
+    x: torch.Tensor,
+    kind: NormKind,
+    index: torch.Tensor,
+    active: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dim: int,
+    view: list[int],
+) -> torch.Tensor:
+    """Nested GlobalResponseNorm: channel ``c``'s spatial L2 norm is divided by the mean of that
+    norm over the channels whose index is ``<= index[c]`` (timm divides by the mean over every
+    channel, so a larger subnet's channels would rescale a smaller subnet's); channels with an
+    index above ``active`` come out as zeros."""
+    spatial = tuple(d for d in range(1, x.dim()) if d != dim)
+    norms = x.norm(p=2, dim=spatial, keepdim=True)
+    denominator = torch.zeros_like(norms)
+    for k in sorted({int(v) for v in index.tolist() if int(v) <= active}):
+        prefix = (index <= k).to(x.dtype).view(view)
+        mean = (norms * prefix).sum(dim=dim, keepdim=True) / float(int((index <= k).sum()))
+        denominator = denominator + (index == k).to(x.dtype).view(view) * mean
+    active_mask = (index <= active).view(view)
+    ratio = torch.where(active_mask, norms / (denominator + kind.eps), torch.zeros_like(norms))
+    response = x * ratio
+    if weight is not None:
+        response = response * weight.view(view)
+    if bias is not None:
+        response = response + bias.view(view)
+    return torch.where(active_mask, x + response, torch.zeros_like(x))
 
 
 def _affine(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:

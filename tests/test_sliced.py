@@ -370,6 +370,64 @@ def test_auto_chooses_sliced_on_a_fitting_model(tiny_model: Callable[..., nn.Mod
     assert net.set_execution("sliced") == "sliced"
 
 
+class _DropoutHead(nn.Module):
+    """Conv, BatchNorm and a dropout before the classifier: the dropout draws one value per
+    element, so on the sliced (narrower) tensor it cannot draw the masked execution's mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3)
+        self.bn = nn.BatchNorm2d(16)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc(F.dropout(self.drop(y), 0.2, self.training))
+
+
+def test_auto_check_leaves_dropout_out_and_training_runs_sliced_with_it() -> None:
+    torch.manual_seed(0)
+    net = SteppingNet(_DropoutHead(), torch.randn(2, 3, 8, 8), N)
+    assert net.execution == "sliced"
+    net.set_flat_assignment(nested_assignment(net, seed=0))
+    x = torch.randn(4, 3, 8, 8)
+    assert compare_executions(net, x) == ""
+    # Outside the check, dropout acts in sliced training: outputs differ between two draws,
+    # and eval mode is deterministic.
+    net.model.train()
+    with net.subnet(2):
+        torch.manual_seed(1)
+        first = net.model(x)
+        torch.manual_seed(2)
+        second = net.model(x)
+    assert not torch.equal(first, second)
+    net.model.eval()
+    with net.subnet(2), torch.no_grad():
+        assert torch.equal(net.model(x), net.model(x))
+
+
+@pytest.mark.parametrize("name", ["legacy_seresnet18", "selecsls42", "xception41"])
+def test_auto_runs_sliced_where_only_float32_rounding_differs(name: str) -> None:
+    """These timm models used to fall back to masks: legacy_seresnet18 through its head's dropout
+    (0.64 relative in the logits), selecsls42 and xception41 through float32 rounding that their
+    deep training-mode BatchNorm stacks over a few values per channel amplify past 1e-5 (6.5e-5 and
+    3.0e-5); in float64 they agree to 1e-10. The float64 recheck leaves the model as it was:
+    float32, every parameter and buffer bitwise equal to a net wrapped masked."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    masked = SteppingNet(timm.create_model(name, num_classes=10), x, N, verify=False, execution="masked")
+    torch.manual_seed(0)
+    auto = SteppingNet(timm.create_model(name, num_classes=10), x, N, verify=False, execution="auto")
+    assert auto.execution == "sliced"
+    expected = {**dict(masked.model.named_parameters()), **dict(masked.model.named_buffers())}
+    got = {**dict(auto.model.named_parameters()), **dict(auto.model.named_buffers())}
+    assert expected.keys() == got.keys()
+    for key, tensor in got.items():
+        assert tensor.dtype == expected[key].dtype, key
+        assert torch.equal(tensor, expected[key]), key
+
+
 def test_bad_execution_is_a_clear_error(tiny_model: Callable[..., nn.Module]) -> None:
     with pytest.raises(ValueError, match="execution must be one of"):
         SteppingNet(tiny_model("lenet5", seed=0), _inputs(2, seed=3), N, execution="fast")
