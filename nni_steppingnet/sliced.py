@@ -782,7 +782,7 @@ def _check_in_float64(net: SteppingNet, inputs: Any, subnets: list[int]) -> str:
     dropout was left out of the check); in float64 both models agree to 1e-10. An error in float64
     (an op without float64 support) counts as a difference."""
     model = net.model
-    cast = _cast_floats(inputs, torch.float64)
+    cast = _map_floats(inputs, lambda t: t.to(torch.float64))
     try:
         model.double()
         return _check(net, cast, subnets)
@@ -792,13 +792,15 @@ def _check_in_float64(net: SteppingNet, inputs: Any, subnets: list[int]) -> str:
         model.float()
 
 
-def _cast_floats(item: Any, dtype: torch.dtype) -> Any:
+def _map_floats(item: Any, fn: Any) -> Any:
+    """``item`` with ``fn`` applied to every floating-point tensor in it (through lists, tuples and
+    dicts; namedtuples and other leaves as they are)."""
     if isinstance(item, torch.Tensor):
-        return item.to(dtype) if item.is_floating_point() else item
+        return fn(item) if item.is_floating_point() else item
     if isinstance(item, (list, tuple)) and not hasattr(item, "_fields"):
-        return type(item)(_cast_floats(v, dtype) for v in item)
+        return type(item)(_map_floats(v, fn) for v in item)
     if isinstance(item, dict):
-        return type(item)((key, _cast_floats(v, dtype)) for key, v in item.items())
+        return type(item)((key, _map_floats(v, fn)) for key, v in item.items())
     return item
 
 
@@ -837,17 +839,13 @@ def random_inputs(inputs: Any, min_batch: int = 2) -> Any:
     ``min_batch``); other leaves as they are."""
     generator = torch.Generator().manual_seed(0)
 
-    def make(item: Any) -> Any:
-        if isinstance(item, torch.Tensor) and item.is_floating_point() and item.dim() > 0:
-            shape = (max(int(item.shape[0]), min_batch), *item.shape[1:])
-            return torch.randn(shape, generator=generator, dtype=item.dtype).to(item.device)
-        if isinstance(item, (list, tuple)) and not hasattr(item, "_fields"):
-            return type(item)(make(v) for v in item)
-        if isinstance(item, dict):
-            return type(item)((key, make(v)) for key, v in item.items())
-        return item
+    def make(item: torch.Tensor) -> torch.Tensor:
+        if item.dim() == 0:
+            return item
+        shape = (max(int(item.shape[0]), min_batch), *item.shape[1:])
+        return torch.randn(shape, generator=generator, dtype=item.dtype).to(item.device)
 
-    return make(inputs)
+    return _map_floats(inputs, make)
 
 
 def _check_batch(inputs: Any) -> int:
