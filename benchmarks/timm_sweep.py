@@ -2,7 +2,9 @@
 
 For every timm family (the module under ``timm.models`` a model is registered in, from
 ``timm.list_modules()`` / ``timm.list_models(module=...)``) the smallest-looking model is built
-with random weights (``pretrained=False``, ``num_classes=10``) at a small input (1x3x64x64, or
+with random weights (``pretrained=False``, ``num_classes=10``, then every parameter drawn off
+timm's init by ``nni_steppingnet.testing.randomize_parameters``: zero biases, 1e-6 layer scales
+and zero GlobalResponseNorms would hide a leak through them) at a small input (1x3x64x64, or
 the smallest size the family runs at), wrapped with 4 subnets and a random assignment, and
 checked exactly like ``tests/test_stepping.py``: with our own forward hooks, every Conv/Linear
 output channel of subnet <= s (and every classifier input feature of subnet <= s) must be
@@ -166,6 +168,7 @@ def check_model(family: str, name: str, sizes: Sequence[int], export: bool) -> d
     import torch
 
     from nni_steppingnet import SteppingNet, UnsupportedModelError, macs
+    from nni_steppingnet.testing import randomize_parameters
 
     record: dict[str, Any] = {"family": family, "model": name}
     try:
@@ -177,6 +180,7 @@ def check_model(family: str, name: str, sizes: Sequence[int], export: bool) -> d
         return record
     record["input"] = [2, 3, size, size]
     try:
+        randomize_parameters(model, seed=2)
         net = SteppingNet(model, x[:1], NUM_SUBNETS)
     except UnsupportedModelError as exc:
         kinds = sorted({_kind(reason) for _, reason in exc.problems})
@@ -450,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "timeout_s": args.timeout,
             "sizes": args.sizes,
             "export_check": not args.no_export,
+            "parameters": "randomize_parameters(seed=2), then BN statistics randomize_bn(seed=4)",
             "families_total": len(__import__("timm").list_modules()),
         },
         "wall_s": round(time.perf_counter() - start, 1),

@@ -35,10 +35,12 @@ import yaml
 
 from .validation import (
     CONSTRUCTION_RULES,
+    CRITERIA,
     DEFAULT_LANDING,
     EXECUTIONS,
     LANDINGS,
     NON_NEGATIVE,
+    OPTIMIZERS,
     POSITIVE,
     UNIT_CLOSED,
     UNIT_CLOSED_OPEN,
@@ -108,8 +110,11 @@ def _dataset_name(value: Any) -> str | None:
 
 
 def _criterion(value: Any) -> str | None:
-    choices = ("gradient", "class", "noise")
-    return None if value in choices else f"must be one of {', '.join(choices)}"
+    return None if value in CRITERIA else f"must be one of {', '.join(CRITERIA)}"
+
+
+def _optimizer(value: Any) -> str | None:
+    return None if value in OPTIMIZERS else f"must be one of {', '.join(OPTIMIZERS)}"
 
 
 def _execution(value: Any) -> str | None:
@@ -230,9 +235,16 @@ class TeacherSection:
     """The original network, trained first (or loaded) and used for distillation."""
 
     epochs: int = field(default=10, metadata=_meta(_non_negative, "training epochs (0 with a checkpoint)"))
-    lr: float = field(default=0.05, metadata=_meta(_positive, "SGD learning rate (cosine schedule)"))
-    momentum: float = field(default=0.9, metadata=_meta(_momentum, "SGD momentum"))
-    weight_decay: float = field(default=5e-4, metadata=_meta(_non_negative, "SGD weight decay"))
+    optimizer: str = field(
+        default="sgd",
+        metadata=_meta(
+            _optimizer,
+            "sgd (the paper's) or adamw (transformers train far better with it; momentum is then its beta1)",
+        ),
+    )
+    lr: float = field(default=0.05, metadata=_meta(_positive, "learning rate (cosine schedule)"))
+    momentum: float = field(default=0.9, metadata=_meta(_momentum, "SGD momentum (AdamW: beta1)"))
+    weight_decay: float = field(default=5e-4, metadata=_meta(_non_negative, "weight decay (AdamW: decoupled)"))
     checkpoint: str | None = field(
         default=None, metadata=_meta(None, "local teacher weights to load instead of training")
     )

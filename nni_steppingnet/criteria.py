@@ -57,6 +57,7 @@ import torch.nn as nn
 
 from .importance import ImportanceTracker, criterion, norm_gated_modules, reduce_together
 from .stepping import SteppingNet
+from .validation import CRITERIA
 
 __all__ = [
     "CRITERIA",
@@ -70,8 +71,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: names accepted by ``construction.criterion``
-CRITERIA: Final[tuple[str, ...]] = ("gradient", "class", "noise")
 
 _RHO_MIN: Final[float] = math.log(1e-3)
 _RHO_MAX: Final[float] = math.log(10.0)

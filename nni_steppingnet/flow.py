@@ -414,6 +414,7 @@ def train_teacher_model(
             lr=t.lr,
             momentum=t.momentum,
             weight_decay=t.weight_decay,
+            optimizer=t.optimizer,
             device=device,
             amp=amp,
             progress=progress and ctx.is_main,

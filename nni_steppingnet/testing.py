@@ -34,6 +34,7 @@ __all__ = [
     "random_assignment",
     "fraction_assignment",
     "randomize_bn",
+    "randomize_parameters",
     "subnet_activations",
     "IsolationReport",
     "isolation_report",
@@ -111,6 +112,30 @@ def fraction_assignment(net: SteppingNet, fractions: Sequence[float], seed: int)
             index[u >= values[-1]] = net.num_subnets + 1
         group.assignment = index
     return net.flat_assignment()
+
+
+def randomize_parameters(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter random, as training leaves them: timm zeroes biases, heads and
+    GlobalResponseNorm and starts layer scales at 1e-6, which hides a leak through them (a branch
+    scaled by 1e-6 is below every tolerance; a GRN at zero is the identity). Matrices and kernels
+    get ``N(0, 1 / fan_in)``; tokens and position embeddings (leading size 1) ``N(0, 0.3^2)``; norm weights and scales (``gamma``, ``*scale*``) ``1 + N(0, 0.3^2)``;
+    every other parameter ``N(0, 0.3^2)``. Buffers (BatchNorm statistics) are left to
+    :func:`randomize_bn`. Call it before wrapping: a wrapped model's weights sit behind
+    parametrizations. Returns ``model``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = "norm" in type(module).__name__.lower()
+            for name, param in module.named_parameters(recurse=False):
+                # Leading size 1: class tokens and position embeddings, broadcast over the batch.
+                if param.dim() >= 2 and param.shape[0] > 1 and not is_norm:
+                    fan_in = max(param[0].numel(), 1)
+                    param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+                    continue
+                scale_like = (is_norm and name == "weight") or "gamma" in name or "scale" in name
+                centre = 1.0 if scale_like else 0.0
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3 + centre)
+    return model
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -20,6 +20,7 @@ from ._channels import parameter_channel_dim
 from .data import to_device
 from .hooks import SCALE
 from .stepping import RunningStatsGuard, SteppingNet
+from .validation import OPTIMIZERS, check_choice
 
 __all__ = [
     "SubnetModel",
@@ -138,8 +139,16 @@ def make_optimizer(
     lr: float,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
-) -> torch.optim.SGD:
-    """SGD with momentum and weight decay (the paper's optimizer)."""
+    kind: str = "sgd",
+) -> torch.optim.Optimizer:
+    """The optimizer ``kind`` (one of :data:`~nni_steppingnet.validation.OPTIMIZERS`).
+
+    ``"sgd"``: SGD with momentum and weight decay (the paper's optimizer, and the only one the
+    construction and retraining use: beta suppression scales gradients, which Adam's per-weight
+    normalisation would undo). ``"adamw"``: AdamW with ``betas=(momentum, 0.999)`` and decoupled
+    ``weight_decay``, for teachers that SGD trains poorly (transformers).
+    """
+    check_choice("kind", kind, OPTIMIZERS)
     for name, value, low in (("lr", lr, 0.0), ("momentum", momentum, 0.0), ("weight_decay", weight_decay, 0.0)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
             raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
@@ -150,6 +159,8 @@ def make_optimizer(
     params = list(params)
     if not params:
         raise ValueError("make_optimizer got no parameters")
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=float(lr), betas=(float(momentum), 0.999), weight_decay=float(weight_decay))
     return torch.optim.SGD(params, lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay))
 
 
@@ -408,12 +419,14 @@ def train_dense(
     lr: float,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
+    optimizer: str = "sgd",
     device: torch.device | str = "cpu",
     amp: str | None = None,
     progress: bool = False,
     max_batches: int | None = None,
 ) -> list[float]:
-    """Train a plain model (the teacher) with SGD and a per-epoch cosine schedule.
+    """Train a plain model (the teacher) with ``optimizer`` (:func:`make_optimizer`'s ``kind``)
+    and a per-epoch cosine schedule.
 
     Returns the mean training loss of every epoch.
     """
@@ -422,8 +435,8 @@ def train_dense(
     device = _check_device(device)
     amp = check_amp(amp)
     model.to(device)
-    optimizer = make_optimizer(model.parameters(), lr, momentum, weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    step_rule = make_optimizer(model.parameters(), lr, momentum, weight_decay, kind=optimizer)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(step_rule, T_max=max(epochs, 1))
     losses: list[float] = []
     epoch_iter = _progress(range(epochs), progress, "teacher")
     for epoch in epoch_iter:
@@ -431,12 +444,12 @@ def train_dense(
         total, steps = 0.0, 0
         for batch in _batches(loader, max_batches):
             inputs, targets = split_batch(to_device(batch, device))
-            optimizer.zero_grad(set_to_none=True)
+            step_rule.zero_grad(set_to_none=True)
             with autocast(device, amp):
                 logits = forward_logits(model, inputs)
             loss = F.cross_entropy(logits.float(), targets)
             loss.backward()
-            optimizer.step()
+            step_rule.step()
             total += float(loss.detach())
             steps += 1
         scheduler.step()

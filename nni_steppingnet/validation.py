@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 __all__ = [
+    "CRITERIA",
     "EXECUTIONS",
+    "OPTIMIZERS",
     "LANDINGS",
     "Range",
     "POSITIVE_INT",
@@ -144,6 +146,15 @@ CONSTRUCTION_RULES: dict[str, Range] = {
     "seed": Range(integer=True),
     "min_group_fraction": UNIT_CLOSED,
 }
+
+#: Names of the neuron criteria (``ConstructionConfig.criterion``, the recipe's
+#: ``construction.criterion``); :func:`nni_steppingnet.criteria.make_scorer` builds each.
+CRITERIA: tuple[str, ...] = ("gradient", "class", "noise")
+
+#: Optimizers of :func:`nni_steppingnet.train.make_optimizer` and the recipe's
+#: ``teacher.optimizer``: ``"sgd"`` (the paper's, with momentum and weight decay) and ``"adamw"``
+#: (decoupled weight decay; ``momentum`` is its first-moment decay beta1).
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 
 #: Values of ``SteppingNet(..., execution=...)`` and the recipe's ``steppingnet.execution``.
 EXECUTIONS: tuple[str, ...] = ("auto", "sliced", "masked")

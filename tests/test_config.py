@@ -99,6 +99,8 @@ def test_num_subnets_must_match_budgets() -> None:
         ("steppingnet", "execution", "fast", "steppingnet.execution must be one of auto, sliced, masked, got 'fast'"),
         ("construction", "landing", "later", "construction.landing must be one of defer, now, ahead, got 'later'"),
         ("construction", "min_group_fraction", 2, "construction.min_group_fraction must be in [0, 1], got 2"),
+        ("teacher", "optimizer", "adam", "teacher.optimizer must be one of sgd, adamw, got 'adam'"),
+        ("construction", "criterion", "taylor", "construction.criterion must be one of gradient, class, noise"),
     ],
 )
 def test_wrong_types_and_ranges(section: str, key: str, value: object, fragment: str) -> None:

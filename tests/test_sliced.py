@@ -22,28 +22,10 @@ import torch.nn.functional as F
 from nni_steppingnet import SteppingNet
 from nni_steppingnet.importance import ImportanceTracker
 from nni_steppingnet.sliced import compare_executions, nested_assignment, relative_error
-from nni_steppingnet.testing import FOUNDATION_MODELS, fraction_assignment, randomize_bn
+from nni_steppingnet.testing import FOUNDATION_MODELS, fraction_assignment, randomize_bn, randomize_parameters
 
 N = 4
 FRACTIONS = (0.3, 0.5, 0.7, 0.9)
-
-
-def _randomize_all(model: nn.Module, seed: int) -> nn.Module:
-    """Every parameter random: timm zeroes biases and heads and starts ConvNeXt's layer scales at
-    1e-6, which would shrink a wrong residual branch below the tolerances. Weights ~ 1/sqrt(fan
-    in); norm weights and layer scales around 1; the rest around 0."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and not name.endswith(("cls_token", "pos_embed")):
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=generator) / fan_in**0.5)
-            else:
-                centre = 1.0 if name.endswith(("gamma", "norm.weight")) or ".norm" in name else 0.0
-                if name.endswith("bias"):
-                    centre = 0.0
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3 + centre)
-    return model
 
 
 def _vit(name: str) -> Callable[[], nn.Module]:
@@ -78,7 +60,7 @@ TRANSFORMERS: dict[str, Callable[[], nn.Module]] = {
 
 def _model(name: str, tiny_model: Callable[..., nn.Module], **kwargs: Any) -> nn.Module:
     if name in TRANSFORMERS:
-        return _randomize_all(TRANSFORMERS[name](), seed=1)
+        return randomize_parameters(TRANSFORMERS[name](), seed=1)
     return randomize_bn(tiny_model(name, seed=0, **kwargs), seed=1)
 
 

@@ -359,3 +359,27 @@ def test_train_dense_learns_separable_data() -> None:
         train_dense(model, loader, epochs=-1, lr=0.1)
     with pytest.raises(ValueError, match="lr must be"):
         make_optimizer(model.parameters(), lr=0.0)
+    with pytest.raises(ValueError, match="kind must be one of 'sgd', 'adamw', got 'adam'"):
+        make_optimizer(model.parameters(), lr=0.1, kind="adam")
+
+
+def test_train_dense_with_adamw_is_torch_adamw_under_a_cosine_schedule() -> None:
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g)
+    loader = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    reference = nn.Linear(4, 2)
+    reference.load_state_dict(model.state_dict())
+    train_dense(model, loader, epochs=3, lr=0.01, momentum=0.8, weight_decay=0.05, optimizer="adamw")
+    # The same steps written out with torch's AdamW: betas=(momentum, 0.999), decoupled decay.
+    opt = torch.optim.AdamW(reference.parameters(), lr=0.01, betas=(0.8, 0.999), weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3)
+    for _ in range(3):
+        for inputs, targets in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(reference(inputs), targets).backward()
+            opt.step()
+        schedule.step()
+    for mine, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)

@@ -16,7 +16,7 @@ from nni_steppingnet.errors import UnsupportedModelError
 from nni_steppingnet.nested_norm import nested_normalize, norm_kind
 from nni_steppingnet.runtime import IncrementalRunner
 from nni_steppingnet.sliced import compare_executions
-from nni_steppingnet.testing import isolation_report, random_assignment
+from nni_steppingnet.testing import isolation_report, random_assignment, randomize_parameters
 
 timm = pytest.importorskip("timm")
 from timm.layers import LayerNorm2d  # noqa: E402
@@ -718,3 +718,19 @@ def test_moving_a_residual_neuron_costs_its_token_mixing_macs(mixer_net: tuple[s
     flat[j] = 2
     net.set_flat_assignment(flat)
     assert before - net.macs(1) == int(cost)
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto"])
+def test_randomize_parameters_leaves_no_parameter_at_timms_zero_init(name: str) -> None:
+    """timm starts biases, layer scales (1e-6) and GRN at zero; a checker on such weights cannot
+    see a leak through them (the GRN bug passed one). Every parameter must move off them."""
+    model = timm.create_model(name, num_classes=10)
+    tiny = [k for k, p in model.named_parameters() if float(p.detach().abs().max()) < 1e-5]
+    assert tiny, "timm's init no longer zeroes anything: this test checks nothing"
+    randomize_parameters(model, seed=0)
+    for k, p in model.named_parameters():
+        assert float(p.detach().std()) > 0.01, k
+    scales = [p for k, p in model.named_parameters() if k.endswith("gamma") or k.endswith("grn.weight")]
+    assert scales and all(abs(float(p.detach().mean()) - 1.0) < 0.3 for p in scales)
+    again = randomize_parameters(timm.create_model(name, num_classes=10), seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))

@@ -177,7 +177,7 @@ def train_teacher(
 
     Returns ``(path, test accuracy)``: ``teacher.checkpoint`` when the recipe names one, else
     ``out_dir/teacher.pt``, reused when present, otherwise trained as the flow trains it (same
-    epochs, SGD settings and cosine schedule) and written atomically. In a data-parallel job
+    epochs, optimizer and cosine schedule) and written atomically. In a data-parallel job
     (``distributed``) it trains through DDP (``sync_bn``: synchronised BatchNorm), rank 0 alone
     reads and writes the file, and the accuracy covers every rank's part of the test set.
     """
