@@ -84,6 +84,12 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, _densify_grouped(module))
 
+    # torch-pruning's GroupNorm pruner slices the bias unconditionally (metaformer's
+    # GroupNorm1NoBias has a weight but bias=None): a zero bias stands in while it prunes.
+    bias_free = [m for m in model.modules() if isinstance(m, nn.GroupNorm) and m.weight is not None and m.bias is None]
+    for module in bias_free:
+        module.bias = nn.Parameter(torch.zeros_like(module.weight), requires_grad=False)
+
     flat = net.flat_assignment()
     out_assignment = {layer.name: flat[pos] for layer, pos in zip(net.layers, net.index.out_positions)}
     names = {m: n for n, m in model.named_modules()}
@@ -96,12 +102,13 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     ]
     # token-mixing Linears run over the kept channels as they are (.token_mixing)
     tokens = [model.get_submodule(token.name) for token in net.token_mixing]
-    graph = tp.DependencyGraph().build_dependency(
-        model,
-        example_inputs=net.example_inputs,
-        ignored_params=per_head or None,
-        ignored_layers=tokens or None,
-    )
+    with torch.enable_grad():  # torch-pruning traces through autograd; callers may be under no_grad
+        graph = tp.DependencyGraph().build_dependency(
+            model,
+            example_inputs=net.example_inputs,
+            ignored_params=per_head or None,
+            ignored_layers=tokens or None,
+        )
     out_neurons = {layer.name: pos for layer, pos in zip(net.layers, net.index.out_positions)}
     for group in graph.get_all_groups(ignored_layers=fixed + tokens, root_module_types=[nn.Conv2d, nn.Linear]):
         root = group.items[0].dep.target.module
@@ -117,6 +124,9 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
             continue
         handler = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
         graph.get_pruning_group(root, handler, idxs=drop.tolist()).prune()
+    for module in bias_free:
+        module.bias = None
+    _fit_channel_state(model)
     for block, heads in net.attention:
         module = model.get_submodule(block.name)
         set_num_heads(module, block.head_dim)
@@ -136,6 +146,22 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     _check_runs(model, net.example_inputs, s)
     model.train(was_training)
     return model
+
+
+def _fit_channel_state(model: nn.Module) -> None:
+    """Shrink the per-channel state of timm modules torch-pruning does not know, after it pruned
+    their channels: metaformer's ``Scale`` keeps the original width in ``shape`` (its ``scale``
+    parameter is pruned), ``BlurPool2d(channels=C)`` a filter repeated C times (one row is kept
+    and expanded over the input's channels at forward, which timm does for ``channels=None``)."""
+    for module in model.modules():
+        kind = (type(module).__module__, type(module).__name__)
+        if kind == ("timm.models.metaformer", "Scale"):
+            module.shape = (int(module.scale.numel()), *tuple(module.shape)[1:])
+        elif kind == ("timm.layers.blur_pool", "BlurPool2d") and module.channels is not None:
+            filt = module.filt
+            if torch.equal(filt, filt[:1].expand_as(filt)):  # identical rows (timm's binomial filter)
+                module.channels = None
+                module.filt = filt[:1].clone()
 
 
 def _check_runs(model: nn.Module, example_inputs: Any, s: int) -> None:

@@ -65,6 +65,7 @@ __all__ = [
     "norm_kind",
     "unsupported_norm_reason",
     "nested_normalize",
+    "nested_norm_output",
     "NestedNorms",
     "FixedNestedNorm",
     "kept_indices",
@@ -72,9 +73,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_CHANNELS_FIRST = frozenset({"LayerNorm2d", "LayerNorm2dFp32", "RmsNorm2d", "RmsNorm2dFp32"})
-_RMS = frozenset({"RMSNorm", "RmsNorm", "RmsNormFp32", "RmsNorm2d", "RmsNorm2dFp32"})
 
 
 @dataclass(frozen=True)
@@ -89,6 +87,45 @@ class NormKind:
     #: timm's GlobalResponseNorm (ConvNeXt V2): divides each channel's spatial L2 norm by the
     #: mean of that norm over channels, then ``x + bias + weight * x * ratio``.
     grn: bool = False
+    #: timm's norm-act modules (``LayerNormAct2d``, ``GroupNorm1Act``, ...): the norm, then the
+    #: module's own ``drop`` and ``act`` (elementwise), as their forward does.
+    act: bool = False
+
+
+# The class that defines a norm's forward decides what it computes: a subclass that only changes
+# __init__ (metaformer's LayerNorm2dNoBias: bias=None) computes what its base does, while one that
+# overrides forward (GroupNorm1Act appends an activation) must be known by its own name.
+# (module, class) -> (channel dim, rms, spatial, act)
+_FORWARDS: dict[tuple[str, str], tuple[int, bool, bool, bool]] = {
+    ("torch.nn.modules.normalization", "LayerNorm"): (-1, False, False, False),
+    ("torch.nn.modules.normalization", "RMSNorm"): (-1, True, False, False),
+    ("torch.nn.modules.normalization", "GroupNorm"): (1, False, True, False),
+    ("timm.layers.norm", "LayerNorm"): (-1, False, False, False),
+    ("timm.layers.norm", "LayerNormFp32"): (-1, False, False, False),
+    ("timm.layers.norm", "LayerNorm2d"): (1, False, False, False),
+    ("timm.layers.norm", "LayerNorm2dFp32"): (1, False, False, False),
+    ("timm.layers.norm", "RmsNorm"): (-1, True, False, False),
+    ("timm.layers.norm", "RmsNormFp32"): (-1, True, False, False),
+    ("timm.layers.norm", "RmsNorm2d"): (1, True, False, False),
+    ("timm.layers.norm", "RmsNorm2dFp32"): (1, True, False, False),
+    ("timm.layers.norm", "GroupNorm"): (1, False, True, False),
+    ("timm.layers.norm", "GroupNorm1"): (1, False, True, False),
+    ("timm.layers.norm_act", "LayerNormAct"): (-1, False, False, True),
+    ("timm.layers.norm_act", "LayerNormActFp32"): (-1, False, False, True),
+    ("timm.layers.norm_act", "LayerNormAct2d"): (1, False, False, True),
+    ("timm.layers.norm_act", "LayerNormAct2dFp32"): (1, False, False, True),
+    ("timm.layers.norm_act", "RmsNormAct"): (-1, True, False, True),
+    ("timm.layers.norm_act", "RmsNormActFp32"): (-1, True, False, True),
+    ("timm.layers.norm_act", "RmsNormAct2d"): (1, True, False, True),
+    ("timm.layers.norm_act", "RmsNormAct2dFp32"): (1, True, False, True),
+    ("timm.layers.norm_act", "GroupNormAct"): (1, False, True, True),
+    ("timm.layers.norm_act", "GroupNorm1Act"): (1, False, True, True),
+}
+
+
+def _forward_owner(module: nn.Module) -> type:
+    """The class in ``module``'s MRO that defines ``forward``."""
+    return next(cls for cls in type(module).__mro__ if "forward" in vars(cls))
 
 
 def _eps(module: nn.Module) -> float:
@@ -104,21 +141,21 @@ def norm_kind(module: nn.Module) -> NormKind | None:
     if name == "GlobalResponseNorm" and type(module).__module__.startswith("timm."):
         channel_dim = int(getattr(module, "channel_dim", -1))
         return NormKind(dim=1 if channel_dim == 1 else -1, rms=False, spatial=False, eps=_eps(module), grn=True)
-    if isinstance(module, nn.GroupNorm):
-        if module.num_groups == 1:
-            return NormKind(dim=1, rms=False, spatial=True, eps=float(module.eps))
+    owner = _forward_owner(module)
+    known = _FORWARDS.get((owner.__module__, owner.__name__))
+    if known is None:
         return None
-    shape = getattr(module, "normalized_shape", None)
-    if shape is None or len(tuple(shape)) != 1:
+    dim, rms, spatial, act = known
+    if spatial:
+        if getattr(module, "num_groups", None) != 1:
+            return None
+    else:
+        shape = getattr(module, "normalized_shape", None)
+        if shape is None or len(tuple(shape)) != 1:
+            return None
+    if act and not all(isinstance(getattr(module, part, None), nn.Module) for part in ("drop", "act")):
         return None
-    if isinstance(module, nn.LayerNorm) and name in {"LayerNorm", "LayerNormFp32", *_CHANNELS_FIRST}:
-        return NormKind(dim=1 if name in _CHANNELS_FIRST else -1, rms=False, spatial=False, eps=_eps(module))
-    rms_norm = getattr(nn, "RMSNorm", None)
-    if (rms_norm is not None and isinstance(module, rms_norm) and name == "RMSNorm") or (
-        name in _RMS and type(module).__module__.startswith("timm.")
-    ):
-        return NormKind(dim=1 if name in _CHANNELS_FIRST else -1, rms=True, spatial=False, eps=_eps(module))
-    return None
+    return NormKind(dim=dim, rms=rms, spatial=spatial, eps=_eps(module), act=act)
 
 
 def unsupported_norm_reason(module: nn.Module) -> str | None:
@@ -126,9 +163,17 @@ def unsupported_norm_reason(module: nn.Module) -> str | None:
     name = type(module).__name__
     if norm_kind(module) is not None:
         return None
+    owner = _forward_owner(module)
+    overridden = (owner.__module__, owner.__name__) not in _FORWARDS
     if isinstance(module, nn.GroupNorm):
         if module.num_groups == module.num_channels:
             return None  # per-channel: no mixing
+        if module.num_groups == 1 and overridden:
+            return (
+                f"{name} ({type(module).__module__}) overrides GroupNorm's forward in a way the nested "
+                "norm does not know (a fused activation or another computation); use torch's or "
+                "timm's GroupNorm / GroupNorm1 / GroupNorm1Act"
+            )
         return (
             f"GroupNorm with {module.num_groups} groups over {module.num_channels} channels "
             "normalises across channels within a group; only GroupNorm with 1 group (a nested "
@@ -143,8 +188,8 @@ def unsupported_norm_reason(module: nn.Module) -> str | None:
             )
         return (
             f"{name} ({type(module).__module__}) overrides LayerNorm's forward in a way the nested "
-            "norm does not know (a fused activation or another channel layout); use timm's "
-            "LayerNorm/LayerNorm2d or torch's LayerNorm"
+            "norm does not know (another channel layout or computation); use timm's "
+            "LayerNorm/LayerNorm2d/LayerNormAct2d or torch's LayerNorm"
         )
     if "norm" in name.lower() and hasattr(module, "normalized_shape"):
         return f"{name} normalises over channels and is not a norm the nested norm knows"
@@ -236,6 +281,24 @@ def _nested_response_norm(
     return torch.where(active_mask, x + response, torch.zeros_like(x))
 
 
+def nested_norm_output(
+    module: nn.Module,
+    kind: NormKind,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    active: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """What nested norm ``module`` returns for input ``x``: :func:`nested_normalize`, then for a
+    norm-act module its own ``drop`` and ``act`` (the order of timm's forward). Every hook that
+    stands in for a nested norm's forward (training, exported subnets, the runtime) calls this."""
+    y = nested_normalize(x, kind, index, active, weight, bias)
+    if kind.act:
+        y = module.act(module.drop(y))
+    return y
+
+
 def _affine(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
@@ -310,7 +373,7 @@ class NestedNorms:
                 # ones back by now; gathering a slice again is a no-op).
                 index = index.index_select(0, present)
                 weight, bias = (_present(t, present) for t in (weight, bias))
-            y = nested_normalize(x, kind, index, net.active_subnet, weight, bias)
+            y = nested_norm_output(module, kind, x, index, net.active_subnet, weight, bias)
             return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
 
         return hook
@@ -345,7 +408,7 @@ class FixedNestedNorm:
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         x = args[0]
         weight, bias = _affine(module)
-        y = nested_normalize(x, self.kind, self.index.to(x.device), self.active, weight, bias)
+        y = nested_norm_output(module, self.kind, x, self.index.to(x.device), self.active, weight, bias)
         return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
 
 

@@ -74,7 +74,7 @@ from .attention import attention_macs, is_head_attention, runs_stage_by_stage
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .checkpoint import atomic_write
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
-from .nested_norm import NormKind, nested_normalize, norm_kind
+from .nested_norm import NormKind, nested_norm_output, norm_kind
 
 if TYPE_CHECKING:
     from .stepping import SteppingNet
@@ -214,7 +214,7 @@ def _shape_key(inputs: Any) -> _ShapeKey:
 
 class _StageNestedNorm:
     """Forward hook of a nested norm in the runner's model: subnet ``state.stage``'s nested norm
-    (:func:`~nni_steppingnet.nested_norm.nested_normalize`) on the full-width layout."""
+    (:func:`~nni_steppingnet.nested_norm.nested_norm_output`) on the full-width layout."""
 
     def __init__(self, kind: NormKind, index: torch.Tensor, state: _RunState) -> None:
         self.kind = kind
@@ -225,7 +225,7 @@ class _StageNestedNorm:
         x = args[0]
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None)
-        y = nested_normalize(x, self.kind, self.index.to(x.device), max(self.state.stage, 1), weight, bias)
+        y = nested_norm_output(module, self.kind, x, self.index.to(x.device), max(self.state.stage, 1), weight, bias)
         return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
 
 

@@ -154,3 +154,43 @@ def test_export_of_groups_entirely_above_s_keeps_one_zeroed_channel(
         err = _relative_error(_run(exported, x), _masked(net, s, x))
         assert err <= 1e-5, f"subnet {s}: {err:.2e}"
         assert macs(exported, x, nonzero=True) == net.macs(s)
+
+
+class _ChannelStateNet(nn.Module):
+    """timm modules with per-channel state torch-pruning does not shrink: BlurPool2d's filter
+    repeated per channel and metaformer's Scale (its ``shape`` holds the width)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers.blur_pool import BlurPool2d
+        from timm.models.metaformer import Scale
+
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.blur = BlurPool2d(channels=8, stride=2)
+        self.scale = Scale(8, init_value=1.5)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(x))
+        x = self.scale(self.blur(x))
+        return self.fc(self.c2(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_export_shrinks_blurpool_and_metaformer_scale(
+    seed: int, random_assignment: Callable[..., torch.Tensor]
+) -> None:
+    pytest.importorskip("timm")
+    torch.manual_seed(seed)
+    net = SteppingNet(_ChannelStateNet(), torch.randn(2, 3, 16, 16), 3)
+    random_assignment(net, seed=seed)
+    x = torch.randn(3, 3, 16, 16)
+    flat = net.flat_assignment()
+    for s in range(1, 4):
+        exported = net.export_subnet(s).eval()
+        kept = int((flat[net.index.out_positions[0]] <= s).sum())
+        assert exported.scale.shape[0] == exported.scale.scale.numel() == kept
+        with torch.no_grad(), net.subnet(s):
+            expected = net.model(x)
+        torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
