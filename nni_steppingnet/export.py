@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
@@ -88,7 +88,9 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     # GroupNorm1NoBias has a weight but bias=None): a zero bias stands in while it prunes.
     bias_free = [m for m in model.modules() if isinstance(m, nn.GroupNorm) and m.weight is not None and m.bias is None]
     for module in bias_free:
-        module.bias = nn.Parameter(torch.zeros_like(module.weight), requires_grad=False)
+        module.register_parameter(
+            "bias", nn.Parameter(torch.zeros_like(cast(torch.Tensor, module.weight)), requires_grad=False)
+        )
 
     flat = net.flat_assignment()
     out_assignment = {layer.name: flat[pos] for layer, pos in zip(net.layers, net.index.out_positions)}
@@ -125,7 +127,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
         handler = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
         graph.get_pruning_group(root, handler, idxs=drop.tolist()).prune()
     for module in bias_free:
-        module.bias = None
+        module.register_parameter("bias", None)
     _fit_channel_state(model)
     for block, heads in net.attention:
         module = model.get_submodule(block.name)
@@ -155,13 +157,15 @@ def _fit_channel_state(model: nn.Module) -> None:
     and expanded over the input's channels at forward, which timm does for ``channels=None``)."""
     for module in model.modules():
         kind = (type(module).__module__, type(module).__name__)
+        # timm's plain attributes (nn.Module's stubs type attributes as Tensor | Module)
+        state: Any = module
         if kind == ("timm.models.metaformer", "Scale"):
-            module.shape = (int(module.scale.numel()), *tuple(module.shape)[1:])
-        elif kind == ("timm.layers.blur_pool", "BlurPool2d") and module.channels is not None:
-            filt = module.filt
+            state.shape = (int(state.scale.numel()), *tuple(state.shape)[1:])
+        elif kind == ("timm.layers.blur_pool", "BlurPool2d") and state.channels is not None:
+            filt = state.filt
             if torch.equal(filt, filt[:1].expand_as(filt)):  # identical rows (timm's binomial filter)
-                module.channels = None
-                module.filt = filt[:1].clone()
+                state.channels = None
+                state.filt = filt[:1].clone()
 
 
 def _check_runs(model: nn.Module, example_inputs: Any, s: int) -> None:

@@ -295,7 +295,8 @@ def nested_norm_output(
     stands in for a nested norm's forward (training, exported subnets, the runtime) calls this."""
     y = nested_normalize(x, kind, index, active, weight, bias)
     if kind.act:
-        y = module.act(module.drop(y))
+        drop, act = module.get_submodule("drop"), module.get_submodule("act")
+        y = act(drop(y))
     return y
 
 
