@@ -286,16 +286,17 @@ def export_onnx(
     x = torch.randn(_TRACE_BATCH, *shape, generator=generator).to(device=device, dtype=dtype)
     num = runner.num_subnets
     with torch.no_grad():
-        outputs = [runner.start(x)]
+        outputs = [runner.start(x)]  # an "auto" runner picks its layout here
+        if runner.layout != "delta":
+            raise ValueError(
+                f"ONNX stage export needs the delta layout; this runner uses {runner.layout!r} because of "
+                f"{runner.full_layout_reason}. Export the subnets as whole models instead "
+                "(nni_steppingnet.onnx_export.export_subnet_onnx)"
+            )
         states = [runner.stage_state()]
         for _ in range(2, num + 1):
             outputs.append(runner.step())
             states.append(runner.stage_state())
-    if runner.layout != "delta":
-        raise ValueError(
-            f"ONNX stage export needs the delta layout; this runner uses {runner.layout!r} "
-            "(its model's forward selects or reorders channels by position)"
-        )
     if not isinstance(outputs[0], torch.Tensor):
         raise TypeError(
             f"the model returns {type(outputs[0]).__name__}; ONNX stage export needs a model whose "
@@ -514,13 +515,16 @@ class TracedStepRunner:
             device=self.device, dtype=dtype
         )
         with torch.no_grad():
-            runner.start(x)
+            runner.start(x)  # an "auto" runner picks its layout here
+            if runner.layout != "delta":
+                raise ValueError(
+                    f"stage graphs need the delta layout; this runner uses {runner.layout!r} because of "
+                    f"{runner.full_layout_reason}"
+                )
             states = [runner.stage_state()]
             for _ in range(2, self.num_subnets + 1):
                 runner.step()
                 states.append(runner.stage_state())
-        if runner.layout != "delta":
-            raise ValueError(f"stage graphs need the delta layout; this runner uses {runner.layout!r}")
         self._macs = [0] + [int(runner.step_macs(s, x)) for s in range(1, self.num_subnets + 1)]
         self._graphs: list[tuple[Any, list[str], list[str]]] = []
         for s in range(1, self.num_subnets + 1):

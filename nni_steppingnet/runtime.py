@@ -1223,6 +1223,7 @@ class IncrementalRunner:
         ]
         self._state = _RunState()
         modules = dict(model.named_modules())
+        full_because = ""
         nested = {
             name: kind
             for name in channel_assignments
@@ -1247,7 +1248,7 @@ class IncrementalRunner:
                 len(nested),
                 next(iter(nested)),
             )
-            layout = "full"
+            layout, full_because = "full", f"nested norms ({next(iter(nested))}, ...)"
         plan_of = {p.name: p for p in self._plans}
         unknown = [name for name, m in modules.items() if is_head_attention(m) and not runs_stage_by_stage(m)]
         if unknown:
@@ -1281,7 +1282,7 @@ class IncrementalRunner:
             )
         if heads and layout == "auto":
             logger.info("the model has %d attention blocks; using the full-width layout", len(heads))
-            layout = "full"
+            layout, full_because = "full", f"attention blocks ({next(iter(heads))}, ...)"
         for name, index in token_mixing.items():
             module = modules.get(name)
             if not isinstance(module, nn.Linear):
@@ -1306,7 +1307,7 @@ class IncrementalRunner:
                 len(token_mixing),
                 next(iter(token_mixing)),
             )
-            layout = "full"
+            layout, full_because = "full", f"token-mixing Linears ({next(iter(token_mixing))}, ...)"
         layers: list[_StageLayer] = []
         for plan in self._plans:
             module = modules.get(plan.name)
@@ -1383,6 +1384,10 @@ class IncrementalRunner:
             any(layer.delta_stage_empty(s) for layer in layers) for s in range(1, num_subnets + 1)
         ]
         self._layout: str | None = None
+        #: why the runner uses the full-width layout ("" for the delta layout or before a choice)
+        self._full_because = (
+            full_because if full_because else ("layout='full' was requested" if layout == "full" else "")
+        )
         self._layout_checked = True  # the layout check itself runs unwrapped errors
         self._idle = [False] * (num_subnets + 1)
         self._output: Any = None
@@ -1409,6 +1414,13 @@ class IncrementalRunner:
     def layout(self) -> str | None:
         """``"delta"`` or ``"full"`` (``None`` until an ``"auto"`` runner has seen an input)."""
         return self._layout
+
+    @property
+    def full_layout_reason(self) -> str:
+        """Why this runner uses the full-width layout (what it holds that the delta layout does
+        not support, the delta check's finding, or that ``layout="full"`` was asked for); ``""``
+        for the delta layout."""
+        return self._full_because if self._layout == "full" else ""
 
     def _use_layout(self, layout: str, checked: bool = False) -> None:
         delta = layout == "delta"
@@ -1469,6 +1481,7 @@ class IncrementalRunner:
                 "whose element-wise work grows with the number of stages",
                 reason,
             )
+            self._full_because = f"the delta layout does not reproduce the full one here ({reason})"
             self._use_layout("full", checked=True)
         else:
             self._use_layout("delta", checked=True)

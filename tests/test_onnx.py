@@ -340,8 +340,9 @@ def test_export_refuses_other_layouts_and_foreign_folders(
 ) -> None:
     net = SteppingNet(tiny_model("lenet5"), _inputs(1, seed=3), N, verify=False)
     random_assignment(net, seed=1)
-    with pytest.raises(ValueError, match="delta layout"):
+    with pytest.raises(ValueError, match="delta layout.*because of layout='full' was requested.*export_subnet_onnx"):
         export_onnx(IncrementalRunner(net, layout="full"), tmp_path / "full", check=False)
+    assert IncrementalRunner(net).full_layout_reason == ""
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -229,6 +229,7 @@ def test_hand_built_runner_matches_masked_subnets(norm_net: SteppingNet, seed: i
     x = _inputs(3, seed=20)
     runner = IncrementalRunner(norm_net)
     assert runner.layout == "full"  # the delta layout refuses nested norms (below)
+    assert runner.full_layout_reason.startswith("nested norms (")
     with torch.no_grad():
         for s in range(1, N + 1):
             logits = runner.start(x) if s == 1 else runner.step()
