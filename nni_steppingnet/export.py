@@ -13,7 +13,7 @@ import torch_pruning as tp
 from ._inputs import call_model
 from .attention import set_num_heads, slice_head_parameters
 from .macs import macs as count_macs
-from .nested_norm import install_fixed, kept_indices
+from .nested_norm import install_fixed, kept_channels, kept_indices
 
 if TYPE_CHECKING:
     from .stepping import SteppingNet
@@ -92,6 +92,17 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
             "bias", nn.Parameter(torch.zeros_like(cast(torch.Tensor, module.weight)), requires_grad=False)
         )
 
+    # torch-pruning 1.6's LayerNorm pruner keeps its channels in set order, not sorted
+    # (``torch.Tensor.sort()`` is not in place): with kept channels past the set's table size the
+    # weight and bias come out permuted against the conv before them. Invisible at timm's init
+    # (weight 1, bias 0); on convnext_atto with random norm parameters the exported subnet 1 was
+    # 0.63 off the masked one. Their affine parameters are set from these copies after pruning.
+    layer_norm_affine = {
+        name: (module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone())
+        for name in net.nested_norms.positions
+        if isinstance(module := model.get_submodule(name), nn.LayerNorm) and module.weight is not None
+    }
+
     flat = net.flat_assignment()
     out_assignment = {layer.name: flat[pos] for layer, pos in zip(net.layers, net.index.out_positions)}
     names = {m: n for n, m in model.named_modules()}
@@ -128,6 +139,14 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
         graph.get_pruning_group(root, handler, idxs=drop.tolist()).prune()
     for module in bias_free:
         module.register_parameter("bias", None)
+    for name, (weight, bias) in layer_norm_affine.items():
+        module = model.get_submodule(name)
+        keep = kept_channels(flat, net.nested_norms.positions[name], s)
+        if cast(torch.Tensor, module.weight).numel() != keep.numel():
+            continue  # install_fixed below names the mismatch
+        module.weight = nn.Parameter(weight[keep].clone())
+        if bias is not None:
+            module.bias = nn.Parameter(bias[keep].clone())
     _fit_channel_state(model)
     for block, heads in net.attention:
         module = model.get_submodule(block.name)

@@ -68,6 +68,7 @@ __all__ = [
     "nested_norm_output",
     "NestedNorms",
     "FixedNestedNorm",
+    "kept_channels",
     "kept_indices",
     "install_fixed",
 ]
@@ -413,14 +414,20 @@ class FixedNestedNorm:
         return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
 
 
-def kept_indices(flat: torch.Tensor, positions: torch.Tensor, s: int) -> torch.Tensor:
-    """Indices of the channels an export of subnet ``s`` keeps, in channel order (one channel,
-    the lowest index, when none is active: a layer cannot have zero channels)."""
+def kept_channels(flat: torch.Tensor, positions: torch.Tensor, s: int) -> torch.Tensor:
+    """Positions (ascending) of the channels an export of subnet ``s`` keeps (one channel, the
+    lowest index, when none is active: a layer cannot have zero channels)."""
     index = flat[positions]
     keep = index <= s
     if not bool(keep.any()) and index.numel():
         keep[int(torch.argmin(index))] = True
-    return index[keep]
+    return keep.nonzero().flatten()
+
+
+def kept_indices(flat: torch.Tensor, positions: torch.Tensor, s: int) -> torch.Tensor:
+    """Subnet indices of the channels an export of subnet ``s`` keeps, in channel order
+    (:func:`kept_channels`)."""
+    return flat[positions][kept_channels(flat, positions, s)]
 
 
 def install_fixed(model: nn.Module, kinds: dict[str, NormKind], indices: dict[str, torch.Tensor], s: int) -> None:

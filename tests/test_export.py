@@ -194,3 +194,31 @@ def test_export_shrinks_blurpool_and_metaformer_scale(
         with torch.no_grad(), net.subnet(s):
             expected = net.model(x)
         torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_export_keeps_layer_norm_channels_in_order(seed: int, random_assignment: Callable[..., torch.Tensor]) -> None:
+    """torch-pruning 1.6's LayerNorm pruner keeps channels in set order: with 64 channels the
+    kept weight and bias came out permuted against the conv before them (hidden when the norm's
+    weight is 1 and its bias 0, timm's init)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        timm.layers.LayerNorm2d(64),
+        nn.Conv2d(64, 16, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    )
+    with torch.no_grad():
+        model[1].weight.copy_(torch.rand(64) + 0.5)
+        model[1].bias.copy_(torch.randn(64))
+    net = SteppingNet(model, torch.randn(2, 3, 8, 8), 4)
+    random_assignment(net, seed=seed)
+    x = torch.randn(3, 3, 8, 8)
+    for s in range(1, 5):
+        exported = net.export_subnet(s).eval()
+        with torch.no_grad(), net.subnet(s):
+            expected = net.model(x)
+        torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
