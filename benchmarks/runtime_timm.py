@@ -1,7 +1,8 @@
 """IncrementalRunner on every timm family the sweep wraps: which layout it picks, and exactness.
 
 For every model that ``benchmarks/timm_sweep.py`` recorded as ``ok`` (read from its results file),
-the model is built with random weights and random BatchNorm statistics at the sweep's input size,
+the model is built with every parameter random (``testing.randomize_parameters``: none left at
+timm's zero or unit init) and random BatchNorm statistics at the sweep's input size,
 wrapped with 4 subnets and a random assignment (every subnet gains neurons in every group that
 is large enough), and run through ``IncrementalRunner(net)`` (``layout="auto"``). Recorded per
 model: the layout the runner chose (``delta``, or ``full`` after the check found the delta layout
@@ -31,6 +32,7 @@ import nni_steppingnet.models  # noqa: F401  (registers lenet5, vgg16_cifar with
 from nni_steppingnet import SteppingNet
 from nni_steppingnet.checkpoint import atomic_write_json
 from nni_steppingnet.runtime import IncrementalRunner
+from nni_steppingnet.testing import randomize_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "benchmarks" / "results" / "timm_sweep.json"
@@ -88,7 +90,9 @@ def check(model_name: str, shape: list[int], seed: int) -> dict[str, Any]:
     begin = time.perf_counter()
     torch.manual_seed(seed)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-    model = _build(model_name, x)
+    # every parameter off timm's init (zero biases, 1e-6 layer scales and unit norms hide
+    # mistakes: the export's permuted LayerNorm parameters passed every check at timm's init)
+    model = randomize_parameters(_build(model_name, x), seed=seed + 2)
     reasons = _WarningsOf("nni_steppingnet.sliced")
     with reasons:
         net = SteppingNet(model, x[:1], NUM_SUBNETS, verify=False)
