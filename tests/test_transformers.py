@@ -403,10 +403,16 @@ TIMM_SIZES = {"mobilevit_xxs": 64}
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_MODELS))
-def test_timm_model_downstream_exact(name: str) -> None:
+@pytest.mark.parametrize("parameters", ["timm_init", "random"])
+def test_timm_model_downstream_exact(name: str, parameters: str) -> None:
+    """At timm's init and with every parameter random (timm's unit norms and zero biases hid
+    the export's permuted LayerNorm parameters)."""
     x = _inputs(2, seed=0, size=TIMM_SIZES.get(name, 32))
     torch.manual_seed(0)
-    net = SteppingNet(TIMM_MODELS[name](), x, N, execution="auto")
+    model = TIMM_MODELS[name]()
+    if parameters == "random":
+        randomize_parameters(model, seed=5)
+    net = SteppingNet(model, x, N, execution="auto")
     assert len(net.nested_norms) > 0
     assert net.execution == "sliced"
     flat = random_assignment(net, seed=1)
