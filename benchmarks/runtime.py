@@ -21,7 +21,8 @@ weights are untrained, which does not matter for timing).
 GPU timings are not measured by this script's recorded run (no GPU was available); the runner
 itself works on CUDA (``runner.to("cuda")``).
 
-    python3 benchmarks/runtime.py                       # lenet5 (width 2), vgg16_cifar, resnet18
+    python3 benchmarks/runtime.py --models lenet5 vgg16_cifar resnet18   # the CNNs
+    python3 benchmarks/runtime.py --models vit_p4 convnext_atto --output benchmarks/results/runtime_transformers.json
     python3 benchmarks/runtime.py --models lenet5 --batches 1 --repeats 5   # quick
 """
 
@@ -56,6 +57,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "lenet5": ("lenet5", {"width": 2.0}),
     "vgg16_cifar": ("vgg16_cifar", {}),
     "resnet18": ("resnet18", {}),
+    # transformers (issue 14): the CIFAR-10 recipes' ViT (patch 4 at 32x32, 64 tokens, 6 heads)
+    # and convnext_atto; both run the full-width layout (nested norms, attention)
+    "vit_p4": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 6}),
+    "convnext_atto": ("convnext_atto", {}),
 }
 
 
@@ -275,7 +280,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["lenet5", "vgg16_cifar", "resnet18"], choices=list(MODELS))
     parser.add_argument("--assignments", nargs="+", default=["random", "construct"], choices=["random", "construct"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument(
