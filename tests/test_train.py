@@ -383,3 +383,20 @@ def test_train_dense_with_adamw_is_torch_adamw_under_a_cosine_schedule() -> None
         schedule.step()
     for mine, theirs in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_make_optimizer_sgd_takes_torchs_plain_sgd_steps() -> None:
+    """The fused SGD it builds where torch has it makes the same updates as the plain loop."""
+    g = torch.Generator().manual_seed(4)
+    mine = [nn.Parameter(torch.randn(300, 7, generator=g)), nn.Parameter(torch.randn(11, generator=g))]
+    plain = [nn.Parameter(p.detach().clone()) for p in mine]
+    opt = make_optimizer(mine, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    reference = torch.optim.SGD(plain, lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=False)
+    for _ in range(4):
+        for a, b in zip(mine, plain):
+            grad = torch.randn(a.shape, generator=g)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        opt.step()
+        reference.step()
+    for a, b in zip(mine, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
