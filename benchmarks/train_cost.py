@@ -128,7 +128,7 @@ def measure_steps(name: str, batch: int, repeats: int, iters: int, clock: Callab
     rows = []
     for s in range(1, NUM_SUBNETS + 1):
         dense = net.export_subnet(s).train()
-        # the library's optimizer (what the flow trains with: fused SGD where torch has it)
+        # the library's optimizer (what the flow trains with)
         sgd = lambda params: make_optimizer(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)  # noqa: E731
 
         runs = _runs(net, dense, s, x, y, sgd(net.model.parameters()), sgd(dense.parameters()))

@@ -386,7 +386,7 @@ def test_train_dense_with_adamw_is_torch_adamw_under_a_cosine_schedule() -> None
 
 
 def test_make_optimizer_sgd_takes_torchs_plain_sgd_steps() -> None:
-    """The fused SGD it builds where torch has it makes the same updates as the plain loop."""
+    """The same updates as torch's plain SGD loop (the paper's optimizer, nothing fused)."""
     g = torch.Generator().manual_seed(4)
     mine = [nn.Parameter(torch.randn(300, 7, generator=g)), nn.Parameter(torch.randn(11, generator=g))]
     plain = [nn.Parameter(p.detach().clone()) for p in mine]
