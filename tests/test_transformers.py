@@ -223,20 +223,26 @@ def test_hand_built_macs_are_exact(norm_net: SteppingNet, seed: int) -> None:
         assert norm_net.macs(s) == c1 + c2 + c3 + fc, s
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_hand_built_runner_matches_masked_subnets(norm_net: SteppingNet, seed: int) -> None:
-    random_assignment(norm_net, seed=seed)
-    x = _inputs(3, seed=20)
-    runner = IncrementalRunner(norm_net)
-    assert runner.layout == "full"  # the delta layout refuses nested norms (below)
-    assert runner.full_layout_reason.startswith("nested norms (")
+def _assert_runner_equals_masked(net: SteppingNet, x: torch.Tensor, rtol: float, atol: float) -> IncrementalRunner:
+    """The runner's logits after every step equal the masked subnet's, and it spends exactly
+    ``net.macs(s)``; returns the runner (reset to no stage)."""
+    runner = IncrementalRunner(net)
     with torch.no_grad():
         for s in range(1, N + 1):
             logits = runner.start(x) if s == 1 else runner.step()
-            with norm_net.subnet(s):
-                expected = norm_net.model(x)
-            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
-            assert runner.macs_spent == norm_net.macs(s)
+            with net.subnet(s):
+                expected = net.model(x)
+            torch.testing.assert_close(logits, expected, rtol=rtol, atol=atol)
+            assert runner.macs_spent == net.macs(s)
+    return runner
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hand_built_runner_matches_masked_subnets(norm_net: SteppingNet, seed: int) -> None:
+    random_assignment(norm_net, seed=seed)
+    runner = _assert_runner_equals_masked(norm_net, _inputs(3, seed=20), rtol=1e-5, atol=1e-6)
+    assert runner.layout == "full"  # the delta layout refuses nested norms (below)
+    assert runner.full_layout_reason.startswith("nested norms (")
 
 
 def test_runner_delta_layout_refuses_nested_norms_by_name(norm_net: SteppingNet) -> None:
@@ -326,16 +332,11 @@ def test_norm_act_and_no_bias_norms_keep_their_forward_as_nested_norms(
         report = isolation_report(net, x, train=train)
         assert report.isolated and sum(report.compared) > 0, report
     assert compare_executions(net, x) == ""
-    runner = IncrementalRunner(net)
-    with torch.no_grad():
-        for s in range(1, N + 1):
-            logits = runner.start(x) if s == 1 else runner.step()
-            with net.subnet(s):
-                expected = net.model(x)
-            torch.testing.assert_close(logits, expected, rtol=1e-8, atol=1e-10)
-            assert runner.macs_spent == net.macs(s)
-            exported = net.export_subnet(s).eval()
-            torch.testing.assert_close(exported(x), expected, rtol=1e-8, atol=1e-10)
+    _assert_runner_equals_masked(net, x, rtol=1e-8, atol=1e-10)
+    for s in range(1, N + 1):
+        exported = net.export_subnet(s).eval()
+        with torch.no_grad(), net.subnet(s):
+            torch.testing.assert_close(exported(x), net.model(x), rtol=1e-8, atol=1e-10)
 
 
 def test_a_norm_subclass_with_its_own_forward_is_refused_by_name() -> None:
@@ -419,16 +420,9 @@ def test_timm_model_downstream_exact(name: str, parameters: str) -> None:
     assert (flat[:-1] <= N).any()
     report = isolation_report(net, x)
     assert report.isolated and sum(report.compared) > 0, report
-    runner = IncrementalRunner(net)
     macs = [net.macs(s) for s in range(1, N + 1)]
     assert macs == sorted(macs) and macs[0] < macs[-1]
-    with torch.no_grad():
-        for s in range(1, N + 1):
-            logits = runner.start(x) if s == 1 else runner.step()
-            with net.subnet(s):
-                expected = net.model(x)
-            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
-            assert runner.macs_spent == macs[s - 1]
+    _assert_runner_equals_masked(net, x, rtol=1e-5, atol=1e-6)
     for s in (1, N):
         exported = net.export_subnet(s).eval()
         with torch.no_grad(), net.subnet(s):
@@ -683,19 +677,11 @@ def test_mixer_export_matches_masked_subnets(mixer_net: tuple[str, SteppingNet],
 def test_mixer_runner_matches_masked_subnets_at_their_macs(mixer_net: tuple[str, SteppingNet], seed: int) -> None:
     _, net = mixer_net
     random_assignment(net, seed=seed)
-    x = _inputs(3, seed=20, size=32)
-    runner = IncrementalRunner(net)
-    assert runner.layout == "full"
     macs = [net.macs(s) for s in range(1, N + 1)]
     assert macs == sorted(macs) and macs[0] < macs[-1]
-    with torch.no_grad():
-        for s in range(1, N + 1):
-            logits = runner.start(x) if s == 1 else runner.step()
-            with net.subnet(s):
-                expected = net.model(x)
-            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
-            assert runner.macs_spent == macs[s - 1]
-            assert runner.macs(s) == macs[s - 1]
+    runner = _assert_runner_equals_masked(net, _inputs(3, seed=20, size=32), rtol=1e-5, atol=1e-6)
+    assert runner.layout == "full"
+    assert [runner.macs(s) for s in range(1, N + 1)] == macs
 
 
 def test_mixer_runner_delta_layout_refuses_token_mixing_by_name() -> None:
