@@ -96,32 +96,34 @@ class NormKind:
 # The class that defines a norm's forward decides what it computes: a subclass that only changes
 # __init__ (metaformer's LayerNorm2dNoBias: bias=None) computes what its base does, while one that
 # overrides forward (GroupNorm1Act appends an activation) must be known by its own name.
-# (module, class) -> (channel dim, rms, spatial, act)
-_FORWARDS: dict[tuple[str, str], tuple[int, bool, bool, bool]] = {
-    ("torch.nn.modules.normalization", "LayerNorm"): (-1, False, False, False),
-    ("torch.nn.modules.normalization", "RMSNorm"): (-1, True, False, False),
-    ("torch.nn.modules.normalization", "GroupNorm"): (1, False, True, False),
-    ("timm.layers.norm", "LayerNorm"): (-1, False, False, False),
-    ("timm.layers.norm", "LayerNormFp32"): (-1, False, False, False),
-    ("timm.layers.norm", "LayerNorm2d"): (1, False, False, False),
-    ("timm.layers.norm", "LayerNorm2dFp32"): (1, False, False, False),
-    ("timm.layers.norm", "RmsNorm"): (-1, True, False, False),
-    ("timm.layers.norm", "RmsNormFp32"): (-1, True, False, False),
-    ("timm.layers.norm", "RmsNorm2d"): (1, True, False, False),
-    ("timm.layers.norm", "RmsNorm2dFp32"): (1, True, False, False),
-    ("timm.layers.norm", "GroupNorm"): (1, False, True, False),
-    ("timm.layers.norm", "GroupNorm1"): (1, False, True, False),
-    ("timm.layers.norm_act", "LayerNormAct"): (-1, False, False, True),
-    ("timm.layers.norm_act", "LayerNormActFp32"): (-1, False, False, True),
-    ("timm.layers.norm_act", "LayerNormAct2d"): (1, False, False, True),
-    ("timm.layers.norm_act", "LayerNormAct2dFp32"): (1, False, False, True),
-    ("timm.layers.norm_act", "RmsNormAct"): (-1, True, False, True),
-    ("timm.layers.norm_act", "RmsNormActFp32"): (-1, True, False, True),
-    ("timm.layers.norm_act", "RmsNormAct2d"): (1, True, False, True),
-    ("timm.layers.norm_act", "RmsNormAct2dFp32"): (1, True, False, True),
-    ("timm.layers.norm_act", "GroupNormAct"): (1, False, True, True),
-    ("timm.layers.norm_act", "GroupNorm1Act"): (1, False, True, True),
+# (module, class) -> (channel dim, rms, spatial); the classes of _NORM_ACT_MODULE then apply
+# their own drop and act.
+_FORWARDS: dict[tuple[str, str], tuple[int, bool, bool]] = {
+    ("torch.nn.modules.normalization", "LayerNorm"): (-1, False, False),
+    ("torch.nn.modules.normalization", "RMSNorm"): (-1, True, False),
+    ("torch.nn.modules.normalization", "GroupNorm"): (1, False, True),
+    ("timm.layers.norm", "LayerNorm"): (-1, False, False),
+    ("timm.layers.norm", "LayerNormFp32"): (-1, False, False),
+    ("timm.layers.norm", "LayerNorm2d"): (1, False, False),
+    ("timm.layers.norm", "LayerNorm2dFp32"): (1, False, False),
+    ("timm.layers.norm", "RmsNorm"): (-1, True, False),
+    ("timm.layers.norm", "RmsNormFp32"): (-1, True, False),
+    ("timm.layers.norm", "RmsNorm2d"): (1, True, False),
+    ("timm.layers.norm", "RmsNorm2dFp32"): (1, True, False),
+    ("timm.layers.norm", "GroupNorm"): (1, False, True),
+    ("timm.layers.norm", "GroupNorm1"): (1, False, True),
+    ("timm.layers.norm_act", "LayerNormAct"): (-1, False, False),
+    ("timm.layers.norm_act", "LayerNormActFp32"): (-1, False, False),
+    ("timm.layers.norm_act", "LayerNormAct2d"): (1, False, False),
+    ("timm.layers.norm_act", "LayerNormAct2dFp32"): (1, False, False),
+    ("timm.layers.norm_act", "RmsNormAct"): (-1, True, False),
+    ("timm.layers.norm_act", "RmsNormActFp32"): (-1, True, False),
+    ("timm.layers.norm_act", "RmsNormAct2d"): (1, True, False),
+    ("timm.layers.norm_act", "RmsNormAct2dFp32"): (1, True, False),
+    ("timm.layers.norm_act", "GroupNormAct"): (1, False, True),
+    ("timm.layers.norm_act", "GroupNorm1Act"): (1, False, True),
 }
+_NORM_ACT_MODULE = "timm.layers.norm_act"
 
 
 def _forward_owner(module: nn.Module) -> type:
@@ -146,7 +148,8 @@ def norm_kind(module: nn.Module) -> NormKind | None:
     known = _FORWARDS.get((owner.__module__, owner.__name__))
     if known is None:
         return None
-    dim, rms, spatial, act = known
+    dim, rms, spatial = known
+    act = owner.__module__ == _NORM_ACT_MODULE
     if spatial:
         if getattr(module, "num_groups", None) != 1:
             return None
