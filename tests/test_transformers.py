@@ -5,7 +5,7 @@ incremental runner, export, the execution fallback and the refusals of what stil
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, cast
+from typing import Any, Callable, Iterator, cast
 
 import pytest
 import torch
@@ -71,6 +71,23 @@ def test_nested_norm_equals_the_norm_when_every_channel_shares_one_index(
     torch.testing.assert_close(got, module(x), rtol=1e-5, atol=1e-5)
 
 
+#: a nested assignment of 10 channels for the prefix-formula tests: channels of index 4 are
+#: inactive at ``PREFIX_ACTIVE``
+PREFIX_INDEX = torch.tensor([3, 1, 4, 2, 1, 3, 4, 2, 2, 1])
+PREFIX_ACTIVE = 3
+
+
+def _active_channels(got: torch.Tensor, dim: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(channel, its output, its prefix)`` for the active channels of ``got`` under
+    ``PREFIX_INDEX``; asserts that every inactive channel came out as zeros."""
+    for c in range(PREFIX_INDEX.numel()):
+        out_c = got.select(dim, c)
+        if int(PREFIX_INDEX[c]) > PREFIX_ACTIVE:
+            assert torch.equal(out_c, torch.zeros_like(out_c)), f"inactive channel {c} must be zero"
+            continue
+        yield c, out_c, (PREFIX_INDEX <= PREFIX_INDEX[c]).nonzero().flatten()
+
+
 @pytest.mark.parametrize(("label", "build", "shape"), NORM_CASES, ids=[c[0] for c in NORM_CASES])
 def test_nested_norm_uses_the_statistics_of_each_channels_prefix(
     label: str, build: Callable[[], nn.Module], shape: tuple[int, ...]
@@ -80,20 +97,13 @@ def test_nested_norm_uses_the_statistics_of_each_channels_prefix(
     assert kind is not None
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(shape, generator=generator) * 2 + 0.5
-    index = torch.tensor([3, 1, 4, 2, 1, 3, 4, 2, 2, 1])
-    active = 3
     weight = cast(torch.Tensor, module.weight)
     bias = cast("torch.Tensor | None", getattr(module, "bias", None))
-    got = nested_normalize(x, kind, index, active, weight, bias)
+    got = nested_normalize(x, kind, PREFIX_INDEX, PREFIX_ACTIVE, weight, bias)
     dim = kind.dim % x.dim()
     rms = label == "rmsnorm"
     eps = float(cast(float, module.eps))
-    for c in range(10):
-        out_c = got.select(dim, c)
-        if int(index[c]) > active:
-            assert torch.equal(out_c, torch.zeros_like(out_c)), f"inactive channel {c} must be zero"
-            continue
-        prefix = (index <= index[c]).nonzero().flatten()
+    for c, out_c, prefix in _active_channels(got, dim):
         xs = x.index_select(dim, prefix)
         reduce: tuple[int, ...] = tuple(range(dim, x.dim())) if label == "groupnorm1" else (dim,)
         if rms:
@@ -116,19 +126,12 @@ def test_nested_grn_divides_by_the_mean_response_of_each_channels_prefix(
     kind = norm_kind(module)
     assert kind is not None and kind.grn
     x = torch.randn(shape, generator=torch.Generator().manual_seed(6)) * 2 + 0.5
-    index = torch.tensor([3, 1, 4, 2, 1, 3, 4, 2, 2, 1])
-    active = 3
     weight, bias = cast(torch.Tensor, module.weight), cast(torch.Tensor, module.bias)
-    got = nested_normalize(x, kind, index, active, weight, bias)
+    got = nested_normalize(x, kind, PREFIX_INDEX, PREFIX_ACTIVE, weight, bias)
     dim = kind.dim % x.dim()
     spatial = tuple(d for d in range(1, x.dim()) if d != dim)
     norms = x.norm(p=2, dim=spatial, keepdim=True)
-    for c in range(10):
-        out_c = got.select(dim, c)
-        if int(index[c]) > active:
-            assert torch.equal(out_c, torch.zeros_like(out_c)), f"inactive channel {c} must be zero"
-            continue
-        prefix = (index <= index[c]).nonzero().flatten()
+    for c, out_c, prefix in _active_channels(got, dim):
         mean = norms.index_select(dim, prefix).mean(dim=dim, keepdim=True)
         x_c = x.narrow(dim, c, 1)
         ratio = norms.narrow(dim, c, 1) / (mean + float(cast(float, module.eps)))
