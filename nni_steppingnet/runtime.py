@@ -1242,12 +1242,6 @@ class IncrementalRunner:
                 ]
             )
         if nested and layout == "auto":
-            logger.info(
-                "the model has %d nested norms (%s, ...); the delta layout does not support them yet, "
-                "using the full-width layout",
-                len(nested),
-                next(iter(nested)),
-            )
             layout, full_because = "full", f"nested norms ({next(iter(nested))}, ...)"
         plan_of = {p.name: p for p in self._plans}
         unknown = [name for name, m in modules.items() if is_head_attention(m) and not runs_stage_by_stage(m)]
@@ -1281,7 +1275,6 @@ class IncrementalRunner:
                 ]
             )
         if heads and layout == "auto":
-            logger.info("the model has %d attention blocks; using the full-width layout", len(heads))
             layout, full_because = "full", f"attention blocks ({next(iter(heads))}, ...)"
         for name, index in token_mixing.items():
             module = modules.get(name)
@@ -1302,12 +1295,12 @@ class IncrementalRunner:
                 ]
             )
         if token_mixing and layout == "auto":
-            logger.info(
-                "the model has %d token-mixing Linears (%s, ...); using the full-width layout",
-                len(token_mixing),
-                next(iter(token_mixing)),
-            )
             layout, full_because = "full", f"token-mixing Linears ({next(iter(token_mixing))}, ...)"
+        if full_because:
+            logger.info(
+                "the model has %s, which the delta layout does not support yet; using the full-width layout",
+                full_because,
+            )
         layers: list[_StageLayer] = []
         for plan in self._plans:
             module = modules.get(plan.name)
