@@ -21,7 +21,8 @@ normalisation, output normalisation or gating. Whatever else its forward does pe
 (relative position bias, rotary embeddings, windows) cannot mix heads if the layout holds; the
 wrap-time isolation probe checks it on a random assignment, so a forward that does mix is
 refused there by name. The incremental runner computes new heads stage by stage for timm's
-``vision_transformer.Attention`` forward (ViT, DeiT) and refuses other forwards by name
+``vision_transformer.Attention`` forward (ViT, DeiT) and Swin's ``WindowAttention`` (relative
+position bias per head, shifted-window mask) and refuses other forwards by name
 (:func:`runs_stage_by_stage`). Other attention blocks are refused at wrap time.
 
 MACs (the rule :func:`product_macs` implements): the matrix products of two activations that
@@ -37,6 +38,7 @@ bias cost none (as activations and BatchNorm cost none elsewhere). A head is act
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
@@ -57,6 +59,9 @@ __all__ = [
     "attention_macs",
     "product_macs",
     "runs_stage_by_stage",
+    "is_vit_attention",
+    "is_window_attention",
+    "window_position_bias",
     "set_num_heads",
 ]
 
@@ -116,6 +121,9 @@ def head_parameters(module: nn.Module) -> dict[str, int]:
     found = {}
     for name, param in module.named_parameters(recurse=False):
         dims = [d for d, size in enumerate(param.shape) if size == heads]
+        if len(dims) > 1 and name == "relative_position_bias_table" and is_window_attention(module):
+            # Swin's table is [(2w-1)^2, heads]: 9 heads over 2x2 windows make it 9 x 9
+            dims = [param.dim() - 1]
         if len(dims) == 1:
             found[name] = dims[0]
     return found
@@ -160,12 +168,11 @@ def unsupported_attention_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _timm_attention_forward() -> Any:
+def _timm_forward(module_name: str, class_name: str) -> Any:
     try:
-        from timm.models.vision_transformer import Attention
-    except ImportError:  # timm is a dependency; without it no module can match
+        return getattr(importlib.import_module(module_name), class_name).forward
+    except (ImportError, AttributeError):  # timm is a dependency; without the class no module matches
         return None
-    return Attention.forward
 
 
 def is_head_attention(module: nn.Module) -> bool:
@@ -173,11 +180,33 @@ def is_head_attention(module: nn.Module) -> bool:
     return _fused_layout(module) and unsupported_attention_reason(module) is None
 
 
-def runs_stage_by_stage(module: nn.Module) -> bool:
-    """True when the incremental runner knows this block's forward (timm's ViT attention) and
-    computes its new heads stage by stage."""
-    forward = _timm_attention_forward()
+def is_vit_attention(module: nn.Module) -> bool:
+    """True when ``module`` runs timm's ``vision_transformer.Attention`` forward (ViT, DeiT)."""
+    forward = _timm_forward("timm.models.vision_transformer", "Attention")
     return forward is not None and type(module).forward is forward
+
+
+def is_window_attention(module: nn.Module) -> bool:
+    """True when ``module`` runs timm's Swin ``WindowAttention`` forward: fused qkv, a relative
+    position bias per head from ``relative_position_bias_table[relative_position_index]`` and the
+    shifted windows' ``mask`` argument."""
+    forward = _timm_forward("timm.models.swin_transformer", "WindowAttention")
+    return forward is not None and type(module).forward is forward
+
+
+def runs_stage_by_stage(module: nn.Module) -> bool:
+    """True when the incremental runner knows this block's forward (timm's ViT attention or Swin
+    window attention) and computes its new heads stage by stage."""
+    return is_vit_attention(module) or is_window_attention(module)
+
+
+def window_position_bias(module: nn.Module) -> torch.Tensor:
+    """Swin's relative position bias of every head, ``[num_heads, N, N]`` for windows of ``N``
+    tokens (what ``WindowAttention`` adds to ``q.k``)."""
+    table = cast(torch.Tensor, module.relative_position_bias_table)
+    index = cast(torch.Tensor, module.relative_position_index)
+    tokens = index.shape[0]
+    return table[index.reshape(-1)].reshape(tokens, tokens, -1).permute(2, 0, 1)
 
 
 def head_of_channel(channels: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:

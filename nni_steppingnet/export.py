@@ -14,6 +14,7 @@ from ._inputs import call_model
 from .attention import set_num_heads, slice_head_parameters
 from .macs import macs as count_macs
 from .nested_norm import install_fixed, kept_channels, kept_indices
+from .patch_merging import patch_merging_pruners
 
 if TYPE_CHECKING:
     from .stepping import SteppingNet
@@ -121,6 +122,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
             example_inputs=net.example_inputs,
             ignored_params=per_head or None,
             ignored_layers=tokens or None,
+            customized_pruners=patch_merging_pruners(model) or None,
         )
     out_neurons = {layer.name: pos for layer, pos in zip(net.layers, net.index.out_positions)}
     for group in graph.get_all_groups(ignored_layers=fixed + tokens, root_module_types=[nn.Conv2d, nn.Linear]):

@@ -35,6 +35,7 @@ from .attention import (
 from .errors import UnsupportedModelError
 from .macs import layer_positions
 from .nested_norm import norm_kind, unsupported_norm_reason
+from .patch_merging import MERGED_TOKENS, child_channels, is_patch_merging, patch_merging_pruners
 from .token_mixing import (
     TokenMixingSpec,
     probe_token_mixing,
@@ -372,6 +373,7 @@ def discover_layers(
             example_inputs=example_inputs,
             ignored_params=per_head or None,
             ignored_layers=token_modules or None,
+            customized_pruners=patch_merging_pruners(model) or None,
         )
         tp_groups = list(graph.get_all_groups(ignored_layers=list(fixed), root_module_types=list(WEIGHTED_TYPES)))
     except UnsupportedModelError:
@@ -423,6 +425,12 @@ def discover_layers(
             idxs, roots = _to_tensor(item.idxs), _to_tensor(item.root_idxs)
             if block is not None:
                 roots = head_of_channel(roots, block.num_heads, block.head_dim)
+            if is_patch_merging(module):
+                # one torch-pruning node (.patch_merging): its channels live in its norm and reduction
+                child_roots = roots.repeat(MERGED_TOKENS) if side == "in" else roots
+                for child, child_side, channels in child_channels(module, side, idxs):
+                    spec.members.append((f"{name}.{child}", child_side, channels, child_roots))
+                continue
             spec.members.append((name, side, idxs, roots))
         groups.append(spec)
     groups.sort(key=lambda g: order[g.name])

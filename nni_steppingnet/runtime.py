@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from ._inputs import batch_size, call_model
-from .attention import attention_macs, is_head_attention, runs_stage_by_stage
+from .attention import attention_macs, is_head_attention, is_window_attention, runs_stage_by_stage, window_position_bias
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .checkpoint import atomic_write
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
@@ -233,17 +233,24 @@ class _StageAttention(nn.Module):
     """A head-attention block (:mod:`~nni_steppingnet.attention`) in the runner's model: at stage
     ``s`` it computes ``q.k`` and ``attn.v`` of the heads with index ``== s`` only and keeps every
     earlier head's output (their q, k, v never change: the mask rule keeps later inputs out).
-    ``qkv`` and ``proj`` are the block's stage layers; the full-width layout only."""
+    ``qkv`` and ``proj`` are the block's stage layers; the full-width layout only. timm's ViT
+    attention and Swin's window attention (its relative position bias of the new heads, and the
+    shifted windows' mask, are added to their ``q.k``)."""
 
-    def __init__(self, block: nn.Module, head_index: torch.Tensor, state: _RunState, name: str) -> None:
+    def __init__(self, block: nn.Module, head_index: torch.Tensor, head_dim: int, state: _RunState, name: str) -> None:
         super().__init__()
         self.qkv = block.qkv
         self.proj = block.proj
         self.proj_drop = getattr(block, "proj_drop", nn.Identity())
-        self.num_heads = int(block.num_heads)
-        self.head_dim = int(block.head_dim)
+        self.num_heads = int(head_index.numel())
+        self.head_dim = head_dim
         self.scale = float(getattr(block, "scale", self.head_dim**-0.5))
         self.fused = bool(getattr(block, "fused_attn", True))
+        self.windowed = is_window_attention(block)
+        if self.windowed:
+            # under the block's own names: the runner's state_dict keys stay the model's
+            self.relative_position_bias_table = block.relative_position_bias_table
+            self.register_buffer("relative_position_index", block.relative_position_index, persistent=False)
         self.block_name = name
         self.state = state
         #: subnet index of every head (``num_subnets + 1``: never active)
@@ -253,8 +260,19 @@ class _StageAttention(nn.Module):
     def reset(self) -> None:
         self.heads = None
 
-    def forward(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
+    def _window_bias(self, new: torch.Tensor, rows: int, tokens: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """Swin's additive attention bias of the ``new`` heads: ``[rows or 1, len(new), N, N]``."""
+        bias = window_position_bias(self)[new].unsqueeze(0)
+        if mask is None:
+            return bias
+        windows = mask.shape[0]
+        shifted = mask.view(1, windows, 1, tokens, tokens).expand(rows // windows, -1, new.numel(), -1, -1)
+        return bias + shifted.reshape(rows, new.numel(), tokens, tokens)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal or (mask is not None and not self.windowed):
             raise UnsupportedModelError(
                 [(self.block_name, "the incremental runner supports unmasked self-attention only")]
             )
@@ -266,12 +284,14 @@ class _StageAttention(nn.Module):
         new = (self.head_index == stage).nonzero().flatten()
         if new.numel():
             q, k, v = qkv[0][:, new], qkv[1][:, new], qkv[2][:, new]
+            bias = self._window_bias(new, batch, tokens, mask).to(q.dtype) if self.windowed else None
             if self.fused:
-                out = F.scaled_dot_product_attention(q, k, v)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             else:
-                out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+                scores = (q * self.scale) @ k.transpose(-2, -1)
+                out = (scores if bias is None else scores + bias).softmax(dim=-1) @ v
             self.heads[:, new] = out
-        # per sample of the model's input: a model may fold space into the batch (MobileViT)
+        # per sample of the model's input: a model may fold space into the batch (MobileViT, windows)
         rows = batch / max(self.state.batch, 1)
         self.state.macs += int(attention_macs(tokens, int(new.numel()), self.head_dim) * rows)
         self.state.positions[self.block_name] = int(tokens * tokens * rows)
@@ -1252,16 +1272,23 @@ class IncrementalRunner:
                         name,
                         f"{type(modules[name]).__name__} has its own attention forward (relative position "
                         "bias, rotary embeddings or windows); the runner computes new heads stage by stage "
-                        "for timm's vision_transformer.Attention only: use the masked subnets or "
-                        "export_subnet(s)",
+                        "for timm's vision_transformer.Attention and Swin's WindowAttention only: use the "
+                        "masked subnets or export_subnet(s)",
                     )
                     for name in unknown[:8]
                 ]
             )
+        # subnet index of every head: its first q channel ([q | k | v], head-major inside each)
         heads = {
-            name: plan_of[f"{name}.qkv"].a_out[: int(m.num_heads) * int(m.head_dim)].reshape(int(m.num_heads), -1)[:, 0]
+            name: plan_of[f"{name}.qkv"]
+            .a_out[: cast(nn.Linear, m.qkv).out_features // 3]
+            .reshape(int(m.num_heads), -1)[:, 0]
             for name, m in modules.items()
             if is_head_attention(m) and f"{name}.qkv" in plan_of
+        }
+        head_dims = {
+            name: int(cast(nn.Linear, modules[name].qkv).out_features) // (3 * len(index))
+            for name, index in heads.items()
         }
         if heads and layout == "delta":
             raise UnsupportedModelError(
@@ -1324,7 +1351,7 @@ class IncrementalRunner:
         self._layers = layers
         self._attention: list[_StageAttention] = []
         for name, head_index in heads.items():
-            block = _StageAttention(modules[name], head_index, self._state, name)
+            block = _StageAttention(modules[name], head_index, head_dims[name], self._state, name)
             _replace(model, name, block)
             self._attention.append(block)
         self._tokens: list[_StageTokenLinear] = []

@@ -42,7 +42,7 @@ out in the order of the next layer's active inputs). For the duration of each la
   the block's ``num_heads`` (and ``attn_dim``) to the number of active heads for the call and the
   post-hook restores them, so the block's own forward reshapes and attends over the active heads
   only (a block with no active head runs with zero heads). Blocks whose forward is another one
-  (the runtime's :func:`~nni_steppingnet.attention.runs_stage_by_stage` is False) or that hold
+  (:func:`~nni_steppingnet.attention.is_vit_attention` is False) or that hold
   per-head parameters (a relative position bias table, Swin) are refused by name
   (:func:`unsupported_blocks`): ``"sliced"`` raises, ``"auto"`` runs masked with the reason
   logged.
@@ -73,7 +73,7 @@ import torch
 import torch.nn as nn
 
 from ._inputs import call_model
-from .attention import AttentionSpec, runs_stage_by_stage
+from .attention import AttentionSpec, is_vit_attention
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .errors import UnsupportedModelError
 from .validation import EXECUTIONS
@@ -823,7 +823,7 @@ def unsupported_blocks(net: SteppingNet) -> list[tuple[str, str]]:
                     "which sliced execution does not slice to the active heads",
                 )
             )
-        elif not runs_stage_by_stage(module):
+        elif not is_vit_attention(module):
             found.append(
                 (
                     block.name,

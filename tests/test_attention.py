@@ -306,8 +306,18 @@ def test_swin_window_attention_has_head_neurons() -> None:
         with torch.no_grad(), net.subnet(s):
             torch.testing.assert_close(exported(x), net.model(x), rtol=1e-5, atol=1e-6)
         assert macs(exported, x, nonzero=True) == net.macs(s)
-    with pytest.raises(UnsupportedModelError, match="vision_transformer.Attention"):
-        IncrementalRunner(net)
+    # The runner adds the new heads' relative position bias (and the shifted windows' mask) to
+    # their q.k, in timm's fused and unfused attention alike.
+    for fused in (False, True):
+        for block, _ in net.attention:
+            net.model.get_submodule(block.name).fused_attn = fused  # type: ignore[assignment]
+        runner = IncrementalRunner(net)
+        with torch.no_grad():
+            for s in range(1, N + 1):
+                logits = runner.start(x) if s == 1 else runner.step()
+                with net.subnet(s):
+                    torch.testing.assert_close(logits, net.model(x), rtol=1e-5, atol=1e-6)
+                assert runner.macs_spent == net.macs(s)
     # Sliced execution does not slice per-head parameters: refused by name, "auto" runs masked.
     assert net.execution == "masked"
     with pytest.raises(UnsupportedModelError, match="relative_position_bias_table") as refused:

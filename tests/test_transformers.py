@@ -395,6 +395,24 @@ def _convnextv2() -> nn.Module:
     return model
 
 
+def _swin() -> nn.Module:
+    """Two stages of two blocks (windows, then shifted windows) joined by patch merging; the
+    shifted block runs timm's fused attention, the others its unfused one."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        img_size=32,
+        embed_dim=24,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=4,
+        num_classes=10,
+    ).eval()
+    model.layers[0].blocks[1].attn.fused_attn = True
+    return model
+
+
 TIMM_MODELS: dict[str, Callable[[], nn.Module]] = {
     "convnext_atto": _convnext,
     "convnextv2_atto": _convnextv2,
@@ -402,8 +420,11 @@ TIMM_MODELS: dict[str, Callable[[], nn.Module]] = {
     "deit_tiny_patch16_224": _vit("deit_tiny_patch16_224"),
     # a hybrid: convs, then transformers over patches folded into the batch
     "mobilevit_xxs": lambda: timm.create_model("mobilevit_xxs", pretrained=False, num_classes=10).eval(),
+    "swin_tiny_patch4_window7_224": _swin,
 }
 TIMM_SIZES = {"mobilevit_xxs": 64}
+#: sliced execution does not slice per-head parameters (Swin's relative position bias): masked
+TIMM_EXECUTION = {"swin_tiny_patch4_window7_224": "masked"}
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_MODELS))
@@ -418,7 +439,7 @@ def test_timm_model_downstream_exact(name: str, parameters: str) -> None:
         randomize_parameters(model, seed=5)
     net = SteppingNet(model, x, N, execution="auto")
     assert len(net.nested_norms) > 0
-    assert net.execution == "sliced"
+    assert net.execution == TIMM_EXECUTION.get(name, "sliced")
     flat = random_assignment(net, seed=1)
     assert (flat[:-1] <= N).any()
     report = isolation_report(net, x)
@@ -495,21 +516,20 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
         "blocks.0.attn",
         "qk_norm=False",
     ),
-    "swin": (
+    # SwinV2's continuous position bias is an MLP over the relative coordinates, shared by heads
+    "swinv2": (
         lambda: timm.create_model(
-            "swin_tiny_patch4_window7_224",
+            "swinv2_tiny_window8_256",
             pretrained=False,
             img_size=32,
             embed_dim=24,
-            depths=(1, 1),
-            num_heads=(2, 4),
+            depths=(1,),
+            num_heads=(2,),
             window_size=4,
             num_classes=10,
         ),
-        # window attention has head neurons (tests/test_attention.py); patch merging's
-        # reshape -> permute -> flatten is mis-traced by torch-pruning, and the probe says so
-        "layers.1.downsample.reduction",
-        "torch-pruning did not trace",
+        "layers.0.blocks.0.attn",
+        "cpb_mlp",
     ),
     # spatial gating multiplies the token-mixed half of the channels with the other half
     "gmlp": (
