@@ -51,6 +51,7 @@ __all__ = [
     "GraphSpec",
     "discover_layers",
     "find_classifier",
+    "timm_heads",
     "activation_products",
     "unsupported_modules",
     "WEIGHTED_TYPES",
@@ -281,8 +282,31 @@ def activation_products(model: nn.Module, example_inputs: Any) -> list[tuple[str
     ]
 
 
+def timm_heads(model: nn.Module) -> list[nn.Module]:
+    """The Conv/Linear layers of timm's ``get_classifier()``: one layer, or every head of a
+    distilled model (a tuple ``(head, head_dist)``: DeiT, LeViT; a container of norm-linear heads:
+    RepViT's ``RepVitClassifier``) whose outputs are the ``num_classes`` logits. Empty without
+    ``get_classifier`` or when it names no such layer."""
+    if not hasattr(model, "get_classifier"):
+        return []
+    candidate = cast(Callable[[], Any], model.get_classifier)()
+    items = list(candidate) if isinstance(candidate, (tuple, list)) else [candidate]
+    classes = getattr(model, "num_classes", None)
+    heads: list[nn.Module] = []
+    for item in items:
+        if isinstance(item, WEIGHTED_TYPES):
+            heads.append(item)
+        elif isinstance(item, nn.Module):
+            heads += [
+                m
+                for m in item.modules()
+                if isinstance(m, WEIGHTED_TYPES) and isinstance(classes, int) and _width(m, "out") == classes
+            ]
+    return heads
+
+
 def find_classifier(model: nn.Module, classifier: nn.Module | str | None = None) -> tuple[str, nn.Module]:
-    """The final logits layer: given, from timm's ``get_classifier()``, or the last Linear."""
+    """The final logits layer: given, the first of :func:`timm_heads`, or the last Linear."""
     names = {module: name for name, module in model.named_modules()}
     if isinstance(classifier, str):
         modules = dict(model.named_modules())
@@ -292,10 +316,9 @@ def find_classifier(model: nn.Module, classifier: nn.Module | str | None = None)
                 f"pass one of the names from model.named_modules()"
             )
         return classifier, modules[classifier]
-    if classifier is None and hasattr(model, "get_classifier"):
-        candidate = cast(Callable[[], Any], model.get_classifier)()
-        if isinstance(candidate, WEIGHTED_TYPES):
-            classifier = candidate
+    if classifier is None:
+        heads = timm_heads(model)
+        classifier = heads[0] if heads else None
     if classifier is None:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not linears:
@@ -331,6 +354,8 @@ def discover_layers(
     """Build neuron groups and per-layer channel maps for ``model``.
 
     ``exclude`` layers keep their outputs in every subnet (like the classifier) and never move.
+    Without a ``classifier``, every head timm's ``get_classifier()`` names is a logits layer
+    (:func:`timm_heads`: a distilled model's second head too).
     Raises :class:`UnsupportedModelError` when a module mixes channels or torch-pruning cannot
     trace a channel mapping (so no silently wrong mask is ever produced).
     """
@@ -356,7 +381,7 @@ def discover_layers(
     all_modules = dict(model.named_modules())
     token_modules = [all_modules[name] for name in token_calls]
     weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHTED_TYPES) and n not in token_calls]
-    fixed = {clf, *exclude}
+    fixed = {clf, *exclude, *(timm_heads(model) if classifier is None else [])}
     # Per-head parameters (relative position bias tables) follow their block's heads; left to
     # torch-pruning they would be traced as channels of whatever they are added to.
     per_head = [

@@ -83,6 +83,11 @@ class _EmptyOperandsMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        # Metadata reads (the runner's slicer stamps a parameter by data_ptr, version, dtype and
+        # device) compute nothing; sizing their operand would trace a parameter outside the
+        # traced module (a ViT's cls_token) and fail.
+        if func is torch.Tensor.data_ptr or getattr(func, "__name__", "") == "__get__":
+            return func(*args, **kwargs)
         leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() >= 2]
         if not leaves or any(t.numel() for t in leaves) or not torch.jit.is_tracing():
             return func(*args, **kwargs)

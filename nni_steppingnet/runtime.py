@@ -32,16 +32,24 @@ Two tensor layouts (``layout=``):
   selects or reorders channels by position, a per-channel tensor the graph does not know, an op
   that modifies a layer's input in place after the layer read it.
 
-Nested norms (:mod:`~nni_steppingnet.nested_norm`: LayerNorm/RMSNorm over channels, GroupNorm(1))
-run in the full-width layout only: at stage ``s`` the runner's copy applies subnet ``s``'s nested
-norm to the full-width tensor (prefix statistics of the channels computed so far); ``"auto"`` picks
-``"full"`` for such models (logged) and ``"delta"`` refuses them by name.
+Nested norms (:mod:`~nni_steppingnet.nested_norm`: LayerNorm/RMSNorm over channels, GroupNorm(1),
+GlobalResponseNorm) become :class:`_StageNorm` modules. In the full-width layout stage ``s``
+applies subnet ``s``'s nested norm to the full-width tensor (prefix statistics of the channels
+computed so far). In the delta layout a call gets the channels of index ``s``, whose statistics
+are those of every channel of index ``<= s``: it keeps its inputs of the earlier stages
+(stage-major, part of :meth:`IncrementalRunner.stage_state` like a layer's kept inputs) and
+normalises the new channels over all of them, so the statistics extend stage by stage.
+
+Multi-head attention with head neurons (:mod:`~nni_steppingnet.attention`: timm's ViT attention
+and Swin's window attention) computes ``q.k`` and ``attn.v`` of the heads of index ``s`` only.
+In the delta layout its ``qkv`` layer returns exactly their q, k and v channels and ``proj``
+reads their outputs; in the full-width layout the block keeps every earlier head's output.
 
 Token-mixing Linears (:mod:`~nni_steppingnet.token_mixing`: MLP-Mixer's ``mlp_tokens``, ResMLP's
 ``linear_tokens``) are no neuron layers: at stage ``s`` the runner's copy runs them over the
-channels with index ``== s`` only (their input's dim ``-2``) and keeps every earlier channel's
-output, at ``in x out`` MACs per new channel. They run in the full-width layout only: ``"auto"``
-picks ``"full"`` for such models (logged) and ``"delta"`` refuses them by name.
+channels with index ``== s`` only (their input's dim ``-2``, which in the delta layout holds only
+those) at ``in x out`` MACs per new channel; the full-width layout keeps every earlier channel's
+output.
 
 Conv groups of grouped/depthwise convs with equal numbers of new outputs and active inputs share
 one grouped kernel call. A stage that adds nothing anywhere skips the model forward entirely.
@@ -212,21 +220,107 @@ def _shape_key(inputs: Any) -> _ShapeKey:
     return tuple(tuple(int(d) for d in t.shape[1:]) for t in _tensors_of(inputs))
 
 
-class _StageNestedNorm:
-    """Forward hook of a nested norm in the runner's model: subnet ``state.stage``'s nested norm
-    (:func:`~nni_steppingnet.nested_norm.nested_norm_output`) on the full-width layout."""
+class _StageNorm(nn.Module):
+    """A nested norm (:mod:`~nni_steppingnet.nested_norm`) in the runner's model: subnet
+    ``state.stage``'s nested norm (:func:`~nni_steppingnet.nested_norm.nested_norm_output`).
 
-    def __init__(self, kind: NormKind, index: torch.Tensor, state: _RunState) -> None:
+    Full-width layout: the nested norm of the full-width tensor (prefix statistics of the
+    channels computed so far). Delta layout: the tensor holds the channels with index ``== s``,
+    whose statistics are those of every channel with index ``<= s``; a call keeps its inputs of
+    the stages so far (stage-major, like a stage layer's kept inputs, and exposed with them in
+    :meth:`IncrementalRunner.stage_state`) and normalises the new channels over all of them, so
+    the statistics extend stage by stage. Element-wise work reruns over the kept channels (norms
+    cost no MACs); nothing else is recomputed."""
+
+    def __init__(self, norm: nn.Module, kind: NormKind, index: torch.Tensor, state: _RunState, name: str) -> None:
+        super().__init__()
+        # the norm's parameters (as buffers, like the stage layers' weights: the runner only
+        # infers, and an ONNX trace reads them as constants) and children (a norm-act's drop and
+        # act) under their own names: the runner's state_dict keys stay the model's
+        for param_name, param in norm.named_parameters(recurse=False):
+            self.register_buffer(param_name, param.detach().clone())
+        for buffer_name, buffer in norm.named_buffers(recurse=False):
+            self.register_buffer(buffer_name, buffer)
+        for child_name, child in norm.named_children():
+            self.add_module(child_name, child)
         self.kind = kind
-        self.index = index
+        self.layer_name = name
         self.state = state
+        index = index.to(torch.long)
+        self.register_buffer("channel_index", index.clone(), persistent=False)
+        stages = int(index.max()) if index.numel() else 0
+        #: per stage s: the channels of index <= s, stage-major (the delta layout's kept order)
+        self._order = [torch.empty(0, dtype=torch.long)] + [
+            torch.cat([(index == t).nonzero().flatten() for t in range(1, s + 1)]) for s in range(1, stages + 1)
+        ]
+        self._new = [int((index == t).sum()) for t in range(stages + 1)]
+        #: per call of the last forward (delta layout): the inputs kept so far, stage-major
+        self._kept: list[torch.Tensor | None] = []
+        self._preload: dict[int, torch.Tensor] | None = None
+        #: calls in the current model forward (a list: see _StageLayer)
+        self._calls = [0]
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        x = args[0]
-        weight = getattr(module, "weight", None)
-        bias = getattr(module, "bias", None)
-        y = nested_norm_output(module, self.kind, x, self.index.to(x.device), max(self.state.stage, 1), weight, bias)
-        return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
+    def reset(self) -> None:
+        self._kept.clear()
+        self._calls[0] = 0
+
+    def _affine(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        weight, bias = getattr(self, "weight", None), getattr(self, "bias", None)
+        return (
+            weight if isinstance(weight, torch.Tensor) else None,
+            bias if isinstance(bias, torch.Tensor) else None,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._affine()
+        stage = self.state.stage
+        if not self.state.delta:
+            index = self.channel_index.to(x.device)
+            return nested_norm_output(self, self.kind, x, index, max(stage, 1), weight, bias)
+        call = self._calls[0]
+        self._calls[0] = call + 1
+        if call == len(self._kept):
+            if stage > 1 and self._preload is None:
+                raise RuntimeError(
+                    f"nested norm {self.layer_name!r} has no inputs of the earlier stages (was "
+                    "runner.model moved or reset directly?); call runner.start(x) again"
+                )
+            self._kept.append(None if self._preload is None else self._preload.get(call))
+        dim = self.kind.dim % x.dim()
+        new = self._new[stage] if stage < len(self._new) else 0
+        if int(x.shape[dim]) != new:
+            raise LayoutMismatchError(
+                f"nested norm {self.layer_name!r} got {int(x.shape[dim])} channels at stage {stage}, but "
+                f"subnet {stage} gives it {new}: the model's forward selects or reorders channels "
+                "(build the runner with layout='full')"
+            )
+        if new == 0:
+            return x
+        kept = self._kept[call]
+        prefix = x if kept is None else torch.cat([kept, x], dim)
+        self._kept[call] = prefix
+        order = self._order[stage].to(x.device)
+        # every channel so far is in the prefix of the new ones: one level, index == stage
+        level = torch.full((int(order.numel()),), stage, dtype=torch.long, device=x.device)
+        w = None if weight is None else weight.index_select(0, order)
+        b = None if bias is None else bias.index_select(0, order)
+        y = nested_norm_output(self, self.kind, prefix, level, stage, w, b)
+        return y.narrow(dim, int(order.numel()) - new, new)
+
+    # the stage-state protocol of _StageLayer (IncrementalRunner.stage_state, resume_stage)
+    def preload(self, tensors: Mapping[int, torch.Tensor] | None) -> None:
+        """Kept inputs of the stages before the next forward's stage, by call; ``None`` ends it."""
+        self._preload = None if tensors is None else dict(tensors)
+
+    def delta_cached(self) -> list[torch.Tensor | None]:
+        """Per call of the last forward: the inputs kept so far (stage-major), ``None`` if none."""
+        return list(self._kept)
+
+    def delta_stage_io(self, s: int) -> tuple[bool, bool, bool]:
+        """Stage ``s``: (it keeps inputs of earlier stages, it computes from them, it receives
+        new channels)."""
+        new = self._new[s] if s < len(self._new) else 0
+        return sum(self._new[1:s]) > 0, new > 0, new > 0
 
 
 class _StageAttention(nn.Module):
@@ -248,8 +342,10 @@ class _StageAttention(nn.Module):
         self.fused = bool(getattr(block, "fused_attn", True))
         self.windowed = is_window_attention(block)
         if self.windowed:
-            # under the block's own names: the runner's state_dict keys stay the model's
-            self.relative_position_bias_table = block.relative_position_bias_table
+            # under the block's own names (the runner's state_dict keys stay the model's), as a
+            # buffer like the stage layers' weights
+            table = cast(torch.Tensor, block.relative_position_bias_table)
+            self.register_buffer("relative_position_bias_table", table.detach().clone())
             self.register_buffer("relative_position_index", block.relative_position_index, persistent=False)
         self.block_name = name
         self.state = state
@@ -278,24 +374,37 @@ class _StageAttention(nn.Module):
             )
         batch, tokens, _ = x.shape
         stage = self.state.stage
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.heads is None or stage <= 1 or self.heads.shape[0] != batch or self.heads.shape[2] != tokens:
-            self.heads = qkv.new_zeros(batch, self.num_heads, tokens, self.head_dim)
         new = (self.head_index == stage).nonzero().flatten()
+        # delta layout: qkv returns the channels of index == stage, i.e. [q | k | v] of the new
+        # heads in ascending order, and proj reads the new heads' outputs in that order
+        delta = self.state.delta
+        heads = int(new.numel()) if delta else self.num_heads
+        qkv = self.qkv(x).reshape(batch, tokens, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if not delta and (
+            self.heads is None or stage <= 1 or self.heads.shape[0] != batch or self.heads.shape[2] != tokens
+        ):
+            self.heads = qkv.new_zeros(batch, self.num_heads, tokens, self.head_dim)
+        out: torch.Tensor | None = None
         if new.numel():
-            q, k, v = qkv[0][:, new], qkv[1][:, new], qkv[2][:, new]
+            q, k, v = (qkv[0], qkv[1], qkv[2]) if delta else (qkv[0][:, new], qkv[1][:, new], qkv[2][:, new])
             bias = self._window_bias(new, batch, tokens, mask).to(q.dtype) if self.windowed else None
             if self.fused:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             else:
                 scores = (q * self.scale) @ k.transpose(-2, -1)
                 out = (scores if bias is None else scores + bias).softmax(dim=-1) @ v
-            self.heads[:, new] = out
+            if not delta:
+                assert self.heads is not None
+                self.heads[:, new] = out
         # per sample of the model's input: a model may fold space into the batch (MobileViT, windows)
         rows = batch / max(self.state.batch, 1)
         self.state.macs += int(attention_macs(tokens, int(new.numel()), self.head_dim) * rows)
         self.state.positions[self.block_name] = int(tokens * tokens * rows)
-        merged = self.heads.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+        if delta:
+            merged = x.new_zeros(batch, tokens, 0) if out is None else out.transpose(1, 2).reshape(batch, tokens, -1)
+        else:
+            assert self.heads is not None
+            merged = self.heads.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
         return cast(torch.Tensor, self.proj_drop(self.proj(merged)))
 
 
@@ -341,6 +450,8 @@ class _StageTokenLinear(nn.Module):
         self._calls[0] = call + 1
         state = self.state
         stage = state.stage
+        if state.delta:
+            return self._forward_delta(x, stage)
         channels = int(self.channel_index.numel())
         if x.dim() < 2 or x.shape[-2] != channels or x.shape[-1] != self.in_features:
             raise ValueError(
@@ -366,6 +477,19 @@ class _StageTokenLinear(nn.Module):
                 state.macs += int(self.in_features * self.out_features * new.numel() * rows)
         # a copy: the model's code may modify what it gets in place; the cache stays intact
         return out.clone()
+
+    def _forward_delta(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """Delta layout: every channel ``x`` holds is new at this stage; nothing is kept."""
+        new = int((self.channel_index == stage).sum())
+        if x.dim() < 2 or x.shape[-2] != new or x.shape[-1] != self.in_features:
+            raise LayoutMismatchError(
+                f"token-mixing layer {self.layer_name!r} expects input [..., {new}, {self.in_features}] "
+                f"(the channels of stage {stage}, tokens), got shape {tuple(x.shape)}"
+            )
+        rows = math.prod(int(d) for d in x.shape[:-2]) / max(self.state.batch, 1)
+        self.state.positions[self.layer_name] = int(self.state.positions.get(self.layer_name, 0) + rows)
+        self.state.macs += int(self.in_features * self.out_features * new * rows)
+        return F.linear(x, self.weight, self.bias)
 
 
 class _RunState:
@@ -1243,26 +1367,11 @@ class IncrementalRunner:
         ]
         self._state = _RunState()
         modules = dict(model.named_modules())
-        full_because = ""
         nested = {
             name: kind
             for name in channel_assignments
             if name in modules and (kind := norm_kind(modules[name])) is not None
         }
-        if nested and layout == "delta":
-            raise UnsupportedModelError(
-                [
-                    (
-                        name,
-                        f"{type(modules[name]).__name__} is a nested norm; the delta layout does not "
-                        "extend its prefix statistics stage by stage yet: build the runner with "
-                        "layout='full' (or 'auto')",
-                    )
-                    for name in list(nested)[:8]
-                ]
-            )
-        if nested and layout == "auto":
-            layout, full_because = "full", f"nested norms ({next(iter(nested))}, ...)"
         plan_of = {p.name: p for p in self._plans}
         unknown = [name for name, m in modules.items() if is_head_attention(m) and not runs_stage_by_stage(m)]
         if unknown:
@@ -1290,44 +1399,12 @@ class IncrementalRunner:
             name: int(cast(nn.Linear, modules[name].qkv).out_features) // (3 * len(index))
             for name, index in heads.items()
         }
-        if heads and layout == "delta":
-            raise UnsupportedModelError(
-                [
-                    (
-                        name,
-                        "multi-head attention runs its new heads stage by stage in the full-width "
-                        "layout only: build the runner with layout='full' (or 'auto')",
-                    )
-                    for name in list(heads)[:8]
-                ]
-            )
-        if heads and layout == "auto":
-            layout, full_because = "full", f"attention blocks ({next(iter(heads))}, ...)"
         for name, index in token_mixing.items():
             module = modules.get(name)
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"token-mixing entry for {name!r}, but the model has no such Linear")
             if index.dim() != 1:
                 raise ValueError(f"token-mixing entry of {name!r} must be a 1-D tensor of subnet indices")
-        if token_mixing and layout == "delta":
-            raise UnsupportedModelError(
-                [
-                    (
-                        name,
-                        "token-mixing Linear (MLP-Mixer/ResMLP): the runner computes its new channels "
-                        "stage by stage in the full-width layout only: build the runner with "
-                        "layout='full' (or 'auto')",
-                    )
-                    for name in list(token_mixing)[:8]
-                ]
-            )
-        if token_mixing and layout == "auto":
-            layout, full_because = "full", f"token-mixing Linears ({next(iter(token_mixing))}, ...)"
-        if full_because:
-            logger.info(
-                "the model has %s, which the delta layout does not support yet; using the full-width layout",
-                full_because,
-            )
         layers: list[_StageLayer] = []
         for plan in self._plans:
             module = modules.get(plan.name)
@@ -1394,20 +1471,21 @@ class IncrementalRunner:
                 raise ValueError(
                     f"channel assignment of {name!r} must be a 1-D tensor of subnet indices in 1..{num_subnets + 1}"
                 )
+            if name in nested:
+                continue  # a _StageNorm below: it slices its own parameters per stage
             self._slicers.append(ChannelSlicer(module, assignment, num_subnets, parameter))
+        self._norms: list[_StageNorm] = []
         for name, kind in nested.items():
-            # At stage s the full-width tensors hold every channel of index <= s: the nested norm
-            # of subnet s over them (prefix statistics of the channels computed so far).
-            modules[name].register_forward_hook(_StageNestedNorm(kind, self._channel_assignments[name], self._state))
+            norm = _StageNorm(modules[name], kind, self._channel_assignments[name], self._state, name)
+            _replace(model, name, norm)
+            self._norms.append(norm)
         #: stages where the delta layout hands some op a tensor with zero channels
         self._empty_stages = [False] + [
             any(layer.delta_stage_empty(s) for layer in layers) for s in range(1, num_subnets + 1)
         ]
         self._layout: str | None = None
         #: why the runner uses the full-width layout ("" for the delta layout or before a choice)
-        self._full_because = (
-            full_because if full_because else ("layout='full' was requested" if layout == "full" else "")
-        )
+        self._full_because = "layout='full' was requested" if layout == "full" else ""
         self._layout_checked = True  # the layout check itself runs unwrapped errors
         self._idle = [False] * (num_subnets + 1)
         self._output: Any = None
@@ -1607,6 +1685,8 @@ class IncrementalRunner:
             block.reset()
         for token in getattr(self, "_tokens", ()):
             token.reset()
+        for norm in getattr(self, "_norms", ()):
+            norm.reset()
         self._inputs = None
         self._output = None
         self._stage = 0
@@ -1631,6 +1711,8 @@ class IncrementalRunner:
             layer._calls[0] = 0
         for token in self._tokens:
             token._calls[0] = 0
+        for norm in self._norms:
+            norm._calls[0] = 0
         delta = state.delta and stage > 0
         slicers = self._slicers if delta else []
         ok = False
@@ -1845,7 +1927,11 @@ class IncrementalRunner:
         return output
 
     # ----------------------------------------------------------- stage state
-    def _kept_names(self) -> list[tuple[_StageLayer, int, str]]:
+    def _keepers(self) -> list[_StageLayer | _StageNorm]:
+        """Everything that keeps tensors for later stages in the delta layout."""
+        return [*self._layers, *self._norms]
+
+    def _kept_names(self) -> list[tuple[_StageLayer | _StageNorm, int, str]]:
         if self._layout != "delta":
             raise ValueError(
                 f"the stage state exists in the delta layout only; this runner uses "
@@ -1855,7 +1941,7 @@ class IncrementalRunner:
             raise RuntimeError("the stage state is known after a run; call runner.start(x) first")
         return [
             (layer, call, f"{layer.layer_name}:{call}")
-            for layer in self._layers
+            for layer in self._keepers()
             for call in range(len(layer.delta_cached()))
         ]
 
@@ -1899,7 +1985,7 @@ class IncrementalRunner:
             raise ValueError(f"resume_stage needs the delta layout; this runner uses layout={self._layout!r}")
         self.reset()
         if s > 1:
-            by_layer: dict[str, dict[int, torch.Tensor]] = {layer.layer_name: {} for layer in self._layers}
+            by_layer: dict[str, dict[int, torch.Tensor]] = {layer.layer_name: {} for layer in self._keepers()}
             for name, tensor in state.items():
                 layer_name, _, call = name.rpartition(":")
                 if layer_name not in by_layer or not call.isdigit():
@@ -1908,16 +1994,16 @@ class IncrementalRunner:
                         "what runner.stage_state() returned"
                     )
                 by_layer[layer_name][int(call)] = tensor
-            for layer in self._layers:
-                layer.preload(by_layer[layer.layer_name])
+            for keeper in self._keepers():
+                keeper.preload(by_layer[keeper.layer_name])
         self._inputs = x
         self._key = _shape_key(x)
         self._batch = batch_size(x)
         try:
             output = self._forward(s)
         finally:
-            for layer in self._layers:
-                layer.preload(None)
+            for keeper in self._keepers():
+                keeper.preload(None)
         self._stage = s
         self._macs_spent = self.macs(s)
         self._keep_output(output)

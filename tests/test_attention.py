@@ -124,10 +124,13 @@ def test_export_removes_whole_heads_and_equals_the_masked_subnet(net: SteppingNe
         assert macs(exported, x) >= net.macs(s) + inactive_blocks
 
 
-def test_runner_computes_only_the_new_heads_of_each_stage(net: SteppingNet) -> None:
+@pytest.mark.parametrize("layout", ["auto", "full"])
+def test_runner_computes_only_the_new_heads_of_each_stage(net: SteppingNet, layout: str) -> None:
+    """In the delta layout (what "auto" picks) qkv returns the new heads' q, k and v only and
+    proj reads their outputs; in the full-width one the block keeps every head's output."""
     random_assignment(net, seed=2)
-    runner = IncrementalRunner(net)
-    assert runner.layout == "full"
+    runner = IncrementalRunner(net, layout=layout)
+    assert runner.layout == ("delta" if layout == "auto" else "full")
     x = _x()
     flat = net.flat_assignment()
     with torch.no_grad():
@@ -146,10 +149,28 @@ def _linear_step(runner: IncrementalRunner, net: SteppingNet, s: int) -> int:
     return sum(v - previous.get(k, 0) for k, v in net.layer_macs(s).items() if k not in names)
 
 
-def test_runner_delta_layout_refuses_attention_by_name(net: SteppingNet) -> None:
-    with pytest.raises(UnsupportedModelError) as info:
-        IncrementalRunner(net, layout="delta")
-    assert "full" in str(info.value)
+def test_runner_delta_layout_holds_only_the_new_heads(net: SteppingNet) -> None:
+    """At stage s the block's input and output hold the residual channels of index s only, and
+    its qkv Linear returns the q, k and v channels of the heads of index s."""
+    random_assignment(net, seed=3)
+    runner = IncrementalRunner(net, layout="delta")
+    flat = net.flat_assignment()
+    block, heads = net.attention[0]
+    widths: list[tuple[int, int]] = []
+    qkv = runner.model.get_submodule(block.qkv)
+    handle = qkv.register_forward_hook(lambda mod, args, out: widths.append((args[0].shape[-1], out.shape[-1])))
+    try:
+        with torch.no_grad():
+            for s in range(1, N + 1):
+                runner.start(_x()) if s == 1 else runner.step()
+    finally:
+        handle.remove()
+    names = [layer.name for layer in net.layers]
+    residual = flat[net.index.in_positions[names.index(block.qkv)][0]]
+    expected = [
+        (int((residual == s).sum()), 3 * block.head_dim * int((flat[heads] == s).sum())) for s in range(1, N + 1)
+    ]
+    assert widths == expected
 
 
 def test_saved_runner_keeps_its_heads(net: SteppingNet, tmp_path: Any) -> None:

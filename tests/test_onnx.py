@@ -144,6 +144,67 @@ def test_every_stage_in_onnxruntime_equals_the_torch_runner(exported: Callable[[
             assert onnx_runner.macs_spent_total == net.macs(s) * batch
 
 
+def _transformer(name: str) -> nn.Module:
+    """Small timm transformers and LayerNorm models at 32x32 (nested norms, attention heads,
+    token mixing, patch merging), every parameter random."""
+    import timm
+
+    from nni_steppingnet.testing import randomize_parameters
+
+    torch.manual_seed(0)
+    if name == "vit":
+        model = timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=8, depth=2, embed_dim=48, num_heads=3
+        )
+    elif name == "convnext":
+        model = timm.create_model("convnext_atto", pretrained=False, dims=(16, 24, 32, 40), depths=(1, 1, 1, 1))
+    elif name == "swin":
+        model = timm.create_model(
+            "swin_tiny_patch4_window7_224",
+            pretrained=False,
+            img_size=IMG,
+            embed_dim=24,
+            depths=(2, 2),
+            num_heads=(2, 4),
+            window_size=4,
+        )
+    else:
+        model = timm.models.mlp_mixer.MlpMixer(img_size=IMG, patch_size=8, num_blocks=2, embed_dim=32)
+    model.reset_classifier(10)
+    return randomize_parameters(model.eval(), seed=1)
+
+
+@pytest.mark.parametrize("name", ["vit", "convnext", "swin", "mixer"])
+def test_transformer_stage_graphs_extend_norms_and_heads(
+    tmp_path: Path, random_assignment: Callable[..., torch.Tensor], name: str
+) -> None:
+    """Nested norms keep their earlier stages' inputs as stage state (the statistics of the new
+    channels span all of them), attention computes the new heads only, token mixing the new
+    channels: every stage graph in onnxruntime equals the torch runner, at the stage's MACs."""
+    net = SteppingNet(_transformer(name), _inputs(1, seed=3), N)
+    random_assignment(net, seed=5)
+    runner = IncrementalRunner(net)
+    assert runner.layout == "delta"
+    directory = tmp_path / name
+    export_onnx(runner, directory, check=False)
+    onnx_runner = OnnxStepRunner(directory, threads=1, expect_hash=runner.assignment_hash())
+    norms = {f"{norm}:0" for norm in net.nested_norms.positions}
+    _torch_stages(runner, _inputs(2, seed=6))
+    written = runner.stage_io(1)[1]
+    assert norms & set(written), "stage 1 keeps no nested norm's inputs for the later stages"
+    assert len(onnx_runner.manifest["stages"][0]["outputs"]) == 1 + len(written)
+    for batch in (1, 4):
+        x = _inputs(batch, seed=30 + batch)
+        refs = _torch_stages(runner, x)
+        for s in range(1, N + 1):
+            got = onnx_runner.start(x.numpy()) if s == 1 else onnx_runner.step()
+            with torch.no_grad(), net.subnet(s):
+                masked = net.model(x)
+            _close(got, refs[s - 1], f"{name} batch {batch} stage {s}")
+            _close(got, masked, f"{name} batch {batch} stage {s} (masked subnet)")
+            assert onnx_runner.macs_spent == net.macs(s)
+
+
 @pytest.mark.parametrize("seed", [21, 22])
 def test_random_nested_assignments_of_other_sizes(
     tmp_path: Path, tiny_model: Callable[..., nn.Module], random_assignment: Callable[..., torch.Tensor], seed: int

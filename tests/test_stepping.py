@@ -572,3 +572,42 @@ def test_hook_registry_orders_by_priority_and_removes_its_dispatcher() -> None:
     assert registry.count() == 0 and not param._backward_hooks
     with pytest.raises(TypeError, match="priority must be an int"):
         registry.add_gradient_hook(param, lambda g: None, priority="first")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size", "heads"),
+    [
+        ("repvit_m0_9", {}, 64, ["head.head.l", "head.head_dist.l"]),
+        ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1}, 32, ["head", "head_dist"]),
+    ],
+    ids=["repvit", "deit_distilled"],
+)
+def test_every_head_of_a_distilled_model_is_a_logits_layer(
+    name: str, kwargs: dict[str, Any], size: int, heads: list[str]
+) -> None:
+    """timm's get_classifier() names both heads (a container, or a tuple): both keep their
+    outputs in every subnet, the subnets stay isolated and the runner and export are exact."""
+    import timm
+
+    from nni_steppingnet import IncrementalRunner
+    from nni_steppingnet.graph import timm_heads
+    from nni_steppingnet.testing import random_assignment, randomize_parameters
+
+    torch.manual_seed(0)
+    model = randomize_parameters(timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval(), seed=2)
+    assert len(timm_heads(model)) == 2
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    net = SteppingNet(model, x[:1], N)
+    assert [layer.name for layer in net.layers if layer.is_logits] == heads
+    random_assignment(net, seed=1)
+    report = isolation_report(net, x, train=True)
+    assert report.isolated and sum(report.compared) > 0, report
+    runner = IncrementalRunner(net)
+    with torch.no_grad():
+        for s in range(1, N + 1):
+            logits = runner.start(x) if s == 1 else runner.step()
+            with net.subnet(s):
+                expected = net.model(x)
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+            assert runner.macs_spent == net.macs(s)
+            torch.testing.assert_close(net.export_subnet(s).eval()(x), expected, rtol=1e-5, atol=1e-6)

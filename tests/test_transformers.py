@@ -226,10 +226,12 @@ def test_hand_built_macs_are_exact(norm_net: SteppingNet, seed: int) -> None:
         assert norm_net.macs(s) == c1 + c2 + c3 + fc, s
 
 
-def _assert_runner_equals_masked(net: SteppingNet, x: torch.Tensor, rtol: float, atol: float) -> IncrementalRunner:
+def _assert_runner_equals_masked(
+    net: SteppingNet, x: torch.Tensor, rtol: float, atol: float, layout: str = "auto"
+) -> IncrementalRunner:
     """The runner's logits after every step equal the masked subnet's, and it spends exactly
     ``net.macs(s)``; returns the runner (reset to no stage)."""
-    runner = IncrementalRunner(net)
+    runner = IncrementalRunner(net, layout=layout)
     with torch.no_grad():
         for s in range(1, N + 1):
             logits = runner.start(x) if s == 1 else runner.step()
@@ -240,18 +242,38 @@ def _assert_runner_equals_masked(net: SteppingNet, x: torch.Tensor, rtol: float,
     return runner
 
 
+@pytest.mark.parametrize("layout", ["auto", "full"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_hand_built_runner_matches_masked_subnets(norm_net: SteppingNet, seed: int) -> None:
+def test_hand_built_runner_matches_masked_subnets(norm_net: SteppingNet, seed: int, layout: str) -> None:
     random_assignment(norm_net, seed=seed)
-    runner = _assert_runner_equals_masked(norm_net, _inputs(3, seed=20), rtol=1e-5, atol=1e-6)
-    assert runner.layout == "full"  # the delta layout refuses nested norms (below)
-    assert runner.full_layout_reason.startswith("nested norms (")
+    runner = _assert_runner_equals_masked(norm_net, _inputs(3, seed=20), rtol=1e-5, atol=1e-6, layout=layout)
+    # "auto" checks the delta layout on a random input and keeps it
+    assert runner.layout == ("delta" if layout == "auto" else "full")
 
 
-def test_runner_delta_layout_refuses_nested_norms_by_name(norm_net: SteppingNet) -> None:
-    with pytest.raises(UnsupportedModelError) as info:
-        IncrementalRunner(norm_net, layout="delta")
-    assert "nested norm" in str(info.value) and "ln2d" in str(info.value)
+def test_delta_layout_norms_see_only_the_new_channels(norm_net: SteppingNet) -> None:
+    """In the delta layout a nested norm gets the channels of index s only and normalises them
+    with the statistics of every channel so far (kept from the earlier stages): the logits equal
+    the masked subnet's at every stage (above), and no stage hands a norm an earlier channel."""
+    flat = random_assignment(norm_net, seed=3)
+    runner = IncrementalRunner(norm_net, layout="delta")
+    seen: dict[str, list[int]] = {"ln2d": [], "gn": [], "ln": []}
+    handles = [
+        runner.model.get_submodule(name).register_forward_pre_hook(
+            lambda mod, args, name=name: seen[name].append(int(args[0].shape[-1 if name == "ln" else 1]))
+        )
+        for name in seen
+    ]
+    try:
+        with torch.no_grad():
+            for s in range(1, N + 1):
+                runner.start(_inputs(2, seed=21)) if s == 1 else runner.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, widths in seen.items():
+        channels = flat[norm_net.nested_norms.positions[name]]
+        assert widths == [int((channels == s).sum()) for s in range(1, N + 1)], name
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -566,7 +588,7 @@ def test_saved_runner_keeps_its_nested_norms(norm_net: SteppingNet, tmp_path: An
     path = tmp_path / "runner.pt"
     IncrementalRunner(norm_net).save(path)
     loaded = IncrementalRunner.load(path, _NormNet())
-    assert loaded.layout == "full"
+    assert loaded.layout == "delta"
     with torch.no_grad():
         for s in range(1, N + 1):
             logits = loaded.start(x) if s == 1 else loaded.step()
@@ -696,24 +718,20 @@ def test_mixer_export_matches_masked_subnets(mixer_net: tuple[str, SteppingNet],
             torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["auto", "full"])
 @pytest.mark.parametrize("seed", [0, 2])
-def test_mixer_runner_matches_masked_subnets_at_their_macs(mixer_net: tuple[str, SteppingNet], seed: int) -> None:
+def test_mixer_runner_matches_masked_subnets_at_their_macs(
+    mixer_net: tuple[str, SteppingNet], seed: int, layout: str
+) -> None:
+    """Delta layout (what "auto" keeps): a token-mixing Linear runs over the new channels it
+    gets; full-width: over the new channels of its full-width input, keeping the others."""
     _, net = mixer_net
     random_assignment(net, seed=seed)
     macs = [net.macs(s) for s in range(1, N + 1)]
     assert macs == sorted(macs) and macs[0] < macs[-1]
-    runner = _assert_runner_equals_masked(net, _inputs(3, seed=20, size=32), rtol=1e-5, atol=1e-6)
-    assert runner.layout == "full"
+    runner = _assert_runner_equals_masked(net, _inputs(3, seed=20, size=32), rtol=1e-5, atol=1e-6, layout=layout)
+    assert runner.layout == ("delta" if layout == "auto" else "full")
     assert [runner.macs(s) for s in range(1, N + 1)] == macs
-
-
-def test_mixer_runner_delta_layout_refuses_token_mixing_by_name() -> None:
-    net = SteppingNet(_mixer("resmlp"), _inputs(2, seed=0, size=32), N, execution="masked")
-    with pytest.raises(UnsupportedModelError) as info:
-        IncrementalRunner(net, layout="delta")
-    reasons = dict(info.value.problems)
-    assert "blocks.0.linear_tokens" in reasons
-    assert "layout='full'" in reasons["blocks.0.linear_tokens"]
 
 
 def test_saved_mixer_runner_reloads(mixer_net: tuple[str, SteppingNet], tmp_path: Any) -> None:
@@ -724,7 +742,7 @@ def test_saved_mixer_runner_reloads(mixer_net: tuple[str, SteppingNet], tmp_path
     runner = IncrementalRunner(net)
     runner.save(path)
     loaded = IncrementalRunner.load(path, _mixer(kind))
-    assert loaded.layout == "full"
+    assert loaded.layout == "delta"
     assert loaded.assignment_hash() == runner.assignment_hash()
     with torch.no_grad():
         for s in range(1, N + 1):
