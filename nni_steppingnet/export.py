@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ._channels import channels_first_parameters
 from ._inputs import call_model
 from .attention import set_num_heads, slice_head_parameters
 from .macs import macs as count_macs
@@ -123,6 +124,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
             ignored_params=per_head or None,
             ignored_layers=tokens or None,
             customized_pruners=patch_merging_pruners(model) or None,
+            unwrapped_parameters=channels_first_parameters(model) or None,
         )
     out_neurons = {layer.name: pos for layer, pos in zip(net.layers, net.index.out_positions)}
     for group in graph.get_all_groups(ignored_layers=fixed + tokens, root_module_types=[nn.Conv2d, nn.Linear]):

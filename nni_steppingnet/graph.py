@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 
-from ._channels import parameter_channel_dim
+from ._channels import channels_first_parameters, parameter_channel_dim
 from ._inputs import batch_size, call_model, check_forward
 from .attention import (
     AttentionSpec,
@@ -399,6 +399,7 @@ def discover_layers(
             ignored_params=per_head or None,
             ignored_layers=token_modules or None,
             customized_pruners=patch_merging_pruners(model) or None,
+            unwrapped_parameters=channels_first_parameters(model) or None,
         )
         tp_groups = list(graph.get_all_groups(ignored_layers=list(fixed), root_module_types=list(WEIGHTED_TYPES)))
     except UnsupportedModelError:

@@ -611,3 +611,40 @@ def test_every_head_of_a_distilled_model_is_a_logits_layer(
             torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
             assert runner.macs_spent == net.macs(s)
             torch.testing.assert_close(net.export_subnet(s).eval()(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_first_position_embedding_follows_its_channels() -> None:
+    """PiT adds a ``[1, C, H, W]`` position embedding to its NCHW patch embedding: its channels
+    are dim 1 (torch-pruning's default, the last dim, is the map's width), in the graph, export
+    and the runner alike."""
+    import timm
+
+    from nni_steppingnet import IncrementalRunner
+    from nni_steppingnet._channels import channels_first_parameters, parameter_channel_dim
+    from nni_steppingnet.testing import random_assignment, randomize_parameters
+
+    assert parameter_channel_dim(torch.zeros(1, 96, 7, 7)) == 1
+    assert parameter_channel_dim(torch.zeros(1, 7, 7, 96)) == 3  # channels-last stays last
+    assert parameter_channel_dim(torch.zeros(1, 1, 96)) == 2
+    torch.manual_seed(0)
+    model = randomize_parameters(timm.create_model("pit_ti_224", pretrained=False, num_classes=10, img_size=64), seed=2)
+    model.eval()
+    assert [dim for _, dim in channels_first_parameters(model)] == [1]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    net = SteppingNet(model, x[:1], N)
+    assert net.channel_parameters["pos_embed"].numel() == model.pos_embed.shape[1]
+    random_assignment(net, seed=1)
+    report = isolation_report(net, x, train=True)
+    assert report.isolated and sum(report.compared) > 0, report
+    runner = IncrementalRunner(net)
+    with torch.no_grad():
+        for s in range(1, N + 1):
+            logits = runner.start(x) if s == 1 else runner.step()
+            with net.subnet(s):
+                expected = net.model(x)
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+            assert runner.macs_spent == net.macs(s)
+            exported = net.export_subnet(s).eval()
+            kept = int((net.flat_assignment()[net.channel_parameters["pos_embed"]] <= s).sum())
+            assert exported.pos_embed.shape[1] == max(kept, 1)  # export keeps one channel of an empty group
+            torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
