@@ -17,7 +17,11 @@ as torch-pruning's own pruners do with ``num_heads={qkv: H}``.
 Supported: every attention block with timm's fused layout: a ``qkv`` Linear with
 ``3 * num_heads * head_dim`` outputs (``[q | k | v]``, head-major inside each), a ``proj`` Linear
 reading ``num_heads * head_dim`` features, ``num_heads``/``head_dim`` attributes, and no q/k
-normalisation, output normalisation or gating. Whatever else its forward does per head
+normalisation, output normalisation or gating; and EfficientFormer's and TinyViT's LeViT-style
+blocks, whose ``qkv`` outputs one ``[q k v]`` block of ``2 * key_dim + val_dim`` channels per
+head (:class:`HeadLayout`, recognised by their forward). For those torch-pruning 1.6 maps
+``qkv``'s outputs to ``proj``'s inputs as the identity, past ``proj``'s width, so the graph and
+export take ``proj``'s head channels from the layout instead. Whatever else its forward does per head
 (relative position bias, rotary embeddings, windows) cannot mix heads if the layout holds; the
 wrap-time isolation probe checks it on a random assignment, so a forward that does mix is
 refused there by name. The incremental runner computes new heads stage by stage for timm's
@@ -50,6 +54,9 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "AttentionSpec",
+    "HeadLayout",
+    "head_layout",
+    "is_interleaved_attention",
     "is_head_attention",
     "unsupported_attention_reason",
     "head_of_channel",
@@ -66,6 +73,54 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where the channels of every head are, in ``qkv``'s outputs and ``proj``'s inputs.
+
+    *Stacked* (timm's ViT and Swin): ``qkv`` outputs ``[q | k | v]``, each ``num_heads x
+    key_dim`` wide and head-major inside (``key_dim == val_dim``). *Interleaved* (EfficientFormer's
+    and TinyViT's LeViT-style attention): ``qkv`` outputs one ``[q k v]`` block per head,
+    ``2 * key_dim + val_dim`` wide. Either way ``proj`` reads head ``h``'s ``val_dim`` channels at
+    ``h * val_dim``."""
+
+    num_heads: int
+    key_dim: int
+    val_dim: int
+    interleaved: bool = False
+
+    @property
+    def qkv_width(self) -> int:
+        """``qkv`` output channels of one head."""
+        return 2 * self.key_dim + self.val_dim
+
+    @property
+    def pair_macs(self) -> int:
+        """MACs of one head per query-key token pair: ``key_dim`` for q.k, ``val_dim`` for attn.v."""
+        return self.key_dim + self.val_dim
+
+    def qkv_head(self, channels: torch.Tensor) -> torch.Tensor:
+        """Head of every ``qkv`` output channel index."""
+        if self.interleaved:
+            return channels // self.qkv_width
+        return (channels % (self.num_heads * self.key_dim)) // self.key_dim
+
+    def proj_head(self, channels: torch.Tensor) -> torch.Tensor:
+        """Head of every ``proj`` input channel index."""
+        return channels // self.val_dim
+
+    def first_channels(self) -> torch.Tensor:
+        """The first ``qkv`` output channel (a q channel) of every head."""
+        step = self.qkv_width if self.interleaved else self.key_dim
+        return torch.arange(self.num_heads) * step
+
+    def rows_by_head(self, weight: torch.Tensor) -> torch.Tensor:
+        """``qkv``'s weight rows grouped by head: ``[num_heads, qkv_width, in]``."""
+        if self.interleaved:
+            return weight.reshape(self.num_heads, self.qkv_width, -1)
+        rows = weight.reshape(3, self.num_heads, self.key_dim, -1).transpose(0, 1)
+        return rows.reshape(self.num_heads, self.qkv_width, -1)
+
+
 @dataclass
 class AttentionSpec:
     """One multi-head attention block whose heads are neurons."""
@@ -74,11 +129,13 @@ class AttentionSpec:
     qkv: str
     proj: str
     num_heads: int
+    #: ``proj`` input channels of one head (the value width)
     head_dim: int
     #: MACs per sample of the block's activation products over all heads (:func:`product_macs`)
     macs: int = 0
     #: per-head parameters of the block (relative position bias): attribute -> head dimension
     head_params: dict[str, int] = field(default_factory=dict)
+    layout: HeadLayout | None = None
 
     @property
     def head_macs(self) -> int:
@@ -100,16 +157,42 @@ def head_dim_of(module: nn.Module) -> int | None:
     return qkv.out_features // (3 * heads)
 
 
-def _fused_layout(module: nn.Module) -> bool:
-    proj, heads = getattr(module, "proj", None), getattr(module, "num_heads", None)
+#: LeViT-style attention whose qkv outputs one [q k v] block per head: (timm module, class)
+_INTERLEAVED_FORWARDS = (("timm.models.efficientformer", "Attention"), ("timm.models.tiny_vit", "Attention"))
+
+
+def is_interleaved_attention(module: nn.Module) -> bool:
+    """True when ``module`` runs EfficientFormer's or TinyViT's attention forward (``qkv``
+    reshaped to ``[B, N, heads, 2 * key_dim + val_dim]`` and split into q, k, v; a learnt bias per
+    head and token offset, ``attention_biases[:, attention_bias_idxs]``; TinyViT's pre-norm)."""
+    forward = getattr(type(module), "forward", None)
+    return forward is not None and any(forward is _timm_forward(mod, cls) for mod, cls in _INTERLEAVED_FORWARDS)
+
+
+def head_layout(module: nn.Module) -> HeadLayout | None:
+    """The head layout of a multi-head attention block (``None``: not one this module knows).
+
+    Interleaved blocks are recognised by their forward, never by shapes alone: an interleaved
+    ``qkv`` of ``3 * heads * d`` outputs (TinyViT with ``attn_ratio=1``) fits the stacked layout's
+    shapes but not its channel order."""
+    qkv, proj, heads = getattr(module, "qkv", None), getattr(module, "proj", None), getattr(module, "num_heads", None)
+    if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear) or not isinstance(heads, int) or heads < 1:
+        return None
+    if is_interleaved_attention(module):
+        key_dim, val_dim = getattr(module, "key_dim", None), getattr(module, "val_dim", None)
+        if not (isinstance(key_dim, int) and isinstance(val_dim, int)):
+            return None
+        if qkv.out_features != heads * (2 * key_dim + val_dim) or proj.in_features != heads * val_dim:
+            return None
+        return HeadLayout(heads, key_dim, val_dim, interleaved=True)
     head_dim = head_dim_of(module)
-    return (
-        head_dim is not None
-        and isinstance(proj, nn.Linear)
-        and isinstance(heads, int)
-        and cast(nn.Linear, module.qkv).out_features == 3 * heads * head_dim
-        and proj.in_features == heads * head_dim
-    )
+    if head_dim is None or qkv.out_features != 3 * heads * head_dim or proj.in_features != heads * head_dim:
+        return None
+    return HeadLayout(heads, head_dim, head_dim)
+
+
+def _fused_layout(module: nn.Module) -> bool:
+    return head_layout(module) is not None
 
 
 def head_parameters(module: nn.Module) -> dict[str, int]:
@@ -134,7 +217,9 @@ def unsupported_attention_reason(module: nn.Module) -> str | None:
     supported, or not such a block)."""
     if not _fused_layout(module):
         return None
-    for child in ("q_norm", "k_norm", "norm"):
+    # TinyViT's ``norm`` is the block's pre-norm (over its input), a nested norm like any other
+    checked = ("q_norm", "k_norm") if is_interleaved_attention(module) else ("q_norm", "k_norm", "norm")
+    for child in checked:
         if not isinstance(getattr(module, child, nn.Identity()), nn.Identity):
             return (
                 f"{type(module).__name__}.{child} normalises q/k or the attention output; "
@@ -154,11 +239,9 @@ def unsupported_attention_reason(module: nn.Module) -> str | None:
             "position MLP or pooling convs are not supported as head neurons yet"
         )
     per_head = head_parameters(module)
-    own = [
-        name
-        for name, _ in module.named_parameters()
-        if not (name.startswith("qkv.") or name.startswith("proj.")) and name not in per_head
-    ]
+    # the layers' own parameters, and TinyViT's pre-norm (a nested norm of the residual channels)
+    prefixes = ("qkv.", "proj.", "norm.") if is_interleaved_attention(module) else ("qkv.", "proj.")
+    own = [name for name, _ in module.named_parameters() if not name.startswith(prefixes) and name not in per_head]
     if own:
         return (
             f"{type(module).__name__} has parameters besides qkv and proj that are not one tensor per head "
@@ -195,9 +278,10 @@ def is_window_attention(module: nn.Module) -> bool:
 
 
 def runs_stage_by_stage(module: nn.Module) -> bool:
-    """True when the incremental runner knows this block's forward (timm's ViT attention or Swin
-    window attention) and computes its new heads stage by stage."""
-    return is_vit_attention(module) or is_window_attention(module)
+    """True when the incremental runner knows this block's forward (timm's ViT attention, Swin's
+    window attention, EfficientFormer's and TinyViT's interleaved attention) and computes its new
+    heads stage by stage."""
+    return is_vit_attention(module) or is_window_attention(module) or is_interleaved_attention(module)
 
 
 def window_position_bias(module: nn.Module) -> torch.Tensor:
@@ -315,16 +399,24 @@ def product_macs(model: nn.Module, run: Callable[[], Any], batch: int) -> dict[s
     return {name: counter.macs.get(name, 0) // batch for name in called}
 
 
-def set_num_heads(module: nn.Module, head_dim: int) -> None:
-    """After torch-pruning removed whole heads of ``head_dim`` channels from ``qkv``/``proj``:
-    the block's head count."""
+def set_num_heads(module: nn.Module, layout: HeadLayout) -> None:
+    """After whole heads were removed from ``qkv``/``proj``: the block's head count and the
+    widths timm derives from it (``attn_dim``; ``key_attn_dim``/``val_attn_dim``, ``out_dim``),
+    and a cleared ``attention_bias_cache`` (EfficientFormer, TinyViT cache the gathered biases)."""
     qkv = module.qkv
     assert isinstance(qkv, nn.Linear)
-    heads = qkv.out_features // (3 * head_dim)
-    # plain int attributes of the block (nn.Module's stubs type attributes as Tensor | Module)
-    module.num_heads = heads  # type: ignore[assignment]
-    if hasattr(module, "attn_dim"):
-        module.attn_dim = heads * head_dim  # type: ignore[assignment]
+    heads = qkv.out_features // layout.qkv_width
+    # plain attributes of the block (nn.Module's stubs type attributes as Tensor | Module)
+    state: Any = module
+    state.num_heads = heads
+    widths = {"attn_dim": layout.val_dim}
+    if layout.interleaved:  # EfficientFormer's key_attn_dim/val_attn_dim, TinyViT's out_dim
+        widths.update(key_attn_dim=layout.key_dim, val_attn_dim=layout.val_dim, out_dim=layout.val_dim)
+    for attr, per_head in widths.items():
+        if isinstance(getattr(module, attr, None), int):
+            setattr(state, attr, heads * per_head)
+    if isinstance(getattr(module, "attention_bias_cache", None), dict):
+        state.attention_bias_cache = {}
 
 
 def slice_head_parameters(module: nn.Module, dims: dict[str, int], kept: torch.Tensor) -> None:

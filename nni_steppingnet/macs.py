@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ._inputs import batch_size, call_model, probe_forward
-from .attention import head_dim_of, is_head_attention, product_macs
+from .attention import HeadLayout, head_layout, is_head_attention, product_macs
 
 __all__ = ["macs", "layer_positions"]
 
@@ -58,8 +58,8 @@ def macs(model: nn.Module, example_inputs: Any, *, nonzero: bool = False) -> int
             if nonzero:
                 # A sparse kernel skips a head whose q, k and v weights are all zero (export keeps
                 # one such head in a block without active heads).
-                num_heads, head_dim = int(block.num_heads), int(cast(int, head_dim_of(block)))
-                rows = block.qkv.weight.reshape(3, num_heads, head_dim, -1)
-                count = count * int(rows.ne(0).flatten(2).any(-1).any(0).sum()) // num_heads
+                layout = cast(HeadLayout, head_layout(block))
+                rows = layout.rows_by_head(block.qkv.weight)
+                count = count * int(rows.ne(0).flatten(1).any(-1).sum()) // layout.num_heads
             total += count
     return int(total)

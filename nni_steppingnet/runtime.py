@@ -78,7 +78,14 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from ._inputs import batch_size, call_model
-from .attention import attention_macs, is_head_attention, is_window_attention, runs_stage_by_stage, window_position_bias
+from .attention import (
+    HeadLayout,
+    head_layout,
+    is_head_attention,
+    is_window_attention,
+    runs_stage_by_stage,
+    window_position_bias,
+)
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .checkpoint import atomic_write
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
@@ -325,28 +332,36 @@ class _StageNorm(nn.Module):
 
 class _StageAttention(nn.Module):
     """A head-attention block (:mod:`~nni_steppingnet.attention`) in the runner's model: at stage
-    ``s`` it computes ``q.k`` and ``attn.v`` of the heads with index ``== s`` only and keeps every
-    earlier head's output (their q, k, v never change: the mask rule keeps later inputs out).
-    ``qkv`` and ``proj`` are the block's stage layers; the full-width layout only. timm's ViT
-    attention and Swin's window attention (its relative position bias of the new heads, and the
-    shifted windows' mask, are added to their ``q.k``)."""
+    ``s`` it computes ``q.k`` and ``attn.v`` of the heads with index ``== s`` only (their q, k, v
+    never change afterwards: the mask rule keeps later inputs out). ``qkv`` and ``proj`` are the
+    block's stage layers. In the delta layout ``qkv`` returns exactly the new heads' channels; in
+    the full-width one the block keeps every earlier head's output. Forwards: timm's ViT attention;
+    Swin's window attention (the new heads' relative position bias and the shifted windows' mask
+    are added to their ``q.k``); EfficientFormer's and TinyViT's interleaved attention (their
+    learnt bias per head and token offset; TinyViT's pre-norm)."""
 
-    def __init__(self, block: nn.Module, head_index: torch.Tensor, head_dim: int, state: _RunState, name: str) -> None:
+    def __init__(
+        self, block: nn.Module, head_index: torch.Tensor, layout: HeadLayout, state: _RunState, name: str
+    ) -> None:
         super().__init__()
         self.qkv = block.qkv
         self.proj = block.proj
         self.proj_drop = getattr(block, "proj_drop", nn.Identity())
+        self.layout = layout
         self.num_heads = int(head_index.numel())
-        self.head_dim = head_dim
-        self.scale = float(getattr(block, "scale", self.head_dim**-0.5))
+        self.scale = float(getattr(block, "scale", layout.key_dim**-0.5))
         self.fused = bool(getattr(block, "fused_attn", True))
         self.windowed = is_window_attention(block)
-        if self.windowed:
-            # under the block's own names (the runner's state_dict keys stay the model's), as a
-            # buffer like the stage layers' weights
-            table = cast(torch.Tensor, block.relative_position_bias_table)
-            self.register_buffer("relative_position_bias_table", table.detach().clone())
-            self.register_buffer("relative_position_index", block.relative_position_index, persistent=False)
+        self.norm: nn.Module | None = getattr(block, "norm", None) if layout.interleaved else None
+        # the block's per-head tensors under their own names (the runner's state_dict keys stay
+        # the model's), as buffers like the stage layers' weights
+        persistent = set(block.state_dict(keep_vars=True))
+        tables = ("relative_position_bias_table", "relative_position_index") if self.windowed else ()
+        if layout.interleaved:
+            tables = ("attention_biases", "attention_bias_idxs")
+        for attr in tables:
+            tensor = cast(torch.Tensor, getattr(block, attr))
+            self.register_buffer(attr, tensor.detach().clone(), persistent=attr in persistent)
         self.block_name = name
         self.state = state
         #: subnet index of every head (``num_subnets + 1``: never active)
@@ -356,14 +371,31 @@ class _StageAttention(nn.Module):
     def reset(self) -> None:
         self.heads = None
 
-    def _window_bias(self, new: torch.Tensor, rows: int, tokens: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """Swin's additive attention bias of the ``new`` heads: ``[rows or 1, len(new), N, N]``."""
+    def _bias(self, new: torch.Tensor, rows: int, tokens: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The additive attention bias of the ``new`` heads, ``[rows or 1, len(new), N, N]``."""
+        if self.layout.interleaved:
+            biases = cast(torch.Tensor, self.attention_biases)
+            return biases[new][:, cast(torch.Tensor, self.attention_bias_idxs)].unsqueeze(0)
+        if not self.windowed:
+            return None
         bias = window_position_bias(self)[new].unsqueeze(0)
         if mask is None:
             return bias
         windows = mask.shape[0]
         shifted = mask.view(1, windows, 1, tokens, tokens).expand(rows // windows, -1, new.numel(), -1, -1)
         return bias + shifted.reshape(rows, new.numel(), tokens, tokens)
+
+    def _split(self, x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v of ``heads`` heads, each ``[batch, heads, tokens, dim]``."""
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x)
+        layout = self.layout
+        if layout.interleaved:
+            per_head = qkv.reshape(batch, tokens, heads, layout.qkv_width).permute(0, 2, 1, 3)
+            q, k, v = per_head.split([layout.key_dim, layout.key_dim, layout.val_dim], dim=3)
+            return q, k, v
+        stacked = qkv.reshape(batch, tokens, 3, heads, layout.key_dim).permute(2, 0, 3, 1, 4)
+        return stacked[0], stacked[1], stacked[2]
 
     def forward(
         self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False, mask: torch.Tensor | None = None
@@ -372,23 +404,27 @@ class _StageAttention(nn.Module):
             raise UnsupportedModelError(
                 [(self.block_name, "the incremental runner supports unmasked self-attention only")]
             )
+        if self.norm is not None:
+            x = self.norm(x)
         batch, tokens, _ = x.shape
         stage = self.state.stage
         new = (self.head_index == stage).nonzero().flatten()
-        # delta layout: qkv returns the channels of index == stage, i.e. [q | k | v] of the new
-        # heads in ascending order, and proj reads the new heads' outputs in that order
+        val_dim = self.layout.val_dim
+        # delta layout: qkv returns the channels of index == stage, i.e. the new heads' q, k and
+        # v in ascending order, and proj reads the new heads' outputs in that order
         delta = self.state.delta
-        heads = int(new.numel()) if delta else self.num_heads
-        qkv = self.qkv(x).reshape(batch, tokens, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self._split(x, int(new.numel()) if delta else self.num_heads)
         if not delta and (
             self.heads is None or stage <= 1 or self.heads.shape[0] != batch or self.heads.shape[2] != tokens
         ):
-            self.heads = qkv.new_zeros(batch, self.num_heads, tokens, self.head_dim)
+            self.heads = v.new_zeros(batch, self.num_heads, tokens, val_dim)
         out: torch.Tensor | None = None
         if new.numel():
-            q, k, v = (qkv[0], qkv[1], qkv[2]) if delta else (qkv[0][:, new], qkv[1][:, new], qkv[2][:, new])
-            bias = self._window_bias(new, batch, tokens, mask).to(q.dtype) if self.windowed else None
-            if self.fused:
+            if not delta:
+                q, k, v = q[:, new], k[:, new], v[:, new]
+            bias = self._bias(new, batch, tokens, mask)
+            bias = None if bias is None else bias.to(q.dtype)
+            if self.fused and not self.layout.interleaved:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             else:
                 scores = (q * self.scale) @ k.transpose(-2, -1)
@@ -398,13 +434,13 @@ class _StageAttention(nn.Module):
                 self.heads[:, new] = out
         # per sample of the model's input: a model may fold space into the batch (MobileViT, windows)
         rows = batch / max(self.state.batch, 1)
-        self.state.macs += int(attention_macs(tokens, int(new.numel()), self.head_dim) * rows)
+        self.state.macs += int(tokens * tokens * self.layout.pair_macs * int(new.numel()) * rows)
         self.state.positions[self.block_name] = int(tokens * tokens * rows)
         if delta:
             merged = x.new_zeros(batch, tokens, 0) if out is None else out.transpose(1, 2).reshape(batch, tokens, -1)
         else:
             assert self.heads is not None
-            merged = self.heads.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+            merged = self.heads.transpose(1, 2).reshape(batch, tokens, self.num_heads * val_dim)
         return cast(torch.Tensor, self.proj_drop(self.proj(merged)))
 
 
@@ -1387,18 +1423,13 @@ class IncrementalRunner:
                     for name in unknown[:8]
                 ]
             )
-        # subnet index of every head: its first q channel ([q | k | v], head-major inside each)
-        heads = {
-            name: plan_of[f"{name}.qkv"]
-            .a_out[: cast(nn.Linear, m.qkv).out_features // 3]
-            .reshape(int(m.num_heads), -1)[:, 0]
+        layouts = {
+            name: cast(HeadLayout, head_layout(m))
             for name, m in modules.items()
             if is_head_attention(m) and f"{name}.qkv" in plan_of
         }
-        head_dims = {
-            name: int(cast(nn.Linear, modules[name].qkv).out_features) // (3 * len(index))
-            for name, index in heads.items()
-        }
+        # subnet index of every head: that of its first q channel
+        heads = {name: plan_of[f"{name}.qkv"].a_out[layout.first_channels()] for name, layout in layouts.items()}
         for name, index in token_mixing.items():
             module = modules.get(name)
             if not isinstance(module, nn.Linear):
@@ -1428,7 +1459,7 @@ class IncrementalRunner:
         self._layers = layers
         self._attention: list[_StageAttention] = []
         for name, head_index in heads.items():
-            block = _StageAttention(modules[name], head_index, head_dims[name], self._state, name)
+            block = _StageAttention(modules[name], head_index, layouts[name], self._state, name)
             _replace(model, name, block)
             self._attention.append(block)
         self._tokens: list[_StageTokenLinear] = []
@@ -1450,7 +1481,7 @@ class IncrementalRunner:
         for block in self._attention:
             # per stage: MACs of its new heads per token pair (positions: tokens * tokens)
             self._entries[block.block_name] = [
-                attention_macs(1, int((block.head_index == t).sum()), block.head_dim) for t in range(num_subnets + 1)
+                block.layout.pair_macs * int((block.head_index == t).sum()) for t in range(num_subnets + 1)
             ]
         for token in self._tokens:
             self._entries[token.layer_name] = token.entries(num_subnets)

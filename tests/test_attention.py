@@ -344,3 +344,87 @@ def test_swin_window_attention_has_head_neurons() -> None:
     with pytest.raises(UnsupportedModelError, match="relative_position_bias_table") as refused:
         net.set_execution("sliced")
     assert "layers.0.blocks.0.attn" in dict(refused.value.problems)
+
+
+# ----------------------------------------------- interleaved heads (EfficientFormer, TinyViT)
+def _tiny_vit() -> Any:
+    # four stages; stages 2-4 attend, with TinyViT's pre-norm inside the attention block
+    return timm.create_model(
+        "tiny_vit_5m_224",
+        pretrained=False,
+        num_classes=10,
+        embed_dims=(16, 32, 48, 64),
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 2, 3, 4),
+    )
+
+
+def _efficientformer() -> Any:
+    # the last stage's 7x7 attention is fixed at 224 px input
+    return timm.create_model(
+        "efficientformer_l1",
+        pretrained=False,
+        num_classes=10,
+        depths=(1, 1, 1, 2),
+        embed_dims=(8, 16, 24, 32),
+        num_vit=1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "size"), [(_tiny_vit, 64), (_efficientformer, 224)], ids=["tiny_vit", "efficientformer"]
+)
+def test_interleaved_heads_are_neurons_downstream(build: Any, size: int) -> None:
+    """qkv outputs one [q k v] block per head: the head layout groups those channels (not the
+    stacked [q | k | v] order, which fits the same shapes), torch-pruning's identity map to proj
+    is replaced by it, export removes whole heads (num_heads, the attention widths and the
+    per-head biases follow) and the runner computes the new heads only, in both layouts."""
+    from nni_steppingnet.attention import head_layout
+    from nni_steppingnet.testing import randomize_parameters
+
+    torch.manual_seed(0)
+    model = randomize_parameters(build().eval(), seed=2)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    net = SteppingNet(model, x[:1], N)
+    assert net.attention and all(block.layout is not None and block.layout.interleaved for block, _ in net.attention)
+    assert all(block.head_params == {"attention_biases": 0} for block, _ in net.attention)
+    assert macs(randomize_parameters(build().eval(), seed=2), x[:1]) == net.full_macs
+    flat = random_assignment(net, seed=3)
+    report = isolation_report(net, x, train=True)
+    assert report.isolated and sum(report.compared) > 0, report
+    for s in range(1, N + 1):
+        exported = net.export_subnet(s).eval()
+        with torch.no_grad(), net.subnet(s):
+            expected = net.model(x)
+        torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
+        for block, heads in net.attention:
+            module = exported.get_submodule(block.name)
+            kept = max(int((flat[heads] <= s).sum()), 1)
+            layout = head_layout(module)
+            assert module.num_heads == kept and layout is not None and layout.num_heads == kept
+            assert module.attention_biases.shape[0] == kept
+    for layout_name in ("auto", "full"):
+        runner = IncrementalRunner(net, layout=layout_name)
+        assert runner.layout == ("delta" if layout_name == "auto" else "full")
+        with torch.no_grad():
+            for s in range(1, N + 1):
+                logits = runner.start(x) if s == 1 else runner.step()
+                with net.subnet(s):
+                    expected = net.model(x)
+                torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+                assert runner.macs_spent == net.macs(s)
+
+
+def test_interleaved_layout_is_known_by_the_forward_not_the_shapes() -> None:
+    """TinyViT's attention with attn_ratio=1 has qkv = 3 * heads * d outputs, the stacked
+    layout's shapes; only its forward says the channels are interleaved."""
+    from nni_steppingnet.attention import head_layout
+
+    block = timm.models.tiny_vit.Attention(dim=16, key_dim=4, num_heads=4, attn_ratio=1, resolution=(4, 4))
+    layout = head_layout(block)
+    assert layout is not None and layout.interleaved and layout.qkv_width == 12
+    channels = torch.arange(48)
+    assert layout.qkv_head(channels).tolist() == [c // 12 for c in range(48)]
+    stacked = head_layout(timm.models.vision_transformer.Attention(dim=16, num_heads=4))
+    assert stacked is not None and not stacked.interleaved
+    assert stacked.qkv_head(channels).tolist() == [(c % 16) // 4 for c in range(48)]
