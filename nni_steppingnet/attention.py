@@ -108,6 +108,14 @@ class HeadLayout:
         """Head of every ``proj`` input channel index."""
         return channels // self.val_dim
 
+    def channels_of(self, head: int) -> torch.Tensor:
+        """The ``qkv`` output channels of ``head``, ascending (its q, k and v)."""
+        if self.interleaved:
+            return torch.arange(head * self.qkv_width, (head + 1) * self.qkv_width)
+        width = self.num_heads * self.key_dim
+        within = torch.arange(head * self.key_dim, (head + 1) * self.key_dim)
+        return torch.cat([within + part * width for part in range(3)])
+
     def first_channels(self) -> torch.Tensor:
         """The first ``qkv`` output channel (a q channel) of every head."""
         step = self.qkv_width if self.interleaved else self.key_dim

@@ -35,17 +35,18 @@ out in the order of the next layer's active inputs). For the duration of each la
   input holds, the same slicer's index the affine parameters were sliced with, so one place
   decides. With every channel's prefix statistics taken over present channels only, the result
   equals the masked nested norm (where inactive channels are zeros left out of every prefix);
-* an attention block with head neurons (:mod:`~nni_steppingnet.attention`, timm's fused-qkv
-  ``vision_transformer.Attention``: ViT, DeiT): its ``qkv`` Linear outputs the active rows in
-  ascending order, which is ``[q | k | v]`` of the active heads, each head-major in ascending
-  head order, and ``proj`` reads the active heads' channels in the same order; a pre-hook sets
-  the block's ``num_heads`` (and ``attn_dim``) to the number of active heads for the call and the
+* an attention block with head neurons (:mod:`~nni_steppingnet.attention`: timm's ViT and DeiT
+  ``Attention``, Swin's ``WindowAttention``, EfficientFormer's and TinyViT's ``Attention``): its
+  ``qkv`` Linear outputs the active rows in ascending order, which is the active heads' q, k and
+  v in the block's head layout, and ``proj`` reads the active heads' channels in the same order; a
+  pre-hook sets the block's ``num_heads`` (and the widths timm derives from it) to the number of
+  active heads for the call and gives its per-head parameters the active heads' slices, and the
   post-hook restores them, so the block's own forward reshapes and attends over the active heads
-  only (a block with no active head runs with zero heads). Blocks whose forward is another one
-  (:func:`~nni_steppingnet.attention.is_vit_attention` is False) or that hold
-  per-head parameters (a relative position bias table, Swin) are refused by name
-  (:func:`unsupported_blocks`): ``"sliced"`` raises, ``"auto"`` runs masked with the reason
-  logged.
+  only. A ViT block with no active head runs with zero heads; the other forwards infer the head
+  width with ``-1``, which zero heads cannot, so they run one *phantom* head whose ``qkv`` rows
+  and ``proj`` columns are masked (it adds nothing and gets zero gradients). Blocks with another
+  forward are refused by name (:func:`unsupported_blocks`): ``"sliced"`` raises, ``"auto"`` runs
+  masked with the reason logged.
 
 Activations, pooling, residual adds, concatenation, SE and token-mixing Linears (MLP-Mixer,
 ResMLP: they act on the token dimension, which is not sliced) run unchanged on the narrower
@@ -73,7 +74,13 @@ import torch
 import torch.nn as nn
 
 from ._inputs import call_model
-from .attention import AttentionSpec, is_vit_attention
+from .attention import (
+    AttentionSpec,
+    HeadLayout,
+    is_interleaved_attention,
+    is_vit_attention,
+    is_window_attention,
+)
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .errors import UnsupportedModelError
 from .validation import EXECUTIONS
@@ -167,7 +174,18 @@ class SlicedExecution:
         self._handles: list[Any] = []
         self._live: dict[int, _Live] = {}
         self._live_slicers: dict[int, ChannelSlicer] = {}
-        self._live_heads: dict[str, tuple[int, int | None]] = {}
+        #: block -> (its int attributes, its per-head parameters) while a call runs sliced
+        self._live_heads: dict[str, tuple[dict[str, int], dict[str, torch.Tensor]]] = {}
+        #: qkv and proj layers of blocks whose forward cannot run zero heads (their reshape infers
+        #: the head width, -1): layer index -> (the block's head positions, layout, role)
+        self._phantom: dict[int, tuple[torch.Tensor, HeadLayout, str]] = {}
+        names = [layer.name for layer in net.layers]
+        modules = dict(net.model.named_modules())
+        for block, heads in net.attention:
+            module = modules.get(block.name)
+            if module is not None and block.layout is not None and not is_vit_attention(module):
+                self._phantom[names.index(block.qkv)] = (heads, block.layout, "qkv")
+                self._phantom[names.index(block.proj)] = (heads, block.layout, "proj")
         self._channel_entries: list[tuple[str, nn.Module, str | None, torch.Tensor]] = []
         self._channel_of: dict[str, int] = {}
         self._mode: EmptyChannelsMode | None = None
@@ -388,27 +406,53 @@ class SlicedExecution:
     # ------------------------------------------------------------- attention
     def _heads_pre(self, block: AttentionSpec, module: nn.Module, heads: torch.Tensor) -> Any:
         """An attention block with head neurons: its ``qkv`` Linear outputs the active heads'
-        channels only (``[q | k | v]`` of the active heads, each in ascending head order), so the
-        block's forward runs with ``num_heads`` (and ``attn_dim``) of the active heads."""
+        channels only (in ascending order: ``[q | k | v]`` of the active heads, or their ``[q k v]``
+        blocks), so the block's forward runs with ``num_heads`` and the widths timm derives from it
+        (``attn_dim``, ``key_attn_dim``/``val_attn_dim``, ``out_dim``) of the active heads, and its
+        per-head parameters (relative position bias tables, attention biases) hold the active
+        heads, gathered so that their gradients land in the full tensors. A forward that cannot run
+        zero heads (it infers the head width with ``-1``) runs one inactive *phantom* head
+        instead: its ``qkv`` and ``proj`` weights are masked, so it adds nothing (see ``_plan``)."""
         expected = weakref.ref(module)
+        layout = cast(HeadLayout, block.layout)
+        widths = {"attn_dim": layout.val_dim}
+        if layout.interleaved:
+            widths.update(key_attn_dim=layout.key_dim, val_attn_dim=layout.val_dim, out_dim=layout.val_dim)
+        phantom = not is_vit_attention(module)
 
         def hook(mod: nn.Module, args: Any) -> None:
             net = self._active(mod, expected)
             if net is None:
                 return None
             s = net.active_subnet
-            count = int(
+            active = cast(
+                torch.Tensor,
                 net.assignment_cache(
-                    ("sliced-heads", id(self), block.name, s), lambda flat: int((flat[heads] <= s).sum())
-                )
+                    ("sliced-heads", id(self), block.name, s), lambda flat: (flat[heads] <= s).nonzero().flatten()
+                ),
             )
-            if count == block.num_heads:
+            if int(active.numel()) == block.num_heads:
                 return None
-            dim = getattr(mod, "attn_dim", None)
-            self._live_heads[block.name] = (int(cast(int, mod.num_heads)), None if dim is None else int(dim))
-            mod.num_heads = count  # type: ignore[assignment]
-            if dim is not None:
-                mod.attn_dim = count * block.head_dim  # type: ignore[assignment]
+            if active.numel() == 0 and phantom:
+                active = torch.zeros(1, dtype=torch.long)
+            count = int(active.numel())
+            state: Any = mod
+            saved = {"num_heads": int(state.num_heads)}
+            state.num_heads = count
+            for attr, per_head in widths.items():
+                value = getattr(mod, attr, None)
+                if isinstance(value, int):
+                    saved[attr] = value
+                    setattr(state, attr, count * per_head)
+            params: dict[str, torch.Tensor] = {}
+            for attr, dim in block.head_params.items():
+                full = mod._parameters[attr]
+                assert full is not None
+                params[attr] = full
+                mod._parameters[attr] = full.index_select(dim, active.to(full.device))  # type: ignore[assignment]
+            if isinstance(getattr(mod, "attention_bias_cache", None), dict):
+                state.attention_bias_cache = {}  # EfficientFormer/TinyViT cache the gathered biases in eval
+            self._live_heads[block.name] = (saved, params)
             return None
 
         return hook
@@ -417,9 +461,13 @@ class SlicedExecution:
         def hook(mod: nn.Module, args: Any, output: Any) -> None:
             saved = self._live_heads.pop(name, None)
             if saved is not None:
-                mod.num_heads = saved[0]  # type: ignore[assignment]
-                if saved[1] is not None:
-                    mod.attn_dim = saved[1]  # type: ignore[assignment]
+                state: Any = mod
+                for attr, value in saved[0].items():
+                    setattr(state, attr, value)
+                for attr, full in saved[1].items():
+                    mod._parameters[attr] = cast(nn.Parameter, full)
+                if isinstance(getattr(mod, "attention_bias_cache", None), dict):
+                    state.attention_bias_cache = {}
             return None
 
         return hook
@@ -458,10 +506,17 @@ class SlicedExecution:
         else:
             rows_all = (a_out <= s).nonzero().flatten()
         groups = self._groups[k]
+        phantom = self._phantom.get(k)
+        empty_block = phantom is not None and not bool((flat[phantom[0]] <= s).any())
+        if empty_block and phantom is not None and phantom[2] == "qkv":
+            # no active head: the first head's (masked) channels stand in (_heads_pre)
+            rows_all = phantom[1].channels_of(0)
         rows = None if rows_all.numel() == out else rows_all
         n_rows = int(rows_all.numel())
         if groups == 1:
             cols_all = (a_in[0] <= s).nonzero().flatten()
+            if empty_block and phantom is not None and phantom[2] == "proj":
+                cols_all = torch.arange(phantom[1].val_dim)
             n_in = int(cols_all.numel())
             # F.conv2d refuses zero output channels and returns a wrong shape for zero input
             # channels (checked, torch 2.14); F.linear handles both.
@@ -805,30 +860,23 @@ def _map_floats(item: Any, fn: Any) -> Any:
 
 
 def unsupported_blocks(net: SteppingNet) -> list[tuple[str, str]]:
-    """Attention blocks with head neurons that sliced execution cannot run, with the reason:
-    a forward other than timm's ``vision_transformer.Attention`` (the one whose use of
-    ``num_heads``/``attn_dim`` it knows), or per-head parameters (relative position bias
-    tables), which it does not slice."""
+    """Attention blocks with head neurons that sliced execution cannot run, with the reason: a
+    forward other than timm's ViT attention, Swin's window attention and EfficientFormer's and
+    TinyViT's interleaved attention (the ones whose use of ``num_heads``, the widths derived from
+    it and the per-head parameters it knows)."""
     modules = dict(net.model.named_modules())
     found = []
     for block, _ in net.attention:
         module = modules.get(block.name)
         if module is None:
             continue
-        if block.head_params:
+        if not (is_vit_attention(module) or is_window_attention(module) or is_interleaved_attention(module)):
             found.append(
                 (
                     block.name,
-                    f"{type(module).__name__} has per-head parameters ({', '.join(block.head_params)}), "
-                    "which sliced execution does not slice to the active heads",
-                )
-            )
-        elif not is_vit_attention(module):
-            found.append(
-                (
-                    block.name,
-                    f"the forward of {type(module).__name__} is not timm's vision_transformer.Attention, "
-                    "the only attention forward sliced execution runs on the active heads",
+                    f"the forward of {type(module).__name__} is not one sliced execution runs on the active "
+                    "heads (timm's vision_transformer.Attention, Swin's WindowAttention, EfficientFormer's "
+                    "and TinyViT's Attention)",
                 )
             )
     return found

@@ -16,6 +16,7 @@ from nni_steppingnet.construction.select import neuron_costs
 from nni_steppingnet.errors import UnsupportedModelError
 from nni_steppingnet.macs import macs
 from nni_steppingnet.runtime import IncrementalRunner
+from nni_steppingnet.sliced import compare_executions
 from nni_steppingnet.testing import isolation_report, random_assignment
 
 timm = pytest.importorskip("timm")
@@ -248,7 +249,7 @@ def test_an_attention_with_its_own_forward_has_head_neurons_and_counted_products
 ) -> None:
     with caplog.at_level("WARNING", logger="nni_steppingnet.sliced"):
         net = SteppingNet(_TinyTransformer(), _x(), N)
-    # sliced execution knows only timm's ViT attention forward; "auto" falls back, naming the block
+    # sliced execution knows timm's attention forwards only; "auto" falls back, naming the block
     assert net.execution == "masked"
     assert "(attn)" in caplog.text and "vision_transformer.Attention" in caplog.text
     with pytest.raises(UnsupportedModelError) as refused:
@@ -339,11 +340,14 @@ def test_swin_window_attention_has_head_neurons() -> None:
                 with net.subnet(s):
                     torch.testing.assert_close(logits, net.model(x), rtol=1e-5, atol=1e-6)
                 assert runner.macs_spent == net.macs(s)
-    # Sliced execution does not slice per-head parameters: refused by name, "auto" runs masked.
-    assert net.execution == "masked"
-    with pytest.raises(UnsupportedModelError, match="relative_position_bias_table") as refused:
-        net.set_execution("sliced")
-    assert "layers.0.blocks.0.attn" in dict(refused.value.problems)
+    # Sliced execution gives the table the active heads for each call, and a block without an
+    # active head runs one masked phantom head (Swin's reshape infers the head width with -1).
+    assert net.execution == "sliced"
+    _, heads = net.attention[1]
+    flat = net.flat_assignment()
+    flat[heads] = N
+    net.set_flat_assignment(flat)
+    assert compare_executions(net, _x(3, seed=4)) == ""
 
 
 # ----------------------------------------------- interleaved heads (EfficientFormer, TinyViT)
@@ -403,6 +407,17 @@ def test_interleaved_heads_are_neurons_downstream(build: Any, size: int) -> None
             layout = head_layout(module)
             assert module.num_heads == kept and layout is not None and layout.num_heads == kept
             assert module.attention_biases.shape[0] == kept
+    # sliced training == masked, also with a block whose heads are all in the largest subnet
+    # (float64: a bias before a training-mode BatchNorm has an exact gradient of zero, and only
+    # float32 rounding noise otherwise)
+    assert net.execution == "sliced"
+    _, heads = net.attention[-1]
+    flat[heads] = N
+    net.set_flat_assignment(flat)
+    net.model.double()
+    assert compare_executions(net, x.double()) == ""
+    net.model.float()
+    random_assignment(net, seed=3)
     for layout_name in ("auto", "full"):
         runner = IncrementalRunner(net, layout=layout_name)
         assert runner.layout == ("delta" if layout_name == "auto" else "full")

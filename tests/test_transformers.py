@@ -445,8 +445,6 @@ TIMM_MODELS: dict[str, Callable[[], nn.Module]] = {
     "swin_tiny_patch4_window7_224": _swin,
 }
 TIMM_SIZES = {"mobilevit_xxs": 64}
-#: sliced execution does not slice per-head parameters (Swin's relative position bias): masked
-TIMM_EXECUTION = {"swin_tiny_patch4_window7_224": "masked"}
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_MODELS))
@@ -461,7 +459,7 @@ def test_timm_model_downstream_exact(name: str, parameters: str) -> None:
         randomize_parameters(model, seed=5)
     net = SteppingNet(model, x, N, execution="auto")
     assert len(net.nested_norms) > 0
-    assert net.execution == TIMM_EXECUTION.get(name, "sliced")
+    assert net.execution == "sliced"
     flat = random_assignment(net, seed=1)
     assert (flat[:-1] <= N).any()
     report = isolation_report(net, x)
