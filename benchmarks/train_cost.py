@@ -61,10 +61,19 @@ MODELS: dict[str, dict[str, Any]] = {
     "mobilenetv3_small_100": {},
 }
 #: Models with nested norms and attention heads, run only when named in ``--models``: a small ViT
-#: (patch 8 at 32x32, 2 blocks, 3 heads of 16) and ConvNeXt-atto.
+#: (patch 8 at 32x32, 2 blocks, 3 heads of 16), ConvNeXt-atto, a two-stage Swin (windows of 4x4
+#: tokens, shifted in every second block, patch merging) and a small TinyViT (interleaved heads).
 EXTRA_MODELS: dict[str, dict[str, Any]] = {
     "vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3},
     "convnext_atto": {},
+    "swin_tiny_patch4_window7_224": {
+        "img_size": 32,
+        "embed_dim": 48,
+        "depths": (2, 2),
+        "num_heads": (3, 6),
+        "window_size": 4,
+    },
+    "tiny_vit_5m_224": {"embed_dims": (32, 64, 96, 128), "depths": (1, 1, 2, 1), "num_heads": (1, 2, 3, 4)},
 }
 
 
