@@ -50,6 +50,7 @@ MACs: the norms cost no MACs (as for BatchNorm); ``net.macs(s)`` counts Conv2d/L
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -66,6 +67,8 @@ __all__ = [
     "unsupported_norm_reason",
     "nested_normalize",
     "nested_norm_output",
+    "extend_statistics",
+    "normalize_newest",
     "NestedNorms",
     "FixedNestedNorm",
     "kept_channels",
@@ -283,6 +286,91 @@ def _nested_response_norm(
     if bias is not None:
         response = response + bias.view(view)
     return torch.where(active_mask, x + response, torch.zeros_like(x))
+
+
+def _reduced(x: torch.Tensor, kind: NormKind) -> tuple[int, tuple[int, ...], int]:
+    """(channel dim, the dims a norm reduces, positions per channel in that reduction)."""
+    dim = kind.dim % x.dim()
+    if kind.grn:
+        return dim, (dim,), 1
+    reduce = tuple(range(dim, x.dim())) if kind.spatial else (dim,)
+    positions = math.prod(int(x.shape[d]) for d in reduce if d != dim)
+    return dim, reduce, positions
+
+
+def _grn_norms(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x.norm(p=2, dim=tuple(d for d in range(1, x.dim()) if d != dim), keepdim=True)
+
+
+def extend_statistics(
+    x: torch.Tensor, kind: NormKind, previous: torch.Tensor | None, previous_channels: int
+) -> torch.Tensor:
+    """The statistics a nested norm needs over ``previous_channels`` earlier channels (summarised
+    by ``previous``, this function's earlier result, ``None`` for none) and the channels of ``x``,
+    as one tensor with the batch first (the runtime's delta layout keeps it between stages):
+    mean and sum of squared deviations (merged with Chan et al.'s update, stable in float32), the
+    mean square for RMSNorm, the sum of the channels' spatial L2 norms for GlobalResponseNorm."""
+    dim, reduce, positions = _reduced(x, kind)
+    channels = int(x.shape[dim])
+    if kind.grn:
+        total = _grn_norms(x, dim).sum(dim=dim, keepdim=True)
+        return total if previous is None else previous + total
+    if kind.rms:
+        square = (x * x).mean(dim=reduce, keepdim=True)
+        if previous is None:
+            return square
+        earlier, added = previous_channels * positions, channels * positions
+        return (previous * earlier + square * added) / (earlier + added)
+    mean = x.mean(dim=reduce, keepdim=True)
+    squares = ((x - mean) ** 2).sum(dim=reduce, keepdim=True)
+    if previous is None:
+        return torch.cat([mean, squares], dim)
+    old_mean, old_squares = previous.narrow(dim, 0, 1), previous.narrow(dim, 1, 1)
+    before, new = float(previous_channels * positions), float(channels * positions)
+    delta = mean - old_mean
+    merged_mean = old_mean + delta * (new / (before + new))
+    merged_squares = old_squares + squares + delta * delta * (before * new / (before + new))
+    return torch.cat([merged_mean, merged_squares], dim)
+
+
+def normalize_newest(
+    module: nn.Module,
+    kind: NormKind,
+    x: torch.Tensor,
+    statistics: torch.Tensor,
+    channels: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """What nested norm ``module`` returns for channels ``x`` that all have the largest index so
+    far, from :func:`extend_statistics` over every one of the ``channels`` channels so far (those
+    of ``x`` included): their prefix is every channel, so this equals :func:`nested_norm_output`
+    on all of them, restricted to ``x``'s. ``weight`` and ``bias`` are ``x``'s channels' own."""
+    dim, _, positions = _reduced(x, kind)
+    view = [1] * x.dim()
+    view[dim] = int(x.shape[dim])
+    eps = kind.eps if kind.eps >= 0 else float(torch.finfo(x.dtype).eps)
+    if kind.grn:
+        ratio = _grn_norms(x, dim) / (statistics / channels + eps)
+        response = x * ratio
+        if weight is not None:
+            response = response * weight.view(view)
+        if bias is not None:
+            response = response + bias.view(view)
+        y = x + response
+    else:
+        if kind.rms:
+            y = x * torch.rsqrt(statistics + eps)
+        else:
+            mean, squares = statistics.narrow(dim, 0, 1), statistics.narrow(dim, 1, 1)
+            y = (x - mean) * torch.rsqrt(squares / (channels * positions) + eps)
+        if weight is not None:
+            y = y * weight.view(view)
+        if bias is not None:
+            y = y + bias.view(view)
+    if kind.act:
+        y = module.get_submodule("act")(module.get_submodule("drop")(y))
+    return y
 
 
 def nested_norm_output(

@@ -36,9 +36,10 @@ Nested norms (:mod:`~nni_steppingnet.nested_norm`: LayerNorm/RMSNorm over channe
 GlobalResponseNorm) become :class:`_StageNorm` modules. In the full-width layout stage ``s``
 applies subnet ``s``'s nested norm to the full-width tensor (prefix statistics of the channels
 computed so far). In the delta layout a call gets the channels of index ``s``, whose statistics
-are those of every channel of index ``<= s``: it keeps its inputs of the earlier stages
-(stage-major, part of :meth:`IncrementalRunner.stage_state` like a layer's kept inputs) and
-normalises the new channels over all of them, so the statistics extend stage by stage.
+are those of every channel of index ``<= s``: it keeps the statistics of the channels so far
+(per position a mean and a sum of squared deviations, merged stage by stage; part of
+:meth:`IncrementalRunner.stage_state` like a layer's kept inputs) and normalises the new
+channels with them, so the statistics extend stage by stage at the cost of the new channels.
 
 Multi-head attention with head neurons (:mod:`~nni_steppingnet.attention`: timm's ViT attention
 and Swin's window attention) computes ``q.k`` and ``attn.v`` of the heads of index ``s`` only.
@@ -89,7 +90,7 @@ from .attention import (
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .checkpoint import atomic_write
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
-from .nested_norm import NormKind, nested_norm_output, norm_kind
+from .nested_norm import NormKind, extend_statistics, nested_norm_output, norm_kind, normalize_newest
 
 if TYPE_CHECKING:
     from .stepping import SteppingNet
@@ -233,11 +234,11 @@ class _StageNorm(nn.Module):
 
     Full-width layout: the nested norm of the full-width tensor (prefix statistics of the
     channels computed so far). Delta layout: the tensor holds the channels with index ``== s``,
-    whose statistics are those of every channel with index ``<= s``; a call keeps its inputs of
-    the stages so far (stage-major, like a stage layer's kept inputs, and exposed with them in
-    :meth:`IncrementalRunner.stage_state`) and normalises the new channels over all of them, so
-    the statistics extend stage by stage. Element-wise work reruns over the kept channels (norms
-    cost no MACs); nothing else is recomputed."""
+    whose statistics are those of every channel with index ``<= s``; a call keeps the statistics
+    of the channels so far (:func:`~nni_steppingnet.nested_norm.extend_statistics`: per position
+    a mean and a sum of squared deviations, merged stage by stage; exposed with the layers' kept
+    inputs in :meth:`IncrementalRunner.stage_state`) and normalises the new channels with them,
+    so a stage's norm work is over its new channels only."""
 
     def __init__(self, norm: nn.Module, kind: NormKind, index: torch.Tensor, state: _RunState, name: str) -> None:
         super().__init__()
@@ -256,12 +257,11 @@ class _StageNorm(nn.Module):
         index = index.to(torch.long)
         self.register_buffer("channel_index", index.clone(), persistent=False)
         stages = int(index.max()) if index.numel() else 0
-        #: per stage s: the channels of index <= s, stage-major (the delta layout's kept order)
-        self._order = [torch.empty(0, dtype=torch.long)] + [
-            torch.cat([(index == t).nonzero().flatten() for t in range(1, s + 1)]) for s in range(1, stages + 1)
-        ]
-        self._new = [int((index == t).sum()) for t in range(stages + 1)]
-        #: per call of the last forward (delta layout): the inputs kept so far, stage-major
+        #: per stage s: the channels of index s, ascending (what the delta layout's tensor holds)
+        self._channels = [(index == t).nonzero().flatten() for t in range(stages + 1)]
+        self._new = [int(channels.numel()) for channels in self._channels]
+        #: per call of the last forward (delta layout): the statistics of the channels so far
+        #: (:func:`~nni_steppingnet.nested_norm.extend_statistics`), batch first
         self._kept: list[torch.Tensor | None] = []
         self._preload: dict[int, torch.Tensor] | None = None
         #: calls in the current model forward (a list: see _StageLayer)
@@ -289,7 +289,7 @@ class _StageNorm(nn.Module):
         if call == len(self._kept):
             if stage > 1 and self._preload is None:
                 raise RuntimeError(
-                    f"nested norm {self.layer_name!r} has no inputs of the earlier stages (was "
+                    f"nested norm {self.layer_name!r} has no statistics of the earlier stages (was "
                     "runner.model moved or reset directly?); call runner.start(x) again"
                 )
             self._kept.append(None if self._preload is None else self._preload.get(call))
@@ -303,16 +303,13 @@ class _StageNorm(nn.Module):
             )
         if new == 0:
             return x
-        kept = self._kept[call]
-        prefix = x if kept is None else torch.cat([kept, x], dim)
-        self._kept[call] = prefix
-        order = self._order[stage].to(x.device)
-        # every channel so far is in the prefix of the new ones: one level, index == stage
-        level = torch.full((int(order.numel()),), stage, dtype=torch.long, device=x.device)
-        w = None if weight is None else weight.index_select(0, order)
-        b = None if bias is None else bias.index_select(0, order)
-        y = nested_norm_output(self, self.kind, prefix, level, stage, w, b)
-        return y.narrow(dim, int(order.numel()) - new, new)
+        before = sum(self._new[1:stage])
+        statistics = extend_statistics(x, self.kind, self._kept[call], before)
+        self._kept[call] = statistics
+        channels = self._channels[stage].to(x.device)
+        w = None if weight is None else weight.index_select(0, channels)
+        b = None if bias is None else bias.index_select(0, channels)
+        return normalize_newest(self, self.kind, x, statistics, before + new, w, b)
 
     # the stage-state protocol of _StageLayer (IncrementalRunner.stage_state, resume_stage)
     def preload(self, tensors: Mapping[int, torch.Tensor] | None) -> None:

@@ -178,7 +178,7 @@ def _transformer(name: str) -> nn.Module:
 def test_transformer_stage_graphs_extend_norms_and_heads(
     tmp_path: Path, random_assignment: Callable[..., torch.Tensor], name: str
 ) -> None:
-    """Nested norms keep their earlier stages' inputs as stage state (the statistics of the new
+    """Nested norms keep the statistics of their earlier stages' channels as stage state (those of the new
     channels span all of them), attention computes the new heads only, token mixing the new
     channels: every stage graph in onnxruntime equals the torch runner, at the stage's MACs."""
     net = SteppingNet(_transformer(name), _inputs(1, seed=3), N)

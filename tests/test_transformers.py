@@ -13,7 +13,13 @@ import torch.nn as nn
 
 from nni_steppingnet import SteppingNet
 from nni_steppingnet.errors import UnsupportedModelError
-from nni_steppingnet.nested_norm import nested_normalize, norm_kind
+from nni_steppingnet.nested_norm import (
+    extend_statistics,
+    nested_norm_output,
+    nested_normalize,
+    norm_kind,
+    normalize_newest,
+)
 from nni_steppingnet.runtime import IncrementalRunner
 from nni_steppingnet.sliced import compare_executions
 from nni_steppingnet.testing import isolation_report, random_assignment, randomize_parameters
@@ -137,6 +143,43 @@ def test_nested_grn_divides_by_the_mean_response_of_each_channels_prefix(
         ratio = norms.narrow(dim, c, 1) / (mean + float(cast(float, module.eps)))
         expected = (x_c + bias[c] + weight[c] * x_c * ratio).squeeze(dim)
         torch.testing.assert_close(out_c, expected, rtol=1e-5, atol=1e-6, msg=f"{label} channel {c}")
+
+
+@pytest.mark.parametrize(
+    ("label", "build", "shape"), NORM_CASES + GRN_CASES, ids=[c[0] for c in NORM_CASES + GRN_CASES]
+)
+def test_statistics_extended_stage_by_stage_equal_the_nested_norm(
+    label: str, build: Callable[[], nn.Module], shape: tuple[int, ...]
+) -> None:
+    """The runtime's delta layout: stage s hands a norm only the channels of index s, and
+    extend_statistics merges them into the statistics of the channels so far; normalize_newest
+    then gives those channels what the nested norm of the whole tensor gives them (a mean of 4
+    and a spread of 3 so that a naive sum of squares would lose digits)."""
+    module = _randomize_affine(build(), seed=7)
+    kind = norm_kind(module)
+    assert kind is not None
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(8)) * 3 + 4
+    weight = cast("torch.Tensor | None", getattr(module, "weight", None))
+    bias = cast("torch.Tensor | None", getattr(module, "bias", None))
+    dim = kind.dim % x.dim()
+    statistics = None
+    before = 0
+    for s in range(1, int(PREFIX_INDEX.max()) + 1):
+        channels = (PREFIX_INDEX == s).nonzero().flatten()
+        new = x.index_select(dim, channels)
+        statistics = extend_statistics(new, kind, statistics, before)
+        before += int(channels.numel())
+        got = normalize_newest(
+            module,
+            kind,
+            new,
+            statistics,
+            before,
+            None if weight is None else weight[channels],
+            None if bias is None else bias[channels],
+        )
+        expected = nested_norm_output(module, kind, x, PREFIX_INDEX, s, weight, bias).index_select(dim, channels)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{label} stage {s}")
 
 
 # --------------------------------------------------------------------- a hand-built model
