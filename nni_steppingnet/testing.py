@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from .runtime import IncrementalRunner
 from .stepping import SteppingNet
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "subnet_activations",
     "IsolationReport",
     "isolation_report",
+    "RunnerReport",
+    "runner_report",
     "TINY_RUN_OVERRIDES",
 ]
 
@@ -241,3 +244,46 @@ def isolation_report(net: SteppingNet, x: Any, train: bool = False) -> Isolation
                         if err > worst or not where:
                             worst, where = max(err, worst), f"{layer.name} subnet {s} vs {t}"
     return IsolationReport(compared=tuple(compared), worst=worst, where=where)
+
+
+@dataclass(frozen=True)
+class RunnerReport:
+    """Outcome of :func:`runner_report`."""
+
+    #: the layout the runner used
+    layout: str
+    #: per stage ``s``: the largest difference between the runner's logits and the masked subnet's,
+    #: relative to the largest masked logit
+    errors: tuple[float, ...]
+    #: per stage ``s``: ``runner.macs_spent == net.macs(s)``
+    macs_exact: tuple[bool, ...]
+
+    @property
+    def worst(self) -> float:
+        return max(self.errors)
+
+    def exact(self, rtol: float = 1e-5) -> bool:
+        """Every stage within ``rtol`` of the masked subnet, at exactly its MACs."""
+        return self.worst <= rtol and all(self.macs_exact)
+
+
+def runner_report(net: SteppingNet, x: torch.Tensor, layout: str = "auto") -> RunnerReport:
+    """Step an :class:`~nni_steppingnet.IncrementalRunner` of ``net`` through every subnet on
+    ``x`` and compare each stage with the masked subnet (``with net.subnet(s): net.model(x)``,
+    in eval mode; the model's mode is restored)."""
+    runner = IncrementalRunner(net, layout=layout)
+    was_training = net.model.training
+    net.model.eval()
+    errors, exact = [], []
+    try:
+        with torch.no_grad():
+            for s in range(1, net.num_subnets + 1):
+                logits = runner.start(x) if s == 1 else runner.step()
+                with net.subnet(s):
+                    expected = net.model(x)
+                scale = expected.abs().max().clamp_min(1e-12)
+                errors.append(float((logits - expected).abs().max() / scale))
+                exact.append(runner.macs_spent == net.macs(s))
+    finally:
+        net.model.train(was_training)
+    return RunnerReport(layout=str(runner.layout), errors=tuple(errors), macs_exact=tuple(exact))

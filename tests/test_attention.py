@@ -17,7 +17,7 @@ from nni_steppingnet.errors import UnsupportedModelError
 from nni_steppingnet.macs import macs
 from nni_steppingnet.runtime import IncrementalRunner
 from nni_steppingnet.sliced import compare_executions
-from nni_steppingnet.testing import isolation_report, random_assignment
+from nni_steppingnet.testing import isolation_report, random_assignment, runner_report
 
 timm = pytest.importorskip("timm")
 
@@ -333,13 +333,8 @@ def test_swin_window_attention_has_head_neurons() -> None:
     for fused in (False, True):
         for block, _ in net.attention:
             net.model.get_submodule(block.name).fused_attn = fused  # type: ignore[assignment]
-        runner = IncrementalRunner(net)
-        with torch.no_grad():
-            for s in range(1, N + 1):
-                logits = runner.start(x) if s == 1 else runner.step()
-                with net.subnet(s):
-                    torch.testing.assert_close(logits, net.model(x), rtol=1e-5, atol=1e-6)
-                assert runner.macs_spent == net.macs(s)
+        report = runner_report(net, x)
+        assert report.exact(), report
     # Sliced execution gives the table the active heads for each call, and a block without an
     # active head runs one masked phantom head (Swin's reshape infers the head width with -1).
     assert net.execution == "sliced"
@@ -419,15 +414,9 @@ def test_interleaved_heads_are_neurons_downstream(build: Any, size: int) -> None
     net.model.float()
     random_assignment(net, seed=3)
     for layout_name in ("auto", "full"):
-        runner = IncrementalRunner(net, layout=layout_name)
-        assert runner.layout == ("delta" if layout_name == "auto" else "full")
-        with torch.no_grad():
-            for s in range(1, N + 1):
-                logits = runner.start(x) if s == 1 else runner.step()
-                with net.subnet(s):
-                    expected = net.model(x)
-                torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-                assert runner.macs_spent == net.macs(s)
+        report = runner_report(net, x, layout=layout_name)
+        assert report.layout == ("delta" if layout_name == "auto" else "full")
+        assert report.exact(), report
 
 
 def test_interleaved_layout_is_known_by_the_forward_not_the_shapes() -> None:

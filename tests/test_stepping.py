@@ -589,9 +589,8 @@ def test_every_head_of_a_distilled_model_is_a_logits_layer(
     outputs in every subnet, the subnets stay isolated and the runner and export are exact."""
     import timm
 
-    from nni_steppingnet import IncrementalRunner
     from nni_steppingnet.graph import timm_heads
-    from nni_steppingnet.testing import random_assignment, randomize_parameters
+    from nni_steppingnet.testing import random_assignment, randomize_parameters, runner_report
 
     torch.manual_seed(0)
     model = randomize_parameters(timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval(), seed=2)
@@ -602,15 +601,11 @@ def test_every_head_of_a_distilled_model_is_a_logits_layer(
     random_assignment(net, seed=1)
     report = isolation_report(net, x, train=True)
     assert report.isolated and sum(report.compared) > 0, report
-    runner = IncrementalRunner(net)
-    with torch.no_grad():
-        for s in range(1, N + 1):
-            logits = runner.start(x) if s == 1 else runner.step()
-            with net.subnet(s):
-                expected = net.model(x)
-            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-            assert runner.macs_spent == net.macs(s)
-            torch.testing.assert_close(net.export_subnet(s).eval()(x), expected, rtol=1e-5, atol=1e-6)
+    report = runner_report(net, x)
+    assert report.exact(), report
+    for s in range(1, N + 1):
+        with torch.no_grad(), net.subnet(s):
+            torch.testing.assert_close(net.export_subnet(s).eval()(x), net.model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_channels_first_position_embedding_follows_its_channels() -> None:
@@ -619,9 +614,8 @@ def test_channels_first_position_embedding_follows_its_channels() -> None:
     and the runner alike."""
     import timm
 
-    from nni_steppingnet import IncrementalRunner
     from nni_steppingnet._channels import channels_first_parameters, parameter_channel_dim
-    from nni_steppingnet.testing import random_assignment, randomize_parameters
+    from nni_steppingnet.testing import random_assignment, randomize_parameters, runner_report
 
     assert parameter_channel_dim(torch.zeros(1, 96, 7, 7)) == 1
     assert parameter_channel_dim(torch.zeros(1, 7, 7, 96)) == 3  # channels-last stays last
@@ -636,15 +630,11 @@ def test_channels_first_position_embedding_follows_its_channels() -> None:
     random_assignment(net, seed=1)
     report = isolation_report(net, x, train=True)
     assert report.isolated and sum(report.compared) > 0, report
-    runner = IncrementalRunner(net)
-    with torch.no_grad():
-        for s in range(1, N + 1):
-            logits = runner.start(x) if s == 1 else runner.step()
-            with net.subnet(s):
-                expected = net.model(x)
-            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-            assert runner.macs_spent == net.macs(s)
-            exported = net.export_subnet(s).eval()
-            kept = int((net.flat_assignment()[net.channel_parameters["pos_embed"]] <= s).sum())
-            assert exported.pos_embed.shape[1] == max(kept, 1)  # export keeps one channel of an empty group
-            torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
+    report = runner_report(net, x)
+    assert report.exact(), report
+    for s in range(1, N + 1):
+        exported = net.export_subnet(s).eval()
+        kept = int((net.flat_assignment()[net.channel_parameters["pos_embed"]] <= s).sum())
+        assert exported.pos_embed.shape[1] == max(kept, 1)  # export keeps one channel of an empty group
+        with torch.no_grad(), net.subnet(s):
+            torch.testing.assert_close(exported(x), net.model(x), rtol=1e-5, atol=1e-6)
