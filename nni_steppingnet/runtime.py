@@ -240,6 +240,8 @@ class _StageNorm(nn.Module):
     inputs in :meth:`IncrementalRunner.stage_state`) and normalises the new channels with them,
     so a stage's norm work is over its new channels only."""
 
+    channel_index: torch.Tensor
+
     def __init__(self, norm: nn.Module, kind: NormKind, index: torch.Tensor, state: _RunState, name: str) -> None:
         super().__init__()
         # the norm's parameters (as buffers, like the stage layers' weights: the runner only
@@ -337,13 +339,15 @@ class _StageAttention(nn.Module):
     are added to their ``q.k``); EfficientFormer's and TinyViT's interleaved attention (their
     learnt bias per head and token offset; TinyViT's pre-norm)."""
 
+    head_index: torch.Tensor
+
     def __init__(
         self, block: nn.Module, head_index: torch.Tensor, layout: HeadLayout, state: _RunState, name: str
     ) -> None:
         super().__init__()
-        self.qkv = block.qkv
-        self.proj = block.proj
-        self.proj_drop = getattr(block, "proj_drop", nn.Identity())
+        self.qkv = cast(nn.Module, block.qkv)
+        self.proj = cast(nn.Module, block.proj)
+        self.proj_drop: nn.Module = getattr(block, "proj_drop", nn.Identity())
         self.layout = layout
         self.num_heads = int(head_index.numel())
         self.scale = float(getattr(block, "scale", layout.key_dim**-0.5))
@@ -446,6 +450,10 @@ class _StageTokenLinear(nn.Module):
     stage ``s`` it runs over the channels (dim ``-2`` of its ``[batch, channels, tokens]`` input)
     with index ``== s`` only and keeps every earlier channel's output (their inputs never change:
     the mask rule keeps later channels out of them); the full-width layout only."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    channel_index: torch.Tensor
 
     def __init__(self, module: nn.Linear, channel_index: torch.Tensor, state: _RunState, name: str) -> None:
         super().__init__()
@@ -669,6 +677,8 @@ def _layer_kind(name: str, module: nn.Module) -> tuple[str, bool]:
 class _StageLayer(nn.Module):
     """A Conv2d/Linear that computes, at stage ``s``, only the synapses that stage activates."""
 
+    bias: torch.Tensor | None
+
     def __init__(
         self,
         plan: LayerPlan,
@@ -689,7 +699,7 @@ class _StageLayer(nn.Module):
         #: model's output, which the caller may modify; copying logits is cheap)
         self.copy_out = self.is_logits
         self._state = state
-        weight = module.weight.detach()
+        weight = cast(torch.Tensor, module.weight).detach()
         if plan.prune_mask is not None:
             if tuple(plan.prune_mask.shape) != tuple(weight.shape):
                 raise ValueError(
@@ -697,7 +707,8 @@ class _StageLayer(nn.Module):
                     f"the weight {tuple(weight.shape)}; pass a weight-shaped bool mask"
                 )
             weight = weight * plan.prune_mask.to(device=weight.device, dtype=weight.dtype)
-        bias = module.bias.detach().clone() if module.bias is not None else None
+        module_bias = cast("torch.Tensor | None", module.bias)
+        bias = module_bias.detach().clone() if module_bias is not None else None
         self.register_buffer("bias", bias)
         self.weight_shape = tuple(int(d) for d in weight.shape)
         self.out_channels = self.weight_shape[0]
@@ -728,13 +739,13 @@ class _StageLayer(nn.Module):
         a_out, col_assign = self._check_plan(plan, weight, num_subnets)
         prune = plan.prune_mask.to(torch.bool).cpu() if plan.prune_mask is not None else None
         # Plans of the layouts the runner may use (``"auto"`` needs both for its check).
-        self._stages: list[_Stage | None] = [None] + [
+        self._stages: list[_Stage | None] = [cast("_Stage | None", None)] + [
             self._build_stage(plan, weight, bias, prune, a_out, col_assign, s, num_subnets, delta=False)
             if full
             else None
             for s in range(1, num_subnets + 1)
         ]
-        self._delta: list[_DeltaStage | None] = [None] + [
+        self._delta: list[_DeltaStage | None] = [cast("_DeltaStage | None", None)] + [
             cast(
                 _DeltaStage, self._build_stage(plan, weight, bias, prune, a_out, col_assign, s, num_subnets, delta=True)
             )
@@ -865,11 +876,13 @@ class _StageLayer(nn.Module):
             else:
                 p_rows = prune.index_select(0, flat_rows).reshape(k, r_count, width, kernel_numel)
                 entries += int(torch.gather(p_rows, 2, gather.cpu()).sum())
-            in_idx: torch.Tensor | None = position[group_ids.unsqueeze(1) * width + cols].flatten()
-            if groups == 1 and c_count == source_width and bool((in_idx == torch.arange(c_count)).all()):
+            inputs = position[group_ids.unsqueeze(1) * width + cols].flatten()
+            in_idx: torch.Tensor | None = inputs
+            if groups == 1 and c_count == source_width and torch.equal(inputs, torch.arange(c_count)):
                 in_idx = None
-            out_idx: torch.Tensor | None = row_position[flat_rows]
-            if k * r_count == out_width and bool((out_idx == torch.arange(out_width)).all()):
+            outputs = row_position[flat_rows]
+            out_idx: torch.Tensor | None = outputs
+            if k * r_count == out_width and torch.equal(outputs, torch.arange(out_width)):
                 out_idx = None
             b_slice = None
             if bias is not None and not plan.is_logits:
@@ -1154,16 +1167,18 @@ class _StageLayer(nn.Module):
             # layout check makes sure no later op modifies in place.
             source = x if source is None else torch.cat([source, x], dim)
             cache.inputs = source
+        # a stage with buckets has inputs: this one's or the kept ones
+        inputs = cast(torch.Tensor, source)
         if stage.direct:
             b = stage.buckets[0]
-            return self._kernel(source, b, b.bias, pads)
+            return self._kernel(inputs, b, b.bias, pads)
         shape = list(cache.shape)
         shape[dim] = stage.n_new
         if stage.n_new == 0:
             return x.new_empty(shape)
         out = x.new_zeros(shape)
         for b in stage.buckets:
-            y = self._kernel(source, b, b.bias, pads)
+            y = self._kernel(inputs, b, b.bias, pads)
             if b.out_idx is None:
                 out.copy_(y)
             else:
@@ -1678,9 +1693,9 @@ class IncrementalRunner:
             if key not in self._positions:
                 self._learn_positions(inputs)
             return self._positions[key]
-        for key in (self._key, self._reference_shape):
-            if key is not None and key in self._positions:
-                return self._positions[key]
+        for known in (self._key, self._reference_shape):
+            if known is not None and known in self._positions:
+                return self._positions[known]
         raise RuntimeError(
             "MAC counts depend on the input size and none is known yet; pass inputs, "
             "run runner.start(x) once, or build the runner with a reference_shape"
@@ -1837,7 +1852,7 @@ class IncrementalRunner:
         batch_size(x)
         saved_layers = [layer.caches() for layer in self._layers]
         saved_heads = [block.heads for block in self._attention]
-        saved_tokens = [token.caches() for token in self._tokens]
+        saved_tokens: list[list[torch.Tensor]] = [token.caches() for token in self._tokens]
         saved = (self._inputs, self._key, self._stage, self._batch, self._macs_spent)
         for layer in self._layers:
             layer.reset()
@@ -1853,8 +1868,8 @@ class IncrementalRunner:
                 layer.restore_caches(caches)
             for block, heads in zip(self._attention, saved_heads):
                 block.heads = heads
-            for token, caches in zip(self._tokens, saved_tokens):
-                token.restore_caches(caches)
+            for token, kept in zip(self._tokens, saved_tokens):
+                token.restore_caches(kept)
             self._inputs, self._key, self._stage, self._batch, self._macs_spent = saved
 
     def run(

@@ -295,8 +295,9 @@ class SlicedExecution:
                     params["bias"] = bias.index_select(0, device_slice.rows)
             groups = None
             if self._kinds[k] == "conv" and plan.groups != self._groups[k]:
-                groups = int(mod.groups)
-                mod.groups = plan.groups
+                conv = cast(nn.Conv2d, mod)
+                groups = int(conv.groups)
+                conv.groups = plan.groups
             self._live[k] = _Live(weight, device_slice, bias, groups)
             if plan.widen_in and args and isinstance(args[0], torch.Tensor):
                 x = args[0]
@@ -316,7 +317,7 @@ class SlicedExecution:
                 params: dict[str, Any] = mod._parameters
                 params["bias"] = live.bias
             if live.groups is not None:
-                mod.groups = live.groups
+                cast(nn.Conv2d, mod).groups = live.groups
             if live.slice.plan.empty_out and isinstance(output, torch.Tensor):
                 return output.narrow(-3 if self._kinds[k] == "conv" else -1, 0, 0)
             return None
