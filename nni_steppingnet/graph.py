@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._channels import channels_first_parameters, parameter_channel_dim
 from ._inputs import batch_size, call_model, check_forward
+from ._memory import address_space_ceiling
 from .attention import (
     AttentionSpec,
     HeadLayout,
@@ -393,17 +394,30 @@ def discover_layers(
     was_training = model.training
     model.eval()
     try:
-        graph = tp.DependencyGraph().build_dependency(
-            model,
-            example_inputs=example_inputs,
-            ignored_params=per_head or None,
-            ignored_layers=token_modules or None,
-            customized_pruners=patch_merging_pruners(model) or None,
-            unwrapped_parameters=channels_first_parameters(model) or None,
-        )
-        tp_groups = list(graph.get_all_groups(ignored_layers=list(fixed), root_module_types=list(WEIGHTED_TYPES)))
+        # a ceiling, so that an unbounded index mapping raises MemoryError (._memory)
+        with address_space_ceiling():
+            graph = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=example_inputs,
+                ignored_params=per_head or None,
+                ignored_layers=token_modules or None,
+                customized_pruners=patch_merging_pruners(model) or None,
+                unwrapped_parameters=channels_first_parameters(model) or None,
+            )
+            tp_groups = list(graph.get_all_groups(ignored_layers=list(fixed), root_module_types=list(WEIGHTED_TYPES)))
     except UnsupportedModelError:
         raise
+    except MemoryError as exc:
+        raise UnsupportedModelError(
+            [
+                (
+                    type(model).__name__,
+                    "torch-pruning ran out of memory tracing the model: its index mapping of chained "
+                    "reshapes (window or block partitions) grows without bound; such models are not "
+                    "supported yet",
+                )
+            ]
+        ) from exc
     except Exception as exc:  # torch-pruning's tracer raises many types; name the cause
         raise UnsupportedModelError(
             [(type(model).__name__, f"torch-pruning could not trace the model: {type(exc).__name__}: {exc}")]
