@@ -433,10 +433,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     previous: list[dict[str, Any]] = []
     swept: set[str] = set()
+    merged_before: set[str] = set()
     if args.merge:
         if not args.output.is_file():
             parser.error(f"--merge: {args.output} does not exist; run the whole sweep first")
-        previous = json.loads(args.output.read_text(encoding="utf-8"))["results"]
+        earlier = json.loads(args.output.read_text(encoding="utf-8"))
+        previous = earlier["results"]
+        merged_before = set(earlier.get("merged_families", []))
     start = time.perf_counter()
     results = _run_all(models, args)
     if args.merge:
@@ -458,8 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "families_total": len(__import__("timm").list_modules()),
         },
         "wall_s": round(time.perf_counter() - start, 1),
-        # with --merge: the families this run swept (wall_s is theirs); the other rows are older
-        "merged_families": sorted(swept) if args.merge else [],
+        # with --merge: every family swept by a --merge run since the last whole sweep (wall_s is
+        # this run's); the other rows are the whole sweep's
+        "merged_families": sorted(swept | merged_before) if args.merge else [],
         "counts": family_counts(results),
         "model_counts": {k: sum(r["status"] == k for r in results) for k in STATUSES},
         "results": results,
