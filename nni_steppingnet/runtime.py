@@ -449,7 +449,8 @@ class _StageTokenLinear(nn.Module):
     """A token-mixing Linear (:mod:`~nni_steppingnet.token_mixing`) in the runner's model: at
     stage ``s`` it runs over the channels (dim ``-2`` of its ``[batch, channels, tokens]`` input)
     with index ``== s`` only and keeps every earlier channel's output (their inputs never change:
-    the mask rule keeps later channels out of them); the full-width layout only."""
+    the mask rule keeps later channels out of them). In the delta layout its input holds only
+    those channels, and it keeps nothing."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
