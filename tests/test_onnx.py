@@ -168,13 +168,21 @@ def _transformer(name: str) -> nn.Module:
             num_heads=(2, 4),
             window_size=4,
         )
+    elif name == "tiny_vit":  # interleaved [q k v] heads, a pre-norm inside the attention
+        model = timm.create_model(
+            "tiny_vit_5m_224",
+            pretrained=False,
+            embed_dims=(16, 32, 48, 64),
+            depths=(1, 1, 1, 1),
+            num_heads=(1, 2, 3, 4),
+        )
     else:
         model = timm.models.mlp_mixer.MlpMixer(img_size=IMG, patch_size=8, num_blocks=2, embed_dim=32)
     model.reset_classifier(10)
     return randomize_parameters(model.eval(), seed=1)
 
 
-@pytest.mark.parametrize("name", ["vit", "convnext", "swin", "mixer"])
+@pytest.mark.parametrize("name", ["vit", "convnext", "swin", "tiny_vit", "mixer"])
 def test_transformer_stage_graphs_extend_norms_and_heads(
     tmp_path: Path, random_assignment: Callable[..., torch.Tensor], name: str
 ) -> None:
