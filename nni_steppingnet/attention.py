@@ -11,7 +11,7 @@ channels, so adding subnet ``s + 1`` never changes a head of subnet ``s``.
 
 The coupling comes from torch-pruning's dependency graph: it maps ``qkv``'s output channels to
 ``proj``'s input channels through the ``reshape -> permute -> unbind`` of the forward (the group
-rooted at ``qkv``). :func:`head_of_channel` folds that group's channel indices into head indices,
+rooted at ``qkv``). :meth:`HeadLayout.qkv_head` folds that group's channel indices into head indices,
 as torch-pruning's own pruners do with ``num_heads={qkv: H}``.
 
 Supported: every attention block with timm's fused layout: a ``qkv`` Linear with
@@ -69,6 +69,8 @@ __all__ = [
     "is_vit_attention",
     "is_window_attention",
     "window_position_bias",
+    "head_widths",
+    "clear_bias_cache",
     "set_num_heads",
 ]
 
@@ -136,14 +138,21 @@ class AttentionSpec:
     name: str
     qkv: str
     proj: str
-    num_heads: int
-    #: ``proj`` input channels of one head (the value width)
-    head_dim: int
+    #: where each head's channels are in ``qkv`` and ``proj``
+    layout: HeadLayout
     #: MACs per sample of the block's activation products over all heads (:func:`product_macs`)
     macs: int = 0
     #: per-head parameters of the block (relative position bias): attribute -> head dimension
     head_params: dict[str, int] = field(default_factory=dict)
-    layout: HeadLayout | None = None
+
+    @property
+    def num_heads(self) -> int:
+        return self.layout.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        """``proj`` input channels of one head (the value width)."""
+        return self.layout.val_dim
 
     @property
     def head_macs(self) -> int:
@@ -169,12 +178,17 @@ def head_dim_of(module: nn.Module) -> int | None:
 _INTERLEAVED_FORWARDS = (("timm.models.efficientformer", "Attention"), ("timm.models.tiny_vit", "Attention"))
 
 
+def _runs(module: nn.Module, forwards: tuple[tuple[str, str], ...]) -> bool:
+    """True when ``module``'s class runs the ``forward`` of one of the timm ``(module, class)``."""
+    forward = getattr(type(module), "forward", None)
+    return forward is not None and any(forward is _timm_forward(mod, cls) for mod, cls in forwards)
+
+
 def is_interleaved_attention(module: nn.Module) -> bool:
     """True when ``module`` runs EfficientFormer's or TinyViT's attention forward (``qkv``
     reshaped to ``[B, N, heads, 2 * key_dim + val_dim]`` and split into q, k, v; a learnt bias per
     head and token offset, ``attention_biases[:, attention_bias_idxs]``; TinyViT's pre-norm)."""
-    forward = getattr(type(module), "forward", None)
-    return forward is not None and any(forward is _timm_forward(mod, cls) for mod, cls in _INTERLEAVED_FORWARDS)
+    return _runs(module, _INTERLEAVED_FORWARDS)
 
 
 def head_layout(module: nn.Module) -> HeadLayout | None:
@@ -273,22 +287,21 @@ def is_head_attention(module: nn.Module) -> bool:
 
 def is_vit_attention(module: nn.Module) -> bool:
     """True when ``module`` runs timm's ``vision_transformer.Attention`` forward (ViT, DeiT)."""
-    forward = _timm_forward("timm.models.vision_transformer", "Attention")
-    return forward is not None and type(module).forward is forward
+    return _runs(module, (("timm.models.vision_transformer", "Attention"),))
 
 
 def is_window_attention(module: nn.Module) -> bool:
     """True when ``module`` runs timm's Swin ``WindowAttention`` forward: fused qkv, a relative
     position bias per head from ``relative_position_bias_table[relative_position_index]`` and the
     shifted windows' ``mask`` argument."""
-    forward = _timm_forward("timm.models.swin_transformer", "WindowAttention")
-    return forward is not None and type(module).forward is forward
+    return _runs(module, (("timm.models.swin_transformer", "WindowAttention"),))
 
 
 def runs_stage_by_stage(module: nn.Module) -> bool:
-    """True when the incremental runner knows this block's forward (timm's ViT attention, Swin's
-    window attention, EfficientFormer's and TinyViT's interleaved attention) and computes its new
-    heads stage by stage."""
+    """True when the incremental runner and sliced execution know this block's forward (timm's
+    ViT attention, Swin's window attention, EfficientFormer's and TinyViT's interleaved
+    attention): the runner computes its new heads stage by stage, sliced execution its active
+    heads."""
     return is_vit_attention(module) or is_window_attention(module) or is_interleaved_attention(module)
 
 
@@ -303,8 +316,8 @@ def window_position_bias(module: nn.Module) -> torch.Tensor:
 
 def head_of_channel(channels: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
     """Head of every ``qkv`` output channel index (``[q | k | v]``, each ``num_heads * head_dim``
-    wide, head-major inside)."""
-    return (channels % (num_heads * head_dim)) // head_dim
+    wide, head-major inside): :meth:`HeadLayout.qkv_head` of the stacked layout."""
+    return HeadLayout(num_heads, head_dim, head_dim).qkv_head(channels)
 
 
 def attention_macs(tokens: int, heads: int, head_dim: int) -> int:
@@ -407,24 +420,37 @@ def product_macs(model: nn.Module, run: Callable[[], Any], batch: int) -> dict[s
     return {name: counter.macs.get(name, 0) // batch for name in called}
 
 
+def head_widths(layout: HeadLayout) -> dict[str, int]:
+    """The int attributes timm derives from a block's head count, with their width per head:
+    ``attn_dim`` (ViT); EfficientFormer's ``key_attn_dim``/``val_attn_dim`` and TinyViT's
+    ``out_dim`` (interleaved). A block holds those it has."""
+    widths = {"attn_dim": layout.val_dim}
+    if layout.interleaved:
+        widths.update(key_attn_dim=layout.key_dim, val_attn_dim=layout.val_dim, out_dim=layout.val_dim)
+    return widths
+
+
+def clear_bias_cache(module: nn.Module) -> None:
+    """Empty EfficientFormer's and TinyViT's ``attention_bias_cache`` (the gathered biases they
+    keep in eval mode), after their heads changed."""
+    if isinstance(getattr(module, "attention_bias_cache", None), dict):
+        state: Any = module  # a plain attribute (nn.Module's stubs type attributes as Tensor | Module)
+        state.attention_bias_cache = {}
+
+
 def set_num_heads(module: nn.Module, layout: HeadLayout) -> None:
-    """After whole heads were removed from ``qkv``/``proj``: the block's head count and the
-    widths timm derives from it (``attn_dim``; ``key_attn_dim``/``val_attn_dim``, ``out_dim``),
-    and a cleared ``attention_bias_cache`` (EfficientFormer, TinyViT cache the gathered biases)."""
+    """After whole heads were removed from ``qkv``/``proj``: the block's head count, the widths
+    timm derives from it (:func:`head_widths`) and a cleared bias cache (:func:`clear_bias_cache`)."""
     qkv = module.qkv
     assert isinstance(qkv, nn.Linear)
     heads = qkv.out_features // layout.qkv_width
     # plain attributes of the block (nn.Module's stubs type attributes as Tensor | Module)
     state: Any = module
     state.num_heads = heads
-    widths = {"attn_dim": layout.val_dim}
-    if layout.interleaved:  # EfficientFormer's key_attn_dim/val_attn_dim, TinyViT's out_dim
-        widths.update(key_attn_dim=layout.key_dim, val_attn_dim=layout.val_dim, out_dim=layout.val_dim)
-    for attr, per_head in widths.items():
+    for attr, per_head in head_widths(layout).items():
         if isinstance(getattr(module, attr, None), int):
             setattr(state, attr, heads * per_head)
-    if isinstance(getattr(module, "attention_bias_cache", None), dict):
-        state.attention_bias_cache = {}
+    clear_bias_cache(module)
 
 
 def slice_head_parameters(module: nn.Module, dims: dict[str, int], kept: torch.Tensor) -> None:

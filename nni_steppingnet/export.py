@@ -12,7 +12,7 @@ import torch_pruning as tp
 
 from ._channels import channels_first_parameters
 from ._inputs import call_model
-from .attention import HeadLayout, set_num_heads, slice_head_parameters
+from .attention import set_num_heads, slice_head_parameters
 from .macs import macs as count_macs
 from .nested_norm import install_fixed, kept_channels, kept_indices
 from .patch_merging import patch_merging_pruners
@@ -129,9 +129,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     out_neurons = {layer.name: pos for layer, pos in zip(net.layers, net.index.out_positions)}
     # torch-pruning mis-maps an interleaved qkv's heads to proj (graph.py): those two are pruned
     # here by their head layout, outside its groups
-    interleaved = {
-        block.qkv: block for block, _ in net.attention if block.layout is not None and block.layout.interleaved
-    }
+    interleaved = {block.qkv: block for block, _ in net.attention if block.layout.interleaved}
     for group in graph.get_all_groups(ignored_layers=fixed + tokens, root_module_types=[nn.Conv2d, nn.Linear]):
         root = group.items[0].dep.target.module
         assignment = out_assignment[names[root]]
@@ -146,7 +144,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
             continue
         block = interleaved.get(names[root])
         if block is not None:
-            layout = cast(HeadLayout, block.layout)
+            layout = block.layout
             dropped = torch.unique(layout.qkv_head(drop))
             columns = (dropped[:, None] * layout.val_dim + torch.arange(layout.val_dim)[None, :]).flatten()
             tp.prune_linear_out_channels(root, drop.tolist())
@@ -167,7 +165,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     _fit_channel_state(model)
     for block, heads in net.attention:
         module = model.get_submodule(block.name)
-        set_num_heads(module, cast(HeadLayout, block.layout))
+        set_num_heads(module, block.layout)
         if block.head_params:
             index = flat[heads]
             kept = (index <= s).nonzero().flatten()

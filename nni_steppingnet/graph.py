@@ -432,10 +432,8 @@ def discover_layers(
             name=name,
             qkv=f"{name}.qkv",
             proj=f"{name}.proj",
-            num_heads=int(module.num_heads),
-            head_dim=cast(HeadLayout, head_layout(module)).val_dim,
+            layout=cast(HeadLayout, head_layout(module)),
             head_params=head_parameters(module),
-            layout=head_layout(module),
         )
         for name, module in model.named_modules()
         if is_head_attention(module)
@@ -465,13 +463,11 @@ def discover_layers(
                 continue
             idxs, roots = _to_tensor(item.idxs), _to_tensor(item.root_idxs)
             if block is not None:
-                layout = cast(HeadLayout, block.layout)
-                if layout.interleaved:
+                if block.layout.interleaved and (name, side) != (block.qkv, "out"):
                     # torch-pruning 1.6 maps qkv's outputs through the per-head split to proj's
                     # inputs as the identity (past proj's width): the layout gives them (below)
-                    if (name, side) != (block.qkv, "out"):
-                        continue
-                roots = layout.qkv_head(roots)
+                    continue
+                roots = block.layout.qkv_head(roots)
             if is_patch_merging(module):
                 # one torch-pruning node (.patch_merging): its channels live in its norm and reduction
                 child_roots = roots.repeat(MERGED_TOKENS) if side == "in" else roots
@@ -479,9 +475,9 @@ def discover_layers(
                     spec.members.append((f"{name}.{child}", child_side, channels, child_roots))
                 continue
             spec.members.append((name, side, idxs, roots))
-        if block is not None and cast(HeadLayout, block.layout).interleaved:
-            channels = torch.arange(cast(HeadLayout, block.layout).num_heads * block.head_dim)
-            spec.members.append((block.proj, "in", channels, cast(HeadLayout, block.layout).proj_head(channels)))
+        if block is not None and block.layout.interleaved:
+            channels = torch.arange(block.num_heads * block.head_dim)
+            spec.members.append((block.proj, "in", channels, block.layout.proj_head(channels)))
         groups.append(spec)
     groups.sort(key=lambda g: order[g.name])
     offsets = [0]

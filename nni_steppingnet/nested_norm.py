@@ -67,6 +67,7 @@ __all__ = [
     "unsupported_norm_reason",
     "nested_normalize",
     "nested_norm_output",
+    "affine_parameters",
     "extend_statistics",
     "normalize_newest",
     "NestedNorms",
@@ -392,7 +393,8 @@ def nested_norm_output(
     return y
 
 
-def _affine(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def affine_parameters(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A norm's ``weight`` and ``bias`` (``None`` for one it lacks or holds as ``None``)."""
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
     return (
@@ -458,7 +460,7 @@ class NestedNorms:
                 return None
             x = args[0]
             index = self.channel_index(name, x.device)
-            weight, bias = _affine(module)
+            weight, bias = affine_parameters(module)
             present = net.present_channels(name, x.device)
             if present is not None:
                 # Sliced execution: the input holds only these channels (cumulative layout).
@@ -500,7 +502,7 @@ class FixedNestedNorm:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         x = args[0]
-        weight, bias = _affine(module)
+        weight, bias = affine_parameters(module)
         y = nested_norm_output(module, self.kind, x, self.index.to(x.device), self.active, weight, bias)
         return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
 
@@ -527,7 +529,7 @@ def install_fixed(model: nn.Module, kinds: dict[str, NormKind], indices: dict[st
     for name, kind in kinds.items():
         module = model.get_submodule(name)
         index = indices[name]
-        weight, _ = _affine(module)
+        weight, _ = affine_parameters(module)
         width = int(weight.shape[0]) if weight is not None else index.numel()
         if width != index.numel():
             raise RuntimeError(

@@ -41,8 +41,8 @@ are those of every channel of index ``<= s``: it keeps the statistics of the cha
 :meth:`IncrementalRunner.stage_state` like a layer's kept inputs) and normalises the new
 channels with them, so the statistics extend stage by stage at the cost of the new channels.
 
-Multi-head attention with head neurons (:mod:`~nni_steppingnet.attention`: timm's ViT attention
-and Swin's window attention) computes ``q.k`` and ``attn.v`` of the heads of index ``s`` only.
+Multi-head attention with head neurons (:mod:`~nni_steppingnet.attention`: timm's ViT attention,
+Swin's window attention, EfficientFormer's and TinyViT's interleaved attention) computes ``q.k`` and ``attn.v`` of the heads of index ``s`` only.
 In the delta layout its ``qkv`` layer returns exactly their q, k and v channels and ``proj``
 reads their outputs; in the full-width layout the block keeps every earlier head's output.
 
@@ -90,7 +90,14 @@ from .attention import (
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .checkpoint import atomic_write
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
-from .nested_norm import NormKind, extend_statistics, nested_norm_output, norm_kind, normalize_newest
+from .nested_norm import (
+    NormKind,
+    affine_parameters,
+    extend_statistics,
+    nested_norm_output,
+    norm_kind,
+    normalize_newest,
+)
 
 if TYPE_CHECKING:
     from .stepping import SteppingNet
@@ -273,15 +280,8 @@ class _StageNorm(nn.Module):
         self._kept.clear()
         self._calls[0] = 0
 
-    def _affine(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        weight, bias = getattr(self, "weight", None), getattr(self, "bias", None)
-        return (
-            weight if isinstance(weight, torch.Tensor) else None,
-            bias if isinstance(bias, torch.Tensor) else None,
-        )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._affine()
+        weight, bias = affine_parameters(self)
         stage = self.state.stage
         if not self.state.delta:
             index = self.channel_index.to(x.device)
@@ -315,16 +315,16 @@ class _StageNorm(nn.Module):
 
     # the stage-state protocol of _StageLayer (IncrementalRunner.stage_state, resume_stage)
     def preload(self, tensors: Mapping[int, torch.Tensor] | None) -> None:
-        """Kept inputs of the stages before the next forward's stage, by call; ``None`` ends it."""
+        """Statistics of the stages before the next forward's stage, by call; ``None`` ends it."""
         self._preload = None if tensors is None else dict(tensors)
 
     def delta_cached(self) -> list[torch.Tensor | None]:
-        """Per call of the last forward: the inputs kept so far (stage-major), ``None`` if none."""
+        """Per call of the last forward: the statistics of the channels so far, ``None`` if none."""
         return list(self._kept)
 
     def delta_stage_io(self, s: int) -> tuple[bool, bool, bool]:
-        """Stage ``s``: (it keeps inputs of earlier stages, it computes from them, it receives
-        new channels)."""
+        """Stage ``s``: (it keeps statistics of earlier stages, it computes from them, it
+        receives new channels)."""
         new = self._new[s] if s < len(self._new) else 0
         return sum(self._new[1:s]) > 0, new > 0, new > 0
 

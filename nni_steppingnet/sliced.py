@@ -74,13 +74,7 @@ import torch
 import torch.nn as nn
 
 from ._inputs import call_model
-from .attention import (
-    AttentionSpec,
-    HeadLayout,
-    is_interleaved_attention,
-    is_vit_attention,
-    is_window_attention,
-)
+from .attention import AttentionSpec, HeadLayout, clear_bias_cache, head_widths, is_vit_attention, runs_stage_by_stage
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .errors import UnsupportedModelError
 from .validation import EXECUTIONS
@@ -183,7 +177,7 @@ class SlicedExecution:
         modules = dict(net.model.named_modules())
         for block, heads in net.attention:
             module = modules.get(block.name)
-            if module is not None and block.layout is not None and not is_vit_attention(module):
+            if module is not None and not is_vit_attention(module):
                 self._phantom[names.index(block.qkv)] = (heads, block.layout, "qkv")
                 self._phantom[names.index(block.proj)] = (heads, block.layout, "proj")
         self._channel_entries: list[tuple[str, nn.Module, str | None, torch.Tensor]] = []
@@ -415,10 +409,7 @@ class SlicedExecution:
         zero heads (it infers the head width with ``-1``) runs one inactive *phantom* head
         instead: its ``qkv`` and ``proj`` weights are masked, so it adds nothing (see ``_plan``)."""
         expected = weakref.ref(module)
-        layout = cast(HeadLayout, block.layout)
-        widths = {"attn_dim": layout.val_dim}
-        if layout.interleaved:
-            widths.update(key_attn_dim=layout.key_dim, val_attn_dim=layout.val_dim, out_dim=layout.val_dim)
+        widths = head_widths(block.layout)
         phantom = not is_vit_attention(module)
 
         def hook(mod: nn.Module, args: Any) -> None:
@@ -451,8 +442,7 @@ class SlicedExecution:
                 assert full is not None
                 params[attr] = full
                 mod._parameters[attr] = full.index_select(dim, active.to(full.device))  # type: ignore[assignment]
-            if isinstance(getattr(mod, "attention_bias_cache", None), dict):
-                state.attention_bias_cache = {}  # EfficientFormer/TinyViT cache the gathered biases in eval
+            clear_bias_cache(mod)
             self._live_heads[block.name] = (saved, params)
             return None
 
@@ -467,8 +457,7 @@ class SlicedExecution:
                     setattr(state, attr, value)
                 for attr, full in saved[1].items():
                     mod._parameters[attr] = cast(nn.Parameter, full)
-                if isinstance(getattr(mod, "attention_bias_cache", None), dict):
-                    state.attention_bias_cache = {}
+                clear_bias_cache(mod)
             return None
 
         return hook
@@ -871,7 +860,7 @@ def unsupported_blocks(net: SteppingNet) -> list[tuple[str, str]]:
         module = modules.get(block.name)
         if module is None:
             continue
-        if not (is_vit_attention(module) or is_window_attention(module) or is_interleaved_attention(module)):
+        if not runs_stage_by_stage(module):
             found.append(
                 (
                     block.name,
