@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ._channels import channels_first_parameters
+from ._index_mapping import build_dependency_graph
 from ._inputs import call_model
 from .attention import set_num_heads, slice_head_parameters
 from .macs import macs as count_macs
@@ -107,6 +108,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
 
     flat = net.flat_assignment()
     out_assignment = {layer.name: flat[pos] for layer, pos in zip(net.layers, net.index.out_positions)}
+    kept_out = {name: assignment <= s for name, assignment in out_assignment.items()}
     names = {m: n for n, m in model.named_modules()}
     fixed = [model.get_submodule(layer.name) for layer in net.layers if layer.is_logits]
     was_training = model.training
@@ -118,13 +120,13 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     # token-mixing Linears run over the kept channels as they are (.token_mixing)
     tokens = [model.get_submodule(token.name) for token in net.token_mixing]
     with torch.enable_grad():  # torch-pruning traces through autograd; callers may be under no_grad
-        graph = tp.DependencyGraph().build_dependency(
+        graph = build_dependency_graph(
             model,
-            example_inputs=net.example_inputs,
-            ignored_params=per_head or None,
-            ignored_layers=tokens or None,
-            customized_pruners=patch_merging_pruners(model) or None,
-            unwrapped_parameters=channels_first_parameters(model) or None,
+            net.example_inputs,
+            ignored_params=per_head,
+            ignored_layers=tokens,
+            customized_pruners=patch_merging_pruners(model),
+            unwrapped_parameters=channels_first_parameters(model),
         )
     out_neurons = {layer.name: pos for layer, pos in zip(net.layers, net.index.out_positions)}
     # torch-pruning mis-maps an interleaved qkv's heads to proj (graph.py): those two are pruned
@@ -163,6 +165,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
         if bias is not None:
             module.bias = nn.Parameter(bias[keep].clone())
     _fit_channel_state(model)
+    _fit_split_widths(model, net.example_inputs, kept_out)
     for block, heads in net.attention:
         module = model.get_submodule(block.name)
         set_num_heads(module, block.layout)
@@ -200,6 +203,50 @@ def _fit_channel_state(model: nn.Module) -> None:
             if torch.equal(filt, filt[:1].expand_as(filt)):  # identical rows (timm's binomial filter)
                 state.channels = None
                 state.filt = filt[:1].clone()
+
+
+def _fit_split_widths(model: nn.Module, example_inputs: Any, kept_out: dict[str, torch.Tensor]) -> None:
+    """Set the fixed channel splits of timm blocks to the widths left after pruning.
+
+    These blocks split a tensor by widths stored at construction, which torch-pruning does not
+    know: InceptionNeXt's ``InceptionDWConv2d.split_indexes`` (identity, hw, w and h bands),
+    Res2Net's ``Bottle2neck.width`` (its scales; a list of widths once they differ) and DPN's
+    ``DualPathBlock.num_1x1_c`` (residual against dense path). Each width is read from the
+    pruned layer that consumes the chunk; InceptionNeXt's identity band, which no layer reads,
+    from the block's input width (one forward, with pre-hooks), and the width of a DPN residual
+    path that no single layer computes from the kept channels of the conv whose outputs it slices.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    hooks = []
+    for module in model.modules():
+        kind = (type(module).__module__, type(module).__name__)
+        state: Any = module  # timm's plain attributes
+        if kind == ("timm.models.inception_next", "InceptionDWConv2d"):
+
+            def fit_bands(block: Any, args: tuple[Any, ...]) -> None:
+                bands = [int(conv.in_channels) for conv in (block.dwconv_hw, block.dwconv_w, block.dwconv_h)]
+                block.split_indexes = (int(args[0].shape[1]) - sum(bands), *bands)
+
+            hooks.append(module.register_forward_pre_hook(fit_bands))
+        elif kind == ("timm.models.res2net", "Bottle2neck") and state.scale > 1:
+            widths = [int(conv.in_channels) for conv in state.convs]
+            state.width = [*widths, int(state.conv1.out_channels) - sum(widths)]
+        elif kind == ("timm.models.dpn", "DualPathBlock"):
+            if state.c1x1_c1 is not None:
+                state.num_1x1_c = int(state.c1x1_c1.out_channels)
+            else:
+                kept = kept_out.get(names[state.c1x1_c.conv] if state.c1x1_c.conv in names else "")
+                if kept is not None:
+                    state.num_1x1_c = int(kept[: state.num_1x1_c].sum())
+    if hooks:
+        try:
+            with torch.no_grad():
+                call_model(model, example_inputs)
+        except RuntimeError:
+            pass  # a block that still does not fit is named by _check_runs below
+        finally:
+            for handle in hooks:
+                handle.remove()
 
 
 def _check_runs(model: nn.Module, example_inputs: Any, s: int) -> None:

@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterable, Sequence, cast
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 
 from ._channels import channels_first_parameters, parameter_channel_dim
+from ._index_mapping import build_dependency_graph
 from ._inputs import batch_size, call_model, check_forward
 from ._memory import address_space_ceiling
 from .attention import (
@@ -396,13 +396,13 @@ def discover_layers(
     try:
         # a ceiling, so that an unbounded index mapping raises MemoryError (._memory)
         with address_space_ceiling():
-            graph = tp.DependencyGraph().build_dependency(
+            graph = build_dependency_graph(
                 model,
-                example_inputs=example_inputs,
-                ignored_params=per_head or None,
-                ignored_layers=token_modules or None,
-                customized_pruners=patch_merging_pruners(model) or None,
-                unwrapped_parameters=channels_first_parameters(model) or None,
+                example_inputs,
+                ignored_params=per_head,
+                ignored_layers=token_modules,
+                customized_pruners=patch_merging_pruners(model),
+                unwrapped_parameters=channels_first_parameters(model),
             )
             tp_groups = list(graph.get_all_groups(ignored_layers=list(fixed), root_module_types=list(WEIGHTED_TYPES)))
     except UnsupportedModelError:
