@@ -129,19 +129,21 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
             unwrapped_parameters=channels_first_parameters(model),
         )
     out_neurons = {layer.name: pos for layer, pos in zip(net.layers, net.index.out_positions)}
+    # A layer keeps one output neuron (one channel; a whole head of an attention qkv) when all of
+    # its are inactive: it cannot have zero channels, and a group's active neurons may all lie in
+    # its other layers (a Res2Net scale whose chunk is inactive). The kept channel's weights are
+    # all masked and no active weight reads it, so it changes nothing but costs dense MACs.
+    kept_anyway = torch.zeros(flat.numel(), dtype=torch.bool)
+    for layer, positions in zip(net.layers, net.index.out_positions):
+        if not layer.is_logits and bool((flat[positions] > s).all()):
+            kept_anyway[positions[int(torch.argmin(flat[positions]))]] = True
     # torch-pruning mis-maps an interleaved qkv's heads to proj (graph.py): those two are pruned
     # here by their head layout, outside its groups
     interleaved = {block.qkv: block for block, _ in net.attention if block.layout.interleaved}
     for group in graph.get_all_groups(ignored_layers=fixed + tokens, root_module_types=[nn.Conv2d, nn.Linear]):
         root = group.items[0].dep.target.module
         assignment = out_assignment[names[root]]
-        drop = (assignment > s).nonzero().flatten()
-        if drop.numel() == assignment.numel():
-            # Keep one neuron (one channel; a whole head of an attention qkv): a layer cannot have
-            # zero channels. Its weights are all masked and no active weight reads it, so it
-            # changes nothing but costs dense MACs.
-            neurons = out_neurons[names[root]]
-            drop = (neurons != neurons[int(torch.argmin(assignment))]).nonzero().flatten()
+        drop = ((assignment > s) & ~kept_anyway[out_neurons[names[root]]]).nonzero().flatten()
         if drop.numel() == 0:
             continue
         block = interleaved.get(names[root])

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Sequence, cast
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 
 from ._channels import channels_first_parameters, parameter_channel_dim
@@ -405,6 +406,7 @@ def discover_layers(
                 unwrapped_parameters=channels_first_parameters(model),
             )
             tp_groups = list(graph.get_all_groups(ignored_layers=list(fixed), root_module_types=list(WEIGHTED_TYPES)))
+            remainders = _remainder_groups(graph, tp_groups, [m for _, m in weighted if m not in fixed])
     except UnsupportedModelError:
         raise
     except MemoryError as exc:
@@ -440,7 +442,7 @@ def discover_layers(
     }
     groups: list[GroupSpec] = []
     group_heads: dict[str, AttentionSpec] = {}
-    for tp_group in tp_groups:
+    for tp_group, remainder in [*((g, False) for g in tp_groups), *((g, True) for g in remainders)]:
         items = list(tp_group.items)
         root = items[0]
         root_name = module_names.get(root.dep.target.module)
@@ -451,6 +453,10 @@ def discover_layers(
         if block is not None:
             size = block.num_heads
             group_heads[root_name] = block
+        # A remainder group (below) holds only some of its root's channels: its neurons are those.
+        compact = torch.unique(_to_tensor(root.root_idxs)) if remainder else None
+        if compact is not None:
+            size = len(compact)
         spec = GroupSpec(name=root_name, size=size)
         for item in items:
             module = item.dep.target.module
@@ -462,6 +468,8 @@ def discover_layers(
             if module in fixed and side == "out":
                 continue
             idxs, roots = _to_tensor(item.idxs), _to_tensor(item.root_idxs)
+            if compact is not None:
+                roots = torch.searchsorted(compact, roots)
             if block is not None:
                 if block.layout.interleaved and (name, side) != (block.qkv, "out"):
                     # torch-pruning 1.6 maps qkv's outputs through the per-head split to proj's
@@ -591,6 +599,35 @@ def discover_layers(
         attention=attention,
         token_mixing=token_mixing,
     )
+
+
+def _remainder_groups(graph: Any, groups: list[Any], roots: list[nn.Module]) -> list[Any]:
+    """Groups for the output channels of ``roots`` that no torch-pruning group holds.
+
+    ``get_all_groups`` builds no group rooted at a layer another group has reached, even when that
+    group holds only some of its channels: a depthwise conv reading one chunk of a split claims
+    those channels of the layer before the split, and the rest end up in no group
+    (InceptionNeXt's bands without a residual around them). Each remainder is one more group,
+    rooted at the channels left over.
+    """
+    extra: list[Any] = []
+    while True:
+        covered: dict[nn.Module, set[int]] = {}
+        for group in [*groups, *extra]:
+            for item in group.items:
+                target = item.dep.target.module
+                if isinstance(target, WEIGHTED_TYPES) and _side(item.dep.handler) == "out":
+                    covered.setdefault(target, set()).update(int(i) for i in item.idxs)
+        for module in roots:
+            width = int(cast(torch.Tensor, module.weight).shape[0])
+            held = covered.get(module, set())
+            if len(held) < width:
+                missing = sorted(set(range(width)) - held)
+                handler = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
+                extra.append(graph.get_pruning_group(module, handler, idxs=missing))
+                break  # the new group may hold other layers' channels too
+        else:
+            return extra
 
 
 def _token_mixing(

@@ -1,0 +1,191 @@
+"""Channel maps through split, chunk, concat and view: read from autograd (._index_mapping).
+
+Each model here is one torch-pruning 1.6 mis-maps on torch 2.x on its own: the neuron positions of
+every layer reading a chunk must be exactly the producer's positions of that chunk, the masked
+subnets isolated, and the exported subnet equal to the masked one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nni_steppingnet import SteppingNet
+from nni_steppingnet.export import export_subnet
+from nni_steppingnet.testing import isolation_report, randomize_bn
+
+N = 3
+
+
+class Bands(nn.Module):
+    """InceptionNeXt's token mixer: split into bands, convolve all but the first, concatenate in
+    the same order (torch-pruning reaches the later bands first). The widths come from the band
+    convs at forward, so that an exported copy splits its pruned width (``fixed_widths`` keeps
+    them as built, as timm's ``split_indexes`` does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.band_hw = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.band_w = nn.Conv2d(2, 2, (1, 3), padding=(0, 1), groups=2)
+        self.head_conv = nn.Conv2d(12, 8, 1)
+        self.fc = nn.Linear(8, 5)
+        self.fixed_widths: tuple[int, int, int] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        bands = (self.band_hw.in_channels, self.band_w.in_channels)
+        widths = self.fixed_widths or (x.shape[1] - sum(bands), *bands)
+        x_id, x_hw, x_w = torch.split(x, widths, dim=1)
+        x = torch.cat((x_id, self.band_hw(x_hw), self.band_w(x_w)), dim=1)
+        return self.fc(self.head_conv(x).mean((2, 3)))
+
+
+class Chunks(nn.Module):
+    """``chunk`` (autograd's ``SplitBackward0``, which saves no sizes) into unequal chunks, used
+    in reverse order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 10, 3, padding=1)
+        self.convs = nn.ModuleList([nn.Conv2d(w, 4, 1) for w in (4, 4, 2)])
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.relu(self.stem(x)).chunk(3, dim=1)
+        outs = [conv(part) for conv, part in zip(self.convs, parts)]
+        return self.fc(torch.cat(outs[::-1], dim=1).mean((2, 3)))
+
+
+class Scales(nn.Module):
+    """Res2Net's hierarchy: chunk i is added to the output of the conv before it, and the last
+    chunk goes to the concat as it is (a split feeding a concat directly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 1)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.convs = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1) for _ in range(2)])
+        self.conv3 = nn.Conv2d(12, 6, 1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        widths = [conv.in_channels for conv in self.convs]
+        chunks = torch.split(x, [*widths, x.shape[1] - sum(widths)], dim=1)
+        outs, sp = [], chunks[0]
+        for i, conv in enumerate(self.convs):
+            sp = torch.relu(conv(sp if i == 0 else sp + chunks[i]))
+            outs.append(sp)
+        x = torch.cat([*outs, chunks[-1]], dim=1)
+        return self.fc(self.conv3(x).mean((2, 3)))
+
+
+class LayerScale(nn.Module):
+    """A MetaNeXt block's layer scale, ``gamma.reshape(1, -1, 1, 1)``: a view that only adds
+    size-1 dimensions, which torch-pruning mapped as a flatten of the MLP's ratio."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc1 = nn.Conv2d(6, 24, 1)
+        self.fc2 = nn.Conv2d(24, 6, 1)
+        self.gamma = nn.Parameter(torch.rand(6) + 0.5)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.fc2(torch.relu(self.fc1(x))).mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.fc(x.mean((2, 3)))
+
+
+def _positions(net: SteppingNet) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    outs = {layer.name: pos for layer, pos in zip(net.layers, net.index.out_positions)}
+    ins = {layer.name: layer.in_pos for layer in net.layers}
+    return outs, ins
+
+
+def _wrap(model: nn.Module, seed: int, random_assignment: Callable[..., torch.Tensor]) -> SteppingNet:
+    torch.manual_seed(seed)
+    randomize_bn(model, seed=seed)
+    net = SteppingNet(model.eval(), torch.randn(1, 3, 8, 8), N)
+    random_assignment(net, seed)
+    return net
+
+
+def test_split_bands_map_to_their_own_channels(random_assignment: Callable[..., torch.Tensor]) -> None:
+    net = _wrap(Bands(), 0, random_assignment)
+    outs, ins = _positions(net)
+    stem = outs["stem"]
+    # a depthwise band's inputs are its outputs' neurons, which are the stem's channels 7..9, 10..11
+    assert torch.equal(outs["band_hw"], stem[7:10])
+    assert torch.equal(outs["band_w"], stem[10:12])
+    assert torch.equal(ins["head_conv"], torch.cat([stem[:7], outs["band_hw"], outs["band_w"]]))
+
+
+def test_unequal_chunks_used_in_reverse_order(random_assignment: Callable[..., torch.Tensor]) -> None:
+    net = _wrap(Chunks(), 0, random_assignment)
+    outs, ins = _positions(net)
+    stem = outs["stem"]
+    for k, (start, stop) in enumerate([(0, 4), (4, 8), (8, 10)]):
+        assert torch.equal(ins[f"convs.{k}"], stem[start:stop])
+    assert torch.equal(ins["fc"], torch.cat([outs["convs.2"], outs["convs.1"], outs["convs.0"]]))
+
+
+def test_split_feeding_a_concat_and_residual_scales(random_assignment: Callable[..., torch.Tensor]) -> None:
+    net = _wrap(Scales(), 0, random_assignment)
+    outs, ins = _positions(net)
+    conv1 = outs["conv1"]
+    assert torch.equal(ins["convs.0"], conv1[0:4])
+    # chunk 1 is added to convs.0's output: one neuron per channel pair
+    assert torch.equal(outs["convs.0"], conv1[4:8])
+    assert torch.equal(ins["convs.1"], conv1[4:8])
+    assert torch.equal(ins["conv3"], torch.cat([outs["convs.0"], outs["convs.1"], conv1[8:12]]))
+
+
+def test_layer_scale_view_is_the_identity(random_assignment: Callable[..., torch.Tensor]) -> None:
+    net = _wrap(LayerScale(), 0, random_assignment)
+    outs, ins = _positions(net)
+    assert torch.equal(outs["fc2"], outs["stem"])
+    assert torch.equal(net.channel_parameters["gamma"], outs["stem"])
+    assert torch.equal(ins["fc2"], outs["fc1"])
+
+
+@pytest.mark.parametrize("model_cls", [Bands, Chunks, Scales, LayerScale])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_subnets_are_isolated(
+    model_cls: type[nn.Module], seed: int, random_assignment: Callable[..., torch.Tensor]
+) -> None:
+    net = _wrap(model_cls(), seed, random_assignment)
+    x = torch.randn(4, 3, 8, 8)
+    for train in (False, True):
+        report = isolation_report(net, x, train=train)
+        assert report.isolated and sum(report.compared) > 0, report
+
+
+# Chunks is left out: ``chunk(3)`` of a pruned width gives other chunks than the pruned layers
+@pytest.mark.parametrize("model_cls", [Bands, Scales, LayerScale])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_export_equals_masked(
+    model_cls: type[nn.Module], seed: int, random_assignment: Callable[..., torch.Tensor]
+) -> None:
+    net = _wrap(model_cls(), seed, random_assignment)
+    x = torch.randn(4, 3, 8, 8)
+    for s in range(1, N + 1):
+        exported = export_subnet(net, s).eval()
+        with torch.no_grad(), net.subnet(s):
+            expected = net.model(x)
+        with torch.no_grad():
+            got = exported(x)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (s, (got - expected).abs().max())
+
+
+def test_export_names_a_block_whose_split_widths_are_fixed(random_assignment: Callable[..., torch.Tensor]) -> None:
+    model = Bands()
+    model.fixed_widths = (7, 3, 2)
+    net = _wrap(model, 0, random_assignment)
+    with pytest.raises(RuntimeError, match=r"export_subnet\(1\): .*still expects the original channel count"):
+        export_subnet(net, 1)
