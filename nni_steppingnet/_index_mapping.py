@@ -36,6 +36,7 @@ import torch_pruning as tp
 from torch_pruning import ops
 from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import constants
+from torch_pruning.dependency.index_mapping import _SliceIndexMapping
 
 __all__ = ["build_dependency_graph", "correct_index_mapping"]
 
@@ -144,6 +145,36 @@ class _ChunkPlan:
         return _ChunkMapping(self.node.module, self.attribute, chunk, into_chunk=from_node)
 
 
+@dataclass
+class _SlicePlan:
+    """A channel slice ``x[:, start:stop:step]``: torch-pruning's own mapping between it and its
+    input, placed in the slot :func:`_apply_plans` gives it (and kept from being recomputed)."""
+
+    node: Any
+    start: int
+    stop: int
+    step: int
+    dim: int
+
+    def mapping(self, neighbour: Any, from_node: bool) -> Any:
+        if neighbour not in self.node.inputs:
+            return constants.INDEX_MAPPING_PLACEHOLDER
+        return _SliceIndexMapping(dim=self.dim, start=self.start, end=self.stop, step=self.step, reverse=from_node)
+
+
+def _plan_slice(node: Any) -> _SlicePlan | None:
+    grad_fn = node.grad_fn
+    sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is None or not all(hasattr(grad_fn, f"_saved_{k}") for k in ("start", "end", "step", "dim")):
+        return None
+    rank = len(sizes)
+    dim = _saved_dim(grad_fn, rank)
+    start, stop, step = int(grad_fn._saved_start), int(grad_fn._saved_end), int(grad_fn._saved_step)
+    if not _is_channel_dim(dim, rank) or start < 0 or stop < 0 or step < 1:
+        return None
+    return _SlicePlan(node, start, min(stop, int(sizes[dim])), step, dim)
+
+
 def _plan_split(node: Any) -> _ChunkPlan | None:
     found = _split_widths(node.grad_fn)
     if found is None:
@@ -177,7 +208,7 @@ def _plan_concat(node: Any, by_grad_fn: dict[Any, Any]) -> _ChunkPlan | None:
     return _ChunkPlan(node, "concat_sizes", [int(shape[dim]) for shape in shapes], {n: k for k, n in enumerate(inputs)})
 
 
-def _apply_chunk_plans(plans: dict[Any, _ChunkPlan]) -> None:
+def _apply_plans(plans: dict[Any, _ChunkPlan | _SlicePlan]) -> None:
     """Install the plans. A dependency's first mapping is its source's, its second its target's
     (torch-pruning applies ``index_mapping[0]`` then ``[1]``): on a split feeding a concat
     directly (Res2Net) the way back then maps into the concat's chunk before out of the split's,
@@ -195,9 +226,13 @@ def _apply_chunk_plans(plans: dict[Any, _ChunkPlan]) -> None:
                 del plans[node]
                 changed = True
     for node, plan in plans.items():
+        # torch-pruning recomputes its own mappings in every get_pruning_group
+        if isinstance(plan, _SlicePlan):
+            node.type = ops.OPTYPE.ELEMENTWISE  # its slice update ignores enable_index_mapping
+            continue
         node.module.offsets = _offsets(plan.widths)
         setattr(node.module, plan.attribute, list(plan.widths))
-        node.enable_index_mapping = False  # torch-pruning recomputes its own in every get_pruning_group
+        node.enable_index_mapping = False
     for node in plans:
         for neighbour in {*node.inputs, *node.outputs}:
             for source, target in ((node, neighbour), (neighbour, node)):
@@ -235,13 +270,15 @@ def correct_index_mapping(graph: tp.DependencyGraph) -> None:
     for node in nodes:
         if node.type == ops.OPTYPE.RESHAPE:
             _correct_view(node)
-    plans: dict[Any, _ChunkPlan] = {}
+    plans: dict[Any, _ChunkPlan | _SlicePlan] = {}
     for node in nodes:
-        plan = None
+        plan: _ChunkPlan | _SlicePlan | None = None
         if node.type == ops.OPTYPE.SPLIT:
             plan = _plan_split(node)
         elif node.type == ops.OPTYPE.CONCAT:
             plan = _plan_concat(node, by_grad_fn)
+        elif node.type == ops.OPTYPE.SLICE:
+            plan = _plan_slice(node)
         if plan is not None:
             plans[node] = plan
-    _apply_chunk_plans(plans)
+    _apply_plans(plans)

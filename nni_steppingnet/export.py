@@ -140,6 +140,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     # torch-pruning mis-maps an interleaved qkv's heads to proj (graph.py): those two are pruned
     # here by their head layout, outside its groups
     interleaved = {block.qkv: block for block, _ in net.attention if block.layout.interleaved}
+    pending: list[Any] = []
     for group in graph.get_all_groups(ignored_layers=fixed + tokens, root_module_types=[nn.Conv2d, nn.Linear]):
         root = group.items[0].dep.target.module
         assignment = out_assignment[names[root]]
@@ -155,7 +156,8 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
             tp.prune_linear_in_channels(model.get_submodule(block.proj), columns.tolist())
             continue
         handler = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
-        graph.get_pruning_group(root, handler, idxs=drop.tolist()).prune()
+        pending.append(graph.get_pruning_group(root, handler, idxs=drop.tolist()))
+    _prune_once(pending)
     for module in bias_free:
         module.register_parameter("bias", None)
     for name, (weight, bias) in layer_norm_affine.items():
@@ -189,6 +191,29 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     return model
 
 
+def _prune_once(groups: list[Any]) -> None:
+    """Prune every (layer, pruning function) of ``groups`` once, by the union of its indices.
+
+    All groups are built on the unpruned model, so every index is in its original coordinates;
+    pruning group by group would shift the coordinates under the groups still to come, which
+    torch-pruning recomputes only for the offsets it infers itself (a split's offsets it never
+    updates, nor a slice's start past a pruned channel: DPN's ``x[:, num_1x1_c:]``).
+    """
+    if not groups:
+        return
+    merged: dict[tuple[int, Any], tuple[Any, set[int]]] = {}
+    for group in groups:
+        for item in group.items:
+            key = (id(item.dep.target.module), item.dep.handler)
+            dep, idxs = merged.setdefault(key, (item.dep, set()))
+            idxs.update(int(i) for i in item.idxs)
+    combined = groups[0]
+    combined.items.clear()
+    for dep, idxs in merged.values():
+        combined.add_dep(dep, sorted(idxs))
+    combined.prune(record_history=False)
+
+
 def _fit_channel_state(model: nn.Module) -> None:
     """Shrink the per-channel state of timm modules torch-pruning does not know, after it pruned
     their channels: metaformer's ``Scale`` keeps the original width in ``shape`` (its ``scale``
@@ -212,10 +237,11 @@ def _fit_split_widths(model: nn.Module, example_inputs: Any, kept_out: dict[str,
 
     These blocks split a tensor by widths stored at construction, which torch-pruning does not
     know: InceptionNeXt's ``InceptionDWConv2d.split_indexes`` (identity, hw, w and h bands),
+    FasterNet's ``Partial_conv3.dim_conv3`` / ``dim_untouched``,
     Res2Net's ``Bottle2neck.width`` (its scales; a list of widths once they differ) and DPN's
     ``DualPathBlock.num_1x1_c`` (residual against dense path). Each width is read from the
-    pruned layer that consumes the chunk; InceptionNeXt's identity band, which no layer reads,
-    from the block's input width (one forward, with pre-hooks), and the width of a DPN residual
+    pruned layer that consumes the chunk; InceptionNeXt's identity band and FasterNet's untouched
+    part, which no layer reads, from the block's input width (one forward, with pre-hooks), and the width of a DPN residual
     path that no single layer computes from the kept channels of the conv whose outputs it slices.
     """
     names = {module: name for name, module in model.named_modules()}
@@ -230,6 +256,13 @@ def _fit_split_widths(model: nn.Module, example_inputs: Any, kept_out: dict[str,
                 block.split_indexes = (int(args[0].shape[1]) - sum(bands), *bands)
 
             hooks.append(module.register_forward_pre_hook(fit_bands))
+        elif kind == ("timm.models.fasternet", "Partial_conv3"):
+
+            def fit_partial(block: Any, args: tuple[Any, ...]) -> None:
+                block.dim_conv3 = int(block.partial_conv3.in_channels)
+                block.dim_untouched = int(args[0].shape[1]) - block.dim_conv3
+
+            hooks.append(module.register_forward_pre_hook(fit_partial))
         elif kind == ("timm.models.res2net", "Bottle2neck") and state.scale > 1:
             widths = [int(conv.in_channels) for conv in state.convs]
             state.width = [*widths, int(state.conv1.out_channels) - sum(widths)]

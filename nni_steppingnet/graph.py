@@ -619,6 +619,8 @@ def _remainder_groups(graph: Any, groups: list[Any], roots: list[nn.Module]) -> 
                 if isinstance(target, WEIGHTED_TYPES) and _side(item.dep.handler) == "out":
                     covered.setdefault(target, set()).update(int(i) for i in item.idxs)
         for module in roots:
+            if module not in graph.module2node:
+                continue  # a layer inside a customized pruner's node (patch merging): its own channel map
             width = int(cast(torch.Tensor, module.weight).shape[0])
             held = covered.get(module, set())
             if len(held) < width:
