@@ -14,6 +14,7 @@ from ._channels import channels_first_parameters
 from ._index_mapping import build_dependency_graph
 from ._inputs import call_model
 from .attention import set_num_heads, slice_head_parameters
+from .fixed_splits import has_fixed_splits, needs_input_width, split_widths
 from .macs import macs as count_macs
 from .nested_norm import install_fixed, kept_channels, kept_indices
 from .patch_merging import patch_merging_pruners
@@ -108,7 +109,6 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
 
     flat = net.flat_assignment()
     out_assignment = {layer.name: flat[pos] for layer, pos in zip(net.layers, net.index.out_positions)}
-    kept_out = {name: assignment <= s for name, assignment in out_assignment.items()}
     names = {m: n for n, m in model.named_modules()}
     fixed = [model.get_submodule(layer.name) for layer in net.layers if layer.is_logits]
     was_training = model.training
@@ -169,6 +169,10 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
         if bias is not None:
             module.bias = nn.Parameter(bias[keep].clone())
     _fit_channel_state(model)
+    kept_out = {
+        model.get_submodule(layer.name): (flat[positions] <= s) | kept_anyway[positions]
+        for layer, positions in zip(net.layers, net.index.out_positions)
+    }
     _fit_split_widths(model, net.example_inputs, kept_out)
     for block, heads in net.attention:
         module = model.get_submodule(block.name)
@@ -232,47 +236,31 @@ def _fit_channel_state(model: nn.Module) -> None:
                 state.filt = filt[:1].clone()
 
 
-def _fit_split_widths(model: nn.Module, example_inputs: Any, kept_out: dict[str, torch.Tensor]) -> None:
-    """Set the fixed channel splits of timm blocks to the widths left after pruning.
+def _fit_split_widths(model: nn.Module, example_inputs: Any, kept_out: dict[nn.Module, torch.Tensor]) -> None:
+    """Set the fixed split widths of timm blocks (:mod:`.fixed_splits`) to the pruned model's:
+    from the pruned layers, and where a chunk is read by no layer from the block's input width
+    (one forward with pre-hooks)."""
 
-    These blocks split a tensor by widths stored at construction, which torch-pruning does not
-    know: InceptionNeXt's ``InceptionDWConv2d.split_indexes`` (identity, hw, w and h bands),
-    FasterNet's ``Partial_conv3.dim_conv3`` / ``dim_untouched``,
-    Res2Net's ``Bottle2neck.width`` (its scales; a list of widths once they differ) and DPN's
-    ``DualPathBlock.num_1x1_c`` (residual against dense path). Each width is read from the
-    pruned layer that consumes the chunk; InceptionNeXt's identity band and FasterNet's untouched
-    part, which no layer reads, from the block's input width (one forward, with pre-hooks), and the width of a DPN residual
-    path that no single layer computes from the kept channels of the conv whose outputs it slices.
-    """
-    names = {module: name for name, module in model.named_modules()}
+    def width(layer: nn.Module, side: str) -> int:
+        if isinstance(layer, nn.Linear):
+            return int(layer.in_features if side == "in" else layer.out_features)
+        conv = cast(nn.Conv2d, layer)
+        return int(conv.in_channels if side == "in" else conv.out_channels)
+
+    def output_prefix(layer: nn.Module, n: int) -> int:
+        return int(kept_out[layer][:n].sum())
+
+    def fit(block: nn.Module, args: tuple[Any, ...]) -> None:
+        for attr, value in split_widths(block, width, output_prefix, int(args[0].shape[1])).items():
+            setattr(block, attr, value)
+
     hooks = []
-    for module in model.modules():
-        kind = (type(module).__module__, type(module).__name__)
-        state: Any = module  # timm's plain attributes
-        if kind == ("timm.models.inception_next", "InceptionDWConv2d"):
-
-            def fit_bands(block: Any, args: tuple[Any, ...]) -> None:
-                bands = [int(conv.in_channels) for conv in (block.dwconv_hw, block.dwconv_w, block.dwconv_h)]
-                block.split_indexes = (int(args[0].shape[1]) - sum(bands), *bands)
-
-            hooks.append(module.register_forward_pre_hook(fit_bands))
-        elif kind == ("timm.models.fasternet", "Partial_conv3"):
-
-            def fit_partial(block: Any, args: tuple[Any, ...]) -> None:
-                block.dim_conv3 = int(block.partial_conv3.in_channels)
-                block.dim_untouched = int(args[0].shape[1]) - block.dim_conv3
-
-            hooks.append(module.register_forward_pre_hook(fit_partial))
-        elif kind == ("timm.models.res2net", "Bottle2neck") and state.scale > 1:
-            widths = [int(conv.in_channels) for conv in state.convs]
-            state.width = [*widths, int(state.conv1.out_channels) - sum(widths)]
-        elif kind == ("timm.models.dpn", "DualPathBlock"):
-            if state.c1x1_c1 is not None:
-                state.num_1x1_c = int(state.c1x1_c1.out_channels)
-            else:
-                kept = kept_out.get(names[state.c1x1_c.conv] if state.c1x1_c.conv in names else "")
-                if kept is not None:
-                    state.num_1x1_c = int(kept[: state.num_1x1_c].sum())
+    for block in [m for m in model.modules() if has_fixed_splits(m)]:
+        if needs_input_width(block):
+            hooks.append(block.register_forward_pre_hook(fit))
+        else:
+            for attr, value in split_widths(block, width, output_prefix).items():
+                setattr(block, attr, value)
     if hooks:
         try:
             with torch.no_grad():

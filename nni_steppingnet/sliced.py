@@ -48,6 +48,10 @@ out in the order of the next layer's active inputs). For the duration of each la
   forward are refused by name (:func:`unsupported_blocks`): ``"sliced"`` raises, ``"auto"`` runs
   masked with the reason logged.
 
+* a timm block that splits by widths stored at construction (:mod:`~nni_steppingnet.fixed_splits`:
+  InceptionNeXt, FasterNet, Res2Net, DPN, ReXNet) gets, for the call, the widths of the active
+  channels of each chunk (restored by its post-hook).
+
 Activations, pooling, residual adds, concatenation, SE and token-mixing Linears (MLP-Mixer,
 ResMLP: they act on the token dimension, which is not sliced) run unchanged on the narrower
 tensors. Checked against the masked execution (``tests/test_sliced.py``): the paper's CNNs, timm's
@@ -77,6 +81,8 @@ from ._inputs import call_model
 from .attention import AttentionSpec, HeadLayout, clear_bias_cache, head_widths, is_vit_attention, runs_stage_by_stage
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .errors import UnsupportedModelError
+from .fixed_splits import has_fixed_splits, split_widths
+from .graph import INPUT_SLOT
 from .validation import EXECUTIONS
 
 if TYPE_CHECKING:
@@ -170,6 +176,8 @@ class SlicedExecution:
         self._live_slicers: dict[int, ChannelSlicer] = {}
         #: block -> (its int attributes, its per-head parameters) while a call runs sliced
         self._live_heads: dict[str, tuple[dict[str, int], dict[str, torch.Tensor]]] = {}
+        #: a fixed-split block's attributes as built, while a call runs sliced (.fixed_splits)
+        self._live_splits: dict[int, dict[str, Any]] = {}
         #: qkv and proj layers of blocks whose forward cannot run zero heads (their reshape infers
         #: the head width, -1): layer index -> (the block's head positions, layout, role)
         self._phantom: dict[int, tuple[torch.Tensor, HeadLayout, str]] = {}
@@ -213,6 +221,9 @@ class SlicedExecution:
             module = modules.get(block.name)
             if module is not None:
                 self._hook_module(module, self._heads_pre(block, module, heads), self._heads_post(block.name))
+        for module in modules.values():
+            if has_fixed_splits(module):
+                self._hook_module(module, self._splits_pre(module), self._splits_post())
         root = net.model
         self._handles.append(root.register_forward_pre_hook(self._root_pre))
         self._handles.append(root.register_forward_hook(self._root_post, always_call=True))
@@ -444,6 +455,53 @@ class SlicedExecution:
                 mod._parameters[attr] = full.index_select(dim, active.to(full.device))  # type: ignore[assignment]
             clear_bias_cache(mod)
             self._live_heads[block.name] = (saved, params)
+            return None
+
+        return hook
+
+    def _splits_pre(self, module: nn.Module) -> Any:
+        """A timm block that splits by widths stored at construction (:mod:`.fixed_splits`): for
+        the call, its widths are the active channels of the layers reading each chunk (and the
+        rest of its input, which holds the active channels only)."""
+        expected = weakref.ref(module)
+        layer_of = {id(layer.module): k for k, layer in enumerate(self._net().layers)}
+
+        def hook(mod: nn.Module, args: Any) -> None:
+            net = self._active(mod, expected)
+            if net is None:
+                return None
+            s = net.active_subnet
+            flat = net.flat_assignment()
+
+            def active(layer: nn.Module, side: str) -> torch.Tensor:
+                spec = net.layers[layer_of[id(layer)]]
+                positions = spec.out_pos if side == "out" else spec.in_pos
+                # the model input's channels (INPUT_SLOT) are in every subnet
+                return (positions == INPUT_SLOT) | (flat[positions.clamp_min(0)] <= s)
+
+            def width(layer: nn.Module, side: str) -> int:
+                return int(active(layer, side).sum())
+
+            def output_prefix(layer: nn.Module, n: int) -> int:
+                return int(active(layer, "out")[:n].sum())
+
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            values = split_widths(mod, width, output_prefix, None if x is None else int(x.shape[1]))
+            state: Any = mod
+            self._live_splits[id(mod)] = {attr: getattr(state, attr) for attr in values}
+            for attr, value in values.items():
+                setattr(state, attr, value)
+            return None
+
+        return hook
+
+    def _splits_post(self) -> Any:
+        def hook(mod: nn.Module, args: Any, output: Any) -> None:
+            saved = self._live_splits.pop(id(mod), None)
+            if saved is not None:
+                state: Any = mod
+                for attr, value in saved.items():
+                    setattr(state, attr, value)
             return None
 
         return hook

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nni_steppingnet import SteppingNet
+from nni_steppingnet.fixed_splits import has_fixed_splits, split_widths
 from nni_steppingnet.importance import ImportanceTracker
 from nni_steppingnet.sliced import compare_executions, nested_assignment, relative_error
 from nni_steppingnet.testing import FOUNDATION_MODELS, fraction_assignment, randomize_bn, randomize_parameters
@@ -134,6 +135,38 @@ def test_auto_runs_nested_norms_and_attention_heads_sliced_equal_to_masked(name:
     widths = _narrow_widths(net, _inputs(2, seed=4))
     assert widths and all(0 < got < full for got, full in widths.values()), widths
     problem = compare_executions(net, _inputs(4, seed=5))
+    assert problem == "", f"{name}: {problem}"
+
+
+#: timm blocks that split by widths stored at construction (.fixed_splits), smallest variants
+FIXED_SPLITS = ["inception_next_atto", "fasternet_t0", "res2net50_26w_4s", "dpn48b", "rexnet_100"]
+
+
+@pytest.mark.parametrize("name", FIXED_SPLITS)
+def test_fixed_split_widths_follow_the_active_channels(name: str) -> None:
+    """InceptionNeXt's bands, FasterNet's partial conv, Res2Net's scales, DPN's dual path and
+    ReXNet's shortcut run sliced: each call splits by the active channels of each chunk (the block's attributes are
+    restored after it), and the logits and gradients equal the masked ones (float64: these deep
+    BN nets at 32x32 amplify float32 rounding as the foundation models do)."""
+    # Res2Net cut to one block per stage but the first (two: the second adds each scale to the
+    # previous one's output), so that float64 stays quick
+    kwargs: dict[str, Any] = {"layers": [2, 1, 1, 1]} if name.startswith("res2net") else {}
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    model = randomize_bn(randomize_parameters(model, seed=1), seed=1)
+    net = SteppingNet(model, _inputs(2, seed=3), N, verify=False, execution="auto")
+    assert net.execution == "sliced"
+    net.set_flat_assignment(nested_assignment(net, seed=1))
+    block = next(m for m in net.model.modules() if has_fixed_splits(m))
+    attr = next(iter(split_widths(block, lambda layer, side: 0, lambda layer, n: 0, 0)))
+    built = getattr(block, attr)
+    seen: list[Any] = []
+    handle = block.register_forward_pre_hook(lambda module, args: seen.append(getattr(module, attr)))
+    with torch.no_grad(), net.subnet(1):
+        net.model(_inputs(2, seed=4))
+    handle.remove()
+    assert seen and seen[0] != built and getattr(block, attr) == built
+    net.model.double()
+    problem = compare_executions(net, _inputs(4, seed=5).double(), output_rtol=1e-10, grad_rtol=1e-7)
     assert problem == "", f"{name}: {problem}"
 
 
