@@ -36,7 +36,7 @@ import torch_pruning as tp
 from torch_pruning import ops
 from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import constants
-from torch_pruning.dependency.index_mapping import _SliceIndexMapping
+from torch_pruning.dependency.index_mapping import _SliceIndexMapping, update_index_mapping
 
 __all__ = ["build_dependency_graph", "correct_index_mapping"]
 
@@ -54,15 +54,31 @@ def build_dependency_graph(
     customized_pruners: dict[Any, Any] | None = None,
     unwrapped_parameters: Sequence[Any] = (),
 ) -> tp.DependencyGraph:
-    """``tp.DependencyGraph().build_dependency(...)`` followed by :func:`correct_index_mapping`."""
-    graph = tp.DependencyGraph().build_dependency(
-        model,
-        example_inputs=example_inputs,
-        ignored_params=list(ignored_params) or None,
-        ignored_layers=list(ignored_layers) or None,
-        customized_pruners=customized_pruners or None,
-        unwrapped_parameters=list(unwrapped_parameters) or None,
-    )
+    """``tp.DependencyGraph().build_dependency(...)`` followed by :func:`correct_index_mapping`.
+
+    torch-pruning 1.6 sums the widths it inferred for a concat's inputs, and raises ``TypeError``
+    when one could not be inferred (``None``: CSPNet's split chunk fed straight into a concat).
+    The graph is complete by then; only its index mappings are not. With the concat's widths
+    read from autograd the mappings then finish (``update_index_mapping`` again); a second
+    failure is raised as it is.
+    """
+    graph = tp.DependencyGraph()
+    try:
+        graph.build_dependency(
+            model,
+            example_inputs=example_inputs,
+            ignored_params=list(ignored_params) or None,
+            ignored_layers=list(ignored_layers) or None,
+            customized_pruners=customized_pruners or None,
+            unwrapped_parameters=list(unwrapped_parameters) or None,
+        )
+    except TypeError:
+        if not getattr(graph, "module2node", None):
+            raise
+        logger.debug("torch-pruning's index mapping failed; finishing it after the autograd correction")
+        correct_index_mapping(graph)
+        update_index_mapping(graph)
+        return graph
     correct_index_mapping(graph)
     return graph
 

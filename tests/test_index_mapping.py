@@ -244,3 +244,22 @@ def test_timm_split_families_isolated_and_exported(name: str, random_assignment:
     with torch.no_grad():
         got = exported(x)
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+def test_cspnet_wraps_though_torch_pruning_cannot_infer_a_concat(
+    random_assignment: Callable[..., torch.Tensor],
+) -> None:
+    """CSPNet concatenates a split chunk with the output of a residual stack; torch-pruning 1.6
+    infers ``None`` for the stack's width and raises ``TypeError`` summing the widths. The graph
+    is finished from autograd's widths: the model wraps and is isolated, and export, which cannot
+    split the pruned width into CSPNet's two fixed halves (``x.split(expand_chs // 2)``), says so."""
+    from nni_steppingnet.testing import randomize_parameters
+
+    model = randomize_parameters(timm.create_model("cs3darknet_s", pretrained=False, num_classes=10), seed=0)
+    randomize_bn(model, seed=0)
+    x = torch.randn(2, 3, 32, 32)
+    net = SteppingNet(model.eval(), x[:1], N, execution="masked")
+    random_assignment(net, 0)
+    assert isolation_report(net, x).isolated
+    with pytest.raises(RuntimeError, match=r"export_subnet\(2\): .*not enough values to unpack"):
+        export_subnet(net, 2)
