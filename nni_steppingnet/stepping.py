@@ -37,6 +37,9 @@ __all__ = ["SteppingNet", "SteppingIndex", "NeuronGroup", "RunningStatsGuard", "
 
 logger = logging.getLogger(__name__)
 
+#: seeds of the wrap-time isolation probe's random assignments
+PROBE_SEEDS: tuple[int, ...] = (0, 1, 2)
+
 STATE_FORMAT = "nni_steppingnet.state/1"
 _PARAM_KEY = ".parametrizations.weight.original"
 
@@ -735,14 +738,22 @@ class SteppingNet:
 
     def _verify_isolation(self, assignment: torch.Tensor | None = None) -> None:
         saved = [g.assignment.clone() for g in self.groups]
-        if assignment is None:
-            generator = torch.Generator().manual_seed(0)
-            for g in self.groups:
-                g.assignment = torch.randint(1, self.num_subnets + 2, (g.size,), generator=generator)
-        else:
-            self.set_flat_assignment(assignment)
+        problems: list[tuple[str, int, float]] = []
         try:
-            problems = self.check_isolation()
+            if assignment is not None:
+                self.set_flat_assignment(assignment)
+                problems = self.check_isolation()
+            # Three random assignments: a coupling torch-pruning missed leaks only where the two
+            # channels it couples get different indices in the right order. One assignment missed
+            # a gated product of two chunks of one layer (relu(g) * i, tests/test_index_mapping.py)
+            # for 2 of 6 seeds; three miss it with probability about (2/6)^3.
+            for seed in () if assignment is not None else PROBE_SEEDS:
+                generator = torch.Generator().manual_seed(seed)
+                for g in self.groups:
+                    g.assignment = torch.randint(1, self.num_subnets + 2, (g.size,), generator=generator)
+                problems = self.check_isolation()
+                if problems:
+                    break
         finally:
             for g, a in zip(self.groups, saved):
                 g.assignment = a

@@ -17,7 +17,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from nni_steppingnet import SteppingNet
+from nni_steppingnet import SteppingNet, UnsupportedModelError
 from nni_steppingnet.export import export_subnet
 from nni_steppingnet.testing import isolation_report, randomize_bn
 
@@ -263,3 +263,36 @@ def test_cspnet_wraps_though_torch_pruning_cannot_infer_a_concat(
     assert isolation_report(net, x).isolated
     with pytest.raises(RuntimeError, match=r"export_subnet\(2\): .*not enough values to unpack"):
         export_subnet(net, 2)
+
+
+class GatedChunks(nn.Module):
+    """A gated linear unit over two chunks of one layer, ``fc2(relu(g) * i)``: channel ``j`` of
+    ``g`` and of ``i`` meet in the product, a coupling torch-pruning 1.6 loses (its group keeps
+    one root per channel of ``fc1`` and drops the second path into the product)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc1 = nn.Conv2d(6, 10, 1)
+        self.fc2 = nn.Conv2d(5, 6, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        g, i = self.fc1(x).chunk(2, dim=1)
+        return self.fc((x + self.fc2(torch.relu(g) * i)).mean((2, 3)))
+
+
+def test_gated_chunks_are_refused_not_silently_wrong(random_assignment: Callable[..., torch.Tensor]) -> None:
+    """Not supported yet, so refused by the wrap-time probe. With one probe assignment (seed 0)
+    the model wrapped, and random assignments then leaked through the product."""
+    torch.manual_seed(0)
+    model = GatedChunks().eval()
+    with pytest.raises(UnsupportedModelError, match="fc2: outputs of subnet"):
+        SteppingNet(model, torch.randn(1, 3, 8, 8), N)
+    net = SteppingNet(model, torch.randn(1, 3, 8, 8), N, verify=False)
+    leaks = 0
+    for seed in range(6):
+        random_assignment(net, seed)
+        leaks += not isolation_report(net, torch.randn(4, 3, 8, 8)).isolated
+    assert leaks > 0  # the probe refuses a model that really leaks
