@@ -52,6 +52,10 @@ channels with index ``== s`` only (their input's dim ``-2``, which in the delta 
 those) at ``in x out`` MACs per new channel; the full-width layout keeps every earlier channel's
 output.
 
+Blocks that split by widths stored at construction (:mod:`~nni_steppingnet.fixed_splits`:
+InceptionNeXt, FasterNet, Res2Net, DPN, ReXNet) split, in the delta layout, by the widths of each
+chunk's new channels at the stage (the layers' plans say which are new), restored after the call.
+
 Conv groups of grouped/depthwise convs with equal numbers of new outputs and active inputs share
 one grouped kernel call. A stage that adds nothing anywhere skips the model forward entirely.
 
@@ -90,6 +94,7 @@ from .attention import (
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .checkpoint import atomic_write
 from .errors import CheckpointError, LayoutMismatchError, UnsupportedModelError
+from .fixed_splits import has_fixed_splits, split_widths
 from .nested_norm import (
     NormKind,
     affine_parameters,
@@ -625,6 +630,61 @@ class _DeltaStage(_Stage):
         self.in_end = in_end  # inputs with index <= s, what the kernels read
         self.n_new = n_new  # output channels with index == s (the delta returned)
         self.direct = direct  # one kernel call yields the whole delta in order
+
+
+class _StageSplits:
+    """Forward hooks on a block that splits by widths stored at construction
+    (:mod:`~nni_steppingnet.fixed_splits`): in the delta layout a stage's tensors hold only its
+    new channels, so for the call its widths are those of the new channels of each chunk (the
+    layers' plans say which are new), restored after it. The full-width layout splits the full
+    widths, as built."""
+
+    def __init__(self, block: nn.Module, plans: dict[int, LayerPlan], state: _RunState) -> None:
+        self.plans = plans
+        self.state = state
+        self.saved: dict[str, Any] = {}
+        self.handles = [
+            block.register_forward_pre_hook(self.pre),
+            block.register_forward_hook(self.post, always_call=True),
+        ]
+
+    def _indices(self, layer: nn.Module, side: str) -> torch.Tensor:
+        plan = self.plans[id(layer)]
+        if side == "out":
+            return plan.a_out
+        if plan.a_in.shape[0] == 1:
+            return plan.a_in[0]  # ungrouped: one row of input indices
+        if plan.a_in.shape[1] == 1 and plan.a_in.shape[0] == plan.a_out.shape[0]:
+            return plan.a_in[:, 0]  # depthwise: input c is read by output c
+        raise UnsupportedModelError(
+            [(plan.name, "a grouped conv reads a fixed split's chunk: its new inputs per stage are not known")]
+        )
+
+    def pre(self, block: nn.Module, args: Any) -> None:
+        if not self.state.delta:
+            return None
+        stage = self.state.stage
+
+        def width(layer: nn.Module, side: str) -> int:
+            return int((self._indices(layer, side) == stage).sum())
+
+        def output_prefix(layer: nn.Module, n: int) -> int:
+            return int((self.plans[id(layer)].a_out[:n] == stage).sum())
+
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        values = split_widths(block, width, output_prefix, None if x is None else int(x.shape[1]))
+        state: Any = block  # timm's plain attributes
+        self.saved = {attr: getattr(state, attr) for attr in values}
+        for attr, value in values.items():
+            setattr(state, attr, value)
+        return None
+
+    def post(self, block: nn.Module, args: Any, output: Any) -> None:
+        saved, self.saved = self.saved, {}
+        state: Any = block
+        for attr, value in saved.items():
+            setattr(state, attr, value)
+        return None
 
 
 class _CallCache:
@@ -1470,6 +1530,10 @@ class IncrementalRunner:
         for plan, layer in zip(self._plans, layers):
             _replace(model, plan.name, layer)
         self._layers = layers
+        layer_plans = {id(layer): plan for plan, layer in zip(self._plans, layers)}
+        self._splits = [
+            _StageSplits(block, layer_plans, self._state) for block in model.modules() if has_fixed_splits(block)
+        ]
         self._attention: list[_StageAttention] = []
         for name, head_index in heads.items():
             block = _StageAttention(modules[name], head_index, layouts[name], self._state, name)

@@ -668,3 +668,21 @@ def test_load_needs_no_training_code(lenet: SteppingNet, tmp_path: Path) -> None
             "package cannot be imported without it; runtime.py itself does not need it"
         )
     assert "LOADED-OK" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["inception_next_atto", "fasternet_t0", "res2net50_26w_4s", "dpn48b", "rexnet_100"])
+def test_fixed_split_blocks_run_the_delta_layout_exactly(name: str, random_assignment: Callable[..., Any]) -> None:
+    """Blocks that split by widths stored at construction (.fixed_splits) split each stage's new
+    channels: ``"auto"`` keeps the delta layout, every stage equals the masked subnet and spends
+    exactly its MACs."""
+    from nni_steppingnet.testing import randomize_bn, randomize_parameters, runner_report
+
+    kwargs: dict[str, Any] = {"layers": [2, 1, 1, 1]} if name.startswith("res2net") else {}
+    model = randomize_parameters(timm.create_model(name, pretrained=False, num_classes=10, **kwargs), seed=0)
+    randomize_bn(model, seed=0)
+    x = torch.randn(2, 3, 32, 32)
+    net = SteppingNet(model.eval(), x[:1], 4)
+    random_assignment(net, 0)
+    report = runner_report(net, x)
+    assert report.layout == "delta"
+    assert max(report.errors) < 1e-5 and all(report.macs_exact), report
