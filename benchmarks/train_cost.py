@@ -62,7 +62,8 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 #: Models with nested norms and attention heads, run only when named in ``--models``: a small ViT
 #: (patch 8 at 32x32, 2 blocks, 3 heads of 16), ConvNeXt-atto, a two-stage Swin (windows of 4x4
-#: tokens, shifted in every second block, patch merging) and a small TinyViT (interleaved heads).
+#: tokens, shifted in every second block, patch merging) and a small TinyViT (interleaved heads);
+#: and two families whose blocks split by widths stored at construction (InceptionNeXt, FasterNet).
 EXTRA_MODELS: dict[str, dict[str, Any]] = {
     "vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3},
     "convnext_atto": {},
@@ -74,6 +75,9 @@ EXTRA_MODELS: dict[str, dict[str, Any]] = {
         "window_size": 4,
     },
     "tiny_vit_5m_224": {"embed_dims": (32, 64, 96, 128), "depths": (1, 1, 2, 1), "num_heads": (1, 2, 3, 4)},
+    # blocks that split by widths stored at construction (fixed_splits.py)
+    "inception_next_atto": {},
+    "fasternet_t0": {},
 }
 
 
