@@ -118,23 +118,21 @@ def _split_widths(grad_fn: Any) -> tuple[int, int, list[int]] | None:
 
 
 class _ChunkMapping:
-    """Channel indices between a whole tensor and chunk ``chunk`` of it, by the widths the node
-    holds when called: torch-pruning's split and concat pruners shrink ``split_sizes`` /
-    ``concat_sizes`` as they prune, so a later group's offsets follow (its own mappings keep the
-    offsets of the unpruned model for a split)."""
+    """Channel indices between a whole tensor and its chunk ``[start, stop)``. Every group is
+    built on the unpruned model (export prunes once, by the union of all groups' indices), so
+    the offsets are those autograd recorded."""
 
-    def __init__(self, node_module: Any, attribute: str, chunk: int, into_chunk: bool) -> None:
-        self.node_module = node_module
-        self.attribute = attribute
-        self.chunk = chunk
+    def __init__(self, start: int, stop: int, into_chunk: bool) -> None:
+        self.start = start
+        self.stop = stop
         self.into_chunk = into_chunk
 
     def __call__(self, idxs: list[_HybridIndex]) -> list[_HybridIndex]:
-        start = sum(int(w) for w in getattr(self.node_module, self.attribute)[: self.chunk])
         if not self.into_chunk:
-            return [_HybridIndex(idx=i.idx + start, root_idx=i.root_idx) for i in idxs]
-        stop = start + int(getattr(self.node_module, self.attribute)[self.chunk])
-        return [_HybridIndex(idx=i.idx - start, root_idx=i.root_idx) for i in idxs if start <= i.idx < stop]
+            return [_HybridIndex(idx=i.idx + self.start, root_idx=i.root_idx) for i in idxs]
+        return [
+            _HybridIndex(idx=i.idx - self.start, root_idx=i.root_idx) for i in idxs if self.start <= i.idx < self.stop
+        ]
 
 
 def _set_mapping(source: Any, target: Any, slot: int, mapping: Any) -> None:
@@ -158,7 +156,8 @@ class _ChunkPlan:
         chunk = self.chunks.get(neighbour)
         if chunk is None:
             return constants.INDEX_MAPPING_PLACEHOLDER
-        return _ChunkMapping(self.node.module, self.attribute, chunk, into_chunk=from_node)
+        start = sum(self.widths[:chunk])
+        return _ChunkMapping(start, start + self.widths[chunk], into_chunk=from_node)
 
 
 @dataclass
@@ -231,8 +230,14 @@ def _apply_plans(plans: dict[Any, _ChunkPlan | _SlicePlan]) -> None:
     where torch-pruning's fixed slots (0 for splits, 1 for concats) apply them the wrong way round.
     A plan next to a node with a mapping of its own that is not planned (a flatten, a slice) is
     dropped, so that no mapping of torch-pruning's is lost."""
-    owners = {ops.OPTYPE.SPLIT, ops.OPTYPE.CONCAT, ops.OPTYPE.RESHAPE, ops.OPTYPE.UNBIND, ops.OPTYPE.SLICE}
-    owners |= {ops.OPTYPE.EXPAND}
+    owners = {
+        ops.OPTYPE.SPLIT,
+        ops.OPTYPE.CONCAT,
+        ops.OPTYPE.RESHAPE,
+        ops.OPTYPE.UNBIND,
+        ops.OPTYPE.SLICE,
+        ops.OPTYPE.EXPAND,
+    }
     changed = True
     while changed:
         changed = False

@@ -610,26 +610,28 @@ def _remainder_groups(graph: Any, groups: list[Any], roots: list[nn.Module]) -> 
     (InceptionNeXt's bands without a residual around them). Each remainder is one more group,
     rooted at the channels left over.
     """
+    covered: dict[nn.Module, set[int]] = {}
+
+    def cover(group: Any) -> None:
+        for item in group.items:
+            target = item.dep.target.module
+            if isinstance(target, WEIGHTED_TYPES) and _side(item.dep.handler) == "out":
+                covered.setdefault(target, set()).update(int(i) for i in item.idxs)
+
+    for group in groups:
+        cover(group)
     extra: list[Any] = []
-    while True:
-        covered: dict[nn.Module, set[int]] = {}
-        for group in [*groups, *extra]:
-            for item in group.items:
-                target = item.dep.target.module
-                if isinstance(target, WEIGHTED_TYPES) and _side(item.dep.handler) == "out":
-                    covered.setdefault(target, set()).update(int(i) for i in item.idxs)
-        for module in roots:
-            if module not in graph.module2node:
-                continue  # a layer inside a customized pruner's node (patch merging): its own channel map
-            width = int(cast(torch.Tensor, module.weight).shape[0])
-            held = covered.get(module, set())
-            if len(held) < width:
-                missing = sorted(set(range(width)) - held)
-                handler = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
-                extra.append(graph.get_pruning_group(module, handler, idxs=missing))
-                break  # the new group may hold other layers' channels too
-        else:
-            return extra
+    for module in roots:
+        if module not in graph.module2node:
+            continue  # a layer inside a customized pruner's node (patch merging): its own channel map
+        width = int(cast(torch.Tensor, module.weight).shape[0])
+        held = covered.get(module, set())
+        if len(held) < width:
+            missing = sorted(set(range(width)) - held)
+            handler = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
+            extra.append(graph.get_pruning_group(module, handler, idxs=missing))
+            cover(extra[-1])  # it may hold later layers' channels too
+    return extra
 
 
 def _token_mixing(

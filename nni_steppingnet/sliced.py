@@ -221,9 +221,10 @@ class SlicedExecution:
             module = modules.get(block.name)
             if module is not None:
                 self._hook_module(module, self._heads_pre(block, module, heads), self._heads_post(block.name))
+        layer_of = {id(layer.module): k for k, layer in enumerate(net.layers)}
         for module in modules.values():
             if has_fixed_splits(module):
-                self._hook_module(module, self._splits_pre(module), self._splits_post())
+                self._hook_module(module, self._splits_pre(module, layer_of), self._splits_post())
         root = net.model
         self._handles.append(root.register_forward_pre_hook(self._root_pre))
         self._handles.append(root.register_forward_hook(self._root_post, always_call=True))
@@ -459,34 +460,35 @@ class SlicedExecution:
 
         return hook
 
-    def _splits_pre(self, module: nn.Module) -> Any:
+    def _splits_pre(self, module: nn.Module, layer_of: dict[int, int]) -> Any:
         """A timm block that splits by widths stored at construction (:mod:`.fixed_splits`): for
         the call, its widths are the active channels of the layers reading each chunk (and the
-        rest of its input, which holds the active channels only)."""
+        rest of its input, which holds the active channels only), computed once per assignment."""
         expected = weakref.ref(module)
-        layer_of = {id(layer.module): k for k, layer in enumerate(self._net().layers)}
 
         def hook(mod: nn.Module, args: Any) -> None:
             net = self._active(mod, expected)
             if net is None:
                 return None
             s = net.active_subnet
-            flat = net.flat_assignment()
-
-            def active(layer: nn.Module, side: str) -> torch.Tensor:
-                spec = net.layers[layer_of[id(layer)]]
-                positions = spec.out_pos if side == "out" else spec.in_pos
-                # the model input's channels (INPUT_SLOT) are in every subnet
-                return (positions == INPUT_SLOT) | (flat[positions.clamp_min(0)] <= s)
-
-            def width(layer: nn.Module, side: str) -> int:
-                return int(active(layer, side).sum())
-
-            def output_prefix(layer: nn.Module, n: int) -> int:
-                return int(active(layer, "out")[:n].sum())
-
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            values = split_widths(mod, width, output_prefix, None if x is None else int(x.shape[1]))
+            input_width = None if x is None else int(x.shape[1])
+
+            def build(flat: torch.Tensor) -> dict[str, Any]:
+                def active(layer: nn.Module, side: str) -> torch.Tensor:
+                    spec = net.layers[layer_of[id(layer)]]
+                    positions = spec.out_pos if side == "out" else spec.in_pos
+                    # the model input's channels (INPUT_SLOT) are in every subnet
+                    return (positions == INPUT_SLOT) | (flat[positions.clamp_min(0)] <= s)
+
+                return split_widths(
+                    mod,
+                    lambda layer, side: int(active(layer, side).sum()),
+                    lambda layer, n: int(active(layer, "out")[:n].sum()),
+                    input_width,
+                )
+
+            values = net.assignment_cache(("sliced-splits", id(self), id(mod), s, input_width), build)
             state: Any = mod
             self._live_splits[id(mod)] = {attr: getattr(state, attr) for attr in values}
             for attr, value in values.items():

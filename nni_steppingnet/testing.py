@@ -32,6 +32,7 @@ from .stepping import SteppingNet
 
 __all__ = [
     "FOUNDATION_MODELS",
+    "FIXED_SPLIT_MODELS",
     "random_assignment",
     "fraction_assignment",
     "randomize_bn",
@@ -74,6 +75,17 @@ FOUNDATION_MODELS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("efficientnet_b0", {}),
     ("regnetx_002", {}),
     ("densenet121", {}),
+)
+
+#: timm models whose blocks split by widths stored at construction (:mod:`.fixed_splits`), with
+#: the arguments that keep them small: Res2Net cut to one block per stage but the first (two:
+#: the second adds each scale to the previous one's output).
+FIXED_SPLIT_MODELS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("inception_next_atto", {}),
+    ("fasternet_t0", {}),
+    ("res2net50_26w_4s", {"layers": [2, 1, 1, 1]}),
+    ("dpn48b", {}),
+    ("rexnet_100", {}),
 )
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from nni_steppingnet import SteppingNet, UnsupportedModelError
 from nni_steppingnet.export import export_subnet
-from nni_steppingnet.testing import isolation_report, randomize_bn
+from nni_steppingnet.testing import FIXED_SPLIT_MODELS, isolation_report, randomize_bn, randomize_parameters
 
 N = 3
 
@@ -223,14 +223,10 @@ def test_export_names_a_block_whose_split_widths_are_fixed(random_assignment: Ca
         export_subnet(net, 1)
 
 
-TIMM_MODELS = ["inception_next_atto", "fasternet_t0", "res2net50_26w_4s", "dpn48b", "rexnet_100"]
-
-
-@pytest.mark.parametrize("name", TIMM_MODELS)
-def test_timm_split_families_isolated_and_exported(name: str, random_assignment: Callable[..., torch.Tensor]) -> None:
-    from nni_steppingnet.testing import randomize_parameters
-
-    kwargs: dict[str, Any] = {"layers": [2, 1, 1, 1]} if name.startswith("res2net") else {}
+@pytest.mark.parametrize(("name", "kwargs"), FIXED_SPLIT_MODELS, ids=[name for name, _ in FIXED_SPLIT_MODELS])
+def test_timm_split_families_isolated_and_exported(
+    name: str, kwargs: dict[str, Any], random_assignment: Callable[..., torch.Tensor]
+) -> None:
     model = randomize_parameters(timm.create_model(name, pretrained=False, num_classes=10, **kwargs), seed=0)
     torch.manual_seed(0)
     randomize_bn(model, seed=0)
@@ -253,8 +249,6 @@ def test_cspnet_wraps_though_torch_pruning_cannot_infer_a_concat(
     infers ``None`` for the stack's width and raises ``TypeError`` summing the widths. The graph
     is finished from autograd's widths: the model wraps and is isolated, and export, which cannot
     split the pruned width into CSPNet's two fixed halves (``x.split(expand_chs // 2)``), says so."""
-    from nni_steppingnet.testing import randomize_parameters
-
     model = randomize_parameters(timm.create_model("cs3darknet_s", pretrained=False, num_classes=10), seed=0)
     randomize_bn(model, seed=0)
     x = torch.randn(2, 3, 32, 32)

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nni_steppingnet import CheckpointError, SteppingNet, UnsupportedModelError
 from nni_steppingnet.runtime import IncrementalRunner
-from nni_steppingnet.testing import FOUNDATION_MODELS
+from nni_steppingnet.testing import FIXED_SPLIT_MODELS, FOUNDATION_MODELS
 
 N = 4
 IMG = 32
@@ -670,14 +670,15 @@ def test_load_needs_no_training_code(lenet: SteppingNet, tmp_path: Path) -> None
     assert "LOADED-OK" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["inception_next_atto", "fasternet_t0", "res2net50_26w_4s", "dpn48b", "rexnet_100"])
-def test_fixed_split_blocks_run_the_delta_layout_exactly(name: str, random_assignment: Callable[..., Any]) -> None:
+@pytest.mark.parametrize(("name", "kwargs"), FIXED_SPLIT_MODELS, ids=[name for name, _ in FIXED_SPLIT_MODELS])
+def test_fixed_split_blocks_run_the_delta_layout_exactly(
+    name: str, kwargs: dict[str, Any], random_assignment: Callable[..., Any]
+) -> None:
     """Blocks that split by widths stored at construction (.fixed_splits) split each stage's new
     channels: ``"auto"`` keeps the delta layout, every stage equals the masked subnet and spends
     exactly its MACs."""
     from nni_steppingnet.testing import randomize_bn, randomize_parameters, runner_report
 
-    kwargs: dict[str, Any] = {"layers": [2, 1, 1, 1]} if name.startswith("res2net") else {}
     model = randomize_parameters(timm.create_model(name, pretrained=False, num_classes=10, **kwargs), seed=0)
     randomize_bn(model, seed=0)
     x = torch.randn(2, 3, 32, 32)

@@ -23,7 +23,13 @@ from nni_steppingnet import SteppingNet
 from nni_steppingnet.fixed_splits import has_fixed_splits, split_widths
 from nni_steppingnet.importance import ImportanceTracker
 from nni_steppingnet.sliced import compare_executions, nested_assignment, relative_error
-from nni_steppingnet.testing import FOUNDATION_MODELS, fraction_assignment, randomize_bn, randomize_parameters
+from nni_steppingnet.testing import (
+    FIXED_SPLIT_MODELS,
+    FOUNDATION_MODELS,
+    fraction_assignment,
+    randomize_bn,
+    randomize_parameters,
+)
 
 N = 4
 FRACTIONS = (0.3, 0.5, 0.7, 0.9)
@@ -138,19 +144,12 @@ def test_auto_runs_nested_norms_and_attention_heads_sliced_equal_to_masked(name:
     assert problem == "", f"{name}: {problem}"
 
 
-#: timm blocks that split by widths stored at construction (.fixed_splits), smallest variants
-FIXED_SPLITS = ["inception_next_atto", "fasternet_t0", "res2net50_26w_4s", "dpn48b", "rexnet_100"]
-
-
-@pytest.mark.parametrize("name", FIXED_SPLITS)
-def test_fixed_split_widths_follow_the_active_channels(name: str) -> None:
+@pytest.mark.parametrize(("name", "kwargs"), FIXED_SPLIT_MODELS, ids=[name for name, _ in FIXED_SPLIT_MODELS])
+def test_fixed_split_widths_follow_the_active_channels(name: str, kwargs: dict[str, Any]) -> None:
     """InceptionNeXt's bands, FasterNet's partial conv, Res2Net's scales, DPN's dual path and
     ReXNet's shortcut run sliced: each call splits by the active channels of each chunk (the block's attributes are
     restored after it), and the logits and gradients equal the masked ones (float64: these deep
     BN nets at 32x32 amplify float32 rounding as the foundation models do)."""
-    # Res2Net cut to one block per stage but the first (two: the second adds each scale to the
-    # previous one's output), so that float64 stays quick
-    kwargs: dict[str, Any] = {"layers": [2, 1, 1, 1]} if name.startswith("res2net") else {}
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
     model = randomize_bn(randomize_parameters(model, seed=1), seed=1)
     net = SteppingNet(model, _inputs(2, seed=3), N, verify=False, execution="auto")
