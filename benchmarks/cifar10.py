@@ -217,7 +217,8 @@ def _variants(case: str, args: argparse.Namespace) -> dict[str, list[str]]:
 def run_case(case: str, args: argparse.Namespace, base: list[str]) -> dict[str, Any]:
     """Teacher, compare (and criteria) for every seed of ``case``; returns the case's record."""
     out = Path(args.out)
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    methods = [] if args.variants_only else args.methods
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     variants = _variants(case, args)
     runs.update({f"steppingnet ({label})": [] for label in variants})
     teachers: dict[int, dict[str, Any]] = {}
@@ -237,9 +238,9 @@ def run_case(case: str, args: argparse.Namespace, base: list[str]) -> dict[str, 
             + " ".join(f"--set {shlex.quote(o)}" for o in overrides)
         )
         folder = out / case / f"seed{seed}" / "compare"
-        if not args.variants_only:
-            run_compare(recipe, folder, seeds=[seed], device=args.device, resume=True, progress=False)
-        for method in [] if args.variants_only else METHODS:
+        if methods:
+            run_compare(recipe, folder, methods=methods, seeds=[seed], device=args.device, resume=True, progress=False)
+        for method in methods:
             result = _read(folder / f"seed{seed}" / method / "results.json")
             runs[method].append(result)
             times.setdefault(method, []).append(float(result.get("wall_time_s") or 0.0))
@@ -393,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
         help="also run SteppingNet with these overrides, reported as 'steppingnet (LABEL)' (repeatable)",
     )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated methods to run, from {', '.join(METHODS)} (default: all; a subset resumes "
+        "or completes a run, e.g. one baseline on seeds that already have the others)",
+    )
     parser.add_argument("--ablate-only", action="store_true", help="run only the ablations")
     parser.add_argument(
         "--variants-only",
@@ -446,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.criteria_cases = [c.strip() for c in args.criteria_cases.split(",") if c.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown_methods = sorted(set(args.methods) - set(METHODS))
+    if unknown_methods or not args.methods:
+        raise SystemExit(f"--methods {unknown_methods or '(empty)'}: choose one or more of {', '.join(METHODS)}")
     base = _data_overrides(str(data.resolve()), args.val_fraction)
     args.method_overrides = list(args.overrides)
     label = args.data_label
