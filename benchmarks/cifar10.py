@@ -398,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         "--methods",
         default=",".join(METHODS),
         help=f"comma-separated methods to run, from {', '.join(METHODS)} (default: all; a subset resumes "
-        "or completes a run, e.g. one baseline on seeds that already have the others)",
+        "or completes a run, e.g. one baseline on seeds that already have the others; the case's record in "
+        "--json then holds only these methods, so give a new --json to keep the earlier one)",
     )
     parser.add_argument("--ablate-only", action="store_true", help="run only the ablations")
     parser.add_argument(
