@@ -72,6 +72,7 @@ __all__ = [
     "head_widths",
     "clear_bias_cache",
     "set_num_heads",
+    "reads_input_width",
 ]
 
 
@@ -420,11 +421,30 @@ def product_macs(model: nn.Module, run: Callable[[], Any], batch: int) -> dict[s
     return {name: counter.macs.get(name, 0) // batch for name in called}
 
 
+#: attention whose forward takes its widths from the input's channels ``C``: ``C // num_heads`` as
+#: the head width (DaViT) or ``reshape(B, N, C)`` of the heads' output (MetaFormer, BEiT), so an
+#: exported block must keep as many residual channels as head channels: (timm module, class)
+_INPUT_WIDTH_FORWARDS = (
+    ("timm.models.davit", "WindowAttention"),
+    ("timm.models.davit", "ChannelAttention"),
+    ("timm.models.metaformer", "Attention"),
+    ("timm.models.beit", "Attention"),
+)
+
+
+def reads_input_width(module: nn.Module) -> bool:
+    """True when ``module``'s forward needs its input's channels to equal its heads' channels
+    (:data:`_INPUT_WIDTH_FORWARDS`); export then keeps extra inactive heads or residual channels
+    until they do."""
+    return _runs(module, _INPUT_WIDTH_FORWARDS)
+
+
 def head_widths(layout: HeadLayout) -> dict[str, int]:
     """The int attributes timm derives from a block's head count, with their width per head:
-    ``attn_dim`` (ViT); EfficientFormer's ``key_attn_dim``/``val_attn_dim`` and TinyViT's
-    ``out_dim`` (interleaved). A block holds those it has."""
-    widths = {"attn_dim": layout.val_dim}
+    ``attn_dim`` (ViT), ``attention_dim`` (MetaFormer); EfficientFormer's
+    ``key_attn_dim``/``val_attn_dim`` and TinyViT's ``out_dim`` (interleaved). A block holds those
+    it has."""
+    widths = {"attn_dim": layout.val_dim, "attention_dim": layout.val_dim}
     if layout.interleaved:
         widths.update(key_attn_dim=layout.key_dim, val_attn_dim=layout.val_dim, out_dim=layout.val_dim)
     return widths

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -13,8 +15,8 @@ import torch_pruning as tp
 from ._channels import channels_first_parameters
 from ._index_mapping import build_dependency_graph
 from ._inputs import call_model
-from .attention import set_num_heads, slice_head_parameters
-from .fixed_splits import has_fixed_splits, needs_input_width, split_widths
+from .attention import reads_input_width, set_num_heads, slice_head_parameters
+from .fixed_splits import fit_halves, halved_output, has_fixed_splits, needs_input_width, split_widths
 from .macs import macs as count_macs
 from .nested_norm import install_fixed, kept_channels, kept_indices
 from .patch_merging import patch_merging_pruners
@@ -46,25 +48,17 @@ def _densify_grouped(conv: nn.Conv2d) -> nn.Conv2d:
     torch-pruning cannot drop an arbitrary subset of a grouped conv's channels (each conv group
     must keep equal sizes), so export rebuilds the layer; the zero blocks cost only dense MACs.
     """
-    geometry: dict[str, Any] = {
-        "kernel_size": conv.kernel_size,
-        "stride": conv.stride,
-        "padding": conv.padding,
-        "dilation": conv.dilation,
-        "padding_mode": conv.padding_mode,
-    }
-    dense = nn.Conv2d(conv.in_channels, conv.out_channels, groups=1, bias=conv.bias is not None, **geometry)
-    dense = dense.to(device=conv.weight.device, dtype=conv.weight.dtype)
-    weight = torch.zeros_like(dense.weight)
+    # a copy keeps the conv's class and geometry (timm's Conv2dSame pads in its forward)
+    dense = copy.deepcopy(conv)
+    weight = conv.weight.new_zeros(conv.out_channels, conv.in_channels, *conv.kernel_size)
     out_per, in_per = conv.out_channels // conv.groups, conv.in_channels // conv.groups
-    for g in range(conv.groups):
-        weight[g * out_per : (g + 1) * out_per, g * in_per : (g + 1) * in_per] = conv.weight[
-            g * out_per : (g + 1) * out_per
-        ]
     with torch.no_grad():
-        dense.weight.copy_(weight)
-        if conv.bias is not None and dense.bias is not None:
-            dense.bias.copy_(conv.bias)
+        for g in range(conv.groups):
+            weight[g * out_per : (g + 1) * out_per, g * in_per : (g + 1) * in_per] = conv.weight[
+                g * out_per : (g + 1) * out_per
+            ]
+    dense.groups = 1
+    dense.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
     return dense
 
 
@@ -137,6 +131,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     for layer, positions in zip(net.layers, net.index.out_positions):
         if not layer.is_logits and bool((flat[positions] > s).all()):
             kept_anyway[positions[int(torch.argmin(flat[positions]))]] = True
+    _keep_for_fixed_widths(net, model, flat, s, kept_anyway)
     # torch-pruning mis-maps an interleaved qkv's heads to proj (graph.py): those two are pruned
     # here by their head layout, outside its groups
     interleaved = {block.qkv: block for block, _ in net.attention if block.layout.interleaved}
@@ -162,7 +157,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
         module.register_parameter("bias", None)
     for name, (weight, bias) in layer_norm_affine.items():
         module = model.get_submodule(name)
-        keep = kept_channels(flat, net.nested_norms.positions[name], s)
+        keep = kept_channels(flat, net.nested_norms.positions[name], s, also=kept_anyway)
         if cast(torch.Tensor, module.weight).numel() != keep.numel():
             continue  # install_fixed below names the mismatch
         module.weight = nn.Parameter(weight[keep].clone())
@@ -174,25 +169,77 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
         for layer, positions in zip(net.layers, net.index.out_positions)
     }
     _fit_split_widths(model, net.example_inputs, kept_out)
+    for module in model.modules():
+        fit_halves(module)
     for block, heads in net.attention:
         module = model.get_submodule(block.name)
         set_num_heads(module, block.layout)
         if block.head_params:
-            index = flat[heads]
-            kept = (index <= s).nonzero().flatten()
-            if kept.numel() == 0:  # the one head export keeps (see above)
-                kept = torch.argmin(index).reshape(1)
+            # the heads kept anyway (none active, or kept for the input width) are in kept_anyway
+            kept = ((flat[heads] <= s) | kept_anyway[heads]).nonzero().flatten()
             slice_head_parameters(module, block.head_params, kept)
     norms = net.nested_norms
     install_fixed(
         model,
         dict(norms.kinds),
-        {name: kept_indices(flat, positions, s) for name, positions in norms.positions.items()},
+        {name: kept_indices(flat, positions, s, also=kept_anyway) for name, positions in norms.positions.items()},
         s,
     )
     _check_runs(model, net.example_inputs, s)
     model.train(was_training)
     return model
+
+
+def _keep_more(positions: torch.Tensor, count: int, flat: torch.Tensor, s: int, kept_anyway: torch.Tensor) -> None:
+    """Mark inactive neurons of ``positions`` in ``kept_anyway``, the lowest subnet index first,
+    until ``count`` of them are kept."""
+    kept = (flat[positions] <= s) | kept_anyway[positions]
+    missing = count - int(kept.sum())
+    if missing <= 0:
+        return
+    candidates = (~kept).nonzero().flatten()
+    if candidates.numel() < missing:
+        raise RuntimeError(f"export needs {count} of {positions.numel()} channels kept; there are not so many")
+    order = torch.sort(flat[positions][candidates], stable=True).indices
+    kept_anyway[positions[candidates[order[:missing]]]] = True
+
+
+def _keep_for_fixed_widths(
+    net: SteppingNet, model: nn.Module, flat: torch.Tensor, s: int, kept_anyway: torch.Tensor
+) -> None:
+    """Keep inactive neurons where a block's forward fixes one width by another.
+
+    An attention block that takes its widths from its input (:func:`.attention.reads_input_width`)
+    needs as many residual channels as head channels: every such block over one residual stream
+    keeps inactive heads, and the stream inactive channels, up to the widest need (a multiple of
+    every head width). A CSPNet cross stage (:func:`.fixed_splits.halved_output`) needs equal
+    halves. The extra neurons' weights are all masked in subnet ``s`` (the mask rule: no active
+    neuron reads them, and they read nothing), so the export computes the same function; they
+    cost only dense MACs (``macs(..., nonzero=True)`` skips their all-zero heads and rows)."""
+    streams: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    for block, heads in net.attention:
+        if reads_input_width(model.get_submodule(block.name)):
+            residual = net.index.in_positions[net.index.layer(block.qkv)][0]
+            streams.setdefault(tuple(residual.tolist()), []).append((block.head_dim, heads))
+    for key, blocks in streams.items():
+        residual = torch.tensor(key, dtype=torch.long)
+        unit = math.lcm(*(head_dim for head_dim, _ in blocks))
+        need = int(((flat[residual] <= s) | kept_anyway[residual]).sum())
+        for head_dim, heads in blocks:
+            need = max(need, head_dim * int(((flat[heads] <= s) | kept_anyway[heads]).sum()))
+        width = -(-need // unit) * unit
+        _keep_more(residual, width, flat, s, kept_anyway)
+        for head_dim, heads in blocks:
+            _keep_more(heads, width // head_dim, flat, s, kept_anyway)
+    for name, module in model.named_modules():
+        conv = halved_output(module)
+        if conv is None:
+            continue
+        positions = net.index.out_positions[net.index.layer(f"{name}.conv_exp.conv")]
+        half = positions.numel() // 2
+        need = max(int(((flat[p] <= s) | kept_anyway[p]).sum()) for p in (positions[:half], positions[half:]))
+        for part in (positions[:half], positions[half:]):
+            _keep_more(part, need, flat, s, kept_anyway)
 
 
 def _prune_once(groups: list[Any]) -> None:

@@ -19,11 +19,19 @@ execution for each call (and restores them after it).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch.nn as nn
 
-__all__ = ["LayerWidth", "OutputPrefix", "has_fixed_splits", "split_widths", "needs_input_width"]
+__all__ = [
+    "LayerWidth",
+    "OutputPrefix",
+    "has_fixed_splits",
+    "split_widths",
+    "needs_input_width",
+    "halved_output",
+    "fit_halves",
+]
 
 #: ``(layer, "in" | "out") -> channels present`` on that side of a Conv2d/Linear
 LayerWidth = Callable[[nn.Module, str], int]
@@ -35,6 +43,7 @@ _FASTERNET = ("timm.models.fasternet", "Partial_conv3")
 _RES2NET = ("timm.models.res2net", "Bottle2neck")
 _DPN = ("timm.models.dpn", "DualPathBlock")
 _REXNET = ("timm.models.rexnet", "LinearBottleneck")
+_CSP = (("timm.models.cspnet", "CrossStage"), ("timm.models.cspnet", "CrossStage3"))
 
 
 def _kind(module: nn.Module) -> tuple[str, str]:
@@ -84,3 +93,33 @@ def split_widths(
     if kind == _REXNET and block.use_shortcut:
         return {"in_channels": output_prefix(block.conv_pwl.conv, int(block.in_channels))}
     return {}
+
+
+def halved_output(module: nn.Module) -> nn.Module | None:
+    """The conv whose output ``module`` splits into two equal halves, or ``None``.
+
+    CSPNet's cross stages run ``x.split(self.expand_chs // 2, dim=1)`` on ``conv_exp``'s output:
+    a split by *one* width, so both halves must keep the same number of channels. Export keeps
+    inactive channels in the smaller half until they do (their weights are masked, so they add
+    only dense MACs) and then sets ``expand_chs`` with :func:`fit_halves`. Sliced execution has no
+    such freedom; its wrap-time check finds the unequal halves and falls back to masks."""
+    if _kind(module) not in _CSP:
+        return None
+    conv_exp: Any = getattr(module, "conv_exp", None)
+    conv = getattr(conv_exp, "conv", None)
+    return conv if isinstance(conv, nn.Conv2d) else None
+
+
+def fit_halves(module: nn.Module) -> None:
+    """Set a cross stage's ``expand_chs`` to its (pruned, even) ``conv_exp`` output width."""
+    conv = halved_output(module)
+    if conv is None:
+        return
+    width = int(cast(nn.Conv2d, conv).out_channels)
+    if width % 2:
+        raise RuntimeError(
+            f"{type(module).__name__}: conv_exp keeps {width} channels, which do not split into two "
+            "equal halves; export must keep as many channels in each half"
+        )
+    block: Any = module  # a plain attribute of timm's block
+    block.expand_chs = width

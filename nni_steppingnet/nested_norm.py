@@ -507,20 +507,25 @@ class FixedNestedNorm:
         return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
 
 
-def kept_channels(flat: torch.Tensor, positions: torch.Tensor, s: int) -> torch.Tensor:
-    """Positions (ascending) of the channels an export of subnet ``s`` keeps (one channel, the
-    lowest index, when none is active: a layer cannot have zero channels)."""
+def kept_channels(
+    flat: torch.Tensor, positions: torch.Tensor, s: int, also: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Positions (ascending) of the channels an export of subnet ``s`` keeps: the active ones,
+    those ``also`` (bool over the flat vector) marks, and one channel, the lowest index, when none
+    is kept otherwise (a layer cannot have zero channels)."""
     index = flat[positions]
     keep = index <= s
+    if also is not None:
+        keep = keep | also[positions]
     if not bool(keep.any()) and index.numel():
         keep[int(torch.argmin(index))] = True
     return keep.nonzero().flatten()
 
 
-def kept_indices(flat: torch.Tensor, positions: torch.Tensor, s: int) -> torch.Tensor:
+def kept_indices(flat: torch.Tensor, positions: torch.Tensor, s: int, also: torch.Tensor | None = None) -> torch.Tensor:
     """Subnet indices of the channels an export of subnet ``s`` keeps, in channel order
     (:func:`kept_channels`)."""
-    return flat[positions][kept_channels(flat, positions, s)]
+    return flat[positions][kept_channels(flat, positions, s, also)]
 
 
 def install_fixed(model: nn.Module, kinds: dict[str, NormKind], indices: dict[str, torch.Tensor], s: int) -> None:

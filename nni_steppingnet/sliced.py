@@ -83,6 +83,7 @@ from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .errors import UnsupportedModelError
 from .fixed_splits import has_fixed_splits, split_widths
 from .graph import INPUT_SLOT
+from .standardized_conv import standardized_kind
 from .validation import EXECUTIONS
 
 if TYPE_CHECKING:
@@ -818,7 +819,7 @@ def attach(net: SteppingNet, execution: str) -> SlicedExecution | None:
     if refused:
         names = [name for name, _ in refused]
         why = (
-            f"the model has {len(names)} attention block(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) "
+            f"the model has {len(names)} block(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) "
             f"that sliced execution does not support: {refused[0][1]}"
         )
         if execution == "sliced":
@@ -910,12 +911,21 @@ def _map_floats(item: Any, fn: Any) -> Any:
 
 
 def unsupported_blocks(net: SteppingNet) -> list[tuple[str, str]]:
-    """Attention blocks with head neurons that sliced execution cannot run, with the reason: a
-    forward other than timm's ViT attention, Swin's window attention and EfficientFormer's and
-    TinyViT's interleaved attention (the ones whose use of ``num_heads``, the widths derived from
-    it and the per-head parameters it knows)."""
+    """Blocks that sliced execution cannot run, with the reason: weight-standardising convs
+    (:mod:`.standardized_conv`: their forward standardises over the fan-in, which the gathered
+    columns change), and attention blocks with head neurons whose forward is other than timm's
+    ViT attention, Swin's window attention and EfficientFormer's and TinyViT's interleaved
+    attention (the ones whose use of ``num_heads``, the widths derived from it and the per-head
+    parameters it knows)."""
     modules = dict(net.model.named_modules())
-    found = []
+    found = [
+        (
+            name,
+            f"{standardized_kind(modules[name])} standardises its weight rows over the whole fan-in, which "
+            "sliced execution's gathered columns change",
+        )
+        for name in net.standardized_convs.names
+    ]
     for block, _ in net.attention:
         module = modules.get(block.name)
         if module is None:

@@ -31,6 +31,7 @@ from .nested_norm import NestedNorms, norm_kind
 from .rules import NESTED, MaskRule
 from .sliced import EXECUTIONS, SlicedExecution
 from .sliced import attach as attach_sliced
+from .standardized_conv import NestedStandardizedConvs, bake_standardized_convs, is_standardized_conv
 from .token_mixing import TokenMixingSpec
 
 __all__ = ["SteppingNet", "SteppingIndex", "NeuronGroup", "RunningStatsGuard", "STATE_FORMAT"]
@@ -374,6 +375,10 @@ class SteppingNet:
         self._root_hook = model.register_forward_pre_hook(_refresh_hook(self))
         #: LayerNorm/RMSNorm over channels and GroupNorm(1), normalised per subnet prefix
         self.nested_norms = NestedNorms(self, _nested_norm_positions(model, self.channel_modules))
+        #: timm's weight-standardising convs, standardised per row over the row's mask support
+        self.standardized_convs = NestedStandardizedConvs(
+            self, [layer.name for layer in self.layers if is_standardized_conv(layer.module)]
+        )
         if verify:
             self._verify_isolation()
         self._rule = rule
@@ -774,7 +779,10 @@ class SteppingNet:
     # -------------------------------------------------------------------- export
     def plain_copy(self, s: int | None = None) -> nn.Module:
         """A deep copy of the model without masks: weights of subnet ``s`` baked in (masked
-        synapses as zeros), or the raw trainable weights when ``s`` is None."""
+        synapses as zeros), or the raw trainable weights when ``s`` is None. timm's
+        weight-standardising convs become plain convs holding their nested standardised weight
+        (:mod:`.standardized_conv`; over the supports of subnet ``s``, or of subnet N when ``s``
+        is None), which computes what the wrapped layer computes."""
         if s is not None:
             self._check_subnet(s)
         self.refresh()
@@ -783,6 +791,7 @@ class SteppingNet:
         model._forward_pre_hooks.pop(self._root_hook.id, None)
         self.hooks.detach_from(model)
         self.nested_norms.detach_from(model)
+        self.standardized_convs.detach_from(model)
         if self._sliced is not None:
             self._sliced.detach_from(model)
         for k, layer in enumerate(self.layers):
@@ -797,6 +806,10 @@ class SteppingNet:
             module.__class__ = module.__class__.__bases__[0]
             module.weight = nn.Parameter(original, requires_grad=trainable.requires_grad)
             _weight_first(module)
+        support_of = self.num_subnets if s is None else s
+        bake_standardized_convs(
+            model, {name: self.weight_mask(name, support_of) for name in self.standardized_convs.names}
+        )
         return model
 
     def export_subnet(self, s: int) -> nn.Module:
@@ -868,6 +881,8 @@ class SteppingNet:
         self._root_hook.remove()
         if hasattr(self, "nested_norms"):
             self.nested_norms.remove()
+        if hasattr(self, "standardized_convs"):
+            self.standardized_convs.remove()
         if hasattr(self, "bn_guard"):
             self.bn_guard.remove()
         sliced = getattr(self, "_sliced", None)

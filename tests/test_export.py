@@ -222,3 +222,69 @@ def test_export_keeps_layer_norm_channels_in_order(seed: int, random_assignment:
         with torch.no_grad(), net.subnet(s):
             expected = net.model(x)
         torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def _fixed_width_models() -> dict[str, Callable[[], nn.Module]]:
+    """Small timm models whose forward fixes one width by another: DaViT's attention takes its
+    head width from the input (``C // num_heads``), MetaFormer's ``reshape(B, N, C)``s its heads'
+    output with the input's ``C``, and CSPNet's cross stage splits ``conv_exp`` into two halves
+    of ``expand_chs // 2``."""
+    timm = pytest.importorskip("timm")
+    metaformer = timm.models.metaformer
+    return {
+        "davit": lambda: timm.create_model(
+            "davit_tiny", pretrained=False, num_classes=4, depths=(1, 1), embed_dims=(32, 64), num_heads=(2, 4)
+        ),
+        "caformer": lambda: metaformer.MetaFormer(
+            num_classes=4,
+            depths=(1, 1, 1, 1),
+            dims=(16, 32, 64, 64),
+            token_mixers=[metaformer.SepConv] * 2 + [metaformer.Attention] * 2,
+            norm_layers=[metaformer.LayerNorm2dNoBias] * 2 + [metaformer.LayerNormNoBias] * 2,
+        ),
+        "cs3darknet_s": lambda: timm.create_model("cs3darknet_s", pretrained=False, num_classes=4),
+    }
+
+
+def _nonzero_subnet_macs(net: SteppingNet, s: int) -> int:
+    """``net.macs(s)`` less the active weight entries that are exactly zero at random init."""
+    total = net.macs(s)
+    for k, layer in enumerate(net.layers):
+        zeros = net.weight_mask(k, s).bool() & (net.original_weight(k).detach() == 0)
+        total -= int(zeros.sum()) * layer.positions
+    return total
+
+
+@pytest.mark.parametrize("name", ["davit", "caformer", "cs3darknet_s"])
+def test_export_keeps_inactive_neurons_where_a_forward_fixes_one_width_by_another(
+    name: str, random_assignment: Callable[..., torch.Tensor]
+) -> None:
+    from nni_steppingnet.attention import head_layout, reads_input_width
+    from nni_steppingnet.fixed_splits import halved_output
+    from nni_steppingnet.testing import randomize_parameters
+
+    torch.manual_seed(0)
+    model = randomize_parameters(_fixed_width_models()[name]().eval(), seed=1)
+    x = _inputs(2, seed=2)
+    net = SteppingNet(model, x[:1], N)
+    padded = 0
+    for seed in (0, 1):
+        flat = random_assignment(net, seed=seed)
+        for s in range(1, N + 1):
+            exported = net.export_subnet(s).eval()
+            torch.testing.assert_close(exported(x), _masked(net, s, x), rtol=1e-5, atol=1e-6)
+            assert macs(exported, x, nonzero=True) == _nonzero_subnet_macs(net, s)
+            for block, heads in net.attention:
+                module = exported.get_submodule(block.name)
+                assert reads_input_width(module)
+                kept_heads = module.qkv.out_features // head_layout(module).qkv_width
+                assert module.qkv.in_features == kept_heads * block.head_dim
+                padded += kept_heads - int((flat[heads] <= s).sum())
+            for block_name, block in exported.named_modules():
+                conv = halved_output(block)
+                if conv is None:
+                    continue
+                assert conv.out_channels == block.expand_chs
+                positions = net.index.out_positions[net.index.layer(f"{block_name}.conv_exp.conv")]
+                padded += conv.out_channels - int((flat[positions] <= s).sum())
+    assert padded > 0, "no assignment needed extra neurons: the test exercised nothing"
