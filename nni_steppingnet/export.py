@@ -176,7 +176,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
         set_num_heads(module, block.layout)
         if block.head_params:
             # the heads kept anyway (none active, or kept for the input width) are in kept_anyway
-            kept = ((flat[heads] <= s) | kept_anyway[heads]).nonzero().flatten()
+            kept = _kept(heads, flat, s, kept_anyway).nonzero().flatten()
             slice_head_parameters(module, block.head_params, kept)
     norms = net.nested_norms
     install_fixed(
@@ -190,10 +190,15 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     return model
 
 
+def _kept(positions: torch.Tensor, flat: torch.Tensor, s: int, kept_anyway: torch.Tensor) -> torch.Tensor:
+    """Bool per position: the neuron is active in subnet ``s`` or kept anyway."""
+    return (flat[positions] <= s) | kept_anyway[positions]
+
+
 def _keep_more(positions: torch.Tensor, count: int, flat: torch.Tensor, s: int, kept_anyway: torch.Tensor) -> None:
     """Mark inactive neurons of ``positions`` in ``kept_anyway``, the lowest subnet index first,
     until ``count`` of them are kept."""
-    kept = (flat[positions] <= s) | kept_anyway[positions]
+    kept = _kept(positions, flat, s, kept_anyway)
     missing = count - int(kept.sum())
     if missing <= 0:
         return
@@ -224,9 +229,9 @@ def _keep_for_fixed_widths(
     for key, blocks in streams.items():
         residual = torch.tensor(key, dtype=torch.long)
         unit = math.lcm(*(head_dim for head_dim, _ in blocks))
-        need = int(((flat[residual] <= s) | kept_anyway[residual]).sum())
+        need = int(_kept(residual, flat, s, kept_anyway).sum())
         for head_dim, heads in blocks:
-            need = max(need, head_dim * int(((flat[heads] <= s) | kept_anyway[heads]).sum()))
+            need = max(need, head_dim * int(_kept(heads, flat, s, kept_anyway).sum()))
         width = -(-need // unit) * unit
         _keep_more(residual, width, flat, s, kept_anyway)
         for head_dim, heads in blocks:
@@ -237,7 +242,7 @@ def _keep_for_fixed_widths(
             continue
         positions = net.index.out_positions[net.index.layer(f"{name}.conv_exp.conv")]
         half = positions.numel() // 2
-        need = max(int(((flat[p] <= s) | kept_anyway[p]).sum()) for p in (positions[:half], positions[half:]))
+        need = max(int(_kept(part, flat, s, kept_anyway).sum()) for part in (positions[:half], positions[half:]))
         for part in (positions[:half], positions[half:]):
             _keep_more(part, need, flat, s, kept_anyway)
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["HookRegistry", "HookHandle", "OBSERVE", "SCALE", "GUARD"]
+__all__ = ["HookRegistry", "HookHandle", "OutputHooks", "OBSERVE", "SCALE", "GUARD"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,3 +183,33 @@ def _post_dispatcher(slot: _Slot) -> Callable[[nn.Module, Any, Any], None]:
             hook(module, args, output)
 
     return dispatch
+
+
+class OutputHooks:
+    """Forward hooks that replace a module's output, registered straight on the modules (the
+    registry's post hooks observe and cannot return a new output): the nested norms' and the
+    nested weight standardisation's. Their ids let a deep copy of the model drop them."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def add(self, module: nn.Module, hook: Callable[[nn.Module, Any, Any], Any]) -> None:
+        """Register ``hook(module, args, output) -> new output or None`` on ``module``."""
+        self._handles.append(module.register_forward_hook(hook))
+
+    def hook_ids(self) -> set[int]:
+        """PyTorch hook ids (to drop them from deep copies of the model)."""
+        return {int(h.id) for h in self._handles}
+
+    def detach_from(self, model: nn.Module) -> None:
+        """Drop these hooks from a deep copy of the hooked model."""
+        ids = self.hook_ids()
+        for module in model.modules():
+            for hook_id in ids:
+                module._forward_hooks.pop(hook_id, None)
+
+    def remove(self) -> None:
+        """Detach the hooks (the modules compute their own forward again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

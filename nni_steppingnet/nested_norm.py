@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.nn as nn
 
+from .hooks import OutputHooks
+
 if TYPE_CHECKING:
     from .stepping import SteppingNet
 
@@ -410,7 +412,7 @@ def _present(tensor: torch.Tensor | None, present: torch.Tensor) -> torch.Tensor
     return tensor.index_select(0, present)
 
 
-class NestedNorms:
+class NestedNorms(OutputHooks):
     """The nested norms of a :class:`~nni_steppingnet.SteppingNet` (installed at wrap time).
 
     ``positions`` maps every nested norm's module name to the flat neuron positions of its
@@ -419,17 +421,17 @@ class NestedNorms:
     """
 
     def __init__(self, net: SteppingNet, positions: dict[str, torch.Tensor]) -> None:
+        super().__init__()
         self._net_ref = weakref.ref(net)
         self.positions = dict(positions)
         self.kinds: dict[str, NormKind] = {}
-        self._handles: list[Any] = []
         modules = dict(net.model.named_modules())
         for name in self.positions:
             module = modules[name]
             kind = norm_kind(module)
             assert kind is not None, name
             self.kinds[name] = kind
-            self._handles.append(module.register_forward_hook(self._hook(name, kind)))
+            self.add(module, self._hook(name, kind))
 
     def __len__(self) -> int:
         return len(self.kinds)
@@ -472,23 +474,6 @@ class NestedNorms:
             return y.to(output.dtype) if isinstance(output, torch.Tensor) else y
 
         return hook
-
-    def hook_ids(self) -> set[int]:
-        """PyTorch hook ids (to drop them from deep copies of the model)."""
-        return {int(h.id) for h in self._handles}
-
-    def detach_from(self, model: nn.Module) -> None:
-        """Drop these hooks from a deep copy of the hooked model."""
-        ids = self.hook_ids()
-        for module in model.modules():
-            for hook_id in ids:
-                module._forward_hooks.pop(hook_id, None)
-
-    def remove(self) -> None:
-        """Detach the hooks (the model computes its original norms again)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 class FixedNestedNorm:

@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hooks import OutputHooks
+
 if TYPE_CHECKING:
     from .stepping import SteppingNet
 
@@ -112,17 +114,17 @@ def standardized_conv_output(module: nn.Conv2d, x: torch.Tensor, weight: torch.T
     return F.conv2d(x, weight, module.bias, module.stride, padding, module.dilation, module.groups)
 
 
-class NestedStandardizedConvs:
+class NestedStandardizedConvs(OutputHooks):
     """The nested weight standardisation of a :class:`~nni_steppingnet.SteppingNet`'s
     standardising convs (installed at wrap time on the layers ``names``)."""
 
     def __init__(self, net: SteppingNet, names: list[str]) -> None:
+        super().__init__()
         self._net_ref = weakref.ref(net)
         self.names = list(names)
-        self._handles: list[Any] = []
         modules = dict(net.model.named_modules())
         for name in self.names:
-            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+            self.add(modules[name], self._hook(name))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -148,23 +150,6 @@ class NestedStandardizedConvs:
             return standardized_conv_output(conv, x, standardized_weight(conv, weight, support))
 
         return hook
-
-    def hook_ids(self) -> set[int]:
-        """PyTorch hook ids (to drop them from deep copies of the model)."""
-        return {int(h.id) for h in self._handles}
-
-    def detach_from(self, model: nn.Module) -> None:
-        """Drop these hooks from a deep copy of the hooked model."""
-        ids = self.hook_ids()
-        for module in model.modules():
-            for hook_id in ids:
-                module._forward_hooks.pop(hook_id, None)
-
-    def remove(self) -> None:
-        """Detach the hooks (the layers standardise over their whole rows again)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def _plain_conv(module: nn.Conv2d, weight: torch.Tensor) -> nn.Conv2d:
