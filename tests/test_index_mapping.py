@@ -247,16 +247,19 @@ def test_cspnet_wraps_though_torch_pruning_cannot_infer_a_concat(
 ) -> None:
     """CSPNet concatenates a split chunk with the output of a residual stack; torch-pruning 1.6
     infers ``None`` for the stack's width and raises ``TypeError`` summing the widths. The graph
-    is finished from autograd's widths: the model wraps and is isolated, and export, which cannot
-    split the pruned width into CSPNet's two fixed halves (``x.split(expand_chs // 2)``), says so."""
+    is finished from autograd's widths: the model wraps and is isolated, and export (which keeps
+    CSPNet's two halves of ``x.split(expand_chs // 2)`` equal) computes the masked subnet."""
     model = randomize_parameters(timm.create_model("cs3darknet_s", pretrained=False, num_classes=10), seed=0)
     randomize_bn(model, seed=0)
     x = torch.randn(2, 3, 32, 32)
     net = SteppingNet(model.eval(), x[:1], N, execution="masked")
     random_assignment(net, 0)
     assert isolation_report(net, x).isolated
-    with pytest.raises(RuntimeError, match=r"export_subnet\(2\): .*not enough values to unpack"):
-        export_subnet(net, 2)
+    exported = export_subnet(net, 2).eval()
+    with torch.no_grad(), net.subnet(2):
+        expected = net.model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
 
 
 class GatedChunks(nn.Module):
