@@ -62,6 +62,8 @@ __all__ = [
     "head_of_channel",
     "head_dim_of",
     "head_parameters",
+    "shared_head_parameters",
+    "untraced_parameters",
     "slice_head_parameters",
     "attention_macs",
     "product_macs",
@@ -225,7 +227,11 @@ def head_parameters(module: nn.Module) -> dict[str, int]:
     names them)."""
     heads = int(cast(int, module.num_heads))
     found = {}
+    # SAM's tables can have 2S - 1 == num_heads rows: shared by the heads whatever their shape
+    shared = shared_head_parameters(module)
     for name, param in module.named_parameters(recurse=False):
+        if name in shared:
+            continue
         dims = [d for d, size in enumerate(param.shape) if size == heads]
         if len(dims) > 1 and name == "relative_position_bias_table" and is_window_attention(module):
             # Swin's table is [(2w-1)^2, heads]: 9 heads over 2x2 windows make it 9 x 9
@@ -233,6 +239,27 @@ def head_parameters(module: nn.Module) -> dict[str, int]:
         if len(dims) == 1:
             found[name] = dims[0]
     return found
+
+
+#: attention whose heads all read the same position tables (timm module, class)
+_SHARED_TABLE_FORWARDS = (("timm.models.vision_transformer_sam", "Attention"),)
+
+
+def shared_head_parameters(module: nn.Module) -> list[str]:
+    """Parameters every head reads whole: SAM's decomposed relative position embeddings
+    ``rel_pos_h``/``rel_pos_w`` (``[2S - 1, head_dim]``, multiplied with each head's ``q``).
+    Heads are removed whole, never channels inside a head, so these keep their shape in every
+    subnet and in export; a masked head's ``q`` is zero, so its bias is too."""
+    if not _runs(module, _SHARED_TABLE_FORWARDS):
+        return []
+    return [name for name in ("rel_pos_h", "rel_pos_w") if isinstance(getattr(module, name, None), nn.Parameter)]
+
+
+def untraced_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The block's per-head and shared-by-heads tensors, which torch-pruning must not trace as
+    channels of whatever they are added to or multiplied with (its ``ignored_params``)."""
+    names = [*head_parameters(module), *shared_head_parameters(module)]
+    return [cast(nn.Parameter, getattr(module, name)) for name in names]
 
 
 def unsupported_attention_reason(module: nn.Module) -> str | None:
@@ -261,7 +288,7 @@ def unsupported_attention_reason(module: nn.Module) -> str | None:
             f"{type(module).__name__} has layers besides qkv and proj ({', '.join(layers[:3])}): a relative "
             "position MLP or pooling convs are not supported as head neurons yet"
         )
-    per_head = head_parameters(module)
+    per_head = [*head_parameters(module), *shared_head_parameters(module)]
     # the layers' own parameters, and TinyViT's pre-norm (a nested norm of the residual channels)
     prefixes = ("qkv.", "proj.", "norm.") if is_interleaved_attention(module) else ("qkv.", "proj.")
     own = [name for name, _ in module.named_parameters() if not name.startswith(prefixes) and name not in per_head]

@@ -15,7 +15,7 @@ import torch_pruning as tp
 from ._channels import channels_first_parameters
 from ._index_mapping import build_dependency_graph
 from ._inputs import call_model
-from .attention import reads_input_width, set_num_heads, slice_head_parameters
+from .attention import reads_input_width, set_num_heads, slice_head_parameters, untraced_parameters
 from .fixed_splits import fit_halves, halved_output, has_fixed_splits, needs_input_width, split_widths
 from .macs import macs as count_macs
 from .nested_norm import install_fixed, kept_channels, kept_indices
@@ -107,10 +107,9 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
     fixed = [model.get_submodule(layer.name) for layer in net.layers if layer.is_logits]
     was_training = model.training
     model.eval()
-    # per-head parameters are sliced with their heads below, not by torch-pruning
-    per_head = [
-        getattr(model.get_submodule(block.name), attr) for block, _ in net.attention for attr in block.head_params
-    ]
+    # per-head parameters are sliced with their heads below, not by torch-pruning; tables all
+    # heads share keep their shape
+    per_head = [param for block, _ in net.attention for param in untraced_parameters(model.get_submodule(block.name))]
     # token-mixing Linears run over the kept channels as they are (.token_mixing)
     tokens = [model.get_submodule(token.name) for token in net.token_mixing]
     with torch.enable_grad():  # torch-pruning traces through autograd; callers may be under no_grad
@@ -132,9 +131,9 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
         if not layer.is_logits and bool((flat[positions] > s).all()):
             kept_anyway[positions[int(torch.argmin(flat[positions]))]] = True
     _keep_for_fixed_widths(net, model, flat, s, kept_anyway)
-    # torch-pruning mis-maps an interleaved qkv's heads to proj (graph.py): those two are pruned
-    # here by their head layout, outside its groups
-    interleaved = {block.qkv: block for block, _ in net.attention if block.layout.interleaved}
+    # torch-pruning can lose a qkv's heads on the way to proj (graph.py): every block's qkv and
+    # proj are pruned here by their head layout, outside its groups
+    head_blocks = {block.qkv: block for block, _ in net.attention}
     pending: list[Any] = []
     for group in graph.get_all_groups(ignored_layers=fixed + tokens, root_module_types=[nn.Conv2d, nn.Linear]):
         root = group.items[0].dep.target.module
@@ -142,7 +141,7 @@ def export_subnet(net: SteppingNet, s: int) -> nn.Module:
         drop = ((assignment > s) & ~kept_anyway[out_neurons[names[root]]]).nonzero().flatten()
         if drop.numel() == 0:
             continue
-        block = interleaved.get(names[root])
+        block = head_blocks.get(names[root])
         if block is not None:
             layout = block.layout
             dropped = torch.unique(layout.qkv_head(drop))

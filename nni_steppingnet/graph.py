@@ -33,6 +33,7 @@ from .attention import (
     is_head_attention,
     product_macs,
     unsupported_attention_reason,
+    untraced_parameters,
 )
 from .errors import UnsupportedModelError
 from .macs import layer_positions
@@ -343,6 +344,21 @@ def _side(handler: Any) -> str | None:
     return None
 
 
+def _channel_width(module: nn.Module) -> int:
+    """Channels of a per-channel module (norm, activation with parameters): ``num_features``,
+    its weight's length, or an affine-free norm's last normalised dimension (0: none known)."""
+    width = getattr(module, "num_features", None)
+    if isinstance(width, int) and width > 0:
+        return width
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, (tuple, list)) and shape and isinstance(shape[-1], int):
+        return int(shape[-1])
+    return 0
+
+
 def _to_tensor(values: Iterable[Any]) -> torch.Tensor:
     return torch.as_tensor([int(v) for v in values], dtype=torch.long)
 
@@ -384,13 +400,10 @@ def discover_layers(
     token_modules = [all_modules[name] for name in token_calls]
     weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHTED_TYPES) and n not in token_calls]
     fixed = {clf, *exclude, *(timm_heads(model) if classifier is None else [])}
-    # Per-head parameters (relative position bias tables) follow their block's heads; left to
-    # torch-pruning they would be traced as channels of whatever they are added to.
+    # Per-head parameters (relative position bias tables) follow their block's heads, and tables
+    # all heads share keep their shape; left to torch-pruning they would be traced as channels.
     per_head = [
-        getattr(module, attr)
-        for module in model.modules()
-        if is_head_attention(module)
-        for attr in head_parameters(module)
+        param for module in model.modules() if is_head_attention(module) for param in untraced_parameters(module)
     ]
     was_training = model.training
     model.eval()
@@ -471,9 +484,12 @@ def discover_layers(
             if compact is not None:
                 roots = torch.searchsorted(compact, roots)
             if block is not None:
+                if (name, side) == (block.proj, "in"):
+                    # torch-pruning 1.6 loses proj's inputs through some per-head splits (the
+                    # identity past proj's width for an interleaved qkv, SAM's reshape to
+                    # [3, B * heads, N, -1]): the layout gives them for every block (below)
+                    continue
                 if block.layout.interleaved and (name, side) != (block.qkv, "out"):
-                    # torch-pruning 1.6 maps qkv's outputs through the per-head split to proj's
-                    # inputs as the identity (past proj's width): the layout gives them (below)
                     continue
                 roots = block.layout.qkv_head(roots)
             if is_patch_merging(module):
@@ -483,7 +499,7 @@ def discover_layers(
                     spec.members.append((f"{name}.{child}", child_side, channels, child_roots))
                 continue
             spec.members.append((name, side, idxs, roots))
-        if block is not None and block.layout.interleaved:
+        if block is not None:
             channels = torch.arange(block.num_heads * block.head_dim)
             spec.members.append((block.proj, "in", channels, block.layout.proj_head(channels)))
         groups.append(spec)
@@ -519,8 +535,7 @@ def discover_layers(
             else:
                 if side != "out":
                     continue
-                weight = getattr(module, "weight", None)
-                width = int(getattr(module, "num_features", 0) or (weight.shape[0] if weight is not None else 0))
+                width = _channel_width(module)
                 if width == 0:
                     continue
                 table = channel_modules.setdefault(name, torch.full((width,), -2, dtype=torch.long))

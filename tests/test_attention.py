@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from nni_steppingnet import SteppingNet
-from nni_steppingnet.attention import attention_macs
+from nni_steppingnet.attention import attention_macs, shared_head_parameters
 from nni_steppingnet.construction import ConstructionConfig, Constructor
 from nni_steppingnet.construction.select import neuron_costs
 from nni_steppingnet.errors import UnsupportedModelError
 from nni_steppingnet.macs import macs
 from nni_steppingnet.runtime import IncrementalRunner
 from nni_steppingnet.sliced import compare_executions
-from nni_steppingnet.testing import isolation_report, random_assignment, runner_report
+from nni_steppingnet.testing import isolation_report, random_assignment, randomize_parameters, runner_report
 
 timm = pytest.importorskip("timm")
 
@@ -432,3 +432,54 @@ def test_interleaved_layout_is_known_by_the_forward_not_the_shapes() -> None:
     stacked = head_layout(timm.models.vision_transformer.Attention(dim=16, num_heads=4))
     assert stacked is not None and not stacked.interleaved
     assert stacked.qkv_head(channels).tolist() == [(c % 16) // 4 for c in range(48)]
+
+
+# ----------------------------------------------- shared position tables (SAM)
+def _samvit() -> Any:
+    # two blocks at 32 px, patch 8 (4x4 tokens): a windowed block (2x2 windows) and a global
+    # one, both with SAM's decomposed relative position tables rel_pos_h / rel_pos_w; the neck's
+    # convs and LayerNorm2d, then pooling and the head
+    return timm.create_model(
+        "samvit_base_patch16",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=24,
+        depth=2,
+        num_heads=3,
+        window_size=2,
+        global_attn_indexes=(1,),
+        neck_chans=16,
+        use_rel_pos=True,
+        num_classes=10,
+    ).eval()
+
+
+def test_sam_position_tables_are_shared_by_the_heads_and_kept_whole() -> None:
+    """SAM's ``rel_pos_h``/``rel_pos_w`` (``[2S - 1, head_dim]``) multiply every head's q: they
+    are no neurons, keep their shape in export, and torch-pruning's lost map from qkv's heads to
+    proj's inputs (SAM's ``reshape(3, B * heads, N, -1)``) is replaced by the head layout."""
+    model = randomize_parameters(_samvit(), seed=2)
+    x = _x(2, seed=1)
+    net = SteppingNet(model, x[:1], N)
+    assert [block.name for block, _ in net.attention] == ["blocks.0.attn", "blocks.1.attn"]
+    for block, _ in net.attention:
+        assert block.head_params == {}
+        assert shared_head_parameters(model.get_submodule(block.name)) == ["rel_pos_h", "rel_pos_w"]
+    flat = random_assignment(net, seed=3)
+    for train in (False, True):
+        report = isolation_report(net, x, train=train)
+        assert report.isolated and sum(report.compared) > 0, report
+    for s in range(1, N + 1):
+        exported = net.export_subnet(s).eval()
+        for block, heads in net.attention:
+            module = exported.get_submodule(block.name)
+            assert module.num_heads == max(int((flat[heads] <= s).sum()), 1)
+            assert module.rel_pos_h.shape == model.get_submodule(block.name).rel_pos_h.shape
+        with torch.no_grad(), net.subnet(s):
+            expected = net.model(x)
+        torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
+        assert macs(exported, x[:1], nonzero=True) == net.macs(s)
+    # SAM's forward is not one the runner computes stage by stage: refused by name
+    with pytest.raises(UnsupportedModelError, match="blocks.0.attn"):
+        IncrementalRunner(net)

@@ -546,22 +546,52 @@ def test_norms_that_cannot_nest_are_refused_by_name(norm: nn.Module, words: tupl
         assert word in reasons["norm"]
 
 
-def test_layernorm_without_affine_is_refused_by_name() -> None:
-    class Plain(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, padding=1)
-            self.norm = nn.LayerNorm(8, elementwise_affine=False)
-            self.fc = nn.Linear(8, 4)
+class _AffineFreeNorm(nn.Module):
+    """conv -> a norm over channels (channels last) -> pooled Linear: timm's qwen3_vit ends in a
+    ``LayerNorm(elementwise_affine=False)``."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.norm(self.conv(x).permute(0, 2, 3, 1))
-            return self.fc(y.mean((1, 2)))
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = norm
+        self.fc = nn.Linear(8, 4)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x).permute(0, 2, 3, 1))
+        return self.fc(y.mean((1, 2)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_layernorm_without_affine_nests(seed: int) -> None:
+    """torch-pruning groups an affine-free LayerNorm with the conv before it; its channels are
+    the conv's neurons (width from ``normalized_shape``): subnets stay isolated bitwise, and
+    removing the nested norm breaks isolation (so the check can fail)."""
+    net = SteppingNet(
+        randomize_parameters(_AffineFreeNorm(nn.LayerNorm(8, elementwise_affine=False))), _inputs(1, 0), N
+    )
+    assert net.nested_norms.names == ["norm"]
+    flat = random_assignment(net, seed=seed)
+    assert torch.equal(net.nested_norms.channel_index("norm"), flat[net.nested_norms.positions["norm"]])
+    for train in (False, True):
+        report = isolation_report(net, _inputs(4, seed=seed + 10), train=train)
+        assert report.isolated, report
+        assert sum(report.compared) > 0
+    x = _inputs(3, seed=21)
+    for s in range(1, N + 1):
+        with torch.no_grad(), net.subnet(s):
+            expected = net.model(x)
+        torch.testing.assert_close(net.export_subnet(s).eval()(x), expected, rtol=1e-5, atol=1e-6)
+    net.nested_norms.remove()
+    assert not isolation_report(net, _inputs(4, seed=seed + 10)).isolated
+
+
+def test_a_norm_torch_pruning_cannot_trace_without_affine_is_refused_by_name() -> None:
+    """timm's RmsNorm without affine parameters is no torch-pruning node: none of its channels
+    map to neurons, and the wrap says so by name."""
     with pytest.raises(UnsupportedModelError) as info:
-        SteppingNet(Plain(), _inputs(1, seed=0), N)
+        SteppingNet(_AffineFreeNorm(timm.layers.RmsNorm(8, affine=False)), _inputs(1, seed=0), N)
     assert "norm" in dict(info.value.problems)
-    assert "elementwise_affine=True" in str(info.value)
+    assert "affine=True" in str(info.value)
 
 
 def _one_block_mixer(**kwargs: Any) -> nn.Module:
