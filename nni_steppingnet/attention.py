@@ -24,17 +24,23 @@ head (:class:`HeadLayout`, recognised by their forward). For those torch-pruning
 export take ``proj``'s head channels from the layout instead. Whatever else its forward does per head
 (relative position bias, rotary embeddings, windows) cannot mix heads if the layout holds; the
 wrap-time isolation probe checks it on a random assignment, so a forward that does mix is
-refused there by name. The incremental runner computes new heads stage by stage for timm's
-``vision_transformer.Attention`` forward (ViT, DeiT) and Swin's ``WindowAttention`` (relative
-position bias per head, shifted-window mask) and refuses other forwards by name
-(:func:`runs_stage_by_stage`). Other attention blocks are refused at wrap time.
+refused there by name. The incremental runner computes new heads stage by stage for the
+forwards it knows (:func:`stage_form`): timm's ViT, MetaFormer and DaViT window attention (plain
+softmax attention), Swin's ``WindowAttention`` (relative position bias per head, shifted-window
+mask), EfficientFormer's and TinyViT's interleaved blocks, SAM's attention (decomposed relative
+position bias from each head's ``q``) and DaViT's ``ChannelAttention`` (softmax over ``k^T v``,
+``head_dim x head_dim`` per head); it refuses other forwards by name. Sliced execution runs the
+block's own forward on the active heads and so needs a forward whose widths follow ``num_heads``
+(:func:`runs_sliced`). Other attention blocks are refused at wrap time.
 
 MACs (the rule :func:`product_macs` implements): the matrix products of two activations that
 run inside the block (``q @ k^T``, ``attn @ v``, ``scaled_dot_product_attention``), counted as
 they run on the example input: ``batch x M x K x N`` for an ``[M, K] @ [K, N]`` product, and
 ``Tq x Tk x (D + Dv)`` per head for ``scaled_dot_product_attention``; per sample and divided
 evenly over the heads. For ViT that is ``2 * T * T * head_dim`` per head for ``T`` tokens
-(:func:`attention_macs`); with windows it is the windows' token pairs. The softmax, scaling and
+(:func:`attention_macs`); with windows it is the windows' token pairs; SAM adds its two bias
+einsums, ``T * (h + w) * head_dim`` per head on an ``h x w`` grid; DaViT's channel attention is
+``2 * T * head_dim^2`` per head (:func:`stage_head_macs` gives each form's count). The softmax, scaling and
 bias cost none (as activations and BatchNorm cost none elsewhere). A head is active in subnet
 ``s`` iff its index is ``<= s``. The ``qkv`` and ``proj`` Linears count as every Linear does
 (active weight entries x tokens).
@@ -42,7 +48,6 @@ bias cost none (as activations and BatchNorm cost none elsewhere). A head is act
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
@@ -51,6 +56,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from .forwards import runs_forward
 
 __all__ = [
     "AttentionSpec",
@@ -68,6 +75,10 @@ __all__ = [
     "attention_macs",
     "product_macs",
     "runs_stage_by_stage",
+    "runs_sliced",
+    "stage_form",
+    "stage_head_macs",
+    "decomposed_position_bias",
     "is_vit_attention",
     "is_window_attention",
     "window_position_bias",
@@ -181,17 +192,11 @@ def head_dim_of(module: nn.Module) -> int | None:
 _INTERLEAVED_FORWARDS = (("timm.models.efficientformer", "Attention"), ("timm.models.tiny_vit", "Attention"))
 
 
-def _runs(module: nn.Module, forwards: tuple[tuple[str, str], ...]) -> bool:
-    """True when ``module``'s class runs the ``forward`` of one of the timm ``(module, class)``."""
-    forward = getattr(type(module), "forward", None)
-    return forward is not None and any(forward is _timm_forward(mod, cls) for mod, cls in forwards)
-
-
 def is_interleaved_attention(module: nn.Module) -> bool:
     """True when ``module`` runs EfficientFormer's or TinyViT's attention forward (``qkv``
     reshaped to ``[B, N, heads, 2 * key_dim + val_dim]`` and split into q, k, v; a learnt bias per
     head and token offset, ``attention_biases[:, attention_bias_idxs]``; TinyViT's pre-norm)."""
-    return _runs(module, _INTERLEAVED_FORWARDS)
+    return runs_forward(module, _INTERLEAVED_FORWARDS)
 
 
 def head_layout(module: nn.Module) -> HeadLayout | None:
@@ -250,7 +255,7 @@ def shared_head_parameters(module: nn.Module) -> list[str]:
     ``rel_pos_h``/``rel_pos_w`` (``[2S - 1, head_dim]``, multiplied with each head's ``q``).
     Heads are removed whole, never channels inside a head, so these keep their shape in every
     subnet and in export; a masked head's ``q`` is zero, so its bias is too."""
-    if not _runs(module, _SHARED_TABLE_FORWARDS):
+    if not runs_forward(module, _SHARED_TABLE_FORWARDS):
         return []
     return [name for name in ("rel_pos_h", "rel_pos_w") if isinstance(getattr(module, name, None), nn.Parameter)]
 
@@ -301,13 +306,6 @@ def unsupported_attention_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _timm_forward(module_name: str, class_name: str) -> Any:
-    try:
-        return getattr(importlib.import_module(module_name), class_name).forward
-    except (ImportError, AttributeError):  # timm is a dependency; without the class no module matches
-        return None
-
-
 def is_head_attention(module: nn.Module) -> bool:
     """True for an attention block whose heads become neurons."""
     return _fused_layout(module) and unsupported_attention_reason(module) is None
@@ -315,22 +313,98 @@ def is_head_attention(module: nn.Module) -> bool:
 
 def is_vit_attention(module: nn.Module) -> bool:
     """True when ``module`` runs timm's ``vision_transformer.Attention`` forward (ViT, DeiT)."""
-    return _runs(module, (("timm.models.vision_transformer", "Attention"),))
+    return runs_forward(module, (("timm.models.vision_transformer", "Attention"),))
 
 
 def is_window_attention(module: nn.Module) -> bool:
     """True when ``module`` runs timm's Swin ``WindowAttention`` forward: fused qkv, a relative
     position bias per head from ``relative_position_bias_table[relative_position_index]`` and the
     shifted windows' ``mask`` argument."""
-    return _runs(module, (("timm.models.swin_transformer", "WindowAttention"),))
+    return runs_forward(module, (("timm.models.swin_transformer", "WindowAttention"),))
+
+
+#: the attention forwards the incremental runner computes head by head, by how they compute:
+#: (timm module, class) -> form (:func:`stage_form`)
+_STAGE_FORMS: tuple[tuple[tuple[str, str], str], ...] = (
+    (("timm.models.vision_transformer", "Attention"), "plain"),
+    (("timm.models.metaformer", "Attention"), "plain"),
+    (("timm.models.davit", "WindowAttention"), "plain"),
+    (("timm.models.swin_transformer", "WindowAttention"), "window"),
+    (("timm.models.efficientformer", "Attention"), "interleaved"),
+    (("timm.models.tiny_vit", "Attention"), "interleaved"),
+    (("timm.models.vision_transformer_sam", "Attention"), "decomposed"),
+    (("timm.models.davit", "ChannelAttention"), "channel"),
+)
+
+#: forms whose timm forward takes its widths from ``num_heads`` (or infers them with ``-1``), so
+#: that it runs on the active heads alone (MetaFormer and DaViT take them from the input's width)
+_SLICED_FORWARDS = (
+    ("timm.models.vision_transformer", "Attention"),
+    ("timm.models.swin_transformer", "WindowAttention"),
+    *_INTERLEAVED_FORWARDS,
+    ("timm.models.vision_transformer_sam", "Attention"),
+)
+
+
+def stage_form(module: nn.Module) -> str | None:
+    """How the incremental runner computes this block's heads (``None``: a forward it does not
+    know, refused by name): ``"plain"`` softmax attention over tokens (timm's ViT, MetaFormer and
+    DaViT window attention), ``"window"`` (Swin: a relative position bias per head and the
+    shifted windows' mask), ``"interleaved"`` (EfficientFormer, TinyViT: ``[q k v]`` per head, a
+    learnt bias per head and token offset), ``"decomposed"`` (SAM on a ``[B, H, W, C]`` grid: the
+    bias of each head from its ``q`` and the shared ``rel_pos_h``/``rel_pos_w``; rotary
+    embeddings are not computed stage by stage) and ``"channel"`` (DaViT's channel attention:
+    softmax over ``k^T v``)."""
+    for forward, form in _STAGE_FORMS:
+        if runs_forward(module, (forward,)):
+            if form == "decomposed" and getattr(module, "rope", None) is not None:
+                return None
+            return form
+    return None
 
 
 def runs_stage_by_stage(module: nn.Module) -> bool:
-    """True when the incremental runner and sliced execution know this block's forward (timm's
-    ViT attention, Swin's window attention, EfficientFormer's and TinyViT's interleaved
-    attention): the runner computes its new heads stage by stage, sliced execution its active
-    heads."""
-    return is_vit_attention(module) or is_window_attention(module) or is_interleaved_attention(module)
+    """True when the incremental runner computes this block's new heads stage by stage
+    (:func:`stage_form`)."""
+    return stage_form(module) is not None
+
+
+def runs_sliced(module: nn.Module) -> bool:
+    """True when sliced execution runs this block's own forward on its active heads (timm's ViT
+    attention, Swin's window attention, EfficientFormer's and TinyViT's interleaved attention,
+    SAM's attention without rotary embeddings)."""
+    return runs_forward(module, _SLICED_FORWARDS) and getattr(module, "rope", None) is None
+
+
+def stage_head_macs(form: str, layout: HeadLayout, tokens: int, grid: tuple[int, int] | None = None) -> int:
+    """MACs of one head's activation products over one row of ``tokens`` tokens (a sample, or a
+    window), as :func:`product_macs` counts them: ``tokens^2 * (key_dim + val_dim)`` for
+    softmax attention over tokens, plus SAM's bias einsums ``tokens * (h + w) * key_dim`` on an
+    ``h x w`` ``grid`` (``None``: no position tables), and ``2 * tokens * key_dim * val_dim``
+    for DaViT's channel attention."""
+    if form == "channel":
+        return 2 * tokens * layout.key_dim * layout.val_dim
+    cost = tokens * tokens * layout.pair_macs
+    if form == "decomposed" and grid is not None:
+        cost += tokens * (grid[0] + grid[1]) * layout.key_dim
+    return cost
+
+
+def decomposed_position_bias(module: nn.Module, q: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """SAM's attention bias of the heads in ``q`` (``[rows, heads, tokens, key_dim]`` on an
+    ``h x w`` ``grid``): timm's ``get_decomposed_rel_pos_bias`` with the block's shared tables
+    ``rel_pos_h``/``rel_pos_w``, ``[rows, heads, tokens, tokens]``."""
+    from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+
+    rows, heads, tokens, dim = q.shape
+    bias = get_decomposed_rel_pos_bias(
+        q.reshape(rows * heads, tokens, dim),
+        cast(torch.Tensor, module.rel_pos_h),
+        cast(torch.Tensor, module.rel_pos_w),
+        grid,
+        grid,
+    )
+    return bias.reshape(rows, heads, tokens, tokens)
 
 
 def window_position_bias(module: nn.Module) -> torch.Tensor:
@@ -463,7 +537,7 @@ def reads_input_width(module: nn.Module) -> bool:
     """True when ``module``'s forward needs its input's channels to equal its heads' channels
     (:data:`_INPUT_WIDTH_FORWARDS`); export then keeps extra inactive heads or residual channels
     until they do."""
-    return _runs(module, _INPUT_WIDTH_FORWARDS)
+    return runs_forward(module, _INPUT_WIDTH_FORWARDS)
 
 
 def head_widths(layout: HeadLayout) -> dict[str, int]:

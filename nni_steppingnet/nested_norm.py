@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.nn as nn
 
+from .forwards import forward_owner
 from .hooks import OutputHooks
 
 if TYPE_CHECKING:
@@ -132,11 +133,6 @@ _FORWARDS: dict[tuple[str, str], tuple[int, bool, bool]] = {
 _NORM_ACT_MODULE = "timm.layers.norm_act"
 
 
-def _forward_owner(module: nn.Module) -> type:
-    """The class in ``module``'s MRO that defines ``forward``."""
-    return next(cls for cls in type(module).__mro__ if "forward" in vars(cls))
-
-
 def _eps(module: nn.Module) -> float:
     eps = getattr(module, "eps", None)
     if eps is None:  # torch RMSNorm(eps=None): the dtype's epsilon, resolved at forward
@@ -150,12 +146,12 @@ def norm_kind(module: nn.Module) -> NormKind | None:
     if name == "GlobalResponseNorm" and type(module).__module__.startswith("timm."):
         channel_dim = int(getattr(module, "channel_dim", -1))
         return NormKind(dim=1 if channel_dim == 1 else -1, rms=False, spatial=False, eps=_eps(module), grn=True)
-    owner = _forward_owner(module)
-    known = _FORWARDS.get((owner.__module__, owner.__name__))
-    if known is None:
+    owner = forward_owner(module)
+    known = None if owner is None else _FORWARDS.get(owner)
+    if owner is None or known is None:
         return None
     dim, rms, spatial = known
-    act = owner.__module__ == _NORM_ACT_MODULE
+    act = owner[0] == _NORM_ACT_MODULE
     if spatial:
         if getattr(module, "num_groups", None) != 1:
             return None
@@ -173,8 +169,7 @@ def unsupported_norm_reason(module: nn.Module) -> str | None:
     name = type(module).__name__
     if norm_kind(module) is not None:
         return None
-    owner = _forward_owner(module)
-    overridden = (owner.__module__, owner.__name__) not in _FORWARDS
+    overridden = forward_owner(module) not in _FORWARDS
     if isinstance(module, nn.GroupNorm):
         if module.num_groups == module.num_channels:
             return None  # per-channel: no mixing

@@ -85,10 +85,13 @@ from torch.utils._pytree import tree_map
 from ._inputs import batch_size, call_model
 from .attention import (
     HeadLayout,
+    decomposed_position_bias,
     head_layout,
     is_head_attention,
-    is_window_attention,
     runs_stage_by_stage,
+    shared_head_parameters,
+    stage_form,
+    stage_head_macs,
     window_position_bias,
 )
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
@@ -336,13 +339,16 @@ class _StageNorm(nn.Module):
 
 class _StageAttention(nn.Module):
     """A head-attention block (:mod:`~nni_steppingnet.attention`) in the runner's model: at stage
-    ``s`` it computes ``q.k`` and ``attn.v`` of the heads with index ``== s`` only (their q, k, v
-    never change afterwards: the mask rule keeps later inputs out). ``qkv`` and ``proj`` are the
+    ``s`` it computes the attention of the heads with index ``== s`` only (their q, k, v never
+    change afterwards: the mask rule keeps later inputs out). ``qkv`` and ``proj`` are the
     block's stage layers. In the delta layout ``qkv`` returns exactly the new heads' channels; in
-    the full-width one the block keeps every earlier head's output. Forwards: timm's ViT attention;
-    Swin's window attention (the new heads' relative position bias and the shifted windows' mask
-    are added to their ``q.k``); EfficientFormer's and TinyViT's interleaved attention (their
-    learnt bias per head and token offset; TinyViT's pre-norm)."""
+    the full-width one the block keeps every earlier head's output. The forwards it knows are
+    :func:`~nni_steppingnet.attention.stage_form`'s: plain softmax attention (ViT, MetaFormer,
+    DaViT windows); Swin's window attention (the new heads' relative position bias and the
+    shifted windows' mask are added to their ``q.k``); EfficientFormer's and TinyViT's
+    interleaved attention (their learnt bias per head and token offset; TinyViT's pre-norm);
+    SAM's attention on a ``[B, H, W, C]`` grid (the new heads' decomposed position bias from
+    their ``q``); DaViT's channel attention (softmax over each new head's ``k^T v``)."""
 
     head_index: torch.Tensor
 
@@ -354,20 +360,23 @@ class _StageAttention(nn.Module):
         self.proj = cast(nn.Module, block.proj)
         self.proj_drop: nn.Module = getattr(block, "proj_drop", nn.Identity())
         self.layout = layout
+        self.form = cast(str, stage_form(block))
         self.num_heads = int(head_index.numel())
         self.scale = float(getattr(block, "scale", layout.key_dim**-0.5))
         self.fused = bool(getattr(block, "fused_attn", True))
-        self.windowed = is_window_attention(block)
         self.norm: nn.Module | None = getattr(block, "norm", None) if layout.interleaved else None
-        # the block's per-head tensors under their own names (the runner's state_dict keys stay
-        # the model's), as buffers like the stage layers' weights
+        # the block's per-head (and SAM's shared) tensors under their own names (the runner's
+        # state_dict keys stay the model's), as buffers like the stage layers' weights
         persistent = set(block.state_dict(keep_vars=True))
-        tables = ("relative_position_bias_table", "relative_position_index") if self.windowed else ()
-        if layout.interleaved:
-            tables = ("attention_biases", "attention_bias_idxs")
+        tables: tuple[str, ...] = {
+            "window": ("relative_position_bias_table", "relative_position_index"),
+            "interleaved": ("attention_biases", "attention_bias_idxs"),
+            "decomposed": tuple(shared_head_parameters(block)),
+        }.get(self.form, ())
         for attr in tables:
             tensor = cast(torch.Tensor, getattr(block, attr))
             self.register_buffer(attr, tensor.detach().clone(), persistent=attr in persistent)
+        self.position_tables = bool(tables)
         self.block_name = name
         self.state = state
         #: subnet index of every head (``num_subnets + 1``: never active)
@@ -377,12 +386,18 @@ class _StageAttention(nn.Module):
     def reset(self) -> None:
         self.heads = None
 
-    def _bias(self, new: torch.Tensor, rows: int, tokens: int, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """The additive attention bias of the ``new`` heads, ``[rows or 1, len(new), N, N]``."""
-        if self.layout.interleaved:
+    def _bias(
+        self, new: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None, grid: tuple[int, int] | None
+    ) -> torch.Tensor | None:
+        """The additive attention bias of the ``new`` heads (``q``: theirs), ``[rows or 1,
+        len(new), N, N]``."""
+        rows, _, tokens, _ = q.shape
+        if self.form == "interleaved":
             biases = cast(torch.Tensor, self.attention_biases)
             return biases[new][:, cast(torch.Tensor, self.attention_bias_idxs)].unsqueeze(0)
-        if not self.windowed:
+        if self.form == "decomposed" and self.position_tables:
+            return decomposed_position_bias(self, q, cast(tuple[int, int], grid))
+        if self.form != "window":
             return None
         bias = window_position_bias(self)[new].unsqueeze(0)
         if mask is None:
@@ -390,6 +405,27 @@ class _StageAttention(nn.Module):
         windows = mask.shape[0]
         shifted = mask.view(1, windows, 1, tokens, tokens).expand(rows // windows, -1, new.numel(), -1, -1)
         return bias + shifted.reshape(rows, new.numel(), tokens, tokens)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        new: torch.Tensor,
+        mask: torch.Tensor | None,
+        grid: tuple[int, int] | None,
+    ) -> torch.Tensor:
+        """The outputs of the ``new`` heads (q, k, v: theirs), ``[rows, heads, tokens, val_dim]``."""
+        if self.form == "channel":
+            # DaViT: a head_dim x head_dim attention per head over k^T v, applied to q
+            attn = ((k * self.scale).transpose(-2, -1) @ v).softmax(dim=-1)
+            return (attn @ q.transpose(-2, -1)).transpose(-2, -1)
+        bias = self._bias(new, q, mask, grid)
+        bias = None if bias is None else bias.to(q.dtype)
+        if self.fused and not self.layout.interleaved:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        scores = (q * self.scale) @ k.transpose(-2, -1)
+        return (scores if bias is None else scores + bias).softmax(dim=-1) @ v
 
     def _split(self, x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k and v of ``heads`` heads, each ``[batch, heads, tokens, dim]``."""
@@ -406,12 +442,17 @@ class _StageAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if attn_mask is not None or is_causal or (mask is not None and not self.windowed):
+        if attn_mask is not None or is_causal or (mask is not None and self.form != "window"):
             raise UnsupportedModelError(
                 [(self.block_name, "the incremental runner supports unmasked self-attention only")]
             )
         if self.norm is not None:
             x = self.norm(x)
+        grid: tuple[int, int] | None = None
+        if self.form == "decomposed":
+            # SAM attends over a [B, H, W, C] grid (explicit widths: a stage may have none)
+            grid = (int(x.shape[1]), int(x.shape[2]))
+            x = x.reshape(x.shape[0], grid[0] * grid[1], x.shape[-1])
         batch, tokens, _ = x.shape
         stage = self.state.stage
         new = (self.head_index == stage).nonzero().flatten()
@@ -428,26 +469,24 @@ class _StageAttention(nn.Module):
         if new.numel():
             if not delta:
                 q, k, v = q[:, new], k[:, new], v[:, new]
-            bias = self._bias(new, batch, tokens, mask)
-            bias = None if bias is None else bias.to(q.dtype)
-            if self.fused and not self.layout.interleaved:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-            else:
-                scores = (q * self.scale) @ k.transpose(-2, -1)
-                out = (scores if bias is None else scores + bias).softmax(dim=-1) @ v
+            out = self._attend(q, k, v, new, mask, grid)
             if not delta:
                 assert self.heads is not None
                 self.heads[:, new] = out
         # per sample of the model's input: a model may fold space into the batch (MobileViT, windows)
         rows = batch / max(self.state.batch, 1)
-        self.state.macs += int(tokens * tokens * self.layout.pair_macs * int(new.numel()) * rows)
-        self.state.positions[self.block_name] = int(tokens * tokens * rows)
+        head_macs = stage_head_macs(self.form, self.layout, tokens, grid if self.position_tables else None)
+        self.state.macs += int(head_macs * int(new.numel()) * rows)
+        self.state.positions[self.block_name] = int(head_macs * rows)
         if delta:
             merged = x.new_zeros(batch, tokens, 0) if out is None else out.transpose(1, 2).reshape(batch, tokens, -1)
         else:
             assert self.heads is not None
             merged = self.heads.transpose(1, 2).reshape(batch, tokens, self.num_heads * val_dim)
-        return cast(torch.Tensor, self.proj_drop(self.proj(merged)))
+        y = cast(torch.Tensor, self.proj(merged))
+        if grid is not None:
+            y = y.reshape(batch, grid[0], grid[1], y.shape[-1])
+        return cast(torch.Tensor, self.proj_drop(y))
 
 
 class _StageTokenLinear(nn.Module):
@@ -1488,10 +1527,12 @@ class IncrementalRunner:
                 [
                     (
                         name,
-                        f"{type(modules[name]).__name__} has its own attention forward (relative position "
-                        "bias, rotary embeddings or windows); the runner computes new heads stage by stage "
-                        "for timm's vision_transformer.Attention and Swin's WindowAttention only: use the "
-                        "masked subnets or export_subnet(s)",
+                        f"{type(modules[name]).__name__} has its own attention forward (rotary embeddings, "
+                        "or a form the runner does not know); the runner computes new heads stage by stage "
+                        "for timm's vision_transformer.Attention (ViT, DeiT), MetaFormer's and DaViT's "
+                        "attention, Swin's WindowAttention, EfficientFormer's and TinyViT's Attention and "
+                        "SAM's Attention without rotary embeddings only: use the masked subnets or "
+                        "export_subnet(s)",
                     )
                     for name in unknown[:8]
                 ]
@@ -1556,10 +1597,8 @@ class IncrementalRunner:
             self._positions[reference_shape] = {p.name: int(p.positions) for p in self._plans}
         self._entries = {layer.layer_name: layer.stage_entries() for layer in layers}
         for block in self._attention:
-            # per stage: MACs of its new heads per token pair (positions: tokens * tokens)
-            self._entries[block.block_name] = [
-                block.layout.pair_macs * int((block.head_index == t).sum()) for t in range(num_subnets + 1)
-            ]
+            # per stage: its new heads (positions: the MACs of one head per sample)
+            self._entries[block.block_name] = [int((block.head_index == t).sum()) for t in range(num_subnets + 1)]
         for token in self._tokens:
             self._entries[token.layer_name] = token.entries(num_subnets)
         self._channel_assignments = {name: a.to(torch.long).cpu().clone() for name, a in channel_assignments.items()}

@@ -78,7 +78,7 @@ import torch
 import torch.nn as nn
 
 from ._inputs import call_model
-from .attention import AttentionSpec, HeadLayout, clear_bias_cache, head_widths, is_vit_attention, runs_stage_by_stage
+from .attention import AttentionSpec, HeadLayout, clear_bias_cache, head_widths, is_vit_attention, runs_sliced
 from .channels_plan import ChannelSlicer, EmptyChannelsMode
 from .errors import UnsupportedModelError
 from .fixed_splits import has_fixed_splits, split_widths
@@ -930,13 +930,14 @@ def unsupported_blocks(net: SteppingNet) -> list[tuple[str, str]]:
         module = modules.get(block.name)
         if module is None:
             continue
-        if not runs_stage_by_stage(module):
+        if not runs_sliced(module):
             found.append(
                 (
                     block.name,
                     f"the forward of {type(module).__name__} is not one sliced execution runs on the active "
                     "heads (timm's vision_transformer.Attention, Swin's WindowAttention, EfficientFormer's "
-                    "and TinyViT's Attention)",
+                    "and TinyViT's Attention, SAM's Attention without rotary embeddings; MetaFormer's and "
+                    "DaViT's take their widths from the input's channels)",
                 )
             )
     return found

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .forwards import forward_owner
 from .hooks import OutputHooks
 
 if TYPE_CHECKING:
@@ -63,22 +64,15 @@ _STANDARDIZED = (
 )
 
 
-def _forward_owner(module: nn.Module) -> tuple[str, str] | None:
-    for cls in type(module).__mro__:
-        if "forward" in vars(cls):
-            return cls.__module__, cls.__name__
-    return None
-
-
 def is_standardized_conv(module: nn.Module) -> bool:
     """True when ``module`` runs the forward of one of timm's weight-standardising convs."""
-    return isinstance(module, nn.Conv2d) and _forward_owner(module) in _STANDARDIZED
+    return isinstance(module, nn.Conv2d) and forward_owner(module) in _STANDARDIZED
 
 
 def standardized_kind(module: nn.Module) -> str:
     """The timm class whose standardising forward ``module`` runs (its name in messages: a
     wrapped layer's own class is torch's generated ``Parametrized...`` one)."""
-    owner = _forward_owner(module)
+    owner = forward_owner(module)
     return owner[1] if owner is not None else type(module).__name__
 
 

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from nni_steppingnet import SteppingNet
-from nni_steppingnet.attention import attention_macs, shared_head_parameters
+from nni_steppingnet.attention import (
+    attention_macs,
+    runs_sliced,
+    runs_stage_by_stage,
+    shared_head_parameters,
+    stage_form,
+)
 from nni_steppingnet.construction import ConstructionConfig, Constructor
 from nni_steppingnet.construction.select import neuron_costs
 from nni_steppingnet.errors import UnsupportedModelError
@@ -480,6 +486,91 @@ def test_sam_position_tables_are_shared_by_the_heads_and_kept_whole() -> None:
             expected = net.model(x)
         torch.testing.assert_close(exported(x), expected, rtol=1e-5, atol=1e-6)
         assert macs(exported, x[:1], nonzero=True) == net.macs(s)
-    # SAM's forward is not one the runner computes stage by stage: refused by name
-    with pytest.raises(UnsupportedModelError, match="blocks.0.attn"):
-        IncrementalRunner(net)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_sam_runs_stage_by_stage_and_sliced(seed: int) -> None:
+    """SAM's attention on a ``[B, H, W, C]`` grid: the runner adds each new head's decomposed
+    position bias (from its q and the shared tables) and counts the bias einsums
+    (``T * (h + w) * head_dim`` per head) with q.k and attn.v, so its logits and MACs equal
+    the masked subnet's at every stage, in both layouts; sliced execution runs SAM's own
+    forward on the active heads and equals masks (outputs and gradients)."""
+    model = randomize_parameters(_samvit(), seed=2)
+    x = _x(2, seed=1)
+    net = SteppingNet(model, x[:1], N)
+    assert net.execution == "sliced"
+    # windowed block: four 2x2 windows of 4 tokens; global block: 16 tokens on a 4x4 grid
+    head_dim = 24 // 3
+    expected = {
+        "blocks.0.attn": 4 * (4 * 4 * 2 * head_dim + 4 * (2 + 2) * head_dim),
+        "blocks.1.attn": 16 * 16 * 2 * head_dim + 16 * (4 + 4) * head_dim,
+    }
+    assert {block.name: block.head_macs for block, _ in net.attention} == expected
+    random_assignment(net, seed=seed)
+    for layout in ("delta", "full"):
+        report = runner_report(net, x, layout=layout)
+        assert max(report.errors) < 1e-5 and all(report.macs_exact), report
+    # in float32 the gradient of pos_embed (summed over every token) differs by rounding, up to
+    # 4e-4 relative on these random weights; in float64 sliced and masked agree to 1e-9
+    double = SteppingNet(randomize_parameters(_samvit(), seed=2).double(), x[:1].double(), N)
+    random_assignment(double, seed=seed)
+    assert compare_executions(double, x.double(), output_rtol=1e-9, grad_rtol=1e-9) == ""
+
+
+def test_sam_with_rotary_embeddings_is_no_form_the_runner_or_sliced_execution_knows() -> None:
+    """Rotary embeddings rotate q and k by position: neither the runner's decomposed form nor
+    sliced execution computes them, so the block is refused by name (the whole model never gets
+    that far today: torch-pruning's grouping of a rotary SAM does not finish)."""
+    sam = timm.models.vision_transformer_sam
+    plain = sam.Attention(dim=24, num_heads=3, use_rel_pos=True, input_size=(4, 4))
+    rotary = sam.Attention(
+        dim=24, num_heads=3, rope=timm.layers.RotaryEmbeddingCat(8, in_pixels=False, feat_shape=[4, 4])
+    )
+    assert stage_form(plain) == "decomposed" and runs_sliced(plain)
+    assert stage_form(rotary) is None and not runs_stage_by_stage(rotary) and not runs_sliced(rotary)
+
+
+# ------------------------------------- attention over the input's width (MetaFormer, DaViT)
+def _metaformer() -> Any:
+    metaformer = timm.models.metaformer
+    return metaformer.MetaFormer(
+        num_classes=4,
+        depths=(1, 1, 1, 1),
+        dims=(16, 32, 64, 64),
+        token_mixers=[metaformer.SepConv] * 2 + [metaformer.Attention] * 2,
+        norm_layers=[metaformer.LayerNorm2dNoBias] * 2 + [metaformer.LayerNormNoBias] * 2,
+    )
+
+
+def _davit() -> Any:
+    # each stage: a window-attention block and a channel-attention block
+    return timm.create_model(
+        "davit_tiny", pretrained=False, num_classes=4, depths=(1, 1), embed_dims=(24, 48), num_heads=(2, 3)
+    )
+
+
+@pytest.mark.parametrize(("name", "build"), [("caformer", _metaformer), ("davit", _davit)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_attention_over_the_input_width_runs_stage_by_stage(name: str, build: Any, seed: int) -> None:
+    """MetaFormer's attention and DaViT's window and channel attention take their widths from
+    the input's channels, so sliced execution cannot run their forwards (refused by name, auto
+    falls back to masks); the runner computes their new heads itself (channel attention: softmax
+    over each head's ``k^T v``, ``2 * T * head_dim^2`` MACs per head) and equals the masked
+    subnet with exact MACs at every stage."""
+    torch.manual_seed(0)
+    model = randomize_parameters(build().eval(), seed=2)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    net = SteppingNet(model, x[:1], N)
+    assert net.execution == "masked"
+    with pytest.raises(UnsupportedModelError) as refused:
+        net.set_execution("sliced")
+    assert set(dict(refused.value.problems)) == {block.name for block, _ in net.attention}
+    assert "input's channels" in str(refused.value)
+    if name == "davit":
+        channel = [b for b, _ in net.attention if type(model.get_submodule(b.name)).__name__ == "ChannelAttention"]
+        tokens = (64 // 4) ** 2  # stage 1: stride-4 stem
+        assert channel and channel[0].head_macs == 2 * tokens * channel[0].head_dim ** 2
+    random_assignment(net, seed=seed)
+    for layout in ("auto", "full"):
+        report = runner_report(net, x, layout=layout)
+        assert max(report.errors) < 1e-5 and all(report.macs_exact), report
