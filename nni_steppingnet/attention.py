@@ -28,8 +28,9 @@ refused there by name. The incremental runner computes new heads stage by stage 
 forwards it knows (:func:`stage_form`): timm's ViT, MetaFormer and DaViT window attention (plain
 softmax attention), Swin's ``WindowAttention`` (relative position bias per head, shifted-window
 mask), EfficientFormer's and TinyViT's interleaved blocks, SAM's attention (decomposed relative
-position bias from each head's ``q``) and DaViT's ``ChannelAttention`` (softmax over ``k^T v``,
-``head_dim x head_dim`` per head); it refuses other forwards by name. Sliced execution runs the
+position bias from each head's ``q``), DaViT's ``ChannelAttention`` (softmax over ``k^T v``,
+``head_dim x head_dim`` per head) and timm's ``AttentionRope`` with a fused ``qkv`` (rotary
+embeddings of each head's q and k: Qwen3-ViT); it refuses other forwards by name. Sliced execution runs the
 block's own forward on the active heads and so needs a forward whose widths follow ``num_heads``
 (:func:`runs_sliced`). Other attention blocks are refused at wrap time.
 
@@ -79,6 +80,7 @@ __all__ = [
     "stage_form",
     "stage_head_macs",
     "decomposed_position_bias",
+    "rotary_embedded",
     "is_vit_attention",
     "is_window_attention",
     "window_position_bias",
@@ -334,6 +336,7 @@ _STAGE_FORMS: tuple[tuple[tuple[str, str], str], ...] = (
     (("timm.models.tiny_vit", "Attention"), "interleaved"),
     (("timm.models.vision_transformer_sam", "Attention"), "decomposed"),
     (("timm.models.davit", "ChannelAttention"), "channel"),
+    (("timm.layers.attention", "AttentionRope"), "rotary"),
 )
 
 #: forms whose timm forward takes its widths from ``num_heads`` (or infers them with ``-1``), so
@@ -343,6 +346,7 @@ _SLICED_FORWARDS = (
     ("timm.models.swin_transformer", "WindowAttention"),
     *_INTERLEAVED_FORWARDS,
     ("timm.models.vision_transformer_sam", "Attention"),
+    ("timm.layers.attention", "AttentionRope"),
 )
 
 
@@ -353,8 +357,10 @@ def stage_form(module: nn.Module) -> str | None:
     shifted windows' mask), ``"interleaved"`` (EfficientFormer, TinyViT: ``[q k v]`` per head, a
     learnt bias per head and token offset), ``"decomposed"`` (SAM on a ``[B, H, W, C]`` grid: the
     bias of each head from its ``q`` and the shared ``rel_pos_h``/``rel_pos_w``; rotary
-    embeddings are not computed stage by stage) and ``"channel"`` (DaViT's channel attention:
-    softmax over ``k^T v``)."""
+    embeddings are not computed stage by stage), ``"channel"`` (DaViT's channel attention:
+    softmax over ``k^T v``) and ``"rotary"`` (timm's ``AttentionRope``, Qwen3-ViT and EVA-style
+    blocks with a fused ``qkv``: the ``rope`` argument rotates each head's q and k past the
+    prefix tokens, elementwise, so it costs no MACs)."""
     for forward, form in _STAGE_FORMS:
         if runs_forward(module, (forward,)):
             if form == "decomposed" and getattr(module, "rope", None) is not None:
@@ -372,7 +378,8 @@ def runs_stage_by_stage(module: nn.Module) -> bool:
 def runs_sliced(module: nn.Module) -> bool:
     """True when sliced execution runs this block's own forward on its active heads (timm's ViT
     attention, Swin's window attention, EfficientFormer's and TinyViT's interleaved attention,
-    SAM's attention without rotary embeddings)."""
+    SAM's attention without rotary embeddings, ``AttentionRope``: its rotary embeddings come in
+    as an argument, per token)."""
     return runs_forward(module, _SLICED_FORWARDS) and getattr(module, "rope", None) is None
 
 
@@ -388,6 +395,23 @@ def stage_head_macs(form: str, layout: HeadLayout, tokens: int, grid: tuple[int,
     if form == "decomposed" and grid is not None:
         cost += tokens * (grid[0] + grid[1]) * layout.key_dim
     return cost
+
+
+def rotary_embedded(
+    module: nn.Module, q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k (``[rows, heads, tokens, key_dim]``) rotated by ``rope`` past the block's prefix
+    tokens, as timm's ``AttentionRope`` does (``num_prefix_tokens``, ``rotate_half``)."""
+    from timm.layers import apply_rot_embed_cat
+
+    prefix = int(getattr(module, "num_prefix_tokens", 0))
+    half = bool(getattr(module, "rotate_half", False))
+
+    def rotated(t: torch.Tensor) -> torch.Tensor:
+        turned = apply_rot_embed_cat(t[:, :, prefix:, :], rope, half=half)
+        return torch.cat([t[:, :, :prefix, :], turned], dim=2)
+
+    return rotated(q), rotated(k)
 
 
 def decomposed_position_bias(module: nn.Module, q: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

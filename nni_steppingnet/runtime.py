@@ -88,6 +88,7 @@ from .attention import (
     decomposed_position_bias,
     head_layout,
     is_head_attention,
+    rotary_embedded,
     runs_stage_by_stage,
     shared_head_parameters,
     stage_form,
@@ -348,7 +349,8 @@ class _StageAttention(nn.Module):
     shifted windows' mask are added to their ``q.k``); EfficientFormer's and TinyViT's
     interleaved attention (their learnt bias per head and token offset; TinyViT's pre-norm);
     SAM's attention on a ``[B, H, W, C]`` grid (the new heads' decomposed position bias from
-    their ``q``); DaViT's channel attention (softmax over each new head's ``k^T v``)."""
+    their ``q``); DaViT's channel attention (softmax over each new head's ``k^T v``); timm's
+    ``AttentionRope`` (the call's rotary embeddings applied to the new heads' q and k)."""
 
     head_index: torch.Tensor
 
@@ -377,6 +379,9 @@ class _StageAttention(nn.Module):
             tensor = cast(torch.Tensor, getattr(block, attr))
             self.register_buffer(attr, tensor.detach().clone(), persistent=attr in persistent)
         self.position_tables = bool(tables)
+        # AttentionRope: where its rotary embeddings start, and their layout
+        self.num_prefix_tokens = int(getattr(block, "num_prefix_tokens", 0))
+        self.rotate_half = bool(getattr(block, "rotate_half", False))
         self.block_name = name
         self.state = state
         #: subnet index of every head (``num_subnets + 1``: never active)
@@ -414,12 +419,16 @@ class _StageAttention(nn.Module):
         new: torch.Tensor,
         mask: torch.Tensor | None,
         grid: tuple[int, int] | None,
+        rope: torch.Tensor | None,
     ) -> torch.Tensor:
         """The outputs of the ``new`` heads (q, k, v: theirs), ``[rows, heads, tokens, val_dim]``."""
         if self.form == "channel":
             # DaViT: a head_dim x head_dim attention per head over k^T v, applied to q
             attn = ((k * self.scale).transpose(-2, -1) @ v).softmax(dim=-1)
             return (attn @ q.transpose(-2, -1)).transpose(-2, -1)
+        if rope is not None:
+            q, k = rotary_embedded(self, q, k, rope)
+            q, k = q.type_as(v), k.type_as(v)
         bias = self._bias(new, q, mask, grid)
         bias = None if bias is None else bias.to(q.dtype)
         if self.fused and not self.layout.interleaved:
@@ -440,11 +449,20 @@ class _StageAttention(nn.Module):
         return stacked[0], stacked[1], stacked[2]
 
     def forward(
-        self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        attn_mask: Any = None,
+        is_causal: bool = False,
+        mask: torch.Tensor | None = None,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if attn_mask is not None or is_causal or (mask is not None and self.form != "window"):
             raise UnsupportedModelError(
                 [(self.block_name, "the incremental runner supports unmasked self-attention only")]
+            )
+        if rope is not None and self.form != "rotary":
+            raise UnsupportedModelError(
+                [(self.block_name, "rotary embeddings were passed to an attention whose forward does not take them")]
             )
         if self.norm is not None:
             x = self.norm(x)
@@ -469,7 +487,7 @@ class _StageAttention(nn.Module):
         if new.numel():
             if not delta:
                 q, k, v = q[:, new], k[:, new], v[:, new]
-            out = self._attend(q, k, v, new, mask, grid)
+            out = self._attend(q, k, v, new, mask, grid, rope)
             if not delta:
                 assert self.heads is not None
                 self.heads[:, new] = out
@@ -1530,9 +1548,9 @@ class IncrementalRunner:
                         f"{type(modules[name]).__name__} has its own attention forward (rotary embeddings, "
                         "or a form the runner does not know); the runner computes new heads stage by stage "
                         "for timm's vision_transformer.Attention (ViT, DeiT), MetaFormer's and DaViT's "
-                        "attention, Swin's WindowAttention, EfficientFormer's and TinyViT's Attention and "
-                        "SAM's Attention without rotary embeddings only: use the masked subnets or "
-                        "export_subnet(s)",
+                        "attention, Swin's WindowAttention, EfficientFormer's and TinyViT's Attention, "
+                        "SAM's Attention without rotary embeddings and AttentionRope only: use the masked "
+                        "subnets or export_subnet(s)",
                     )
                     for name in unknown[:8]
                 ]

@@ -936,7 +936,7 @@ def unsupported_blocks(net: SteppingNet) -> list[tuple[str, str]]:
                     block.name,
                     f"the forward of {type(module).__name__} is not one sliced execution runs on the active "
                     "heads (timm's vision_transformer.Attention, Swin's WindowAttention, EfficientFormer's "
-                    "and TinyViT's Attention, SAM's Attention without rotary embeddings; MetaFormer's and "
+                    "and TinyViT's Attention, SAM's Attention without rotary embeddings, AttentionRope; MetaFormer's and "
                     "DaViT's take their widths from the input's channels)",
                 )
             )

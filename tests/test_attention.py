@@ -574,3 +574,43 @@ def test_attention_over_the_input_width_runs_stage_by_stage(name: str, build: An
     for layout in ("auto", "full"):
         report = runner_report(net, x, layout=layout)
         assert max(report.errors) < 1e-5 and all(report.macs_exact), report
+
+
+# ------------------------------------------------ rotary embeddings (AttentionRope: Qwen3-ViT)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rotary_attention_runs_stage_by_stage_and_sliced(seed: int) -> None:
+    """Qwen3-ViT's ``AttentionRope`` takes its rotary embeddings as the ``rope`` argument: the
+    runner rotates the new heads' q and k with them (elementwise: no MACs), so logits and MACs
+    equal the masked subnet's at every stage in both layouts; sliced execution runs the block's
+    own forward on the active heads and equals masks."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "qwen3_vit_88m",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        pos_embed_grid_size=4,
+        num_classes=10,
+    ).eval()
+    model = randomize_parameters(model, seed=2)
+    x = _x(2, seed=seed)
+    net = SteppingNet(model, x[:1], N)
+    assert net.execution == "sliced"
+    assert [type(model.get_submodule(b.name)).__name__ for b, _ in net.attention] == ["AttentionRope"] * 2
+    ropes: list[bool] = []
+    handle = model.get_submodule("encoder.blocks.0.attn").register_forward_pre_hook(
+        lambda mod, args, kwargs: ropes.append(kwargs.get("rope") is not None), with_kwargs=True
+    )
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    assert ropes == [True]  # the embeddings reach the block (so the runner must apply them)
+    random_assignment(net, seed=seed)
+    for layout in ("delta", "full"):
+        report = runner_report(net, x, layout=layout)
+        assert max(report.errors) < 1e-5 and all(report.macs_exact), report
+    assert compare_executions(net, x) == ""
