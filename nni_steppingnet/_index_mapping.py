@@ -38,7 +38,7 @@ from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import constants
 from torch_pruning.dependency.index_mapping import _SliceIndexMapping, update_index_mapping
 
-__all__ = ["build_dependency_graph", "correct_index_mapping"]
+__all__ = ["build_dependency_graph", "correct_index_mapping", "chunk_products"]
 
 logger = logging.getLogger(__name__)
 
@@ -303,3 +303,57 @@ def correct_index_mapping(graph: tp.DependencyGraph) -> None:
         if plan is not None:
             plans[node] = plan
     _apply_plans(plans)
+
+
+def _reached_product(node: Any) -> Any:
+    """The first node with several inputs that ``node`` feeds through element-wise nodes of one
+    input (activations), if that node is element-wise (a product or sum), else ``None``."""
+    seen: set[int] = set()
+    while id(node) not in seen:
+        seen.add(id(node))
+        if node.type != ops.OPTYPE.ELEMENTWISE:
+            return None
+        if len(node.inputs) > 1:
+            return node
+        if len(node.outputs) != 1:
+            return None
+        node = node.outputs[0]
+    return None
+
+
+def chunk_products(graph: tp.DependencyGraph) -> dict[Any, list[tuple[int, int, int]]]:
+    """Splits whose equal chunks meet again element-wise: split node -> ``(start_a, start_b,
+    width)`` for every pair of chunks that one product or sum combines, each through nothing but
+    element-wise activations (a gated MLP's ``act(x1) * x2`` after ``fc1(x).chunk(2)``: timm's
+    ``GluMlp``, ``SwiGLUPacked``). Channel ``start_a + j`` and ``start_b + j`` of the split's
+    input then reach one channel together, so they are one neuron; torch-pruning's group keeps
+    one path's root indices only, which maps them to two (the leak the wrap-time probe caught)."""
+    found: dict[Any, list[tuple[int, int, int]]] = {}
+    for node in graph.module2node.values():
+        if node.type != ops.OPTYPE.SPLIT or node.grad_fn is None:
+            continue
+        split = _split_widths(node.grad_fn)
+        if split is None or not _is_channel_dim(split[0], split[1]):
+            continue
+        widths = split[2]
+        offsets = _offsets(widths)
+        meeting: dict[int, tuple[Any, set[int]]] = {}
+        for consumer in node.outputs:
+            numbers = {nr for fn, nr in getattr(consumer.grad_fn, "next_functions", ()) if fn is node.grad_fn}
+            if len(numbers) == 2 and consumer.type == ops.OPTYPE.ELEMENTWISE:
+                meeting.setdefault(id(consumer), (consumer, set()))[1].update(numbers)  # x1 * x2 directly
+                continue
+            if len(numbers) != 1:
+                continue
+            product = _reached_product(consumer)
+            if product is not None:
+                meeting.setdefault(id(product), (product, set()))[1].update(numbers)
+        pairs = []
+        for _, chunks in meeting.values():
+            ordered = sorted(chunks)
+            for a, b in zip(ordered, ordered[1:]):
+                if widths[a] == widths[b]:
+                    pairs.append((offsets[a], offsets[b], widths[a]))
+        if pairs:
+            found[node] = pairs
+    return found

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ._channels import parameter_channel_dim
+from .forwards import forward_owner
 
 __all__ = ["ChannelSlicer", "EmptyChannelsMode", "channel_index", "CHANNEL_LAYOUTS"]
 
@@ -42,6 +43,11 @@ def channel_index(assignment: torch.Tensor, s: int, layout: str) -> torch.Tensor
         raise ValueError(f"layout must be one of {CHANNEL_LAYOUTS}, got {layout!r}")
     chosen = assignment == s if layout == "delta" else assignment <= s
     return chosen.nonzero().flatten()
+
+
+#: layer scales whose forward views their parameter to a shape stored at construction, by the
+#: class defining ``forward`` -> that attribute (MetaFormer's ``Scale``: ``scale.view(self.shape)``)
+_VIEWED_SCALES: dict[tuple[str, str], str] = {("timm.models.metaformer", "Scale"): "shape"}
 
 
 class ChannelSlicer:
@@ -67,7 +73,8 @@ class ChannelSlicer:
 
     A norm whose ``normalized_shape`` is its channel count (LayerNorm, RMSNorm over channels) gets
     the stage's channel count there for the call as well, so its own ``forward`` accepts the
-    narrower input.
+    narrower input; so does a layer scale that views its parameter to a stored ``shape``
+    (MetaFormer's ``Scale``).
     """
 
     def __init__(
@@ -104,9 +111,16 @@ class ChannelSlicer:
                 for n, t in module.named_buffers(recurse=False)
                 if t is not None and t.dim() >= 1 and t.shape[0] == width
             ]
-        shape = getattr(module, "normalized_shape", None) if parameter is None else None
-        #: the module's ``normalized_shape`` is its channel count (swapped along with the tensors)
-        self.shaped = isinstance(shape, tuple) and len(shape) == 1 and shape[0] == width
+        #: the attribute holding the shape the module's forward gives its channels (swapped along
+        #: with the tensors): a norm's ``normalized_shape`` of its channel count, or the
+        #: ``shape`` a layer scale is viewed to (:data:`_VIEWED_SCALES`, ``[C, 1, 1]``)
+        self.shape_attribute: str | None = None
+        attribute = _VIEWED_SCALES.get(forward_owner(module) or ("", "")) or (
+            "normalized_shape" if parameter is None else None
+        )
+        shape = getattr(module, attribute, None) if attribute is not None else None
+        if isinstance(shape, tuple) and shape and shape[0] == width and all(d == 1 for d in shape[1:]):
+            self.shape_attribute = attribute
         self._saved_shape: tuple[int, ...] | None = None
         self._saved: list[tuple[str, str, Any]] = []
         #: buffers to write back after a differentiable swap: (full, slice, index, dim)
@@ -126,11 +140,12 @@ class ChannelSlicer:
         return self._index(s, device)
 
     def _swap_shape(self, s: int) -> None:
-        if self.shaped:
+        attribute = self.shape_attribute
+        if attribute is not None:
             module = self.module
-            self._saved_shape = cast("tuple[int, ...]", module.normalized_shape)
+            saved = self._saved_shape = cast("tuple[int, ...]", getattr(module, attribute))
             # plain attributes (nn.Module's stubs type attributes as Tensor | Module)
-            module.normalized_shape = (int(self.index[s].numel()),)  # type: ignore[assignment]
+            setattr(module, attribute, (int(self.index[s].numel()), *saved[1:]))
 
     def swap(self, s: int) -> None:
         """Replace the per-channel tensors by detached, cached slices of stage ``s``."""
@@ -174,7 +189,7 @@ class ChannelSlicer:
         """Put the full tensors back (after :meth:`swap` or :meth:`swap_differentiable`)."""
         module = self.module
         if self._saved_shape is not None:
-            module.normalized_shape = self._saved_shape  # type: ignore[assignment]
+            setattr(module, cast(str, self.shape_attribute), self._saved_shape)
             self._saved_shape = None
         for kind, name, tensor in self._saved:
             (module._parameters if kind == "p" else module._buffers)[name] = tensor

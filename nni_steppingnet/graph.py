@@ -22,7 +22,7 @@ import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 
 from ._channels import channels_first_parameters, parameter_channel_dim
-from ._index_mapping import build_dependency_graph
+from ._index_mapping import build_dependency_graph, chunk_products
 from ._inputs import batch_size, call_model, check_forward
 from ._memory import address_space_ceiling
 from .attention import (
@@ -420,6 +420,7 @@ def discover_layers(
             )
             tp_groups = list(graph.get_all_groups(ignored_layers=list(fixed), root_module_types=list(WEIGHTED_TYPES)))
             remainders = _remainder_groups(graph, tp_groups, [m for _, m in weighted if m not in fixed])
+            products = chunk_products(graph)
     except UnsupportedModelError:
         raise
     except MemoryError as exc:
@@ -470,6 +471,10 @@ def discover_layers(
         compact = torch.unique(_to_tensor(root.root_idxs)) if remainder else None
         if compact is not None:
             size = len(compact)
+        # Root channels that a gated product combines are one neuron (chunk_products)
+        merged = None if block is not None else _merged_roots(items, products, compact, size)
+        if merged is not None:
+            size = int(merged.max()) + 1
         spec = GroupSpec(name=root_name, size=size)
         for item in items:
             module = item.dep.target.module
@@ -483,6 +488,8 @@ def discover_layers(
             idxs, roots = _to_tensor(item.idxs), _to_tensor(item.root_idxs)
             if compact is not None:
                 roots = torch.searchsorted(compact, roots)
+            if merged is not None:
+                roots = merged[roots]
             if block is not None:
                 if (name, side) == (block.proj, "in"):
                     # torch-pruning 1.6 loses proj's inputs through some per-head splits (the
@@ -614,6 +621,42 @@ def discover_layers(
         attention=attention,
         token_mixing=token_mixing,
     )
+
+
+def _merged_roots(
+    items: list[Any], products: dict[Any, list[tuple[int, int, int]]], compact: torch.Tensor | None, size: int
+) -> torch.Tensor | None:
+    """Neuron of every root index of one group when a split in it has chunks that meet in a
+    product (:func:`._index_mapping.chunk_products`): the roots of channels ``start_a + j`` and
+    ``start_b + j`` of the split's input become one neuron (numbered by their smallest root);
+    ``None`` when nothing merges."""
+    parent = list(range(size))
+
+    def find(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    joined = False
+    for item in items:
+        pairs = products.get(item.dep.target)
+        if not pairs or _side(item.dep.handler) != "out":
+            continue
+        idxs, roots = _to_tensor(item.idxs), _to_tensor(item.root_idxs)
+        if compact is not None:
+            roots = torch.searchsorted(compact, roots)
+        root_of = dict(zip(idxs.tolist(), roots.tolist()))
+        for start_a, start_b, width in pairs:
+            for j in range(width):
+                a, b = root_of.get(start_a + j), root_of.get(start_b + j)
+                if a is not None and b is not None and find(a) != find(b):
+                    parent[max(find(a), find(b))] = min(find(a), find(b))
+                    joined = True
+    if not joined:
+        return None
+    representatives = torch.tensor([find(r) for r in range(size)])
+    return torch.searchsorted(torch.unique(representatives), representatives)
 
 
 def _remainder_groups(graph: Any, groups: list[Any], roots: list[nn.Module]) -> list[Any]:

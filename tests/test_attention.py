@@ -556,7 +556,7 @@ def test_attention_over_the_input_width_runs_stage_by_stage(name: str, build: An
     the input's channels, so sliced execution cannot run their forwards (refused by name, auto
     falls back to masks); the runner computes their new heads itself (channel attention: softmax
     over each head's ``k^T v``, ``2 * T * head_dim^2`` MACs per head) and equals the masked
-    subnet with exact MACs at every stage."""
+    subnet with exact MACs at every stage, in the delta layout too."""
     torch.manual_seed(0)
     model = randomize_parameters(build().eval(), seed=2)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
@@ -574,6 +574,9 @@ def test_attention_over_the_input_width_runs_stage_by_stage(name: str, build: An
     for layout in ("auto", "full"):
         report = runner_report(net, x, layout=layout)
         assert max(report.errors) < 1e-5 and all(report.macs_exact), report
+        # MetaFormer's res_scale views its parameter to a stored shape ([C, 1, 1]): each stage
+        # gets its own, so the delta layout fits
+        assert report.layout == ("delta" if layout == "auto" else "full")
 
 
 # ------------------------------------------------ rotary embeddings (AttentionRope: Qwen3-ViT)

@@ -17,9 +17,17 @@ import timm
 import torch
 import torch.nn as nn
 
-from nni_steppingnet import SteppingNet, UnsupportedModelError
+from nni_steppingnet import SteppingNet
 from nni_steppingnet.export import export_subnet
-from nni_steppingnet.testing import FIXED_SPLIT_MODELS, isolation_report, randomize_bn, randomize_parameters
+from nni_steppingnet.macs import macs
+from nni_steppingnet.sliced import compare_executions
+from nni_steppingnet.testing import (
+    FIXED_SPLIT_MODELS,
+    isolation_report,
+    randomize_bn,
+    randomize_parameters,
+    runner_report,
+)
 
 N = 3
 
@@ -280,16 +288,62 @@ class GatedChunks(nn.Module):
         return self.fc((x + self.fc2(torch.relu(g) * i)).mean((2, 3)))
 
 
-def test_gated_chunks_are_refused_not_silently_wrong(random_assignment: Callable[..., torch.Tensor]) -> None:
-    """Not supported yet, so refused by the wrap-time probe. With one probe assignment (seed 0)
-    the model wrapped, and random assignments then leaked through the product."""
+class _TokenMlp(nn.Module):
+    """Tokens through one timm gated MLP with a residual: ``x + mlp(x)``."""
+
+    def __init__(self, mlp: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.mlp = mlp
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.head((h + self.mlp(h)).mean(1))
+
+
+GATED = {
+    "chunks_conv": (lambda: GatedChunks(), (3, 8, 8), "fc1", 10),
+    "glu_mlp": (lambda: _TokenMlp(timm.layers.GluMlp(8, 16, act_layer=nn.SiLU), 8), (7, 12), "mlp.fc1", 16),
+    "glu_mlp_gate_last": (
+        lambda: _TokenMlp(timm.layers.GluMlp(8, 16, act_layer=nn.GELU, gate_last=True), 8),
+        (7, 12),
+        "mlp.fc1",
+        16,
+    ),
+    "swiglu_packed": (lambda: _TokenMlp(timm.layers.SwiGLUPacked(8, 16), 8), (7, 12), "mlp.fc1", 16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GATED))
+def test_chunks_that_meet_in_a_product_are_one_neuron(
+    name: str, random_assignment: Callable[..., torch.Tensor]
+) -> None:
+    """``act(x1) * x2`` after ``fc1(x).chunk(2)`` (timm's GluMlp, SwiGLUPacked): channel ``j`` of
+    each chunk is one neuron, so the two halves of ``fc1`` always share their indices; then
+    isolation holds on random assignments, export (whose ``chunk(2)`` needs equal halves)
+    equals the masked subnet with exact MACs, the runner equals it at every stage, and sliced
+    execution equals masks. Before, the probe caught the leak through the product and refused."""
+    build, shape, fc1, width = GATED[name]
     torch.manual_seed(0)
-    model = GatedChunks().eval()
-    with pytest.raises(UnsupportedModelError, match="fc2: outputs of subnet"):
-        SteppingNet(model, torch.randn(1, 3, 8, 8), N)
-    net = SteppingNet(model, torch.randn(1, 3, 8, 8), N, verify=False)
-    leaks = 0
-    for seed in range(6):
+    model = randomize_parameters(build().eval(), seed=1)
+    x = torch.randn(4, *shape)
+    net = SteppingNet(model, x[:1], N)
+    assert net.execution == "sliced"
+    for seed in range(4):
         random_assignment(net, seed)
-        leaks += not isolation_report(net, torch.randn(4, 3, 8, 8)).isolated
-    assert leaks > 0  # the probe refuses a model that really leaks
+        out, _ = net.layer_assignment(fc1)
+        half = width // 2
+        assert torch.equal(out[:half], out[half:])  # one index per pair of channels
+        for train in (False, True):
+            report = isolation_report(net, x, train=train)
+            assert report.isolated and sum(report.compared) > 0, report
+    for s in range(1, N + 1):
+        exported = export_subnet(net, s).eval()
+        with torch.no_grad(), net.subnet(s):
+            torch.testing.assert_close(exported(x), net.model(x), rtol=1e-5, atol=1e-6)
+        assert macs(exported, x[:1], nonzero=True) == net.macs(s)
+    for layout in ("delta", "full"):
+        report = runner_report(net, x, layout=layout)
+        assert max(report.errors) < 1e-5 and all(report.macs_exact), report
+    assert compare_executions(net, x) == ""
