@@ -33,6 +33,7 @@ from .stepping import SteppingNet
 __all__ = [
     "FOUNDATION_MODELS",
     "FIXED_SPLIT_MODELS",
+    "small_caformer",
     "random_assignment",
     "fraction_assignment",
     "randomize_bn",
@@ -87,6 +88,22 @@ FIXED_SPLIT_MODELS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("dpn48b", {}),
     ("rexnet_100", {}),
 )
+
+
+def small_caformer(num_classes: int = 4) -> nn.Module:
+    """A small timm CAFormer: two SepConv stages (``LayerNorm2dNoBias``), then two attention
+    stages (MetaFormer's ``Attention``, whose ``reshape(B, N, C)`` takes the output width from
+    the input's channels; ``LayerNormNoBias``) and the ``res_scale`` layer scales of timm's
+    default."""
+    from timm.models import metaformer
+
+    return metaformer.MetaFormer(
+        num_classes=num_classes,
+        depths=(1, 1, 1, 1),
+        dims=(16, 32, 64, 64),
+        token_mixers=[metaformer.SepConv] * 2 + [metaformer.Attention] * 2,
+        norm_layers=[metaformer.LayerNorm2dNoBias] * 2 + [metaformer.LayerNormNoBias] * 2,
+    )
 
 
 def random_assignment(net: SteppingNet, seed: int, num_subnets: int | None = None) -> torch.Tensor:

@@ -23,7 +23,13 @@ from nni_steppingnet.errors import UnsupportedModelError
 from nni_steppingnet.macs import macs
 from nni_steppingnet.runtime import IncrementalRunner
 from nni_steppingnet.sliced import compare_executions
-from nni_steppingnet.testing import isolation_report, random_assignment, randomize_parameters, runner_report
+from nni_steppingnet.testing import (
+    isolation_report,
+    random_assignment,
+    randomize_parameters,
+    runner_report,
+    small_caformer,
+)
 
 timm = pytest.importorskip("timm")
 
@@ -531,17 +537,6 @@ def test_sam_with_rotary_embeddings_is_no_form_the_runner_or_sliced_execution_kn
 
 
 # ------------------------------------- attention over the input's width (MetaFormer, DaViT)
-def _metaformer() -> Any:
-    metaformer = timm.models.metaformer
-    return metaformer.MetaFormer(
-        num_classes=4,
-        depths=(1, 1, 1, 1),
-        dims=(16, 32, 64, 64),
-        token_mixers=[metaformer.SepConv] * 2 + [metaformer.Attention] * 2,
-        norm_layers=[metaformer.LayerNorm2dNoBias] * 2 + [metaformer.LayerNormNoBias] * 2,
-    )
-
-
 def _davit() -> Any:
     # each stage: a window-attention block and a channel-attention block
     return timm.create_model(
@@ -549,7 +544,7 @@ def _davit() -> Any:
     )
 
 
-@pytest.mark.parametrize(("name", "build"), [("caformer", _metaformer), ("davit", _davit)])
+@pytest.mark.parametrize(("name", "build"), [("caformer", small_caformer), ("davit", _davit)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_attention_over_the_input_width_runs_stage_by_stage(name: str, build: Any, seed: int) -> None:
     """MetaFormer's attention and DaViT's window and channel attention take their widths from

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from nni_steppingnet import SteppingNet, macs
 from nni_steppingnet.export import export_with_report
-from nni_steppingnet.testing import FOUNDATION_MODELS
+from nni_steppingnet.testing import FOUNDATION_MODELS, small_caformer
 
 N = 4
 IMG = 32
@@ -230,18 +230,11 @@ def _fixed_width_models() -> dict[str, Callable[[], nn.Module]]:
     output with the input's ``C``, and CSPNet's cross stage splits ``conv_exp`` into two halves
     of ``expand_chs // 2``."""
     timm = pytest.importorskip("timm")
-    metaformer = timm.models.metaformer
     return {
         "davit": lambda: timm.create_model(
             "davit_tiny", pretrained=False, num_classes=4, depths=(1, 1), embed_dims=(32, 64), num_heads=(2, 4)
         ),
-        "caformer": lambda: metaformer.MetaFormer(
-            num_classes=4,
-            depths=(1, 1, 1, 1),
-            dims=(16, 32, 64, 64),
-            token_mixers=[metaformer.SepConv] * 2 + [metaformer.Attention] * 2,
-            norm_layers=[metaformer.LayerNorm2dNoBias] * 2 + [metaformer.LayerNormNoBias] * 2,
-        ),
+        "caformer": small_caformer,
         "cs3darknet_s": lambda: timm.create_model("cs3darknet_s", pretrained=False, num_classes=4),
     }
 
